@@ -1,0 +1,128 @@
+"""The model's own configuration: frozen, validated, and stored in every checkpoint.
+
+The model is rebuilt from ``HVAEConfig.from_dict(checkpoint["model_config"])`` alone, so
+every field here is a plain JSON value (ints, floats, strings, tuples of ints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+LIKELIHOODS = ("nb", "zinb")
+DISPERSIONS = ("gene", "gene-batch")
+
+
+@dataclass(frozen=True)
+class HVAEConfig:
+    """Hyper-parameters of :class:`hvae.HierarchicalVAE`.
+
+    Levels are ordered bottom (level 0, finest, next to the data) to top (coarsest):
+    ``latent_dims[0]`` is level 0 and ``latent_dims[-1]`` is the top level. A single entry
+    gives the flat (one-level) baseline of the same model.
+    """
+
+    n_genes: int
+    latent_dims: tuple[int, ...] = (32, 16, 8)
+    hidden_dim: int = 256
+    n_batches: int = 0
+    batch_embedding_dim: int = 16
+    likelihood: str = "nb"
+    dispersion: str = "gene"
+    dropout: float = 0.1
+    # Collapse defences (nats per cell for each level; one value for all levels or one per level).
+    free_bits: tuple[float, ...] = (1.0,)
+    kl_balance: bool = True
+    # Weight of the hierarchy-aware auxiliary reconstruction: x decoded from the levels
+    # >= k alone (lower levels at their prior mean), k drawn per step. It is what makes the
+    # upper levels carry the coarse structure; 0 turns it off (plain ELBO).
+    coarse_reconstruction_weight: float = 1.0
+    # Soft clamp for every log-variance: c * tanh(x / c).
+    log_scale_clamp: float = 6.0
+    # Counts are normalised to this total before log1p for the encoder input.
+    input_target_sum: float = 1e4
+    validate_inputs: bool = True
+
+    def __post_init__(self) -> None:
+        def fail(name: str, message: str) -> None:
+            raise ValueError(f"HVAEConfig.{name}: {message} (got {getattr(self, name)!r})")
+
+        # Lists from YAML/JSON become tuples so the config stays hashable and frozen.
+        for name in ("latent_dims", "free_bits"):
+            value = getattr(self, name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = (value,)
+            if not isinstance(value, (list, tuple)):
+                fail(name, "must be a sequence")
+            object.__setattr__(self, name, tuple(value))
+
+        if not _is_int(self.n_genes) or self.n_genes < 1:
+            fail("n_genes", "must be a positive integer")
+        if len(self.latent_dims) < 1 or not all(_is_int(d) and d >= 1 for d in self.latent_dims):
+            fail("latent_dims", "must be one or more positive integers (level 0 first)")
+        if not _is_int(self.hidden_dim) or self.hidden_dim < 1:
+            fail("hidden_dim", "must be a positive integer")
+        if not _is_int(self.n_batches) or self.n_batches < 0:
+            fail("n_batches", "must be an integer >= 0 (0: no batch covariate)")
+        if not _is_int(self.batch_embedding_dim) or self.batch_embedding_dim < 1:
+            fail("batch_embedding_dim", "must be a positive integer")
+        if self.likelihood not in LIKELIHOODS:
+            fail("likelihood", f"must be one of {LIKELIHOODS}")
+        if self.dispersion not in DISPERSIONS:
+            fail("dispersion", f"must be one of {DISPERSIONS}")
+        if self.dispersion == "gene-batch" and self.n_batches == 0:
+            fail("dispersion", "'gene-batch' needs n_batches > 0")
+        if not (0.0 <= self.dropout < 1.0):
+            fail("dropout", "must be in [0, 1)")
+        if len(self.free_bits) not in (1, len(self.latent_dims)):
+            fail("free_bits", f"needs 1 or {len(self.latent_dims)} values (one per level)")
+        if not all(_is_number(b) and b >= 0 for b in self.free_bits):
+            fail("free_bits", "values must be numbers >= 0")
+        if not _is_number(self.coarse_reconstruction_weight) or self.coarse_reconstruction_weight < 0:
+            fail("coarse_reconstruction_weight", "must be a number >= 0")
+        if not _is_number(self.log_scale_clamp) or self.log_scale_clamp <= 0:
+            fail("log_scale_clamp", "must be a number > 0")
+        if not _is_number(self.input_target_sum) or self.input_target_sum <= 0:
+            fail("input_target_sum", "must be a number > 0")
+        if not isinstance(self.kl_balance, bool):
+            fail("kl_balance", "must be true or false")
+        if not isinstance(self.validate_inputs, bool):
+            fail("validate_inputs", "must be true or false")
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.latent_dims)
+
+    def free_bits_per_level(self) -> tuple[float, ...]:
+        if len(self.free_bits) == 1:
+            return self.free_bits * self.n_levels
+        return self.free_bits
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["latent_dims"] = list(self.latent_dims)
+        out["free_bits"] = list(self.free_bits)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "HVAEConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"HVAEConfig: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "HVAEConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+__all__ = ["HVAEConfig", "LIKELIHOODS", "DISPERSIONS"]

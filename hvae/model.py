@@ -1,0 +1,405 @@
+"""Top-down hierarchical VAE for single-cell counts (ladder / NVAE style).
+
+Notation (L levels, level 0 next to the data, level L-1 the top):
+
+    bottom-up   r_0 = block_0(stem(log1p(x / library * target))),  r_l = block_l(r_{l-1})
+    top         q(z_{L-1} | x) = N(head(r_{L-1})),   p(z_{L-1}) = N(0, I)
+    top-down    h_{L-1} = W_{L-1} z_{L-1}
+                s_l = block(h_{l+1})                         (shared by prior and posterior)
+                p(z_l | z_{>l})    = N(mu_p(s_l), sigma_p(s_l))
+                q(z_l | z_{>l}, x) = N(mu_p + dmu(s_l, r_l), sigma_p * dsigma(s_l, r_l))
+                h_l = s_l + W_l z_l
+    decoder     x ~ NB(library * softmax(f(h_0, batch)), theta)   (ZINB optional)
+
+``h_0`` sums contributions of every level (the residual top-down path), so each level has a
+short path to the decoder (LVAE/BIVA-style skip). Upper levels are made to carry the coarse
+structure by an auxiliary *coarse reconstruction*: x is also decoded with the levels below
+some k replaced by their prior means, so the levels >= k must explain x on their own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import HVAEConfig
+from .distributions import gaussian_kl, nb_log_prob, soft_clamp, zinb_log_prob
+from .schedules import balanced_kl_coefficients
+
+
+@dataclass
+class HVAEOutput:
+    """What ``HierarchicalVAE.forward`` returns.
+
+    Attributes:
+        loss: scalar training objective: mean over cells of the negative ELBO with the
+            KL weighted (warm-up, balancing, free bits) plus the weighted coarse
+            reconstruction.
+        reconstruction: (cells,) negative log-likelihood of the counts under the full
+            posterior sample.
+        kl: (n_levels,) mean KL per cell of each level, level 0 first (unweighted).
+        coarse_reconstruction: scalar mean negative log-likelihood of the counts decoded
+            from the upper levels alone (0 for a flat model or a zero weight).
+    """
+
+    loss: torch.Tensor
+    reconstruction: torch.Tensor
+    kl: torch.Tensor
+    coarse_reconstruction: torch.Tensor
+
+    @property
+    def negative_elbo(self) -> torch.Tensor:
+        """Scalar mean negative ELBO per cell (KL unweighted), the number to compare runs by."""
+        return self.reconstruction.mean() + self.kl.sum()
+
+
+class ResidualBlock(nn.Module):
+    """Pre-norm residual MLP block: ``x + W2 silu(W1 LayerNorm(x))``. (cells, dim) -> same."""
+
+    def __init__(self, dim: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, dim)
+        self.fc2 = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+        # Small residual branches at initialisation keep deep stacks stable (NVAE, vdvae).
+        with torch.no_grad():
+            self.fc2.weight.mul_(0.1)
+            self.fc2.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(self.dropout(F.silu(self.fc1(self.norm(x)))))
+
+
+class GaussianHead(nn.Module):
+    """Maps a state to (mean, log-variance) of a diagonal Gaussian; log-variance soft-clamped."""
+
+    def __init__(self, in_dim: int, latent_dim: int, log_scale_clamp: float, hidden: int | None = None):
+        super().__init__()
+        layers: list[nn.Module] = [nn.LayerNorm(in_dim)]
+        if hidden:
+            layers += [nn.Linear(in_dim, hidden), nn.SiLU()]
+            in_dim = hidden
+        self.net = nn.Sequential(*layers)
+        self.out = nn.Linear(in_dim, 2 * latent_dim)
+        self.log_scale_clamp = log_scale_clamp
+        with torch.no_grad():  # start near the prior / a zero residual
+            self.out.weight.mul_(0.1)
+            self.out.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, logvar = self.out(self.net(x)).chunk(2, dim=-1)
+        return mean, soft_clamp(logvar, self.log_scale_clamp)
+
+
+class HierarchicalVAE(nn.Module):
+    """Top-down hierarchical VAE with a negative binomial likelihood on raw counts."""
+
+    def __init__(self, config: HVAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        hidden, dims, drop = config.hidden_dim, config.latent_dims, config.dropout
+        clamp = config.log_scale_clamp
+        n_levels = config.n_levels
+
+        # Bottom-up deterministic path.
+        self.stem = nn.Sequential(
+            nn.Linear(config.n_genes, hidden), nn.LayerNorm(hidden), nn.SiLU(), nn.Dropout(drop)
+        )
+        self.bottom_up = nn.ModuleList(ResidualBlock(hidden, drop) for _ in range(n_levels))
+
+        # Top-down path: the top posterior sees r_top; level l < top has a prior head on s_l
+        # and a residual posterior head on [s_l, r_l].
+        self.top_posterior = GaussianHead(hidden, dims[-1], clamp)
+        self.top_down = nn.ModuleList(ResidualBlock(hidden, 0.0) for _ in range(n_levels - 1))
+        self.prior_heads = nn.ModuleList(GaussianHead(hidden, d, clamp) for d in dims[:-1])
+        self.posterior_heads = nn.ModuleList(
+            GaussianHead(2 * hidden, d, clamp, hidden=hidden) for d in dims[:-1]
+        )
+        self.latent_in = nn.ModuleList(nn.Linear(d, hidden) for d in dims)
+
+        # Decoder with the batch embedding injected into both layers (cheap for 10^4 donors).
+        n_embed = config.batch_embedding_dim if config.n_batches else 0
+        self.batch_embedding = nn.Embedding(config.n_batches, n_embed) if config.n_batches else None
+        self.decoder_norm = nn.LayerNorm(hidden)
+        self.decoder_fc1 = nn.Linear(hidden + n_embed, hidden)
+        self.decoder_fc2 = nn.Linear(hidden + n_embed, hidden)
+        self.scale_head = nn.Linear(hidden, config.n_genes)
+        self.zero_head = nn.Linear(hidden, config.n_genes) if config.likelihood == "zinb" else None
+        theta_rows = config.n_batches if config.dispersion == "gene-batch" else 1
+        self.log_theta = nn.Parameter(torch.full((theta_rows, config.n_genes), math.log(5.0)))
+
+        self.register_buffer("free_bits", torch.tensor(config.free_bits_per_level(), dtype=torch.float32))
+        self.register_buffer("level_sizes", torch.tensor(dims, dtype=torch.float32))
+        # Running moments of log library size (count, sum, sum of squares), for `sample`.
+        self.register_buffer("library_moments", torch.zeros(3, dtype=torch.float64))
+
+    # ------------------------------------------------------------------ input checks
+    def _check_inputs(self, counts: torch.Tensor, batch_index: torch.Tensor | None) -> torch.Tensor | None:
+        config = self.config
+        if counts.dim() != 2:
+            raise ValueError(f"counts must be a 2-D (cells, genes) tensor, got shape {tuple(counts.shape)}")
+        if counts.shape[1] != config.n_genes:
+            raise ValueError(
+                f"counts have {counts.shape[1]} genes but the model was built for "
+                f"{config.n_genes} (HVAEConfig.n_genes); align the data to the model's gene list"
+            )
+        if config.validate_inputs:
+            _check_count_values(counts)
+        return self._check_batch_index(batch_index, counts.shape[0])
+
+    def _check_batch_index(self, batch_index: torch.Tensor | None, n_cells: int) -> torch.Tensor | None:
+        config = self.config
+        if config.n_batches == 0:
+            if batch_index is not None:
+                raise ValueError("batch_index was given but the model has n_batches=0 (no batch covariate)")
+            return None
+        if batch_index is None:
+            raise ValueError(f"the model was built with n_batches={config.n_batches}: pass batch_index")
+        if batch_index.dim() == 2 and batch_index.shape[1] == 1:
+            batch_index = batch_index[:, 0]
+        if batch_index.dim() != 1 or batch_index.shape[0] != n_cells:
+            raise ValueError(
+                f"batch_index must have shape ({n_cells},), got {tuple(batch_index.shape)}"
+            )
+        if batch_index.is_floating_point() or batch_index.dtype == torch.bool:
+            raise ValueError(f"batch_index must hold integers, got dtype {batch_index.dtype}")
+        if config.validate_inputs:
+            bad = (batch_index < 0) | (batch_index >= config.n_batches)
+            if bool(bad.any()):
+                row = int(bad.nonzero()[0, 0])
+                raise ValueError(
+                    f"batch_index[{row}] = {int(batch_index[row])} is out of range: the model has "
+                    f"n_batches={config.n_batches} (valid 0..{config.n_batches - 1})"
+                )
+        return batch_index.long()
+
+    # ------------------------------------------------------------------ building blocks
+    def _bottom_up(self, counts: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Returns r_l for every level and the (cells,) library size."""
+        library = counts.sum(dim=1)
+        x = torch.log1p(counts * (self.config.input_target_sum / library.clamp(min=1.0)).unsqueeze(1))
+        r = self.stem(x)
+        states = []
+        for block in self.bottom_up:
+            r = block(r)
+            states.append(r)
+        return states, library
+
+    def _decode(
+        self, h: torch.Tensor, library: torch.Tensor, batch_index: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """NB parameters from the bottom top-down state. Returns mean, theta, zero logits."""
+        h = self.decoder_norm(h)
+        if self.batch_embedding is not None:
+            embedding = self.batch_embedding(batch_index).to(h.dtype)
+            h = F.silu(self.decoder_fc1(torch.cat([h, embedding], dim=-1)))
+            h = F.silu(self.decoder_fc2(torch.cat([h, embedding], dim=-1)))
+        else:
+            h = F.silu(self.decoder_fc2(F.silu(self.decoder_fc1(h))))
+        # Softmax and everything after it in fp32: the scale of rare genes underflows in bf16.
+        scale = torch.softmax(self.scale_head(h).float(), dim=-1)
+        mean = scale * library.float().unsqueeze(1)
+        log_theta = soft_clamp(self.log_theta, 12.0)
+        theta = torch.exp(log_theta[batch_index] if log_theta.shape[0] > 1 else log_theta[0])
+        zero_logits = self.zero_head(h).float() if self.zero_head is not None else None
+        return mean, theta, zero_logits
+
+    def _log_likelihood(self, counts: torch.Tensor, params) -> torch.Tensor:
+        """(cells,) log-likelihood of the counts, summed over genes, in fp32."""
+        mean, theta, zero_logits = params
+        if zero_logits is None:
+            return nb_log_prob(counts, mean, theta).sum(dim=-1)
+        return zinb_log_prob(counts, mean, theta, zero_logits).sum(dim=-1)
+
+    @staticmethod
+    def _sample_gaussian(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        return mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+
+    # ------------------------------------------------------------------ public API
+    def forward(
+        self, counts: torch.Tensor, batch_index: torch.Tensor | None = None, kl_weight: float = 1.0
+    ) -> HVAEOutput:
+        """Loss terms for a minibatch.
+
+        Args:
+            counts: (cells, genes) raw counts (float or int tensor, dense).
+            batch_index: (cells,) integer batch/donor index, required iff ``n_batches > 0``.
+            kl_weight: KL warm-up weight in [0, 1] (see :func:`hvae.kl_warmup`). While it is
+                below 1, KL balancing (if enabled) redistributes the KL penalty across levels.
+        """
+        batch_index = self._check_inputs(counts, batch_index)
+        counts = counts.float()
+        states, library = self._bottom_up(counts)
+        if self.training:
+            self._update_library_moments(library)
+        n_levels = self.config.n_levels
+
+        # Top-down pass with posterior samples; keep h after each level for the coarse pass.
+        kl_levels: list[torch.Tensor] = [None] * n_levels  # type: ignore[list-item]
+        mean_q, logvar_q = self.top_posterior(states[-1])
+        z = self._sample_gaussian(mean_q, logvar_q)
+        kl_levels[-1] = gaussian_kl(mean_q, logvar_q)
+        h = self.latent_in[-1](z)
+        h_after = {n_levels - 1: h}
+        for level in reversed(range(n_levels - 1)):
+            s = self.top_down[level](h)
+            mean_p, logvar_p = self.prior_heads[level](s)
+            delta_mean, delta_logvar = self.posterior_heads[level](torch.cat([s, states[level]], dim=-1))
+            mean_q, logvar_q = mean_p + delta_mean, logvar_p + delta_logvar
+            z = self._sample_gaussian(mean_q, logvar_q)
+            kl_levels[level] = gaussian_kl(mean_q, logvar_q, mean_p, logvar_p)
+            h = s + self.latent_in[level](z)
+            h_after[level] = h
+
+        reconstruction = -self._log_likelihood(counts, self._decode(h, library, batch_index))
+        kl_per_cell = torch.stack(kl_levels, dim=1)  # (cells, n_levels), fp32
+        kl = kl_per_cell.mean(dim=0)
+
+        coarse = self._coarse_reconstruction(counts, library, batch_index, h_after)
+        loss = reconstruction.mean() + self._weighted_kl(kl, kl_weight)
+        loss = loss + self.config.coarse_reconstruction_weight * coarse
+        return HVAEOutput(loss=loss, reconstruction=reconstruction, kl=kl, coarse_reconstruction=coarse)
+
+    def _weighted_kl(self, kl: torch.Tensor, kl_weight: float) -> torch.Tensor:
+        """Free bits per level, then KL balancing during warm-up, then the warm-up weight."""
+        kl_free = torch.maximum(kl, self.free_bits)
+        if self.config.kl_balance and kl_weight < 1.0 and self.config.n_levels > 1:
+            coefficients = balanced_kl_coefficients(kl.detach(), self.level_sizes)
+            return kl_weight * (coefficients * kl_free).sum()
+        return kl_weight * kl_free.sum()
+
+    def _coarse_reconstruction(self, counts, library, batch_index, h_after: dict) -> torch.Tensor:
+        """Mean NLL of x decoded from levels >= k, lower levels at their prior means.
+
+        Training draws one k in 1..L-1 per step (an unbiased estimate of the mean over k at
+        the cost of one extra decoder pass); evaluation averages over every k.
+        """
+        n_levels = self.config.n_levels
+        if n_levels == 1 or self.config.coarse_reconstruction_weight == 0:
+            return counts.new_zeros(())
+        if self.training:
+            truncations = [int(torch.randint(1, n_levels, ()).item())]
+        else:
+            truncations = list(range(1, n_levels))
+        total = counts.new_zeros(())
+        for k in truncations:
+            h = h_after[k]
+            for level in reversed(range(k)):
+                s = self.top_down[level](h)
+                mean_p, _ = self.prior_heads[level](s)
+                h = s + self.latent_in[level](mean_p)
+            total = total - self._log_likelihood(counts, self._decode(h, library, batch_index)).mean()
+        return total / len(truncations)
+
+    @torch.no_grad()
+    def encode(
+        self, counts: torch.Tensor, batch_index: torch.Tensor | None = None, return_logvar: bool = False
+    ):
+        """Posterior means per level, level 0 first: a list of (cells, latent_dims[l]).
+
+        Each level is computed with the levels above it at their posterior means, in eval
+        mode (no dropout) whatever the module's mode. With ``return_logvar=True`` returns ``(means, logvars)``. ``batch_index`` is accepted for
+        a uniform call signature; the encoder does not use it.
+        """
+        self._check_inputs(counts, batch_index)
+        was_training = self.training
+        self.eval()  # deterministic: no dropout, whatever mode the caller left the model in
+        try:
+            return self._encode(counts.float(), return_logvar)
+        finally:
+            self.train(was_training)
+
+    def _encode(self, counts: torch.Tensor, return_logvar: bool):
+        states, _ = self._bottom_up(counts)
+        n_levels = self.config.n_levels
+        means: list[torch.Tensor] = [None] * n_levels  # type: ignore[list-item]
+        logvars: list[torch.Tensor] = [None] * n_levels  # type: ignore[list-item]
+        means[-1], logvars[-1] = self.top_posterior(states[-1])
+        h = self.latent_in[-1](means[-1])
+        for level in reversed(range(n_levels - 1)):
+            s = self.top_down[level](h)
+            mean_p, logvar_p = self.prior_heads[level](s)
+            delta_mean, delta_logvar = self.posterior_heads[level](torch.cat([s, states[level]], dim=-1))
+            means[level], logvars[level] = mean_p + delta_mean, logvar_p + delta_logvar
+            h = s + self.latent_in[level](means[level])
+        means = [m.float() for m in means]
+        if return_logvar:
+            return means, [v.float() for v in logvars]
+        return means
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        batch_index: torch.Tensor | None = None,
+        library_size: torch.Tensor | float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Draw ``n`` cells of counts from the generative model: (n, genes) float tensor.
+
+        ``library_size`` defaults to draws from the log-normal fitted to the library sizes
+        seen in training. ``batch_index`` (n,) is required iff the model has batches.
+        """
+        device = self.log_theta.device
+        if batch_index is not None:
+            batch_index = batch_index.to(device)
+        batch_index = self._check_batch_index(batch_index, n)
+        dims = self.config.latent_dims
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=generator, device=device)
+
+        h = self.latent_in[-1](randn(n, dims[-1]))
+        for level in reversed(range(self.config.n_levels - 1)):
+            s = self.top_down[level](h)
+            mean_p, logvar_p = self.prior_heads[level](s)
+            h = s + self.latent_in[level](mean_p + torch.exp(0.5 * logvar_p) * randn(*mean_p.shape))
+        if library_size is None:
+            count, total, total_sq = self.library_moments.tolist()
+            if count == 0:
+                raise ValueError("the model has seen no training data: pass library_size")
+            loc = total / count
+            scale = math.sqrt(max(total_sq / count - loc**2, 1e-8))
+            library_size = torch.exp(loc + scale * randn(n))
+        library = torch.as_tensor(library_size, dtype=torch.float32, device=device).expand(n)
+        mean, theta, zero_logits = self._decode(h, library, batch_index)
+        rate = torch._standard_gamma(theta.expand_as(mean).contiguous()) * (mean / theta)
+        counts = torch.poisson(rate, generator=generator)
+        if zero_logits is not None:
+            keep = torch.rand(counts.shape, generator=generator, device=device) >= torch.sigmoid(zero_logits)
+            counts = counts * keep
+        return counts
+
+    def _update_library_moments(self, library: torch.Tensor) -> None:
+        with torch.no_grad():
+            log_library = torch.log(library.double().clamp(min=1.0))
+            self.library_moments += torch.stack(
+                [log_library.new_tensor(float(log_library.numel())), log_library.sum(), (log_library**2).sum()]
+            )
+
+
+def _check_count_values(counts: torch.Tensor) -> None:
+    """Raise a ValueError naming the first bad entry (row, gene) of a counts matrix."""
+    values = counts if counts.is_floating_point() else counts.float()
+    bad = ~torch.isfinite(values) | (values < 0) | (values != torch.round(values))
+    if not bool(bad.any()):
+        return
+    row, gene = (int(i) for i in bad.nonzero()[0])
+    value = float(values[row, gene])
+    if math.isnan(value):
+        kind = "NaN"
+    elif math.isinf(value):
+        kind = "infinite"
+    elif value < 0:
+        kind = "negative"
+    else:
+        kind = "not an integer"
+    raise ValueError(
+        f"counts[{row}, {gene}] = {value!r} is {kind}: the model needs raw non-negative integer "
+        f"counts (not normalised or log-transformed values); {int(bad.sum())} bad entries in this batch"
+    )

@@ -1,0 +1,103 @@
+"""Train and evaluate a model on an in-memory AnnData: small data, the demo, quality benchmarks.
+
+Atlas-scale data goes through shards and the streaming loader instead; this path exists so
+that the model can be judged on a few thousand labelled cells in one function call.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from hvae import HVAEConfig, HierarchicalVAE, active_units
+
+from .evaluation import evaluate_levels
+from .training import StepSettings, Trainer, encode_in_batches, in_memory_batches
+
+
+@dataclass
+class FitResult:
+    """A trained model with its per-level diagnostics."""
+
+    trainer: Trainer
+    seconds: float
+    history: list[dict]
+    level_means: list[np.ndarray]
+    kl_per_level: list[float]
+    active_units: list[int]
+    knn: list[dict] = field(default_factory=list)
+
+    @property
+    def model(self) -> HierarchicalVAE:
+        """The EMA weights: what inference and evaluation use."""
+        return self.trainer.ema_model
+
+
+def batch_codes(obs, batch_key: str | None) -> tuple[np.ndarray | None, list[str]]:
+    """Integer codes of ``obs[batch_key]`` and the category names (None, [] without a key)."""
+    if batch_key is None:
+        return None, []
+    if batch_key not in obs.columns:
+        raise KeyError(f"batch key {batch_key!r} not in obs (columns: {list(obs.columns)})")
+    column = obs[batch_key].astype("category")
+    return column.cat.codes.to_numpy().astype(np.int64), [str(c) for c in column.cat.categories]
+
+
+def fit_in_memory(
+    counts: sp.csr_matrix,
+    model_config: HVAEConfig,
+    settings: StepSettings,
+    max_steps: int,
+    batch_size: int = 256,
+    batch_index: np.ndarray | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    obs=None,
+    label_columns: list[str] | None = None,
+    log_every: int = 100,
+) -> FitResult:
+    """Train ``max_steps`` updates on shuffled minibatches, then encode every cell and,
+    when ``obs`` and ``label_columns`` are given, score every level by kNN accuracy."""
+    torch.manual_seed(seed)
+    trainer = Trainer(HierarchicalVAE(model_config), settings, device=device)
+    start = time.perf_counter()
+    history = trainer.fit(
+        in_memory_batches(counts, batch_size, batch_index, seed=seed), max_steps=max_steps, log_every=log_every
+    )
+    seconds = time.perf_counter() - start
+    level_means = encode_in_batches(trainer.ema_model, counts, batch_index, device=device)
+    kl = diagnostic_kl(trainer.ema_model, counts, batch_index, device=device)
+    result = FitResult(
+        trainer=trainer,
+        seconds=seconds,
+        history=history,
+        level_means=level_means,
+        kl_per_level=kl,
+        active_units=active_units([torch.from_numpy(m) for m in level_means]),
+    )
+    if obs is not None and label_columns:
+        result.knn = evaluate_levels(level_means, obs, label_columns)
+    return result
+
+
+@torch.no_grad()
+def diagnostic_kl(
+    model: HierarchicalVAE,
+    counts: sp.csr_matrix,
+    batch_index: np.ndarray | None = None,
+    n_cells: int = 4096,
+    device: str = "cpu",
+    seed: int = 0,
+) -> list[float]:
+    """Mean KL per cell of each level (nats) on up to ``n_cells`` cells, in eval mode."""
+    from .training import densify
+
+    model.eval()
+    rows = np.sort(np.random.default_rng(seed).permutation(counts.shape[0])[:n_cells])
+    index = None if batch_index is None else torch.as_tensor(np.asarray(batch_index)[rows]).long().to(device)
+    out = model(densify(counts[rows], device), index)
+    return [float(v) for v in out.kl]

@@ -1,0 +1,55 @@
+"""Highly variable genes from streamed blocks (one pass of per-gene sums).
+
+Seurat's dispersion method on log-normalised counts: per gene mean and variance, log
+dispersion z-scored within 20 bins of mean expression, top N by z-score. It needs only
+per-gene sums, so it runs over blocks of any source in constant memory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from .evaluation import log_normalize
+
+
+class GeneStatistics:
+    """Accumulates per-gene sums of log-normalised counts over CSR blocks."""
+
+    def __init__(self, n_genes: int) -> None:
+        self.n_genes = n_genes
+        self.n_cells = 0
+        self.total = np.zeros(n_genes, dtype=np.float64)
+        self.total_sq = np.zeros(n_genes, dtype=np.float64)
+        self.n_expressed = np.zeros(n_genes, dtype=np.int64)
+
+    def update(self, counts: sp.csr_matrix) -> None:
+        if counts.shape[1] != self.n_genes:
+            raise ValueError(f"block has {counts.shape[1]} genes, expected {self.n_genes}")
+        normalized = log_normalize(counts)
+        self.n_cells += counts.shape[0]
+        self.total += np.asarray(normalized.sum(axis=0), dtype=np.float64).ravel()
+        self.total_sq += np.asarray(normalized.multiply(normalized).sum(axis=0), dtype=np.float64).ravel()
+        self.n_expressed += np.bincount(sp.csr_matrix(counts).indices, minlength=self.n_genes)
+
+    def highly_variable(self, n_top: int, n_bins: int = 20, min_cells: int = 3) -> np.ndarray:
+        """Indices (sorted) of the ``n_top`` most variable genes."""
+        if self.n_cells < 2:
+            raise ValueError("highly variable genes need at least 2 cells")
+        mean = self.total / self.n_cells
+        variance = np.maximum(self.total_sq / self.n_cells - mean**2, 0) * self.n_cells / (self.n_cells - 1)
+        eligible = self.n_expressed >= min_cells
+        if eligible.sum() < n_top:
+            raise ValueError(f"only {int(eligible.sum())} genes are expressed in >= {min_cells} cells; cannot pick {n_top}")
+        dispersion = np.log(np.maximum(variance, 1e-12) / np.maximum(mean, 1e-12))
+        edges = np.quantile(mean[eligible], np.linspace(0, 1, n_bins + 1))
+        bins = np.clip(np.searchsorted(edges, mean, side="right") - 1, 0, n_bins - 1)
+        z = np.full(self.n_genes, -np.inf)
+        for b in range(n_bins):
+            members = eligible & (bins == b)
+            if members.sum() == 0:
+                continue
+            values = dispersion[members]
+            spread = values.std()
+            z[members] = (values - values.mean()) / spread if spread > 0 else 0.0
+        return np.sort(np.argsort(-z, kind="stable")[:n_top])

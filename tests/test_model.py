@@ -1,0 +1,179 @@
+"""The model contract: config, shapes, gradients, input errors, rebuild from a checkpoint."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hvae import HVAEConfig, HierarchicalVAE, HVAEOutput, active_units, kl_warmup
+
+N_GENES = 40
+
+
+def counts_batch(n=16, genes=N_GENES, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.poisson(torch.rand(n, genes, generator=generator) * 4, generator=generator)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return HierarchicalVAE(HVAEConfig(n_genes=N_GENES, latent_dims=(8, 6, 4), hidden_dim=32, n_batches=3))
+
+
+def test_forward_returns_typed_output_with_kl_per_level(model):
+    x, b = counts_batch(), torch.tensor([0, 1, 2, 0] * 4)
+    out = model(x, b, kl_weight=0.3)
+    assert isinstance(out, HVAEOutput)
+    assert out.loss.shape == () and torch.isfinite(out.loss)
+    assert out.reconstruction.shape == (16,)
+    assert out.kl.shape == (3,) and (out.kl >= 0).all()
+    assert out.coarse_reconstruction.shape == ()
+    assert torch.isclose(out.negative_elbo, out.reconstruction.mean() + out.kl.sum())
+
+
+def test_gradients_reach_every_level(model):
+    x, b = counts_batch(), torch.tensor([0, 1, 2, 0] * 4)
+    model(x, b, kl_weight=1.0).loss.backward()
+    parts = {
+        "top posterior": model.top_posterior,
+        **{f"prior level {level}": head for level, head in enumerate(model.prior_heads)},
+        **{f"posterior level {level}": head for level, head in enumerate(model.posterior_heads)},
+        **{f"latent_in level {level}": layer for level, layer in enumerate(model.latent_in)},
+        **{f"bottom-up level {level}": block for level, block in enumerate(model.bottom_up)},
+    }
+    for name, module in parts.items():
+        grads = [p.grad for p in module.parameters()]
+        assert all(g is not None for g in grads), name
+        assert sum(float(g.abs().sum()) for g in grads) > 0, f"no gradient reaches {name}"
+
+
+def test_encode_levels_and_logvar(model):
+    x, b = counts_batch(), torch.zeros(16, dtype=torch.long)
+    means = model.encode(x, b)
+    assert [m.shape for m in means] == [(16, 8), (16, 6), (16, 4)]
+    means2, logvars = model.encode(x, b, return_logvar=True)
+    assert [v.shape for v in logvars] == [(16, 8), (16, 6), (16, 4)]
+    for a, c in zip(means, means2):
+        torch.testing.assert_close(a, c)
+    model.eval()
+    # Encoding is deterministic and independent of the other cells in the batch.
+    torch.testing.assert_close(model.encode(x[:4], b[:4])[0], means[0][:4], rtol=1e-5, atol=1e-5)
+
+
+def test_sample_draws_integer_counts(model):
+    model.train()
+    model(counts_batch(), torch.zeros(16, dtype=torch.long))  # records library sizes
+    draws = model.sample(10, batch_index=torch.arange(10) % 3, generator=torch.Generator().manual_seed(1))
+    assert draws.shape == (10, N_GENES)
+    assert (draws >= 0).all() and torch.equal(draws, draws.round())
+    flat = HierarchicalVAE(HVAEConfig(n_genes=N_GENES, latent_dims=(4,), hidden_dim=16))
+    with pytest.raises(ValueError, match="library_size"):
+        flat.sample(3)
+    assert flat.sample(3, library_size=100.0).shape == (3, N_GENES)
+
+
+def test_flat_configuration_is_the_same_model_with_one_level():
+    model = HierarchicalVAE(HVAEConfig(n_genes=N_GENES, latent_dims=(10,), hidden_dim=16))
+    out = model(counts_batch())
+    assert out.kl.shape == (1,) and float(out.coarse_reconstruction) == 0.0
+    assert [m.shape for m in model.encode(counts_batch())] == [(16, 10)]
+
+
+def test_zinb_and_gene_batch_dispersion_run():
+    model = HierarchicalVAE(HVAEConfig(n_genes=N_GENES, hidden_dim=16, n_batches=2, likelihood="zinb", dispersion="gene-batch"))
+    out = model(counts_batch(), torch.tensor([0, 1] * 8))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"n_genes": 0}, "n_genes"),
+        ({"latent_dims": ()}, "latent_dims"),
+        ({"latent_dims": (8, 0)}, "latent_dims"),
+        ({"likelihood": "poisson"}, "likelihood"),
+        ({"dispersion": "gene-batch"}, "dispersion"),
+        ({"free_bits": (1.0, 2.0)}, "free_bits"),
+        ({"dropout": 1.5}, "dropout"),
+        ({"hidden_dim": 2.5}, "hidden_dim"),
+    ],
+)
+def test_config_rejects_bad_values_naming_the_field(values, match):
+    with pytest.raises(ValueError, match=f"HVAEConfig.{match}"):
+        HVAEConfig(**{"n_genes": 10, **values})
+
+
+def test_config_round_trip_and_unknown_keys():
+    config = HVAEConfig(n_genes=100, latent_dims=[16, 8], n_batches=4, free_bits=[0.5, 1.0])
+    assert config.latent_dims == (16, 8)
+    assert HVAEConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown key.*latent_dim'"):
+        HVAEConfig.from_dict({**config.to_dict(), "latent_dim": [3]})
+
+
+def test_checkpoint_rebuilds_the_same_model(model):
+    model.eval()
+    x, b = counts_batch(), torch.zeros(16, dtype=torch.long)
+    saved = {"model_config": model.config.to_dict(), "state_dict": model.state_dict()}
+    rebuilt = HierarchicalVAE(HVAEConfig.from_dict(saved["model_config"]))
+    rebuilt.load_state_dict(saved["state_dict"])
+    rebuilt.eval()
+    for a, c in zip(model.encode(x, b), rebuilt.encode(x, b)):
+        torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize(
+    "corrupt, match",
+    [
+        (lambda x: x.index_put_((torch.tensor([3]), torch.tensor([7])), torch.tensor(-1.0)), r"counts\[3, 7\] = -1.0 is negative"),
+        (lambda x: x.index_put_((torch.tensor([2]), torch.tensor([1])), torch.tensor(float("nan"))), r"counts\[2, 1\] = nan is NaN"),
+        (lambda x: x.index_put_((torch.tensor([5]), torch.tensor([0])), torch.tensor(0.5)), r"counts\[5, 0\] = 0.5 is not an integer"),
+        (lambda x: x[:, :-1], r"39 genes but the model was built for 40"),
+        (lambda x: x[0], r"2-D"),
+    ],
+)
+def test_bad_counts_raise_clear_errors(model, corrupt, match):
+    x = corrupt(counts_batch())
+    with pytest.raises(ValueError, match=match):
+        model(x, torch.zeros(16, dtype=torch.long))
+
+
+def test_bad_batch_index_raises_clear_errors(model):
+    x = counts_batch()
+    with pytest.raises(ValueError, match=r"batch_index\[4\] = 3 is out of range.*n_batches=3"):
+        model(x, torch.tensor([0, 1, 2, 0, 3] + [0] * 11))
+    with pytest.raises(ValueError, match="pass batch_index"):
+        model(x)
+    with pytest.raises(ValueError, match="must hold integers"):
+        model(x, torch.zeros(16))
+    no_batches = HierarchicalVAE(HVAEConfig(n_genes=N_GENES, hidden_dim=16))
+    with pytest.raises(ValueError, match="n_batches=0"):
+        no_batches(x, torch.zeros(16, dtype=torch.long))
+
+
+def test_kl_warmup_schedule():
+    assert kl_warmup(0, 100) == 0.0
+    assert kl_warmup(50, 100) == 0.5
+    assert kl_warmup(100, 100) == 1.0 and kl_warmup(10_000, 100) == 1.0
+    assert kl_warmup(0, 0) == 1.0
+    assert kl_warmup(0, 10, start=0.2) == pytest.approx(0.2)
+    with pytest.raises(ValueError):
+        kl_warmup(1, -1)
+
+
+def test_active_units_counts_dimensions_with_variance():
+    generator = torch.Generator().manual_seed(0)
+    means = torch.randn(500, 4, generator=generator) * torch.tensor([1.0, 0.5, 0.01, 0.0])
+    assert active_units([means]) == [2]
+
+
+def test_hvae_imports_no_pipeline_dependencies():
+    code = (
+        "import sys, hvae; banned = {'ray', 'zarr', 'tiledbsoma', 'cellxgene_census', 'yaml', 'anndata', 'pipeline'};"
+        "print(sorted(banned & {m.split('.')[0] for m in sys.modules}))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
