@@ -34,10 +34,16 @@ class HVAEConfig:
     # Collapse defences (nats per cell for each level; one value for all levels or one per level).
     free_bits: tuple[float, ...] = (1.0,)
     kl_balance: bool = True
+    # KL weight of each level (level 0 first; one value for all levels or one per level).
+    # A top weight > 1 is a bottleneck: the top keeps only the information that buys the
+    # most reconstruction per nat (the coarse structure) and leaves the rest to lower levels.
+    kl_level_weights: tuple[float, ...] = (1.0,)
     # Weight of the hierarchy-aware auxiliary reconstruction: x decoded from the levels
     # >= k alone (lower levels at their prior mean), k drawn per step. It is what makes the
     # upper levels carry the coarse structure; 0 turns it off (plain ELBO).
     coarse_reconstruction_weight: float = 1.0
+    # Whether the coarse term trains only the encoder and top-down path (decoder detached).
+    coarse_detach_decoder: bool = True
     # Soft clamp for every log-variance: c * tanh(x / c).
     log_scale_clamp: float = 6.0
     # Counts are normalised to this total before log1p for the encoder input.
@@ -49,7 +55,7 @@ class HVAEConfig:
             raise ValueError(f"HVAEConfig.{name}: {message} (got {getattr(self, name)!r})")
 
         # Lists from YAML/JSON become tuples so the config stays hashable and frozen.
-        for name in ("latent_dims", "free_bits"):
+        for name in ("latent_dims", "free_bits", "kl_level_weights"):
             value = getattr(self, name)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 value = (value,)
@@ -79,6 +85,10 @@ class HVAEConfig:
             fail("free_bits", f"needs 1 or {len(self.latent_dims)} values (one per level)")
         if not all(_is_number(b) and b >= 0 for b in self.free_bits):
             fail("free_bits", "values must be numbers >= 0")
+        if len(self.kl_level_weights) not in (1, len(self.latent_dims)):
+            fail("kl_level_weights", f"needs 1 or {len(self.latent_dims)} values (one per level)")
+        if not all(_is_number(w) and w > 0 for w in self.kl_level_weights):
+            fail("kl_level_weights", "values must be numbers > 0")
         if not _is_number(self.coarse_reconstruction_weight) or self.coarse_reconstruction_weight < 0:
             fail("coarse_reconstruction_weight", "must be a number >= 0")
         if not _is_number(self.log_scale_clamp) or self.log_scale_clamp <= 0:
@@ -87,6 +97,8 @@ class HVAEConfig:
             fail("input_target_sum", "must be a number > 0")
         if not isinstance(self.kl_balance, bool):
             fail("kl_balance", "must be true or false")
+        if not isinstance(self.coarse_detach_decoder, bool):
+            fail("coarse_detach_decoder", "must be true or false")
         if not isinstance(self.validate_inputs, bool):
             fail("validate_inputs", "must be true or false")
 
@@ -95,14 +107,16 @@ class HVAEConfig:
         return len(self.latent_dims)
 
     def free_bits_per_level(self) -> tuple[float, ...]:
-        if len(self.free_bits) == 1:
-            return self.free_bits * self.n_levels
-        return self.free_bits
+        return _per_level(self.free_bits, self.n_levels)
+
+    def kl_weights_per_level(self) -> tuple[float, ...]:
+        return _per_level(self.kl_level_weights, self.n_levels)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["latent_dims"] = list(self.latent_dims)
         out["free_bits"] = list(self.free_bits)
+        out["kl_level_weights"] = list(self.kl_level_weights)
         return out
 
     @classmethod
@@ -115,6 +129,10 @@ class HVAEConfig:
 
     def replace(self, **changes: Any) -> "HVAEConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _per_level(values: tuple[float, ...], n_levels: int) -> tuple[float, ...]:
+    return values * n_levels if len(values) == 1 else values
 
 
 def _is_int(value: Any) -> bool:

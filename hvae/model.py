@@ -9,10 +9,11 @@ Notation (L levels, level 0 next to the data, level L-1 the top):
                 p(z_l | z_{>l})    = N(mu_p(s_l), sigma_p(s_l))
                 q(z_l | z_{>l}, x) = N(mu_p + dmu(s_l, r_l), sigma_p * dsigma(s_l, r_l))
                 h_l = s_l + W_l z_l
-    decoder     x ~ NB(library * softmax(f(h_0, batch)), theta)   (ZINB optional)
+    decoder     x ~ NB(library * softmax(f([z_0, ..., z_{L-1}], batch)), theta)   (ZINB optional)
 
-``h_0`` sums contributions of every level (the residual top-down path), so each level has a
-short path to the decoder (LVAE/BIVA-style skip). Upper levels are made to carry the coarse
+The decoder reads every level's sample directly (LVAE/BIVA-style skip paths): fed only the
+top-down residual stream, a lower level's contribution starts out drowned by the upper
+levels' and collapses to its free-bits floor. Upper levels are made to carry the coarse
 structure by an auxiliary *coarse reconstruction*: x is also decoded with the levels below
 some k replaced by their prior means, so the levels >= k must explain x on their own.
 """
@@ -44,12 +45,14 @@ class HVAEOutput:
         kl: (n_levels,) mean KL per cell of each level, level 0 first (unweighted).
         coarse_reconstruction: scalar mean negative log-likelihood of the counts decoded
             from the upper levels alone (0 for a flat model or a zero weight).
+        library: (cells,) observed library sizes (for :meth:`HierarchicalVAE.record_library_sizes`).
     """
 
     loss: torch.Tensor
     reconstruction: torch.Tensor
     kl: torch.Tensor
     coarse_reconstruction: torch.Tensor
+    library: torch.Tensor
 
     @property
     def negative_elbo(self) -> torch.Tensor:
@@ -96,6 +99,50 @@ class GaussianHead(nn.Module):
         return mean, soft_clamp(logvar, self.log_scale_clamp)
 
 
+class Decoder(nn.Module):
+    """NB (or ZINB) parameters from the samples of every level, with batch embeddings.
+
+    (cells, sum(latent_dims)) concatenated level samples (level 0 first), (cells,) library,
+    (cells,) batch index -> mean (cells, genes),
+    theta (genes,) or (cells, genes), zero logits (cells, genes) or None. The embedding is
+    injected into both layers (10^4 donors cost 10^4 x embedding_dim parameters).
+    """
+
+    def __init__(self, config: HVAEConfig) -> None:
+        super().__init__()
+        hidden = config.hidden_dim
+        n_embed = config.batch_embedding_dim if config.n_batches else 0
+        self.batch_embedding = nn.Embedding(config.n_batches, n_embed) if config.n_batches else None
+        # Every level has its own direct path into the decoder (LVAE/BIVA skip connections):
+        # a lower level's signal is not drowned in the top-down residual stream.
+        self.levels_in = nn.Linear(sum(config.latent_dims), hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.fc1 = nn.Linear(hidden + n_embed, hidden)
+        self.fc2 = nn.Linear(hidden + n_embed, hidden)
+        self.scale_head = nn.Linear(hidden, config.n_genes)
+        self.zero_head = nn.Linear(hidden, config.n_genes) if config.likelihood == "zinb" else None
+        theta_rows = config.n_batches if config.dispersion == "gene-batch" else 1
+        self.log_theta = nn.Parameter(torch.full((theta_rows, config.n_genes), math.log(5.0)))
+
+    def forward(
+        self, z: torch.Tensor, library: torch.Tensor, batch_index: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        h = self.norm(self.levels_in(z))
+        if self.batch_embedding is not None:
+            embedding = self.batch_embedding(batch_index).to(h.dtype)
+            h = F.silu(self.fc1(torch.cat([h, embedding], dim=-1)))
+            h = F.silu(self.fc2(torch.cat([h, embedding], dim=-1)))
+        else:
+            h = F.silu(self.fc2(F.silu(self.fc1(h))))
+        # Softmax and everything after it in fp32: the scale of rare genes underflows in bf16.
+        scale = torch.softmax(self.scale_head(h).float(), dim=-1)
+        mean = scale * library.float().unsqueeze(1)
+        log_theta = soft_clamp(self.log_theta, 12.0)
+        theta = torch.exp(log_theta[batch_index] if log_theta.shape[0] > 1 else log_theta[0])
+        zero_logits = self.zero_head(h).float() if self.zero_head is not None else None
+        return mean, theta, zero_logits
+
+
 class HierarchicalVAE(nn.Module):
     """Top-down hierarchical VAE with a negative binomial likelihood on raw counts."""
 
@@ -120,20 +167,13 @@ class HierarchicalVAE(nn.Module):
         self.posterior_heads = nn.ModuleList(
             GaussianHead(2 * hidden, d, clamp, hidden=hidden) for d in dims[:-1]
         )
-        self.latent_in = nn.ModuleList(nn.Linear(d, hidden) for d in dims)
+        # z_l -> top-down state, for every level that has a level below it (index l - 1).
+        self.latent_in = nn.ModuleList(nn.Linear(d, hidden) for d in dims[1:])
 
-        # Decoder with the batch embedding injected into both layers (cheap for 10^4 donors).
-        n_embed = config.batch_embedding_dim if config.n_batches else 0
-        self.batch_embedding = nn.Embedding(config.n_batches, n_embed) if config.n_batches else None
-        self.decoder_norm = nn.LayerNorm(hidden)
-        self.decoder_fc1 = nn.Linear(hidden + n_embed, hidden)
-        self.decoder_fc2 = nn.Linear(hidden + n_embed, hidden)
-        self.scale_head = nn.Linear(hidden, config.n_genes)
-        self.zero_head = nn.Linear(hidden, config.n_genes) if config.likelihood == "zinb" else None
-        theta_rows = config.n_batches if config.dispersion == "gene-batch" else 1
-        self.log_theta = nn.Parameter(torch.full((theta_rows, config.n_genes), math.log(5.0)))
+        self.decoder = Decoder(config)
 
         self.register_buffer("free_bits", torch.tensor(config.free_bits_per_level(), dtype=torch.float32))
+        self.register_buffer("kl_level_weights", torch.tensor(config.kl_weights_per_level(), dtype=torch.float32))
         self.register_buffer("level_sizes", torch.tensor(dims, dtype=torch.float32))
         # Running moments of log library size (count, sum, sum of squares), for `sample`.
         self.register_buffer("library_moments", torch.zeros(3, dtype=torch.float64))
@@ -190,25 +230,6 @@ class HierarchicalVAE(nn.Module):
             states.append(r)
         return states, library
 
-    def _decode(
-        self, h: torch.Tensor, library: torch.Tensor, batch_index: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """NB parameters from the bottom top-down state. Returns mean, theta, zero logits."""
-        h = self.decoder_norm(h)
-        if self.batch_embedding is not None:
-            embedding = self.batch_embedding(batch_index).to(h.dtype)
-            h = F.silu(self.decoder_fc1(torch.cat([h, embedding], dim=-1)))
-            h = F.silu(self.decoder_fc2(torch.cat([h, embedding], dim=-1)))
-        else:
-            h = F.silu(self.decoder_fc2(F.silu(self.decoder_fc1(h))))
-        # Softmax and everything after it in fp32: the scale of rare genes underflows in bf16.
-        scale = torch.softmax(self.scale_head(h).float(), dim=-1)
-        mean = scale * library.float().unsqueeze(1)
-        log_theta = soft_clamp(self.log_theta, 12.0)
-        theta = torch.exp(log_theta[batch_index] if log_theta.shape[0] > 1 else log_theta[0])
-        zero_logits = self.zero_head(h).float() if self.zero_head is not None else None
-        return mean, theta, zero_logits
-
     def _log_likelihood(self, counts: torch.Tensor, params) -> torch.Tensor:
         """(cells,) log-likelihood of the counts, summed over genes, in fp32."""
         mean, theta, zero_logits = params
@@ -219,6 +240,31 @@ class HierarchicalVAE(nn.Module):
     @staticmethod
     def _sample_gaussian(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
         return mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+
+    def _descend(self, top: torch.Tensor, pick, from_level: int | None = None, h: torch.Tensor | None = None):
+        """Walk the top-down path below ``from_level`` (default: from the top value ``top``).
+
+        At each level ``pick(level, s, prior_mean, prior_logvar)`` returns that level's value
+        (a posterior sample or mean, a prior sample or mean). ``h`` is the top-down state after
+        ``from_level`` when starting below the top. Returns the values of all levels (level 0
+        first, levels >= from_level left as None except the top) and the state after each
+        level >= 1, for restarting the walk from there.
+        """
+        n_levels = self.config.n_levels
+        values: list[torch.Tensor | None] = [None] * n_levels
+        values[-1] = top
+        if from_level is None:
+            from_level = n_levels - 1
+            h = self.latent_in[-1](top) if n_levels > 1 else None
+        states_after = {from_level: h}
+        for level in reversed(range(from_level)):
+            s = self.top_down[level](h)
+            prior_mean, prior_logvar = self.prior_heads[level](s)
+            values[level] = pick(level, s, prior_mean, prior_logvar)
+            if level > 0:
+                h = s + self.latent_in[level - 1](values[level])
+                states_after[level] = h
+        return values, states_after
 
     # ------------------------------------------------------------------ public API
     def forward(
@@ -235,45 +281,42 @@ class HierarchicalVAE(nn.Module):
         batch_index = self._check_inputs(counts, batch_index)
         counts = counts.float()
         states, library = self._bottom_up(counts)
-        if self.training:
-            self._update_library_moments(library)
         n_levels = self.config.n_levels
 
-        # Top-down pass with posterior samples; keep h after each level for the coarse pass.
+        # Top-down pass with posterior samples; keep the state after each level for the coarse pass.
         kl_levels: list[torch.Tensor] = [None] * n_levels  # type: ignore[list-item]
         mean_q, logvar_q = self.top_posterior(states[-1])
-        z = self._sample_gaussian(mean_q, logvar_q)
         kl_levels[-1] = gaussian_kl(mean_q, logvar_q)
-        h = self.latent_in[-1](z)
-        h_after = {n_levels - 1: h}
-        for level in reversed(range(n_levels - 1)):
-            s = self.top_down[level](h)
-            mean_p, logvar_p = self.prior_heads[level](s)
-            delta_mean, delta_logvar = self.posterior_heads[level](torch.cat([s, states[level]], dim=-1))
-            mean_q, logvar_q = mean_p + delta_mean, logvar_p + delta_logvar
-            z = self._sample_gaussian(mean_q, logvar_q)
-            kl_levels[level] = gaussian_kl(mean_q, logvar_q, mean_p, logvar_p)
-            h = s + self.latent_in[level](z)
-            h_after[level] = h
 
-        reconstruction = -self._log_likelihood(counts, self._decode(h, library, batch_index))
+        def posterior_sample(level, s, prior_mean, prior_logvar):
+            delta_mean, delta_logvar = self.posterior_heads[level](torch.cat([s, states[level]], dim=-1))
+            mean, logvar = prior_mean + delta_mean, prior_logvar + delta_logvar
+            kl_levels[level] = gaussian_kl(mean, logvar, prior_mean, prior_logvar)
+            return self._sample_gaussian(mean, logvar)
+
+        samples, h_after = self._descend(self._sample_gaussian(mean_q, logvar_q), posterior_sample)
+
+        decoded = self.decoder(torch.cat(samples, dim=-1), library, batch_index)
+        reconstruction = -self._log_likelihood(counts, decoded)
         kl_per_cell = torch.stack(kl_levels, dim=1)  # (cells, n_levels), fp32
         kl = kl_per_cell.mean(dim=0)
 
-        coarse = self._coarse_reconstruction(counts, library, batch_index, h_after)
+        coarse = self._coarse_reconstruction(counts, library, batch_index, h_after, samples)
         loss = reconstruction.mean() + self._weighted_kl(kl, kl_weight)
         loss = loss + self.config.coarse_reconstruction_weight * coarse
-        return HVAEOutput(loss=loss, reconstruction=reconstruction, kl=kl, coarse_reconstruction=coarse)
+        return HVAEOutput(
+            loss=loss, reconstruction=reconstruction, kl=kl, coarse_reconstruction=coarse, library=library
+        )
 
     def _weighted_kl(self, kl: torch.Tensor, kl_weight: float) -> torch.Tensor:
-        """Free bits per level, then KL balancing during warm-up, then the warm-up weight."""
-        kl_free = torch.maximum(kl, self.free_bits)
+        """Free bits and level weights, then KL balancing during warm-up, then the warm-up weight."""
+        kl_free = torch.maximum(kl, self.free_bits) * self.kl_level_weights
         if self.config.kl_balance and kl_weight < 1.0 and self.config.n_levels > 1:
             coefficients = balanced_kl_coefficients(kl.detach(), self.level_sizes)
             return kl_weight * (coefficients * kl_free).sum()
         return kl_weight * kl_free.sum()
 
-    def _coarse_reconstruction(self, counts, library, batch_index, h_after: dict) -> torch.Tensor:
+    def _coarse_reconstruction(self, counts, library, batch_index, h_after: dict, samples: list) -> torch.Tensor:
         """Mean NLL of x decoded from levels >= k, lower levels at their prior means.
 
         Training draws one k in 1..L-1 per step (an unbiased estimate of the mean over k at
@@ -286,14 +329,21 @@ class HierarchicalVAE(nn.Module):
             truncations = [int(torch.randint(1, n_levels, ()).item())]
         else:
             truncations = list(range(1, n_levels))
+        decode = self.decoder
+        if self.config.coarse_detach_decoder:
+            # The decoder learns from the full reconstruction only; the coarse term shapes
+            # what the upper levels and the prior path feed it.
+            frozen = {name: p.detach() for name, p in self.decoder.named_parameters()}
+
+            def decode(*args):
+                return torch.func.functional_call(self.decoder, frozen, args)
+
         total = counts.new_zeros(())
         for k in truncations:
-            h = h_after[k]
-            for level in reversed(range(k)):
-                s = self.top_down[level](h)
-                mean_p, _ = self.prior_heads[level](s)
-                h = s + self.latent_in[level](mean_p)
-            total = total - self._log_likelihood(counts, self._decode(h, library, batch_index)).mean()
+            lower, _ = self._descend(samples[-1], lambda level, s, mean, logvar: mean, k, h_after[k])
+            levels = lower[:k] + samples[k:]
+            decoded = decode(torch.cat(levels, dim=-1), library, batch_index)
+            total = total - self._log_likelihood(counts, decoded).mean()
         return total / len(truncations)
 
     @torch.no_grad()
@@ -303,8 +353,9 @@ class HierarchicalVAE(nn.Module):
         """Posterior means per level, level 0 first: a list of (cells, latent_dims[l]).
 
         Each level is computed with the levels above it at their posterior means, in eval
-        mode (no dropout) whatever the module's mode. With ``return_logvar=True`` returns ``(means, logvars)``. ``batch_index`` is accepted for
-        a uniform call signature; the encoder does not use it.
+        mode (no dropout) whatever the module's mode. With ``return_logvar=True`` returns
+        ``(means, logvars)``. ``batch_index`` is accepted for a uniform call signature; the
+        encoder does not use it.
         """
         self._check_inputs(counts, batch_index)
         was_training = self.training
@@ -316,17 +367,15 @@ class HierarchicalVAE(nn.Module):
 
     def _encode(self, counts: torch.Tensor, return_logvar: bool):
         states, _ = self._bottom_up(counts)
-        n_levels = self.config.n_levels
-        means: list[torch.Tensor] = [None] * n_levels  # type: ignore[list-item]
-        logvars: list[torch.Tensor] = [None] * n_levels  # type: ignore[list-item]
-        means[-1], logvars[-1] = self.top_posterior(states[-1])
-        h = self.latent_in[-1](means[-1])
-        for level in reversed(range(n_levels - 1)):
-            s = self.top_down[level](h)
-            mean_p, logvar_p = self.prior_heads[level](s)
+        logvars: list[torch.Tensor] = [None] * self.config.n_levels  # type: ignore[list-item]
+        top_mean, logvars[-1] = self.top_posterior(states[-1])
+
+        def posterior_mean(level, s, prior_mean, prior_logvar):
             delta_mean, delta_logvar = self.posterior_heads[level](torch.cat([s, states[level]], dim=-1))
-            means[level], logvars[level] = mean_p + delta_mean, logvar_p + delta_logvar
-            h = s + self.latent_in[level](means[level])
+            logvars[level] = prior_logvar + delta_logvar
+            return prior_mean + delta_mean
+
+        means, _ = self._descend(top_mean, posterior_mean)
         means = [m.float() for m in means]
         if return_logvar:
             return means, [v.float() for v in logvars]
@@ -343,9 +392,10 @@ class HierarchicalVAE(nn.Module):
         """Draw ``n`` cells of counts from the generative model: (n, genes) float tensor.
 
         ``library_size`` defaults to draws from the log-normal fitted to the library sizes
-        seen in training. ``batch_index`` (n,) is required iff the model has batches.
+        recorded in training (:meth:`record_library_sizes`). ``batch_index`` (n,) is required
+        iff the model has batches.
         """
-        device = self.log_theta.device
+        device = self.decoder.log_theta.device
         if batch_index is not None:
             batch_index = batch_index.to(device)
         batch_index = self._check_batch_index(batch_index, n)
@@ -354,20 +404,19 @@ class HierarchicalVAE(nn.Module):
         def randn(*shape):
             return torch.randn(*shape, generator=generator, device=device)
 
-        h = self.latent_in[-1](randn(n, dims[-1]))
-        for level in reversed(range(self.config.n_levels - 1)):
-            s = self.top_down[level](h)
-            mean_p, logvar_p = self.prior_heads[level](s)
-            h = s + self.latent_in[level](mean_p + torch.exp(0.5 * logvar_p) * randn(*mean_p.shape))
+        levels, _ = self._descend(
+            randn(n, dims[-1]),
+            lambda level, s, mean, logvar: mean + torch.exp(0.5 * logvar) * randn(*mean.shape),
+        )
         if library_size is None:
             count, total, total_sq = self.library_moments.tolist()
             if count == 0:
-                raise ValueError("the model has seen no training data: pass library_size")
+                raise ValueError("no library sizes were recorded (record_library_sizes): pass library_size")
             loc = total / count
             scale = math.sqrt(max(total_sq / count - loc**2, 1e-8))
             library_size = torch.exp(loc + scale * randn(n))
         library = torch.as_tensor(library_size, dtype=torch.float32, device=device).expand(n)
-        mean, theta, zero_logits = self._decode(h, library, batch_index)
+        mean, theta, zero_logits = self.decoder(torch.cat(levels, dim=-1), library, batch_index)
         rate = torch._standard_gamma(theta.expand_as(mean).contiguous()) * (mean / theta)
         counts = torch.poisson(rate, generator=generator)
         if zero_logits is not None:
@@ -375,13 +424,17 @@ class HierarchicalVAE(nn.Module):
             counts = counts * keep
         return counts
 
-    def _update_library_moments(self, library: torch.Tensor) -> None:
-        with torch.no_grad():
-            log_library = torch.log(library.double().clamp(min=1.0))
-            self.library_moments += torch.stack(
-                [log_library.new_tensor(float(log_library.numel())), log_library.sum(), (log_library**2).sum()]
-            )
+    @torch.no_grad()
+    def record_library_sizes(self, library: torch.Tensor) -> None:
+        """Add (cells,) library sizes to the running log-normal fit that ``sample`` draws from.
 
+        Called by the training loop after each applied step (not inside ``forward``, so a
+        skipped step leaves the model untouched).
+        """
+        log_library = torch.log(library.detach().double().clamp(min=1.0))
+        self.library_moments += torch.stack(
+            [log_library.new_tensor(float(log_library.numel())), log_library.sum(), (log_library**2).sum()]
+        )
 
 def _check_count_values(counts: torch.Tensor) -> None:
     """Raise a ValueError naming the first bad entry (row, gene) of a counts matrix."""

@@ -22,13 +22,13 @@ def kl_warmup(step: int, warmup_steps: int, start: float = 0.0) -> float:
 def balanced_kl_coefficients(kl: torch.Tensor, level_sizes: torch.Tensor) -> torch.Tensor:
     """Per-level KL coefficients that equalise usage during warm-up (NVAE's KL balancing).
 
-    A level that already carries a lot of KL is penalised more, one carrying little is
-    penalised less, so every level is pulled into use before the full KL applies. The
-    coefficients are proportional to ``size_l * kl_l`` and average to 1 over the levels.
+    A level that already carries a lot of KL *per latent dimension* is penalised more, one
+    carrying little is penalised less, so every level is pulled into use before the full
+    KL applies. Coefficients are proportional to ``kl_l / size_l`` and average to 1.
 
     Args:
         kl: (n_levels,) detached mean KL per level.
         level_sizes: (n_levels,) latent dimension of each level.
     """
-    weights = level_sizes / level_sizes.sum() * kl.clamp(min=1e-2)
+    weights = kl.clamp(min=1e-2) / level_sizes
     return weights / weights.sum() * kl.numel()

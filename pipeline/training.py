@@ -118,6 +118,7 @@ class Trainer:
             return None
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        model.record_library_sizes(out.library)
         self.ema.update_parameters(model)
         self.step_count += 1
         return {

@@ -63,8 +63,7 @@ def test_encode_levels_and_logvar(model):
 
 
 def test_sample_draws_integer_counts(model):
-    model.train()
-    model(counts_batch(), torch.zeros(16, dtype=torch.long))  # records library sizes
+    model.record_library_sizes(model(counts_batch(), torch.zeros(16, dtype=torch.long)).library)
     draws = model.sample(10, batch_index=torch.arange(10) % 3, generator=torch.Generator().manual_seed(1))
     assert draws.shape == (10, N_GENES)
     assert (draws >= 0).all() and torch.equal(draws, draws.round())
@@ -177,3 +176,15 @@ def test_hvae_imports_no_pipeline_dependencies():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_kl_balancing_penalises_levels_by_kl_per_dimension():
+    from hvae import balanced_kl_coefficients
+
+    kl = torch.tensor([2.0, 2.0, 2.0])
+    sizes = torch.tensor([32.0, 16.0, 8.0])
+    coefficients = balanced_kl_coefficients(kl, sizes)
+    assert torch.isclose(coefficients.mean(), torch.tensor(1.0))
+    # Equal KL spread over more dimensions is cheaper: level 0 gets the smallest coefficient.
+    assert coefficients[0] < coefficients[1] < coefficients[2]
+    torch.testing.assert_close(coefficients[2] / coefficients[0], torch.tensor(4.0))
