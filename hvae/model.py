@@ -79,23 +79,27 @@ class ResidualBlock(nn.Module):
 
 
 class GaussianHead(nn.Module):
-    """Maps a state to (mean, log-variance) of a diagonal Gaussian; log-variance soft-clamped."""
+    """Maps one or more states to (mean, log-variance) of a diagonal Gaussian.
 
-    def __init__(self, in_dim: int, latent_dim: int, log_scale_clamp: float, hidden: int | None = None):
+    Each input gets its own LayerNorm before they are concatenated: the top-down state grows
+    along the residual stream, and a joint norm would let it drown the bottom-up evidence in
+    a posterior head. The log-variance is soft-clamped.
+    """
+
+    def __init__(self, in_dims: tuple[int, ...], latent_dim: int, log_scale_clamp: float, hidden: int | None = None):
         super().__init__()
-        layers: list[nn.Module] = [nn.LayerNorm(in_dim)]
-        if hidden:
-            layers += [nn.Linear(in_dim, hidden), nn.SiLU()]
-            in_dim = hidden
-        self.net = nn.Sequential(*layers)
-        self.out = nn.Linear(in_dim, 2 * latent_dim)
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for d in in_dims)
+        width = sum(in_dims)
+        self.hidden = nn.Sequential(nn.Linear(width, hidden), nn.SiLU()) if hidden else nn.Identity()
+        self.out = nn.Linear(hidden or width, 2 * latent_dim)
         self.log_scale_clamp = log_scale_clamp
         with torch.no_grad():  # start near the prior / a zero residual
             self.out.weight.mul_(0.1)
             self.out.bias.zero_()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, logvar = self.out(self.net(x)).chunk(2, dim=-1)
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([norm(t) for norm, t in zip(self.norms, inputs)], dim=-1)
+        mean, logvar = self.out(self.hidden(x)).chunk(2, dim=-1)
         return mean, soft_clamp(logvar, self.log_scale_clamp)
 
 
@@ -161,11 +165,11 @@ class HierarchicalVAE(nn.Module):
 
         # Top-down path: the top posterior sees r_top; level l < top has a prior head on s_l
         # and a residual posterior head on [s_l, r_l].
-        self.top_posterior = GaussianHead(hidden, dims[-1], clamp)
+        self.top_posterior = GaussianHead((hidden,), dims[-1], clamp)
         self.top_down = nn.ModuleList(ResidualBlock(hidden, 0.0) for _ in range(n_levels - 1))
-        self.prior_heads = nn.ModuleList(GaussianHead(hidden, d, clamp) for d in dims[:-1])
+        self.prior_heads = nn.ModuleList(GaussianHead((hidden,), d, clamp) for d in dims[:-1])
         self.posterior_heads = nn.ModuleList(
-            GaussianHead(2 * hidden, d, clamp, hidden=hidden) for d in dims[:-1]
+            GaussianHead((hidden, hidden), d, clamp, hidden=hidden) for d in dims[:-1]
         )
         # z_l -> top-down state, for every level that has a level below it (index l - 1).
         self.latent_in = nn.ModuleList(nn.Linear(d, hidden) for d in dims[1:])
@@ -289,7 +293,7 @@ class HierarchicalVAE(nn.Module):
         kl_levels[-1] = gaussian_kl(mean_q, logvar_q)
 
         def posterior_sample(level, s, prior_mean, prior_logvar):
-            delta_mean, delta_logvar = self.posterior_heads[level](torch.cat([s, states[level]], dim=-1))
+            delta_mean, delta_logvar = self.posterior_heads[level](s, states[level])
             mean, logvar = prior_mean + delta_mean, prior_logvar + delta_logvar
             kl_levels[level] = gaussian_kl(mean, logvar, prior_mean, prior_logvar)
             return self._sample_gaussian(mean, logvar)
@@ -371,7 +375,7 @@ class HierarchicalVAE(nn.Module):
         top_mean, logvars[-1] = self.top_posterior(states[-1])
 
         def posterior_mean(level, s, prior_mean, prior_logvar):
-            delta_mean, delta_logvar = self.posterior_heads[level](torch.cat([s, states[level]], dim=-1))
+            delta_mean, delta_logvar = self.posterior_heads[level](s, states[level])
             logvars[level] = prior_logvar + delta_logvar
             return prior_mean + delta_mean
 

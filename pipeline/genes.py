@@ -26,21 +26,29 @@ class GeneStatistics:
     def update(self, counts: sp.csr_matrix) -> None:
         if counts.shape[1] != self.n_genes:
             raise ValueError(f"block has {counts.shape[1]} genes, expected {self.n_genes}")
-        normalized = log_normalize(counts)
+        normalized = log_normalize(counts).astype(np.float64)  # sums over millions of cells
         self.n_cells += counts.shape[0]
-        self.total += np.asarray(normalized.sum(axis=0), dtype=np.float64).ravel()
-        self.total_sq += np.asarray(normalized.multiply(normalized).sum(axis=0), dtype=np.float64).ravel()
+        self.total += np.asarray(normalized.sum(axis=0)).ravel()
+        self.total_sq += np.asarray(normalized.multiply(normalized).sum(axis=0)).ravel()
         self.n_expressed += np.bincount(sp.csr_matrix(counts).indices, minlength=self.n_genes)
 
-    def highly_variable(self, n_top: int, n_bins: int = 20, min_cells: int = 3) -> np.ndarray:
-        """Indices (sorted) of the ``n_top`` most variable genes."""
+    def highly_variable(self, n_top: int, n_bins: int = 20, min_cells: int = 3, min_mean: float = 0.0125) -> np.ndarray:
+        """Indices (sorted) of the ``n_top`` most variable genes.
+
+        Genes detected in fewer than ``min_cells`` cells or with a mean log-normalised
+        expression below ``min_mean`` (scanpy's seurat-flavour floor) are not eligible: their
+        dispersion is dominated by a handful of counts.
+        """
         if self.n_cells < 2:
             raise ValueError("highly variable genes need at least 2 cells")
         mean = self.total / self.n_cells
         variance = np.maximum(self.total_sq / self.n_cells - mean**2, 0) * self.n_cells / (self.n_cells - 1)
-        eligible = self.n_expressed >= min_cells
+        eligible = (self.n_expressed >= min_cells) & (mean >= min_mean)
         if eligible.sum() < n_top:
-            raise ValueError(f"only {int(eligible.sum())} genes are expressed in >= {min_cells} cells; cannot pick {n_top}")
+            raise ValueError(
+                f"only {int(eligible.sum())} genes are expressed in >= {min_cells} cells with mean >= {min_mean}; "
+                f"cannot pick {n_top} highly variable genes"
+            )
         dispersion = np.log(np.maximum(variance, 1e-12) / np.maximum(mean, 1e-12))
         edges = np.quantile(mean[eligible], np.linspace(0, 1, n_bins + 1))
         bins = np.clip(np.searchsorted(edges, mean, side="right") - 1, 0, n_bins - 1)
