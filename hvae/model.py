@@ -119,7 +119,9 @@ class Decoder(nn.Module):
         self.batch_embedding = nn.Embedding(config.n_batches, n_embed) if config.n_batches else None
         # Every level has its own direct path into the decoder (LVAE/BIVA skip connections):
         # a lower level's signal is not drowned in the top-down residual stream.
-        self.levels_in = nn.Linear(sum(config.latent_dims), hidden)
+        self.reads_all_levels = config.decoder_input == "all_levels"
+        width = sum(config.latent_dims) if self.reads_all_levels else config.latent_dims[0]
+        self.levels_in = nn.Linear(width, hidden)
         self.norm = nn.LayerNorm(hidden)
         self.fc1 = nn.Linear(hidden + n_embed, hidden)
         self.fc2 = nn.Linear(hidden + n_embed, hidden)
@@ -129,8 +131,9 @@ class Decoder(nn.Module):
         self.log_theta = nn.Parameter(torch.full((theta_rows, config.n_genes), math.log(5.0)))
 
     def forward(
-        self, z: torch.Tensor, library: torch.Tensor, batch_index: torch.Tensor | None
+        self, levels: list[torch.Tensor], library: torch.Tensor, batch_index: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        z = torch.cat(levels, dim=-1) if self.reads_all_levels else levels[0]
         h = self.norm(self.levels_in(z))
         if self.batch_embedding is not None:
             embedding = self.batch_embedding(batch_index).to(h.dtype)
@@ -300,7 +303,7 @@ class HierarchicalVAE(nn.Module):
 
         samples, h_after = self._descend(self._sample_gaussian(mean_q, logvar_q), posterior_sample)
 
-        decoded = self.decoder(torch.cat(samples, dim=-1), library, batch_index)
+        decoded = self.decoder(samples, library, batch_index)
         reconstruction = -self._log_likelihood(counts, decoded)
         kl_per_cell = torch.stack(kl_levels, dim=1)  # (cells, n_levels), fp32
         kl = kl_per_cell.mean(dim=0)
@@ -346,7 +349,7 @@ class HierarchicalVAE(nn.Module):
         for k in truncations:
             lower, _ = self._descend(samples[-1], lambda level, s, mean, logvar: mean, k, h_after[k])
             levels = lower[:k] + samples[k:]
-            decoded = decode(torch.cat(levels, dim=-1), library, batch_index)
+            decoded = decode(levels, library, batch_index)
             total = total - self._log_likelihood(counts, decoded).mean()
         return total / len(truncations)
 
@@ -420,7 +423,7 @@ class HierarchicalVAE(nn.Module):
             scale = math.sqrt(max(total_sq / count - loc**2, 1e-8))
             library_size = torch.exp(loc + scale * randn(n))
         library = torch.as_tensor(library_size, dtype=torch.float32, device=device).expand(n)
-        mean, theta, zero_logits = self.decoder(torch.cat(levels, dim=-1), library, batch_index)
+        mean, theta, zero_logits = self.decoder(levels, library, batch_index)
         rate = torch._standard_gamma(theta.expand_as(mean).contiguous()) * (mean / theta)
         counts = torch.poisson(rate, generator=generator)
         if zero_logits is not None:
