@@ -9,6 +9,7 @@ initialised and are local otherwise.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -52,12 +53,14 @@ def densify(counts, device: torch.device | str) -> torch.Tensor:
     device = torch.device(device)
     if isinstance(counts, sp.spmatrix):
         counts = sp.csr_matrix(counts)
-        counts = torch.sparse_csr_tensor(
-            torch.from_numpy(counts.indptr.astype(np.int64)),
-            torch.from_numpy(counts.indices.astype(np.int64)),
-            torch.from_numpy(counts.data.astype(np.float32, copy=False)),
-            size=counts.shape,
-        )
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": we only densify
+            warnings.simplefilter("ignore", UserWarning)
+            counts = torch.sparse_csr_tensor(
+                torch.from_numpy(counts.indptr.astype(np.int64)),
+                torch.from_numpy(counts.indices.astype(np.int64)),
+                torch.from_numpy(counts.data.astype(np.float32, copy=False)),
+                size=counts.shape,
+            )
     if counts.layout == torch.sparse_csr:
         return counts.to(device, non_blocking=True).to_dense()
     return counts.to(device, dtype=torch.float32, non_blocking=True)
