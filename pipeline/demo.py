@@ -56,7 +56,7 @@ def run_demo(settings: DemoSettings, echo=print) -> dict:
         echo(f"[{title}] training {len(latent_dims)}-level model {latent_dims} for {settings.max_steps} steps on CPU ...")
         result = fit_in_memory(
             adata.X, config, step_settings, settings.max_steps, settings.batch_size, donors,
-            seed=settings.seed, obs=adata.obs, label_columns=labels,
+            seed=settings.seed, obs=adata.obs, label_columns=labels, progress=True,
         )
         cells_per_second = settings.max_steps * settings.batch_size / result.seconds
         echo(f"       {result.seconds:.0f} s ({cells_per_second:,.0f} cells/s)")

@@ -59,6 +59,7 @@ def fit_in_memory(
     obs=None,
     label_columns: list[str] | None = None,
     log_every: int = 100,
+    progress: bool = False,
 ) -> FitResult:
     """Train ``max_steps`` updates on shuffled minibatches, then encode every cell and,
     when ``obs`` and ``label_columns`` are given, score every level by kNN accuracy."""
@@ -66,7 +67,8 @@ def fit_in_memory(
     trainer = Trainer(HierarchicalVAE(model_config), settings, device=device)
     start = time.perf_counter()
     history = trainer.fit(
-        in_memory_batches(counts, batch_size, batch_index, seed=seed), max_steps=max_steps, log_every=log_every
+        in_memory_batches(counts, batch_size, batch_index, seed=seed), max_steps=max_steps, log_every=log_every,
+        progress=progress,
     )
     seconds = time.perf_counter() - start
     level_means = encode_in_batches(trainer.ema_model, counts, batch_index, device=device)

@@ -135,15 +135,28 @@ class Trainer:
             **{f"kl_level_{level}": float(value) for level, value in enumerate(out.kl.detach())},
         }
 
-    def fit(self, batches: Iterable[dict], max_steps: int, log_every: int = 0) -> list[dict]:
-        """Run until ``max_steps`` updates; returns the metrics of every ``log_every``-th step."""
+    def fit(self, batches: Iterable[dict], max_steps: int, log_every: int = 0, progress: bool = False) -> list[dict]:
+        """Run until ``max_steps`` updates; returns the metrics of every ``log_every``-th step.
+
+        ``progress`` shows a bar with cells/s, ETA and the latest loss and KL per level.
+        """
+        from tqdm.auto import tqdm
+
         history = []
-        for batch in batches:
-            if self.step_count >= max_steps:
-                break
-            metrics = self.step(batch)
-            if metrics and log_every and (metrics["step"] % log_every == 0 or metrics["step"] == max_steps):
-                history.append(metrics)
+        with tqdm(total=max_steps, initial=self.step_count, unit="step", disable=not progress, desc="training") as bar:
+            for batch in batches:
+                if self.step_count >= max_steps:
+                    break
+                metrics = self.step(batch)
+                if metrics is None:
+                    continue
+                bar.update(1)
+                if progress and (metrics["step"] % 25 == 0):
+                    rate = bar.format_dict["rate"] or 0.0
+                    kl = "/".join(f"{v:.1f}" for k, v in metrics.items() if k.startswith("kl_level_"))
+                    bar.set_postfix_str(f"{rate * batch['counts'].shape[0]:,.0f} cells/s  -ELBO {metrics['negative_elbo']:.1f}  KL {kl}")
+                if log_every and (metrics["step"] % log_every == 0 or metrics["step"] == max_steps):
+                    history.append(metrics)
         return history
 
     def state_dict(self) -> dict:
