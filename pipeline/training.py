@@ -53,8 +53,8 @@ def densify(counts, device: torch.device | str) -> torch.Tensor:
     device = torch.device(device)
     if isinstance(counts, sp.spmatrix):
         counts = sp.csr_matrix(counts)
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": we only densify
-            warnings.simplefilter("ignore", UserWarning)
+        with warnings.catch_warnings():  # torch's sparse-CSR notices: we only densify
+            warnings.filterwarnings("ignore", message="Sparse (CSR tensor support|invariant checks)", category=UserWarning)
             counts = torch.sparse_csr_tensor(
                 torch.from_numpy(counts.indptr.astype(np.int64)),
                 torch.from_numpy(counts.indices.astype(np.int64)),
