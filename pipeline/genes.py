@@ -39,20 +39,28 @@ class GeneStatistics:
         expression below ``min_mean`` (scanpy's seurat-flavour floor) are not eligible: their
         dispersion is dominated by a handful of counts.
         """
+        z = self.dispersion_scores(n_bins, min_cells, min_mean)
+        eligible = int(np.isfinite(z).sum())
+        if eligible < n_top:
+            raise ValueError(
+                f"only {eligible} genes are expressed in >= {min_cells} cells with mean >= {min_mean}; "
+                f"cannot pick {n_top} highly variable genes"
+            )
+        return np.sort(np.argsort(-z, kind="stable")[:n_top])
+
+    def dispersion_scores(self, n_bins: int = 20, min_cells: int = 3, min_mean: float = 0.0125) -> np.ndarray:
+        """Normalised log dispersion per gene (z-score within mean-expression bins); -inf if not eligible."""
         if self.n_cells < 2:
             raise ValueError("highly variable genes need at least 2 cells")
         mean = self.total / self.n_cells
         variance = np.maximum(self.total_sq / self.n_cells - mean**2, 0) * self.n_cells / (self.n_cells - 1)
         eligible = (self.n_expressed >= min_cells) & (mean >= min_mean)
-        if eligible.sum() < n_top:
-            raise ValueError(
-                f"only {int(eligible.sum())} genes are expressed in >= {min_cells} cells with mean >= {min_mean}; "
-                f"cannot pick {n_top} highly variable genes"
-            )
+        z = np.full(self.n_genes, -np.inf)
+        if not eligible.any():
+            return z
         dispersion = np.log(np.maximum(variance, 1e-12) / np.maximum(mean, 1e-12))
         edges = np.quantile(mean[eligible], np.linspace(0, 1, n_bins + 1))
         bins = np.clip(np.searchsorted(edges, mean, side="right") - 1, 0, n_bins - 1)
-        z = np.full(self.n_genes, -np.inf)
         for b in range(n_bins):
             members = eligible & (bins == b)
             if members.sum() == 0:
@@ -60,4 +68,32 @@ class GeneStatistics:
             values = dispersion[members]
             spread = values.std()
             z[members] = (values - values.mean()) / spread if spread > 0 else 0.0
-        return np.sort(np.argsort(-z, kind="stable")[:n_top])
+        return z
+
+
+def highly_variable_by_batch(statistics: dict[str, GeneStatistics], n_top: int) -> np.ndarray:
+    """scanpy's ``batch_key`` rule: rank genes by the number of batches in which they are among
+    the top ``n_top``, ties broken by the mean normalised dispersion over batches."""
+    if not statistics:
+        raise ValueError("no batches to select highly variable genes from")
+    scores = []
+    for name, stats in statistics.items():
+        if stats.n_cells < 2:
+            continue  # a batch of one cell has no variance
+        scores.append(stats.dispersion_scores())
+    if not scores:
+        raise ValueError("every batch has fewer than 2 cells")
+    z = np.vstack(scores)
+    top = np.zeros_like(z, dtype=bool)
+    for row, values in enumerate(z):
+        finite = np.flatnonzero(np.isfinite(values))
+        top[row, finite[np.argsort(-values[finite], kind="stable")[:n_top]]] = True
+    n_batches_top = top.sum(axis=0)
+    finite_z = np.where(np.isfinite(z), z, np.nan)
+    with np.errstate(all="ignore"):
+        mean_z = np.nan_to_num(np.nanmean(finite_z, axis=0), nan=-np.inf)
+    eligible = np.isfinite(finite_z).any(axis=0)
+    if eligible.sum() < n_top:
+        raise ValueError(f"only {int(eligible.sum())} genes are eligible in any batch; cannot pick {n_top}")
+    order = np.lexsort((-mean_z, -n_batches_top))
+    return np.sort(order[:n_top])

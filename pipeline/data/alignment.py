@@ -1,0 +1,101 @@
+"""Gene-space alignment by ``feature_id`` and count validation of streamed CSR blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+
+def read_gene_list(path: str | Path) -> list[str]:
+    """One feature_id per line ('#' comments and blank lines ignored), or a CSV/TSV with a
+    ``feature_id`` column."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"gene list {path} does not exist")
+    if path.suffix in (".csv", ".tsv"):
+        frame = pd.read_csv(path, sep="," if path.suffix == ".csv" else "\t")
+        if "feature_id" not in frame.columns:
+            raise ValueError(f"gene list {path}: no 'feature_id' column (columns: {list(frame.columns)})")
+        genes = frame["feature_id"].astype(str).tolist()
+    else:
+        genes = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+        genes = [g for g in genes if g]
+    if not genes:
+        raise ValueError(f"gene list {path} is empty")
+    return genes
+
+
+class GeneAlignment:
+    """Maps a source's genes onto a target gene list: reorder, drop extras, zero-fill missing.
+
+    Raises when fewer than ``min_overlap`` of the target genes are in the source: a model
+    trained on one gene set fed mostly zeros would embed garbage silently.
+    """
+
+    def __init__(self, source_ids: Sequence[str], target_ids: Sequence[str], min_overlap: float = 0.5,
+                 source_name: str = "source") -> None:
+        source_ids = pd.Index(np.asarray(source_ids, dtype=object).astype(str))
+        target_ids = pd.Index(np.asarray(target_ids, dtype=object).astype(str))
+        for name, ids in ((source_name, source_ids), ("the gene list", target_ids)):
+            if ids.has_duplicates:
+                duplicates = ids[ids.duplicated()].unique()[:5].tolist()
+                raise ValueError(f"{name}: duplicate feature_ids {duplicates}")
+        self.target_ids = target_ids
+        self.n_source, self.n_target = len(source_ids), len(target_ids)
+        target_of_source = target_ids.get_indexer(source_ids)  # -1: source gene not in the target list
+        self.column_map = target_of_source.astype(np.int64)
+        present = source_ids.get_indexer(target_ids) >= 0
+        self.n_found = int(present.sum())
+        self.missing = target_ids[~present].tolist()
+        self.identity = self.n_source == self.n_target and bool(np.all(self.column_map == np.arange(self.n_source)))
+        fraction = self.n_found / max(1, self.n_target)
+        if fraction < min_overlap:
+            raise ValueError(
+                f"{source_name}: only {self.n_found} of the {self.n_target} genes in the gene list ({fraction:.1%}) "
+                f"are in the source, below the minimum overlap {min_overlap:.0%} (missing e.g. {self.missing[:5]}); "
+                "is this the right gene list or organism?"
+            )
+
+    def summary(self) -> str:
+        return (f"{self.n_found}/{self.n_target} genes found; {len(self.missing)} missing zero-filled; "
+                f"{self.n_source - int((self.column_map >= 0).sum())} source genes dropped")
+
+    def apply(self, counts: sp.csr_matrix) -> sp.csr_matrix:
+        """(cells, n_source) CSR -> (cells, n_target) CSR with sorted indices."""
+        if self.identity:
+            return counts
+        columns = self.column_map[counts.indices]
+        keep = columns >= 0
+        rows = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))
+        indptr = np.zeros(counts.shape[0] + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows[keep], minlength=counts.shape[0]), out=indptr[1:])
+        aligned = sp.csr_matrix((counts.data[keep], columns[keep].astype(np.int32), indptr),
+                                shape=(counts.shape[0], self.n_target))
+        aligned.sort_indices()
+        return aligned
+
+
+def check_counts(counts: sp.csr_matrix, where: str, obs_ids: Sequence[str], feature_ids: Sequence[str]) -> float:
+    """Raise on NaN/inf, negative or non-integer counts, naming the cell and gene; return the max."""
+    data = counts.data
+    if data.size == 0:
+        return 0.0
+    problems = (
+        (~np.isfinite(data), "is not finite"),
+        (data < 0, "is negative"),
+        (data != np.floor(data), "is not an integer"),
+    )
+    for mask, what in problems:
+        if mask.any():
+            entry = int(np.flatnonzero(mask)[0])
+            row = int(np.searchsorted(counts.indptr, entry, side="right") - 1)
+            gene = int(counts.indices[entry])
+            raise ValueError(
+                f"{where}: count {data[entry]!r} for cell {obs_ids[row]!r}, gene {feature_ids[gene]!r} {what}; "
+                "the model needs raw integer UMI counts (pass --layer to pick the raw-count layer)"
+            )
+    return float(data.max())

@@ -1,0 +1,299 @@
+"""``shard``: a source -> globally pre-shuffled AnnData-Zarr shards + manifest.json, out of core.
+
+An external shuffle in two passes, so memory is bounded by one source block plus one shard,
+whatever the number of cells:
+
+1. a random permutation assigns every selected cell a destination (shard, position);
+2. pass 1 streams the source block by block (validated, aligned to the gene list) and appends
+   each row to its shard's spill file (raw binary, sequential appends);
+3. pass 2 loads one spill file at a time, puts its rows in destination order and writes the
+   shard (X as CSR with compact dtypes, obs, var, provenance), then deletes the spill.
+
+The only per-cell state is the permutation and the obs columns (~20 bytes a cell). The
+manifest is written last and atomically: a directory without one is an unfinished run, which
+the next run clears and redoes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .alignment import GeneAlignment, check_counts
+from .shard_format import (FORMAT_VERSION, MANIFEST_NAME, count_dtype, feature_hash, filesystem, index_dtype, join,
+                           write_csr_arrays, write_manifest)
+from .sources import Source
+
+
+@dataclass
+class ShardSettings:
+    shard_size: int = 65_536
+    seed: int = 0
+    genes: Sequence[str] | None = None          # target gene list (feature_ids), in model order
+    n_top_genes: int | None = None              # or: select this many HVGs in a streaming pass
+    hvg_batch_key: str | None = None            # per-batch HVG selection (scanpy's batch_key rule)
+    min_gene_overlap: float = 0.5
+    obs_columns: Sequence[str] | None = None    # None: every obs column
+    block_size: int = 16_384                    # source rows per read
+    overwrite: bool = False
+    progress: bool = True
+    extra_provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1 or self.block_size < 1:
+            raise ValueError("shard_size and block_size must be >= 1")
+        if self.genes is not None and self.n_top_genes is not None:
+            raise ValueError("give a gene list or --n-top-genes, not both")
+        if self.n_top_genes is not None and self.n_top_genes < 1:
+            raise ValueError("n_top_genes must be >= 1")
+
+
+def write_shards(source: Source, out: str, settings: ShardSettings | None = None, echo=print) -> dict:
+    """Shard ``source`` into the directory ``out`` (local path or fsspec URL); returns the manifest."""
+    settings = settings or ShardSettings()
+    started = time.perf_counter()
+    out = str(out)
+    fs, out_path = filesystem(out)
+    local = "://" not in out or out.startswith("file://")
+    if fs.exists(join(out_path, MANIFEST_NAME)):
+        if not settings.overwrite:
+            raise FileExistsError(f"{out} already holds shards (manifest.json); pass --overwrite to replace them")
+    if fs.exists(out_path):
+        if settings.overwrite or not fs.exists(join(out_path, MANIFEST_NAME)):
+            _clear(fs, out_path)
+    fs.makedirs(out_path, exist_ok=True)
+
+    obs = source.read_obs()
+    obs = _select_obs_columns(obs, settings.obs_columns, source.uri).copy()
+    n_obs = len(obs)
+    obs_ids = obs.index.to_numpy(dtype=object)
+    target = _target_genes(source, settings, obs, echo)
+    alignment = GeneAlignment(source.feature_ids, target, settings.min_gene_overlap, source_name=source.uri)
+    if not alignment.identity:
+        echo(f"gene alignment: {alignment.summary()}")
+    var = _target_var(source, alignment)
+
+    # Destination of every cell: shards of near-equal size, rows in random order.
+    n_shards = max(1, -(-n_obs // settings.shard_size))
+    shard_sizes = np.diff(np.linspace(0, n_obs, n_shards + 1).round().astype(np.int64))
+    shard_offsets = np.concatenate([[0], np.cumsum(shard_sizes)])
+    rng = np.random.default_rng([settings.seed, 1])
+    destination = rng.permutation(n_obs)
+    staging = os.path.join(out_path, ".staging") if local else tempfile.mkdtemp(prefix="hvae-shard-")
+    os.makedirs(staging, exist_ok=True)
+
+    # Pass 1: stream, validate, align, spill each row to its shard's file.
+    max_count = 0.0
+    with _progress(n_obs, "shard pass 1/2 (read)", settings.progress) as bar:
+        for offset, block in source.iter_blocks(settings.block_size):
+            n = block.shape[0]
+            max_count = max(max_count, check_counts(block, source.uri, obs_ids[offset : offset + n], source.feature_ids))
+            block = alignment.apply(block)
+            _spill(staging, block, destination[offset : offset + n], shard_offsets)
+            bar.update(n)
+
+    data_dtype, indices_dtype = count_dtype(max_count), index_dtype(alignment.n_target)
+    source_row_of_position = np.argsort(destination)  # inverse permutation
+    del destination
+    provenance = {
+        "source": source.provenance(), "shard_seed": settings.seed, "created": datetime.now(timezone.utc).isoformat(),
+        "hvae_pipeline": _package_version(), "genes": ("given list" if settings.genes is not None else
+                                                       f"top {settings.n_top_genes} HVGs" if settings.n_top_genes else "all source genes"),
+        "n_genes_missing_zero_filled": len(alignment.missing), **settings.extra_provenance,
+    }
+    obs_meta = _categorise(obs)
+    shards = []
+    with _progress(n_obs, "shard pass 2/2 (write)", settings.progress) as bar:
+        for k in range(n_shards):
+            name = f"shard-{k:05d}.zarr"
+            rows = source_row_of_position[shard_offsets[k] : shard_offsets[k + 1]]
+            counts = _load_spill(staging, k, int(shard_sizes[k]), alignment.n_target)
+            _write_shard(out, out_path, fs, local, name, counts, obs.iloc[rows], var, data_dtype, indices_dtype, provenance)
+            shards.append({"path": name, "n_obs": int(shard_sizes[k]), "nnz": int(counts.nnz)})
+            bar.update(int(shard_sizes[k]))
+    shutil.rmtree(staging, ignore_errors=True)
+
+    manifest = {
+        "format_version": FORMAT_VERSION, "n_obs": int(n_obs), "n_vars": int(alignment.n_target),
+        "feature_ids": alignment.target_ids.tolist(), "feature_ids_hash": feature_hash(alignment.target_ids),
+        "feature_names": var["feature_name"].tolist() if "feature_name" in var.columns else None,
+        "count_dtype": data_dtype.name, "index_dtype": indices_dtype.name, "max_count": max_count,
+        "shards": shards, "obs_columns": obs_meta, "provenance": provenance,
+        "build_seconds": round(time.perf_counter() - started, 2),
+    }
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _clear(fs, path: str) -> None:
+    for entry in fs.ls(path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("shard-") or name in (".staging", MANIFEST_NAME, MANIFEST_NAME + ".tmp"):
+            fs.rm(entry, recursive=True)
+
+
+def _select_obs_columns(obs: pd.DataFrame, columns: Sequence[str] | None, uri: str) -> pd.DataFrame:
+    if columns is None:
+        return obs
+    missing = [c for c in columns if c not in obs.columns]
+    if missing:
+        raise ValueError(f"{uri}: obs has no column(s) {missing} (columns: {list(obs.columns)})")
+    keep = list(dict.fromkeys([*columns, "source_row"]))
+    return obs[keep]
+
+
+def _target_genes(source: Source, settings: ShardSettings, obs: pd.DataFrame, echo) -> list[str]:
+    if settings.genes is not None:
+        return list(settings.genes)
+    if settings.n_top_genes is None:
+        return source.feature_ids.tolist()
+    from ..genes import GeneStatistics, highly_variable_by_batch
+
+    if settings.n_top_genes > len(source.feature_ids):
+        raise ValueError(f"--n-top-genes {settings.n_top_genes} exceeds the {len(source.feature_ids)} genes of {source.uri}")
+    key = settings.hvg_batch_key
+    if key is not None and key not in obs.columns:
+        raise ValueError(f"{source.uri}: HVG batch key {key!r} is not an obs column (columns: {list(obs.columns)})")
+    labels = obs[key].astype(str).to_numpy() if key else None
+    statistics: dict[str, GeneStatistics] = {}
+    with _progress(len(obs), "highly variable genes", settings.progress) as bar:
+        for offset, block in source.iter_blocks(settings.block_size):
+            if labels is None:
+                statistics.setdefault("all", GeneStatistics(block.shape[1])).update(block)
+            else:
+                block_labels = labels[offset : offset + block.shape[0]]
+                for label in np.unique(block_labels):
+                    statistics.setdefault(label, GeneStatistics(block.shape[1])).update(block[block_labels == label])
+            bar.update(block.shape[0])
+    chosen = statistics["all"].highly_variable(settings.n_top_genes) if labels is None else \
+        highly_variable_by_batch(statistics, settings.n_top_genes)
+    echo(f"selected {len(chosen)} highly variable genes" + (f" across {len(statistics)} batches of {key!r}" if key else ""))
+    return source.feature_ids[chosen].tolist()
+
+
+def _target_var(source: Source, alignment: GeneAlignment) -> pd.DataFrame:
+    var = pd.DataFrame(index=pd.Index(alignment.target_ids, name="feature_id", dtype=object))
+    if "feature_name" in source.var.columns:
+        names = source.var["feature_name"].reindex(alignment.target_ids)
+        var["feature_name"] = names.fillna("").astype(str).to_numpy()
+    return var
+
+
+def _spill(staging: str, block: sp.csr_matrix, destination: np.ndarray, shard_offsets: np.ndarray) -> None:
+    """Append each row to its shard's spill file: [n, nnz] + positions + lengths + data + indices."""
+    shard_of = np.searchsorted(shard_offsets, destination, side="right") - 1
+    order = np.argsort(shard_of, kind="stable")
+    bounds = np.searchsorted(shard_of[order], np.arange(len(shard_offsets)))
+    for shard in np.unique(shard_of):
+        rows = order[bounds[shard] : bounds[shard + 1]]
+        part = block[rows]
+        positions = (destination[rows] - shard_offsets[shard]).astype(np.int64)
+        with open(os.path.join(staging, f"{shard}.bin"), "ab") as handle:
+            handle.write(np.array([len(rows), part.nnz], dtype=np.int64).tobytes())
+            handle.write(positions.tobytes())
+            handle.write(np.diff(part.indptr).astype(np.int64).tobytes())
+            handle.write(part.data.astype(np.float32, copy=False).tobytes())
+            handle.write(part.indices.astype(np.int32, copy=False).tobytes())
+
+
+def _load_spill(staging: str, shard: int, n_rows: int, n_vars: int) -> sp.csr_matrix:
+    """The shard's rows from its spill file, in destination order."""
+    path = os.path.join(staging, f"{shard}.bin")
+    raw = np.fromfile(path, dtype=np.uint8) if os.path.exists(path) else np.zeros(0, np.uint8)
+    positions, lengths, datas, indices = [], [], [], []
+    cursor = 0
+    while cursor < len(raw):
+        n, nnz = np.frombuffer(raw, np.int64, 2, cursor)
+        cursor += 16
+        for target, dtype, count in ((positions, np.int64, n), (lengths, np.int64, n), (datas, np.float32, nnz), (indices, np.int32, nnz)):
+            target.append(np.frombuffer(raw, dtype, int(count), cursor))
+            cursor += int(count) * np.dtype(dtype).itemsize
+    position = np.concatenate(positions) if positions else np.zeros(0, np.int64)
+    if len(position) != n_rows or not np.array_equal(np.sort(position), np.arange(n_rows)):
+        raise RuntimeError(f"shard {shard}: spill holds {len(position)} rows, expected {n_rows} (staging corrupted?)")
+    length = np.concatenate(lengths)
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(length, out=indptr[1:])
+    arrived = sp.csr_matrix((np.concatenate(datas), np.concatenate(indices), indptr), shape=(n_rows, n_vars))
+    os.remove(path)
+    return arrived[np.argsort(position)]
+
+
+def _write_shard(out: str, out_path: str, fs, local: bool, name: str, counts: sp.csr_matrix, obs: pd.DataFrame,
+                 var: pd.DataFrame, data_dtype: np.dtype, indices_dtype: np.dtype, provenance: dict) -> None:
+    import warnings
+
+    import zarr
+    from anndata.io import write_elem
+
+    final = join(out, name)
+    target = os.path.join(out_path, name + ".partial") if local else final
+    group = zarr.open_group(target, mode="w", zarr_format=3)
+    group.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+    write_csr_arrays(group, "X", counts.data.astype(data_dtype), counts.indices.astype(indices_dtype),
+                     counts.indptr.astype(np.int64), counts.shape)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning)
+        write_elem(group, "obs", obs)
+        write_elem(group, "var", var)
+        write_elem(group, "uns", {"provenance": json.dumps(provenance)})
+    if local:
+        os.replace(target, os.path.join(out_path, name))
+
+
+def _categorise(obs: pd.DataFrame) -> dict:
+    """Make string columns categorical with one global, sorted category list; describe columns."""
+    meta = {}
+    for column in obs.columns:
+        values = obs[column]
+        if values.dtype == object or isinstance(values.dtype, (pd.StringDtype, pd.CategoricalDtype)):
+            categories = sorted(pd.unique(values.astype(str)))
+            obs[column] = pd.Categorical(values.astype(str), categories=categories)
+            meta[column] = {"dtype": "category", "categories": categories}
+        else:
+            meta[column] = {"dtype": str(values.dtype)}
+    return meta
+
+
+class _progress:
+    """tqdm with cells/s and ETA, or nothing."""
+
+    def __init__(self, total: int, description: str, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=description, unit="cells", unit_scale=True, dynamic_ncols=True)
+
+    def __enter__(self):
+        return self
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("hvae-pipeline")
+    except Exception:
+        return "unknown"
+
+
+__all__ = ["ShardSettings", "write_shards"]

@@ -1,0 +1,315 @@
+"""Out-of-core sources of raw counts: h5ad, AnnData-Zarr, TileDB-SOMA and the CELLxGENE Census.
+
+Every source exposes the same small interface, used by ``shard`` and by streaming HVG selection:
+
+- ``var``: DataFrame indexed by ``feature_id`` (with ``feature_name`` where known), source order;
+- ``read_obs()``: the obs frame of the selected cells (index: obs ids; column ``source_row``:
+  the row in an AnnData file, or the ``soma_joinid``);
+- ``iter_blocks(block_size)``: ``(offset, counts)`` pairs, ``counts`` a CSR block of the selected
+  cells ``[offset, offset + n)`` over all source genes, read a block at a time.
+
+Only one block of X is ever in memory. ``open_source`` picks the class from a path, URL or the
+word ``census``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+DEFAULT_CENSUS_OBS_FILTER = "is_primary_data == True"
+
+
+class Source:
+    """Base class; see the module docstring for the contract."""
+
+    uri: str
+    var: pd.DataFrame
+
+    @property
+    def feature_ids(self) -> np.ndarray:
+        return self.var.index.to_numpy(dtype=object)
+
+    @property
+    def n_obs(self) -> int:
+        return len(self._selected)
+
+    def read_obs(self) -> pd.DataFrame:
+        raise NotImplementedError
+
+    def iter_blocks(self, block_size: int = 16_384) -> Iterator[tuple[int, sp.csr_matrix]]:
+        raise NotImplementedError
+
+    def provenance(self) -> dict:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_selection(self, obs_filter: str | None) -> None:
+        if len(self._selected) == 0:
+            what = f"the obs filter {obs_filter!r} matches no cells" if obs_filter else "it has no cells"
+            raise ValueError(f"{self.uri}: {what}")
+
+
+def _filter_frame(obs: pd.DataFrame, obs_filter: str | None, uri: str) -> np.ndarray:
+    """Positions of the rows that pass a pandas ``query`` expression (all rows without one)."""
+    if not obs_filter:
+        return np.arange(len(obs))
+    try:
+        mask = obs.eval(obs_filter)
+    except Exception as error:  # pandas raises many kinds; name the expression and columns
+        raise ValueError(f"{uri}: cannot evaluate obs filter {obs_filter!r} ({error}); obs columns: {list(obs.columns)}") from None
+    return np.flatnonzero(np.asarray(mask, dtype=bool))
+
+
+class AnnDataSource(Source):
+    """An h5ad file (read through h5py, never loaded) or an AnnData-Zarr store, local or fsspec URL.
+
+    ``layer``: None for ``X``, ``"raw"`` for ``raw/X`` (with ``raw/var``), or a name in ``layers``.
+    """
+
+    def __init__(self, uri: str, layer: str | None = None, obs_filter: str | None = None) -> None:
+        from anndata.io import read_elem
+
+        self.uri, self.layer, self.obs_filter = str(uri), layer, obs_filter
+        self._root, self._handle = _open_anndata_root(self.uri)
+        if layer in (None, "X"):
+            element, var_key = "X", "var"
+        elif layer == "raw":
+            element, var_key = "raw/X", "raw/var"
+        else:
+            element, var_key = f"layers/{layer}", "var"
+        if element not in self._root:
+            layers = list(self._root["layers"].keys()) if "layers" in self._root else []
+            raise ValueError(f"{self.uri}: no {element!r} in the file (layers: {layers}, raw: {'raw' in self._root})")
+        self._matrix_group = self._root[element]
+        self._encoding = dict(self._matrix_group.attrs).get("encoding-type", "array")
+        if self._encoding == "csc_matrix":
+            raise ValueError(f"{self.uri}: {element} is stored as CSC; streaming needs rows, convert it to CSR first")
+        var = read_elem(self._root[var_key])
+        ids = var["feature_id"].astype(str).to_numpy() if "feature_id" in var.columns else var.index.astype(str).to_numpy()
+        names = var["feature_name"] if "feature_name" in var.columns else (var["gene_symbol"] if "gene_symbol" in var.columns else None)
+        self.var = pd.DataFrame(index=pd.Index(ids, name="feature_id", dtype=object))
+        if names is not None:
+            self.var["feature_name"] = np.asarray(names, dtype=object)
+        self._obs = read_elem(self._root["obs"])
+        self._selected = _filter_frame(self._obs, obs_filter, self.uri)
+        self._check_selection(obs_filter)
+        n_rows = self._matrix_shape()[0]
+        if n_rows != len(self._obs):
+            raise ValueError(f"{self.uri}: {element} has {n_rows} rows but obs has {len(self._obs)}")
+
+    def _matrix_shape(self) -> tuple[int, int]:
+        if self._encoding == "csr_matrix":
+            return tuple(int(v) for v in self._matrix_group.attrs["shape"])
+        return tuple(int(v) for v in self._matrix_group.shape)
+
+    def read_obs(self) -> pd.DataFrame:
+        obs = self._obs.iloc[self._selected].copy()
+        obs.index = obs.index.astype(str)
+        obs["source_row"] = self._selected.astype(np.int64)
+        return obs
+
+    def iter_blocks(self, block_size: int = 16_384) -> Iterator[tuple[int, sp.csr_matrix]]:
+        from anndata.io import sparse_dataset
+
+        matrix = sparse_dataset(self._matrix_group) if self._encoding == "csr_matrix" else self._matrix_group
+        n_rows = self._matrix_shape()[0]
+        offset = 0
+        for start in range(0, n_rows, block_size):
+            stop = min(start + block_size, n_rows)
+            lo, hi = np.searchsorted(self._selected, [start, stop])
+            if hi == lo:
+                continue
+            block = matrix[start:stop]
+            block = sp.csr_matrix(block) if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+            if hi - lo != stop - start:
+                block = block[self._selected[lo:hi] - start]
+            yield offset, block
+            offset += hi - lo
+
+    def provenance(self) -> dict:
+        return {"kind": "anndata", "uri": self.uri, "layer": self.layer, "obs_filter": self.obs_filter}
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+def _open_anndata_root(uri: str):
+    """(root group, handle to close) for an h5ad or AnnData-Zarr path/URL."""
+    from .shard_format import filesystem
+
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"source {uri} does not exist")
+    if uri.endswith(".h5ad") or uri.endswith(".h5"):
+        import h5py
+
+        if "://" in uri and not uri.startswith("file://"):
+            handle = h5py.File(fs.open(path, "rb"), "r")
+        else:
+            handle = h5py.File(path, "r")
+        return handle, handle
+    import zarr
+
+    try:
+        return zarr.open_group(uri, mode="r"), None
+    except Exception as error:
+        raise ValueError(f"{uri}: not an h5ad file or an AnnData-Zarr store ({error})") from None
+
+
+class SomaSource(Source):
+    """A TileDB-SOMA Experiment (or a Census experiment), read by ``soma_joinid`` blocks.
+
+    Open it with a URI (``SomaSource(uri=...)``) or hand it an open experiment (``experiment=``),
+    as the Census opener does. ``obs_filter`` / ``var_filter`` are SOMA value filters.
+    """
+
+    def __init__(self, uri: str | None = None, *, experiment=None, measurement: str = "RNA", layer: str | None = None,
+                 obs_filter: str | None = None, var_filter: str | None = None, provenance: dict | None = None,
+                 owner=None) -> None:
+        import tiledbsoma
+
+        self.uri = uri or getattr(experiment, "uri", "soma")
+        self._owner = owner  # the Census handle, closed with us
+        if experiment is None:
+            try:
+                experiment = tiledbsoma.Experiment.open(uri)
+            except Exception as error:
+                raise ValueError(f"{uri}: not a TileDB-SOMA Experiment ({error})") from None
+        self._experiment = experiment
+        self.measurement, self.obs_filter, self.var_filter = measurement, obs_filter, var_filter
+        if measurement not in experiment.ms:
+            raise ValueError(f"{self.uri}: no measurement {measurement!r} (has {list(experiment.ms.keys())})")
+        ms = experiment.ms[measurement]
+        layers = list(ms.X.keys())
+        self.layer = layer or ("raw" if "raw" in layers else (layers[0] if layers else None))
+        if self.layer not in layers:
+            raise ValueError(f"{self.uri}: measurement {measurement!r} has no X layer {self.layer!r} (layers: {layers})")
+        self._X = ms.X[self.layer]
+        var = _read_soma_frame(ms.var, var_filter, self.uri, "var")
+        id_column = "feature_id" if "feature_id" in var.columns else ("gene_ids" if "gene_ids" in var.columns else None)
+        ids = var[id_column].astype(str) if id_column else var["soma_joinid"].astype(str)
+        self.var = pd.DataFrame(index=pd.Index(ids.to_numpy(), name="feature_id", dtype=object))
+        if "feature_name" in var.columns:
+            self.var["feature_name"] = var["feature_name"].astype(str).to_numpy()
+        self._var_joinids = var["soma_joinid"].to_numpy(np.int64)
+        self._n_var_joinids = int(self._X.shape[1])
+        self._obs = _read_soma_frame(experiment.obs, obs_filter, self.uri, "obs").sort_values("soma_joinid")
+        self._selected = self._obs["soma_joinid"].to_numpy(np.int64)
+        self._check_selection(obs_filter)
+        self._provenance = provenance or {}
+
+    def read_obs(self) -> pd.DataFrame:
+        obs = self._obs.copy()
+        index = obs["obs_id"].astype(str) if "obs_id" in obs.columns else obs["soma_joinid"].astype(str)
+        obs.index = pd.Index(index.to_numpy(), dtype=object)
+        obs = obs.drop(columns=[c for c in ("obs_id",) if c in obs.columns])
+        return obs.rename(columns={"soma_joinid": "source_row"})
+
+    def iter_blocks(self, block_size: int = 16_384) -> Iterator[tuple[int, sp.csr_matrix]]:
+        column_of = np.full(self._n_var_joinids, -1, dtype=np.int64)
+        column_of[self._var_joinids] = np.arange(len(self._var_joinids))
+        for offset in range(0, len(self._selected), block_size):
+            joinids = self._selected[offset : offset + block_size]
+            # A slice (inclusive in SOMA) reads contiguous tiles; rows outside the selection drop out below.
+            table = self._X.read((slice(int(joinids[0]), int(joinids[-1])),)).tables().concat()
+            rows = np.searchsorted(joinids, table["soma_dim_0"].to_numpy())
+            columns = column_of[table["soma_dim_1"].to_numpy()]
+            keep = (rows < len(joinids)) & (columns >= 0)
+            keep[keep] &= joinids[rows[keep]] == table["soma_dim_0"].to_numpy()[keep]
+            data = table["soma_data"].to_numpy()[keep]
+            block = sp.csr_matrix((data, (rows[keep], columns[keep])), shape=(len(joinids), len(self._var_joinids)))
+            block.sum_duplicates()
+            yield offset, block
+
+    def provenance(self) -> dict:
+        return {"kind": "tiledbsoma", "uri": self.uri, "measurement": self.measurement, "layer": self.layer,
+                "obs_filter": self.obs_filter, "var_filter": self.var_filter, **self._provenance}
+
+    def close(self) -> None:
+        for handle in (self._experiment, self._owner):
+            try:
+                handle.close()
+            except Exception:
+                pass
+
+
+def _read_soma_frame(frame, value_filter: str | None, uri: str, what: str) -> pd.DataFrame:
+    try:
+        table = frame.read(value_filter=value_filter).concat()
+    except Exception as error:
+        raise ValueError(f"{uri}: cannot apply {what} filter {value_filter!r} ({error})") from None
+    result = table.to_pandas()
+    for column in result.columns:  # Arrow dictionaries arrive as categoricals; keep plain values
+        if isinstance(result[column].dtype, pd.CategoricalDtype):
+            result[column] = result[column].astype(str)
+    return result
+
+
+def open_census(census_version: str | None = None, census_uri: str | None = None, organism: str = "homo_sapiens",
+                obs_filter: str | None = DEFAULT_CENSUS_OBS_FILTER, var_filter: str | None = None,
+                layer: str = "raw") -> SomaSource:
+    """A Census experiment: the public release ``census_version`` or a local/mirrored ``census_uri``."""
+    import cellxgene_census
+
+    if (census_version is None) == (census_uri is None):
+        raise ValueError("give exactly one of census_version (a public release, e.g. 'stable') or census_uri (a copy)")
+    census = cellxgene_census.open_soma(uri=census_uri) if census_uri else cellxgene_census.open_soma(census_version=census_version)
+    key = organism.strip().lower().replace(" ", "_")
+    data = census["census_data"]
+    if key not in data:
+        census.close()
+        raise ValueError(f"the Census has no organism {organism!r} (has {list(data.keys())})")
+    summary = {}
+    try:
+        frame = census["census_info"]["summary"].read().concat().to_pandas()
+        summary = dict(zip(frame["label"], frame["value"]))
+    except Exception:
+        pass
+    provenance = {"kind": "census", "census_version": census_version, "census_uri": census_uri, "organism": key,
+                  "census_schema_version": summary.get("census_schema_version"),
+                  "census_build_date": summary.get("census_build_date")}
+    return SomaSource(uri=census_uri or f"census:{census_version}", experiment=data[key], measurement="RNA", layer=layer,
+                      obs_filter=obs_filter, var_filter=var_filter, provenance=provenance, owner=census)
+
+
+def open_source(source: str, *, layer: str | None = None, obs_filter: str | None = None, var_filter: str | None = None,
+                measurement: str = "RNA", census_version: str | None = None, census_uri: str | None = None,
+                organism: str = "homo_sapiens") -> Source:
+    """A source from a path/URL (h5ad, AnnData-Zarr, SOMA Experiment) or the word ``census``."""
+    if source == "census":
+        return open_census(census_version, census_uri, organism,
+                           obs_filter=DEFAULT_CENSUS_OBS_FILTER if obs_filter is None else (obs_filter or None),
+                           var_filter=var_filter, layer=layer or "raw")
+    if census_version or census_uri:
+        raise ValueError("--census-version / --census-uri go with the source 'census'")
+    text = str(source)
+    if text.endswith((".h5ad", ".h5")):
+        return AnnDataSource(text, layer=layer, obs_filter=obs_filter)
+    if _is_soma(text):
+        return SomaSource(text, measurement=measurement, layer=layer, obs_filter=obs_filter, var_filter=var_filter)
+    return AnnDataSource(text, layer=layer, obs_filter=obs_filter)
+
+
+def _is_soma(uri: str) -> bool:
+    """TileDB groups carry ``__tiledb_group.tdb``; AnnData-Zarr stores carry zarr metadata."""
+    if "://" not in uri:
+        return (Path(uri) / "__tiledb_group.tdb").exists()
+    from .shard_format import filesystem
+
+    fs, path = filesystem(uri)
+    return fs.exists(f"{path}/__tiledb_group.tdb")
