@@ -1,7 +1,7 @@
 """The ``hvae-pipeline`` command line (also ``python -m pipeline``).
 
-Subcommands arrive with their stages: ``simulate`` and ``demo`` now; ``shard``, ``train``,
-``embed``, ``evaluate`` and ``embed-release`` with the data, training and inference issues.
+Subcommands arrive with their stages: ``simulate``, ``shard`` and ``demo`` now; ``train``,
+``embed``, ``evaluate`` and ``embed-release`` with the training and inference issues.
 """
 
 from __future__ import annotations
@@ -36,9 +36,12 @@ def simulate(
     n_donors: int = typer.Option(8, help="Number of donors (batch effects), stored contiguously."),
     seed: int = typer.Option(0, help="Random seed: the same seed gives the same atlas."),
     block_size: int = typer.Option(4_096, help="Cells generated and written per block (memory ~ block x genes)."),
+    format: str = typer.Option("auto", help="auto (from the suffix: .h5ad / .zarr), shards (pre-shuffled shards + "
+                               "manifest, as `shard` writes) or soma (a TileDB-SOMA Experiment)."),
+    shard_size: int = typer.Option(65_536, help="Cells per shard with --format shards."),
 ) -> None:
     """Write a synthetic atlas with a known cell-type tree and donor effects, streamed in blocks."""
-    from .synthetic import SyntheticAtlasSpec, write_synthetic_atlas
+    from .synthetic import SyntheticAtlas, SyntheticAtlasSpec, write_synthetic_atlas
 
     try:
         spec = SyntheticAtlasSpec(
@@ -47,10 +50,68 @@ def simulate(
             effect_sd=_default_per_level("effect_sd", len(branching.split(","))),
             program_fraction=_default_per_level("program_fraction", len(branching.split(","))),
         )
-        path = write_synthetic_atlas(spec, out)
-    except ValueError as error:
+        if format == "auto":
+            path = write_synthetic_atlas(spec, out)
+        elif format in ("shards", "soma"):
+            from .data.sources import SyntheticSource
+
+            source = SyntheticSource(SyntheticAtlas(spec))
+            if format == "soma":
+                from .data.soma_writer import write_soma
+
+                path = write_soma(source, str(out), block_size=block_size)
+            else:
+                from .data import ShardSettings, write_shards
+
+                write_shards(source, str(out), ShardSettings(shard_size=shard_size, seed=seed, block_size=block_size), echo=typer.echo)
+                path = out
+        else:
+            raise ValueError(f"--format must be auto, shards or soma, got {format!r}")
+    except (ValueError, FileExistsError) as error:
         raise typer.BadParameter(str(error)) from None
     typer.echo(f"wrote {n_cells:,} cells x {n_genes:,} genes to {path}")
+
+
+@app.command()
+def shard(
+    source: str = typer.Argument(..., help="h5ad, AnnData-Zarr or TileDB-SOMA Experiment path/URL, or the word 'census'."),
+    out: str = typer.Option(..., "--out", help="Output directory (local path or fsspec URL such as s3://bucket/shards)."),
+    shard_size: int = typer.Option(65_536, help="Cells per shard (shards come out near-equal in size)."),
+    seed: int = typer.Option(0, help="Seed of the global shuffle."),
+    layer: str | None = typer.Option(None, help="Count layer: AnnData 'raw' (raw/X) or a layers key; SOMA X layer (default 'raw')."),
+    obs_filter: str | None = typer.Option(None, help="Keep cells matching this expression, e.g. \"tissue_general == 'blood'\". "
+                                           "For the Census the default is 'is_primary_data == True'; pass '' for none."),
+    var_filter: str | None = typer.Option(None, help="SOMA var value filter (SOMA and Census sources)."),
+    genes: Path | None = typer.Option(None, help="Gene list: one feature_id per line (or CSV/TSV with a feature_id column)."),
+    n_top_genes: int | None = typer.Option(None, help="Select this many highly variable genes in a streaming pass."),
+    hvg_batch_key: str | None = typer.Option(None, help="obs column for per-batch HVG selection."),
+    min_gene_overlap: float = typer.Option(0.5, help="Refuse a gene list with less than this fraction present in the source."),
+    obs_columns: str | None = typer.Option(None, help="Comma-separated obs columns to keep (default: all)."),
+    census_version: str | None = typer.Option(None, help="Public Census release, e.g. 'stable' or '2025-01-30' (source 'census')."),
+    census_uri: str | None = typer.Option(None, help="Local or mirrored Census copy (source 'census')."),
+    organism: str = typer.Option("homo_sapiens", help="Census organism."),
+    measurement: str = typer.Option("RNA", help="SOMA measurement."),
+    block_size: int = typer.Option(16_384, help="Source rows read at a time (memory ~ block x genes x nnz)."),
+    overwrite: bool = typer.Option(False, help="Replace existing shards in --out."),
+) -> None:
+    """Write globally pre-shuffled AnnData-Zarr shards plus manifest.json, out of core."""
+    from .data import ShardSettings, open_source, read_gene_list, write_shards
+
+    try:
+        settings = ShardSettings(
+            shard_size=shard_size, seed=seed, genes=read_gene_list(genes) if genes else None, n_top_genes=n_top_genes,
+            hvg_batch_key=hvg_batch_key, min_gene_overlap=min_gene_overlap,
+            obs_columns=[c.strip() for c in obs_columns.split(",") if c.strip()] if obs_columns else None,
+            block_size=block_size, overwrite=overwrite,
+        )
+        with open_source(source, layer=layer, obs_filter=obs_filter, var_filter=var_filter, measurement=measurement,
+                         census_version=census_version, census_uri=census_uri, organism=organism) as opened:
+            manifest = write_shards(opened, out, settings, echo=typer.echo)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {manifest['n_obs']:,} cells x {manifest['n_vars']:,} genes in {len(manifest['shards'])} shards "
+               f"to {out} ({manifest['build_seconds']:.1f} s)")
 
 
 def _default_per_level(name: str, depth: int) -> tuple[float, ...]:

@@ -7,6 +7,8 @@ per-gene sums, so it runs over blocks of any source in constant memory.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -90,7 +92,8 @@ def highly_variable_by_batch(statistics: dict[str, GeneStatistics], n_top: int) 
         top[row, finite[np.argsort(-values[finite], kind="stable")[:n_top]]] = True
     n_batches_top = top.sum(axis=0)
     finite_z = np.where(np.isfinite(z), z, np.nan)
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # genes eligible in no batch: mean of nothing
         mean_z = np.nan_to_num(np.nanmean(finite_z, axis=0), nan=-np.inf)
     eligible = np.isfinite(finite_z).any(axis=0)
     if eligible.sum() < n_top:

@@ -197,13 +197,11 @@ class SyntheticAtlas:
         cell_scores = rng.normal(0.0, spec.cell_variation_sd, (n, spec.n_cell_factors)).astype(np.float32)
         log_rate = cell_scores @ self.cell_loadings  # (cells, genes) float32
         donors = self.donors_of(rows).astype(np.int64)
-        leaves = np.empty(n, dtype=np.int64)
+        leaves = self._leaves(donors, uniforms)
         log_library = np.empty(n, dtype=np.float64)
         for donor in np.unique(donors):
-            probabilities, shift, library_shift = self._donor_cached(int(donor))
+            _, shift, library_shift = self._donor_cached(int(donor))
             mask = donors == donor
-            cumulative = np.cumsum(probabilities)
-            leaves[mask] = np.minimum(np.searchsorted(cumulative, uniforms[mask], side="right"), len(cumulative) - 1)
             log_rate[mask] += shift
             log_library[mask] = math.log(spec.mean_library_size) + library_shift + library_noise[mask]
         log_rate += self.leaf_log_profiles[leaves]
@@ -217,6 +215,27 @@ class SyntheticAtlas:
         rate /= self.theta
         values = rng.poisson(rate).astype(np.float32)
         return sp.csr_matrix(values), leaves, donors
+
+    def _leaves(self, donors: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+        """Leaf (finest type) of each cell from its donor's composition and a uniform draw."""
+        leaves = np.empty(len(donors), dtype=np.int64)
+        for donor in np.unique(donors):
+            cumulative = np.cumsum(self._donor_cached(int(donor))[0])
+            mask = donors == donor
+            leaves[mask] = np.minimum(np.searchsorted(cumulative, uniforms[mask], side="right"), len(cumulative) - 1)
+        return leaves
+
+    def obs_rows(self, start: int, stop: int) -> pd.DataFrame:
+        """The obs frame of cells ``[start, stop)`` without generating their counts (the labels
+        come from the first draw of each row chunk's generator, exactly as in ``rows``)."""
+        frames = []
+        for chunk in range(start // RNG_CHUNK, -(-stop // RNG_CHUNK)):
+            rows = np.arange(chunk * RNG_CHUNK, min((chunk + 1) * RNG_CHUNK, self.spec.n_cells))
+            uniforms = np.random.default_rng([self.spec.seed, 2, chunk]).random(len(rows))
+            donors = self.donors_of(rows).astype(np.int64)
+            keep = (rows >= start) & (rows < stop)
+            frames.append(self._obs(rows[keep], self._leaves(donors, uniforms)[keep], donors[keep]))
+        return pd.concat(frames) if frames else self._obs(np.arange(0), np.zeros(0, np.int64), np.zeros(0, np.int64))
 
     def _donor_cached(self, donor: int):
         if donor not in self._donor_cache:

@@ -9,3 +9,39 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+import tarfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_file(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent (the real-data fixtures live in ../shared/data)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def census_uri(tmp_path_factory) -> str:
+    """The Census-shaped pbmc3k release, unpacked once per session."""
+    archive = shared_file("census_shaped_pbmc3k_soma.tar.gz")
+    root = tmp_path_factory.mktemp("census")
+    with tarfile.open(archive) as tar:
+        tar.extractall(root, filter="data")
+    return str(root / "soma")
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory):
+    """A small synthetic atlas written as 5 shards, plus the atlas itself for ground truth."""
+    from pipeline.data import ShardSettings, write_shards
+    from pipeline.data.sources import SyntheticSource
+    from pipeline.synthetic import SyntheticAtlas, SyntheticAtlasSpec
+
+    atlas = SyntheticAtlas(SyntheticAtlasSpec(n_cells=5_003, n_genes=300, n_donors=6, seed=3))
+    out = tmp_path_factory.mktemp("shards") / "synthetic"
+    write_shards(SyntheticSource(atlas), str(out), ShardSettings(shard_size=1_000, seed=0, block_size=1_500, progress=False))
+    return str(out), atlas

@@ -292,7 +292,10 @@ class _WorkerIterable(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         self.loader.dataset._shards.clear()  # fresh readers (and file handles) in each worker
-        return iter(_WorkerStream(self.loader, worker, n_workers, self.skip))
+        # torch polls workers round-robin from worker 0; after `skip` batches the next batch
+        # belongs to logical worker skip % n, so the physical workers are rotated to match.
+        logical = (worker + self.skip) % n_workers
+        return iter(_WorkerStream(self.loader, logical, n_workers, self.skip))
 
 
 class _WorkerStream:

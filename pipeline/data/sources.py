@@ -201,7 +201,8 @@ class SomaSource(Source):
             raise ValueError(f"{self.uri}: measurement {measurement!r} has no X layer {self.layer!r} (layers: {layers})")
         self._X = ms.X[self.layer]
         var = _read_soma_frame(ms.var, var_filter, self.uri, "var")
-        id_column = "feature_id" if "feature_id" in var.columns else ("gene_ids" if "gene_ids" in var.columns else None)
+        # feature_id (Census), gene_ids, or var_id (tiledbsoma.io's name for an AnnData var index)
+        id_column = next((c for c in ("feature_id", "gene_ids", "var_id") if c in var.columns), None)
         ids = var[id_column].astype(str) if id_column else var["soma_joinid"].astype(str)
         self.var = pd.DataFrame(index=pd.Index(ids.to_numpy(), name="feature_id", dtype=object))
         if "feature_name" in var.columns:
@@ -313,3 +314,25 @@ def _is_soma(uri: str) -> bool:
 
     fs, path = filesystem(uri)
     return fs.exists(f"{path}/__tiledb_group.tdb")
+
+
+class SyntheticSource(Source):
+    """The synthetic atlas as a source: counts generated block by block, never all in memory."""
+
+    def __init__(self, atlas) -> None:
+        self.atlas, self.uri = atlas, f"synthetic(seed={atlas.spec.seed})"
+        self.var = atlas.var()[["feature_name"]].rename_axis("feature_id")
+        self._selected = np.arange(atlas.spec.n_cells)
+
+    def read_obs(self) -> pd.DataFrame:
+        obs = self.atlas.obs_rows(0, self.atlas.spec.n_cells)
+        obs["source_row"] = np.arange(len(obs), dtype=np.int64)
+        return obs
+
+    def iter_blocks(self, block_size: int = 16_384) -> Iterator[tuple[int, sp.csr_matrix]]:
+        for start in range(0, self.atlas.spec.n_cells, block_size):
+            counts, _ = self.atlas.rows(start, min(start + block_size, self.atlas.spec.n_cells))
+            yield start, counts
+
+    def provenance(self) -> dict:
+        return {"kind": "synthetic", **self.atlas.provenance()}

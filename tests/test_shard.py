@@ -1,0 +1,210 @@
+"""``shard`` and the sources: exact counts from h5ad, AnnData-Zarr, TileDB-SOMA and the
+Census-shaped fixture; gene alignment; HVGs; clear errors that leave nothing half-written."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from conftest import shared_file
+from pipeline.data import GeneAlignment, ShardedDataset, ShardSettings, open_source, read_manifest, write_shards
+
+
+def shard_matrix(path):
+    """All shards concatenated (global order) as float32 CSR, and the source row of each."""
+    dataset = ShardedDataset(path)
+    x = sp.vstack([ad.read_zarr(p).X for p in dataset.shard_paths]).tocsr().astype(np.float32)
+    return x, dataset.obs_column("source_row"), dataset
+
+
+def test_shard_pbmc3k_preserves_every_count(tmp_path):
+    source_path = shared_file("pbmc3k_raw_seurat_annotations.h5ad")
+    manifest = write_shards(open_source(str(source_path)), str(tmp_path / "out"),
+                            ShardSettings(shard_size=1_000, seed=4, block_size=700, progress=False))
+    source = ad.read_h5ad(source_path)
+    x, rows, dataset = shard_matrix(str(tmp_path / "out"))
+    assert manifest["n_obs"] == source.n_obs == x.shape[0] and x.shape[1] == source.n_vars
+    assert np.array_equal(np.sort(rows), np.arange(source.n_obs))
+    assert not np.array_equal(rows, np.arange(source.n_obs)), "rows were not shuffled"
+    np.testing.assert_array_equal(np.asarray(x.sum(axis=1)).ravel(), np.asarray(source.X[rows].sum(axis=1)).ravel())
+    assert (x != source.X[rows]).nnz == 0
+    # obs travels with the rows; provenance and gene ids are recorded.
+    labels = np.asarray(dataset.obs_column("cell_type_fine")).astype(str)
+    assert list(labels[:50]) == list(source.obs["cell_type_fine"].astype(str).to_numpy()[rows[:50]])
+    assert manifest["feature_ids"] == list(source.var_names) and manifest["feature_ids_hash"].startswith("sha256:")
+    assert manifest["provenance"]["source"]["uri"] == str(source_path)
+    shard = ad.read_zarr(dataset.shard_paths[0])
+    assert json.loads(shard.uns["provenance"])["shard_seed"] == 4
+
+
+def test_shard_census_fixture_through_open_soma(census_uri, tmp_path):
+    import cellxgene_census
+
+    with cellxgene_census.open_soma(uri=census_uri) as census:
+        experiment = census["census_data"]["homo_sapiens"]
+        obs = experiment.obs.read().concat().to_pandas().set_index("soma_joinid")
+        x_table = experiment.ms["RNA"].X["raw"].read().tables().concat()
+        truth = sp.csr_matrix((x_table["soma_data"].to_numpy(), (x_table["soma_dim_0"].to_numpy(), x_table["soma_dim_1"].to_numpy())),
+                              shape=experiment.ms["RNA"].X["raw"].shape)
+    out = tmp_path / "census_shards"
+    source = open_source("census", census_uri=census_uri, organism="Homo sapiens")
+    manifest = write_shards(source, str(out), ShardSettings(shard_size=1_000, progress=False))
+    assert manifest["provenance"]["source"]["kind"] == "census"
+    assert manifest["provenance"]["source"]["obs_filter"] == "is_primary_data == True"
+    x, joinids, dataset = shard_matrix(str(out))
+    assert x.shape[0] == int(obs["is_primary_data"].sum())
+    np.testing.assert_array_equal(np.asarray(x.sum(axis=1)).ravel(), np.asarray(truth[joinids].sum(axis=1)).ravel())
+    sample = np.random.default_rng(0).choice(len(joinids), 200, replace=False)
+    assert (x[sample] != truth[joinids[sample]]).nnz == 0
+    assert list(np.asarray(dataset.obs_column("cell_type"))[:20]) == list(obs.loc[joinids[:20], "cell_type"])
+
+
+def test_census_obs_filter_and_errors(census_uri):
+    source = open_source("census", census_uri=census_uri, obs_filter="cell_type == 'B'")
+    assert 0 < source.n_obs < 2638
+    with pytest.raises(ValueError, match="matches no cells"):
+        open_source("census", census_uri=census_uri, obs_filter="cell_type == 'neuron'")
+    with pytest.raises(ValueError, match="no organism"):
+        open_source("census", census_uri=census_uri, organism="mus_musculus")
+    with pytest.raises(ValueError, match="exactly one"):
+        open_source("census")
+
+
+def test_soma_written_by_tiledbsoma_io_and_zarr_sources_agree(tmp_path):
+    import tiledbsoma.io
+
+    source_path = shared_file("mouse_pancreas_sub1000_raw.h5ad")
+    adata = ad.read_h5ad(source_path)
+    soma_uri = str(tmp_path / "pancreas.soma")
+    tiledbsoma.io.from_anndata(soma_uri, adata, measurement_name="RNA")
+    zarr_path = str(tmp_path / "pancreas.zarr")
+    adata.write_zarr(zarr_path)
+    genes = list(adata.var_names[::7][::-1])  # a reordered subset
+    results = {}
+    for name, uri in (("soma", soma_uri), ("zarr", zarr_path)):
+        out = tmp_path / f"{name}_shards"
+        write_shards(open_source(uri), str(out), ShardSettings(shard_size=300, genes=genes, progress=False))
+        x, rows, _ = shard_matrix(str(out))
+        expected = adata[rows, genes].X
+        assert (x != expected).nnz == 0, name
+        results[name] = (x, rows)
+    assert np.array_equal(results["soma"][1], results["zarr"][1])
+
+
+def test_gene_alignment_reorders_and_zero_fills():
+    counts = sp.csr_matrix(np.array([[1, 0, 3, 4], [0, 5, 0, 6]], dtype=np.float32))
+    alignment = GeneAlignment(["a", "b", "c", "d"], ["d", "x", "a", "b"], min_overlap=0.5)
+    assert alignment.n_found == 3 and alignment.missing == ["x"]
+    np.testing.assert_array_equal(alignment.apply(counts).toarray(), [[4, 0, 1, 0], [6, 0, 0, 5]])
+    with pytest.raises(ValueError, match=r"only 1 of the 4 genes.*below the minimum overlap"):
+        GeneAlignment(["a", "b"], ["a", "x", "y", "z"], min_overlap=0.5, source_name="atlas.h5ad")
+    with pytest.raises(ValueError, match="duplicate feature_ids"):
+        GeneAlignment(["a", "a"], ["a"])
+
+
+def test_streaming_hvg_selection_and_per_batch(tmp_path):
+    source_path = shared_file("mouse_pancreas_sub1000_raw.h5ad")
+    manifest = write_shards(open_source(str(source_path)), str(tmp_path / "hvg"),
+                            ShardSettings(n_top_genes=500, block_size=300, progress=False))
+    from pipeline.genes import GeneStatistics
+
+    adata = ad.read_h5ad(source_path)
+    stats = GeneStatistics(adata.n_vars)
+    stats.update(sp.csr_matrix(adata.X))
+    assert manifest["feature_ids"] == list(adata.var_names[stats.highly_variable(500)])
+    per_batch = write_shards(open_source(str(source_path)), str(tmp_path / "hvg_batch"),
+                             ShardSettings(n_top_genes=500, hvg_batch_key="cell_type_coarse", progress=False))
+    assert per_batch["n_vars"] == 500 and per_batch["feature_ids"] != manifest["feature_ids"]
+
+
+def write_h5ad(path, x, obs_names=None):
+    n, g = x.shape
+    obs = pd.DataFrame({"donor": ["d0"] * n}, index=obs_names or [f"cell{i}" for i in range(n)])
+    ad.AnnData(X=sp.csr_matrix(x), obs=obs, var=pd.DataFrame(index=[f"G{j}" for j in range(g)])).write_h5ad(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("value,what", [(-1.0, "is negative"), (2.5, "is not an integer"), (np.nan, "is not finite")])
+def test_bad_counts_name_the_cell_and_gene(tmp_path, value, what):
+    x = np.ones((6, 4), dtype=np.float32)
+    x[4, 2] = value
+    path = write_h5ad(tmp_path / "bad.h5ad", x)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=rf"for cell 'cell4', gene 'G2' {what}"):
+        write_shards(open_source(path), str(out), ShardSettings(shard_size=2, block_size=3, progress=False))
+    assert not (out / "manifest.json").exists()
+
+
+def test_errors_for_filters_layers_and_gene_lists(tmp_path):
+    path = write_h5ad(tmp_path / "ok.h5ad", np.ones((5, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="matches no cells"):
+        open_source(path, obs_filter="donor == 'nobody'")
+    with pytest.raises(ValueError, match="cannot evaluate obs filter"):
+        open_source(path, obs_filter="no_such_column > 3")
+    with pytest.raises(ValueError, match="no 'layers/counts'"):
+        open_source(path, layer="counts")
+    with pytest.raises(ValueError, match="below the minimum overlap"):
+        write_shards(open_source(path), str(tmp_path / "o"), ShardSettings(genes=["G0", "X1", "X2", "X3"], progress=False))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        open_source(str(tmp_path / "missing.h5ad"))
+
+
+def test_existing_output_is_kept_unless_overwrite_and_partial_runs_are_cleared(tmp_path):
+    path = write_h5ad(tmp_path / "ok.h5ad", np.arange(40, dtype=np.float32).reshape(10, 4))
+    out = tmp_path / "out"
+    first = write_shards(open_source(path), str(out), ShardSettings(shard_size=4, progress=False))
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        write_shards(open_source(path), str(out), ShardSettings(shard_size=4, progress=False))
+    assert read_manifest(str(out)) == first  # untouched
+    # A killed run leaves shards without a manifest: the next run starts over cleanly.
+    (out / "manifest.json").unlink()
+    (out / ".staging").mkdir()
+    (out / ".staging" / "0.bin").write_bytes(b"garbage")
+    again = write_shards(open_source(path), str(out), ShardSettings(shard_size=5, progress=False))
+    assert len(again["shards"]) == 2 and not (out / ".staging").exists()
+
+
+def test_damaged_shard_directories_give_clear_errors(synthetic_shards, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(synthetic_shards[0], out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    bad = dict(manifest, shards=[dict(manifest["shards"][0], n_obs=manifest["shards"][0]["n_obs"] + 1), *manifest["shards"][1:]],
+               n_obs=manifest["n_obs"] + 1)
+    (out / "manifest.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"shard-00000.zarr: X is \d+ x 300 but manifest.json says"):
+        ShardedDataset(str(out)).verify()
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(out / "shard-00002.zarr")
+    with pytest.raises(FileNotFoundError, match="shard-00002.zarr is listed .* but is missing"):
+        ShardedDataset(str(out))
+    (out / "shard-00002.zarr").mkdir()
+    with pytest.raises(ValueError, match="shard-00002.zarr: empty or unreadable shard"):
+        ShardedDataset(str(out)).verify()
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        ShardedDataset(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ShardedDataset(str(tmp_path / "nowhere"))
+
+
+def test_shard_cli_with_gene_list(tmp_path):
+    source_path = shared_file("pbmc3k_raw_seurat_annotations.h5ad")
+    genes = ad.read_h5ad(source_path, backed="r").var_names[:300].tolist() + ["ENSG_NOT_A_GENE"]
+    (tmp_path / "genes.txt").write_text("# model genes\n" + "\n".join(genes) + "\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "shard", str(source_path), "--out", str(tmp_path / "o"), "--genes",
+         str(tmp_path / "genes.txt"), "--shard-size", "1000", "--obs-columns", "cell_type_fine,donor_id"],
+        capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "300/301 genes found; 1 missing zero-filled" in result.stdout
+    manifest = read_manifest(str(tmp_path / "o"))
+    assert manifest["n_vars"] == 301 and set(manifest["obs_columns"]) == {"cell_type_fine", "donor_id", "source_row"}
+    failed = subprocess.run([sys.executable, "-m", "pipeline", "shard", str(source_path), "--out", str(tmp_path / "o")],
+                            capture_output=True, text=True)
+    assert failed.returncode == 2 and "--overwrite" in failed.stderr
