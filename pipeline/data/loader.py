@@ -176,9 +176,12 @@ class _ShardReader:
         if len(self.indptr) != self.n_obs + 1 or np.any(np.diff(self.indptr) < 0):
             raise ValueError(f"{self.path}: X/indptr is not a valid CSR pointer for {self.n_obs} rows")
 
+    def element_range(self, start: int, stop: int) -> tuple[int, int]:
+        return int(self.indptr[start]), int(self.indptr[stop])
+
     def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows [start, stop): (indptr rebased to 0, indices, data)."""
-        lo, hi = int(self.indptr[start]), int(self.indptr[stop])
+        lo, hi = self.element_range(start, stop)
         return self.indptr[start : stop + 1] - lo, self.indices.read(lo, hi), self.data.read(lo, hi)
 
 
@@ -334,22 +337,29 @@ class _Window:
 
     def __init__(self, dataset: ShardedDataset, plan: EpochPlan, index: int, batch_key: str | None) -> None:
         self.stream_start, self.stream_stop = int(plan.window_offsets[index]), int(plan.window_offsets[index + 1])
-        indptrs, indices, data, ids, codes = [], [], [], [], []
-        nnz = 0
-        for shard, start, stop in plan.windows[index]:
-            reader = dataset.shard(shard)
-            block_indptr, block_indices, block_data = reader.read(start, stop)
-            indptrs.append(block_indptr[:-1] + nnz)
-            nnz += int(block_indptr[-1])
-            indices.append(block_indices)
-            data.append(block_data)
+        blocks = plan.windows[index]
+        readers = [dataset.shard(shard) for shard, _, _ in blocks]
+        ranges = [reader.element_range(start, stop) for reader, (_, start, stop) in zip(readers, blocks)]
+        element_offsets = np.concatenate([[0], np.cumsum([hi - lo for lo, hi in ranges])]).astype(np.int64)
+        nnz = int(element_offsets[-1])
+        # Decode every block straight into one window buffer; all chunks are queued before waiting.
+        self.indices = np.empty(nnz, dtype=readers[0].indices.dtype)
+        self.data = np.empty(nnz, dtype=readers[0].data.dtype)
+        futures = []
+        for reader, (lo, hi), at in zip(readers, ranges, element_offsets):
+            futures += reader.indices.submit(lo, hi, self.indices[at : at + hi - lo])
+            futures += reader.data.submit(lo, hi, self.data[at : at + hi - lo])
+        indptrs, ids, codes = [], [], []
+        for reader, (shard, start, stop), at in zip(readers, blocks, element_offsets):
+            indptrs.append(reader.indptr[start:stop] - reader.indptr[start] + at)
             ids.append(np.arange(start, stop, dtype=np.int64) + dataset.shard_offsets[shard])
             if batch_key is not None:
                 codes.append(reader.codes(batch_key)[start:stop])
         self.indptr = np.concatenate([*indptrs, [nnz]]).astype(np.int64)
-        self.indices, self.data = np.concatenate(indices), np.concatenate(data)
         self.obs_index = np.concatenate(ids)
         self.codes = np.concatenate(codes) if codes else None
+        for future in futures:
+            future.result()
         self.order = plan.row_order(index)
 
     def gather(self, offset: int, n: int) -> dict:

@@ -168,15 +168,22 @@ class CSRArrayReader:
         return None
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        if stop <= start:
-            return np.empty(0, dtype=self.dtype)
-        if self._blosc is None:
-            return np.asarray(self._array[start:stop])
-        chunk = self._blosc.chunk
-        out = np.empty(stop - start, dtype=self.dtype)
-        first, last = start // chunk, (stop - 1) // chunk
-        list(_pool().map(lambda index: self._decode_into(index, start, stop, out), range(first, last + 1)))
+        out = np.empty(max(0, stop - start), dtype=self.dtype)
+        for future in self.submit(start, stop, out):
+            future.result()
         return out
+
+    def submit(self, start: int, stop: int, out: np.ndarray) -> list:
+        """Start decoding ``[start, stop)`` into ``out`` (len stop - start); returns futures.
+
+        Submitting several ranges before waiting keeps every decode thread busy."""
+        if stop <= start:
+            return []
+        if self._blosc is None:
+            return [_pool().submit(lambda: out.__setitem__(slice(None), np.asarray(self._array[start:stop])))]
+        chunk = self._blosc.chunk
+        return [_pool().submit(self._decode_into, index, start, stop, out)
+                for index in range(start // chunk, (stop - 1) // chunk + 1)]
 
     def _decode_into(self, index: int, start: int, stop: int, out: np.ndarray) -> None:
         from numcodecs import blosc
