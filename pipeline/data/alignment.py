@@ -79,23 +79,30 @@ class GeneAlignment:
         return aligned
 
 
-def check_counts(counts: sp.csr_matrix, where: str, obs_ids: Sequence[str], feature_ids: Sequence[str]) -> float:
-    """Raise on NaN/inf, negative or non-integer counts, naming the cell and gene; return the max."""
+def check_counts(counts: sp.csr_matrix, where: str, obs_ids: Sequence[str], feature_ids: Sequence[str]) -> np.ndarray:
+    """The block's counts as uint32 after checking them; raise on NaN/inf, negative or
+    non-integer counts (or counts >= 2**32), naming the cell and gene."""
     data = counts.data
-    if data.size == 0:
-        return 0.0
-    problems = (
-        (~np.isfinite(data), "is not finite"),
-        (data < 0, "is negative"),
-        (data != np.floor(data), "is not an integer"),
+    if data.dtype.kind in "ui":
+        if data.size and data.dtype.kind == "i" and data.min() < 0:
+            _raise_bad(counts, data < 0, "is negative", where, obs_ids, feature_ids)
+        return data.astype(np.uint32, copy=False)
+    with np.errstate(invalid="ignore", over="ignore"):
+        as_int = data.astype(np.uint32)  # one conversion doubles as the check: any bad value changes
+        bad = as_int != data
+    if bad.any():
+        for mask, what in ((~np.isfinite(data), "is not finite"), (data < 0, "is negative"),
+                           (data != np.floor(data), "is not an integer"), (bad, "does not fit in uint32")):
+            if mask.any():
+                _raise_bad(counts, mask, what, where, obs_ids, feature_ids)
+    return as_int
+
+
+def _raise_bad(counts, mask, what, where, obs_ids, feature_ids) -> None:
+    entry = int(np.flatnonzero(mask)[0])
+    row = int(np.searchsorted(counts.indptr, entry, side="right") - 1)
+    gene = int(counts.indices[entry])
+    raise ValueError(
+        f"{where}: count {counts.data[entry]!r} for cell {obs_ids[row]!r}, gene {feature_ids[gene]!r} {what}; "
+        "the model needs raw integer UMI counts (pass --layer to pick the raw-count layer)"
     )
-    for mask, what in problems:
-        if mask.any():
-            entry = int(np.flatnonzero(mask)[0])
-            row = int(np.searchsorted(counts.indptr, entry, side="right") - 1)
-            gene = int(counts.indices[entry])
-            raise ValueError(
-                f"{where}: count {data[entry]!r} for cell {obs_ids[row]!r}, gene {feature_ids[gene]!r} {what}; "
-                "the model needs raw integer UMI counts (pass --layer to pick the raw-count layer)"
-            )
-    return float(data.max())

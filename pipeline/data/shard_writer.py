@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -95,10 +96,13 @@ def write_shards(source: Source, out: str, settings: ShardSettings | None = None
     # Pass 1: stream, validate, align, spill each row to its shard's file.
     max_count = 0.0
     with _progress(n_obs, "shard pass 1/2 (read)", settings.progress) as bar:
-        for offset, block in source.iter_blocks(settings.block_size):
+        for offset, block in _read_ahead(source.iter_blocks(settings.block_size)):
             n = block.shape[0]
-            max_count = max(max_count, check_counts(block, source.uri, obs_ids[offset : offset + n], source.feature_ids))
+            values = check_counts(block, source.uri, obs_ids[offset : offset + n], source.feature_ids)
+            block = sp.csr_matrix((values, block.indices, block.indptr), shape=block.shape)
             block = alignment.apply(block)
+            if block.nnz:
+                max_count = max(max_count, float(block.data.max()))
             _spill(staging, block, destination[offset : offset + n], shard_offsets)
             bar.update(n)
 
@@ -113,14 +117,20 @@ def write_shards(source: Source, out: str, settings: ShardSettings | None = None
     }
     obs_meta = _categorise(obs)
     shards = []
-    with _progress(n_obs, "shard pass 2/2 (write)", settings.progress) as bar:
+    with _progress(n_obs, "shard pass 2/2 (write)", settings.progress) as bar, ThreadPoolExecutor(1) as writer:
+        pending = None  # shard k is written in the background while shard k+1 is loaded
         for k in range(n_shards):
             name = f"shard-{k:05d}.zarr"
             rows = source_row_of_position[shard_offsets[k] : shard_offsets[k + 1]]
             counts = _load_spill(staging, k, int(shard_sizes[k]), alignment.n_target)
-            _write_shard(out, out_path, fs, local, name, counts, obs.iloc[rows], var, data_dtype, indices_dtype, provenance)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(_write_shard, out, out_path, fs, local, name, counts, obs.iloc[rows], var,
+                                    data_dtype, indices_dtype, provenance)
             shards.append({"path": name, "n_obs": int(shard_sizes[k]), "nnz": int(counts.nnz)})
             bar.update(int(shard_sizes[k]))
+        if pending is not None:
+            pending.result()
     shutil.rmtree(staging, ignore_errors=True)
 
     manifest = {
@@ -133,6 +143,29 @@ def write_shards(source: Source, out: str, settings: ShardSettings | None = None
     }
     write_manifest(out, manifest)
     return manifest
+
+
+def _read_ahead(blocks, depth: int = 2):
+    """Read the next source blocks in a thread while the current one is processed."""
+    import queue
+    import threading
+
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in blocks:
+                buffer.put(item)
+            buffer.put(done)
+        except BaseException as error:
+            buffer.put(error)
+
+    threading.Thread(target=produce, daemon=True, name="shard-read-ahead").start()
+    while (item := buffer.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 def _clear(fs, path: str) -> None:
@@ -199,11 +232,9 @@ def _spill(staging: str, block: sp.csr_matrix, destination: np.ndarray, shard_of
         part = block[rows]
         positions = (destination[rows] - shard_offsets[shard]).astype(np.int64)
         with open(os.path.join(staging, f"{shard}.bin"), "ab") as handle:
-            handle.write(np.array([len(rows), part.nnz], dtype=np.int64).tobytes())
-            handle.write(positions.tobytes())
-            handle.write(np.diff(part.indptr).astype(np.int64).tobytes())
-            handle.write(part.data.astype(np.float32, copy=False).tobytes())
-            handle.write(part.indices.astype(np.int32, copy=False).tobytes())
+            for array in (np.array([len(rows), part.nnz], dtype=np.int64), positions, np.diff(part.indptr).astype(np.int64),
+                          part.data.astype(np.uint32, copy=False), part.indices.astype(np.int32, copy=False)):
+                handle.write(memoryview(np.ascontiguousarray(array)))
 
 
 def _load_spill(staging: str, shard: int, n_rows: int, n_vars: int) -> sp.csr_matrix:
@@ -215,7 +246,7 @@ def _load_spill(staging: str, shard: int, n_rows: int, n_vars: int) -> sp.csr_ma
     while cursor < len(raw):
         n, nnz = np.frombuffer(raw, np.int64, 2, cursor)
         cursor += 16
-        for target, dtype, count in ((positions, np.int64, n), (lengths, np.int64, n), (datas, np.float32, nnz), (indices, np.int32, nnz)):
+        for target, dtype, count in ((positions, np.int64, n), (lengths, np.int64, n), (datas, np.uint32, nnz), (indices, np.int32, nnz)):
             target.append(np.frombuffer(raw, dtype, int(count), cursor))
             cursor += int(count) * np.dtype(dtype).itemsize
     position = np.concatenate(positions) if positions else np.zeros(0, np.int64)
