@@ -208,3 +208,15 @@ def test_shard_cli_with_gene_list(tmp_path):
     failed = subprocess.run([sys.executable, "-m", "pipeline", "shard", str(source_path), "--out", str(tmp_path / "o")],
                             capture_output=True, text=True)
     assert failed.returncode == 2 and "--overwrite" in failed.stderr
+
+
+def test_fsspec_url_output_and_input(tmp_path):
+    """Shards written to and read from an fsspec URL (memory://, as for s3://) hold the same counts."""
+    source_path = str(shared_file("mouse_pancreas_sub1000_raw.h5ad"))
+    settings = ShardSettings(shard_size=400, seed=1, progress=False)
+    write_shards(open_source(source_path), "memory://bucket/pancreas", settings)
+    write_shards(open_source(source_path), str(tmp_path / "local"), settings)
+    remote, local = ShardedDataset("memory://bucket/pancreas"), ShardedDataset(str(tmp_path / "local"))
+    for got, want in zip(remote.loader(256, seed=3), local.loader(256, seed=3)):
+        assert np.array_equal(got["obs_index"].numpy(), want["obs_index"].numpy())
+        assert np.array_equal(got["counts"].to_dense().numpy(), want["counts"].to_dense().numpy())
