@@ -1,0 +1,89 @@
+"""Our loader (pipeline.data) as a benchmark peer, measured exactly like annbatch and tiledbsoma-ml.
+
+Runs in the project's venv. Each subcommand prints one JSON line; benchmarks/loader.py drives both.
+
+    .venv/bin/python benchmarks/peers/ours_peer.py build SRC.h5ad OUT_DIR [--shard-size N]
+    .venv/bin/python benchmarks/peers/ours_peer.py run OUT_DIR --batch-size 4096 [--num-workers N]
+
+``build`` runs the ``hvae-pipeline shard SRC --out OUT_DIR --shard-size N --seed 0`` command in this
+process (the same Typer app the console script calls), so its time excludes interpreter start-up
+like the peers' builds. ``run`` iterates ``ShardedDataset(OUT_DIR).loader(batch_size, seed, epoch)``
+and scores mixing with ``obs_column("donor_id")[batch["obs_index"]]``. Batches are CSRBatch
+(torch tensors), never densified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))
+
+from _common import emit, measure, rss_now_mb  # noqa: E402
+
+
+def build(args: argparse.Namespace) -> None:
+    import pipeline.data  # noqa: F401  (the command imports it lazily: import first, like the peers' builds)
+    from pipeline.cli import app
+
+    argv = ["shard", args.source, "--out", args.out, "--seed", str(args.seed)]
+    if args.shard_size is not None:
+        argv += ["--shard-size", str(args.shard_size)]
+    start = time.perf_counter()
+    app(argv, standalone_mode=False)
+    build_s = time.perf_counter() - start
+    shards = pipeline.data.read_manifest(args.out)["shards"]
+    emit({"tool": "ours", "step": "build", "build_s": round(build_s, 2), "command": "hvae-pipeline " + " ".join(argv),
+          "n_shards": len(shards), "max_shard_cells": max(int(s["n_obs"]) for s in shards)})
+
+
+def run(args: argparse.Namespace) -> None:
+    import numpy as np
+    from pipeline.data import ShardedDataset
+
+    baseline = rss_now_mb()
+    start = time.perf_counter()
+    ds = ShardedDataset(args.store)
+    n_obs, n_vars = ds.n_obs, ds.n_vars
+    _, donor_codes = np.unique(np.asarray(ds.obs_column("donor_id")), return_inverse=True)
+    setup_s = time.perf_counter() - start
+    extra = {} if args.num_workers is None else {"num_workers": args.num_workers}
+
+    def make_iter(epoch: int):
+        for batch in ds.loader(batch_size=args.batch_size, seed=args.seed, epoch=epoch, **extra):
+            counts = batch["counts"]
+            assert counts.shape[1] == n_vars, counts.shape
+            rows = int(counts.shape[0])
+            yield rows, int(counts.indptr[-1]), donor_codes[batch["obs_index"].numpy()]
+
+    result = measure(make_iter, args.batch_size, args.warmup, args.max_batches)
+    emit({"tool": "ours", "step": "run", "n_obs": n_obs, "n_vars": n_vars, "rss_baseline_mb": round(baseline, 1),
+          "setup_s": round(setup_s, 3), "batch_type": "pipeline.data CSRBatch (torch tensors)",
+          "params": {"batch_size": args.batch_size, "seed": args.seed, **extra}, **result})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("source")
+    b.add_argument("out")
+    b.add_argument("--shard-size", type=int, default=None, help="cells per shard (default: the CLI's)")
+    b.add_argument("--seed", type=int, default=0)
+    r = sub.add_parser("run")
+    r.add_argument("store")
+    r.add_argument("--batch-size", type=int, default=4096)
+    r.add_argument("--num-workers", type=int, default=None, help="default: the loader's")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--warmup", type=int, default=3)
+    r.add_argument("--max-batches", type=int, default=None)
+    args = parser.parse_args()
+    build(args) if args.command == "build" else run(args)
+
+
+if __name__ == "__main__":
+    main()
