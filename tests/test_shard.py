@@ -69,6 +69,12 @@ def test_shard_census_fixture_through_open_soma(census_uri, tmp_path):
 def test_census_obs_filter_and_errors(census_uri):
     source = open_source("census", census_uri=census_uri, obs_filter="cell_type == 'B'")
     assert 0 < source.n_obs < 2638
+    # A sparse selection is read by point coordinates: every row must still be the right cell.
+    everything = open_source("census", census_uri=census_uri, obs_filter="")
+    full = sp.vstack([block for _, block in everything.iter_blocks(5_000)]).tocsr()
+    picked = sp.vstack([block for _, block in source.iter_blocks(100)]).tocsr()
+    joinids = source.read_obs()["source_row"].to_numpy()
+    assert (picked != full[joinids]).nnz == 0
     with pytest.raises(ValueError, match="matches no cells"):
         open_source("census", census_uri=census_uri, obs_filter="cell_type == 'neuron'")
     with pytest.raises(ValueError, match="no organism"):

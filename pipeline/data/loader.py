@@ -20,6 +20,7 @@ Counts stay sparse (a ``CSRBatch``) until the consumer calls ``.to_dense()`` on 
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections import OrderedDict
@@ -88,12 +89,10 @@ class ShardedDataset:
         self.n_obs, self.n_vars = int(self.manifest["n_obs"]), int(self.manifest["n_vars"])
         self.feature_ids = list(self.manifest["feature_ids"])
         self._shards: OrderedDict[int, _ShardReader] = OrderedDict()
-        from .shard_format import filesystem
-
-        fs, _ = filesystem(self.path)
-        for shard_path in self.shard_paths:
-            if not fs.exists(filesystem(shard_path)[1]):
-                raise FileNotFoundError(f"{shard_path} is listed in {self.path}/manifest.json but is missing")
+        if "://" not in self.path:  # on object stores a missing shard is reported when first opened
+            for shard_path in self.shard_paths:
+                if not os.path.exists(shard_path):
+                    raise FileNotFoundError(f"{shard_path} is listed in {self.path}/manifest.json but is missing")
 
     def __len__(self) -> int:
         return self.n_obs

@@ -226,8 +226,11 @@ class SomaSource(Source):
         column_of[self._var_joinids] = np.arange(len(self._var_joinids))
         for offset in range(0, len(self._selected), block_size):
             joinids = self._selected[offset : offset + block_size]
-            # A slice (inclusive in SOMA) reads contiguous tiles; rows outside the selection drop out below.
-            table = self._X.read((slice(int(joinids[0]), int(joinids[-1])),)).tables().concat()
+            # A dense run of joinids reads as one slice (inclusive in SOMA; unselected rows drop out
+            # below); a sparse selection (a tissue out of the whole Census) as point coordinates.
+            span = int(joinids[-1]) - int(joinids[0]) + 1
+            coords = slice(int(joinids[0]), int(joinids[-1])) if span <= 2 * len(joinids) else joinids
+            table = self._X.read((coords,)).tables().concat()
             rows = np.searchsorted(joinids, table["soma_dim_0"].to_numpy())
             columns = column_of[table["soma_dim_1"].to_numpy()]
             keep = (rows < len(joinids)) & (columns >= 0)
