@@ -228,6 +228,7 @@ def main() -> None:
     parser.add_argument("--no-warm-cache", action="store_true", help="do not read each store before its run")
     parser.add_argument("--shard-size", type=int, default=None, help="ours: cells per shard (default: the CLI's)")
     parser.add_argument("--num-workers", type=int, default=None, help="ours: loader workers (default: the loader's)")
+    parser.add_argument("--segment-rows", type=int, default=None, help="ours: rows permuted together (1: full row shuffle)")
     parser.add_argument("--annbatch-dataset-size", default="1GB",
                         help="annbatch build: rows or size per dataset held in RAM while shuffling (its default, "
                              "20GB, would hold a whole 1M x 8k atlas in memory)")
@@ -262,6 +263,8 @@ def main() -> None:
                 argv += ["--max-batches", str(args.max_batches)]
             if tool == "ours" and args.num_workers is not None:
                 argv += ["--num-workers", str(args.num_workers)]
+            if tool == "ours" and args.segment_rows is not None:
+                argv += ["--segment-rows", str(args.segment_rows)]
             entry["tools"][tool]["run"] = run_step(tool, "run", argv, size_dir / f"{tool}.run.log")
         report["sizes"].append(entry)
         if args.json:  # after every size, so a long run leaves partial results behind

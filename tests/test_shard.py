@@ -226,3 +226,13 @@ def test_fsspec_url_output_and_input(tmp_path):
     for got, want in zip(remote.loader(256, seed=3), local.loader(256, seed=3)):
         assert np.array_equal(got["obs_index"].numpy(), want["obs_index"].numpy())
         assert np.array_equal(got["counts"].to_dense().numpy(), want["counts"].to_dense().numpy())
+
+
+def test_counts_beyond_uint16_are_kept_exactly(tmp_path):
+    x = np.arange(1, 61, dtype=np.float32).reshape(12, 5)
+    x[7, 3] = 1_000_000.0  # a highly expressed gene in one cell
+    path = write_h5ad(tmp_path / "big.h5ad", x)
+    manifest = write_shards(open_source(path), str(tmp_path / "out"), ShardSettings(shard_size=5, block_size=4, progress=False))
+    assert manifest["count_dtype"] == "uint32" and manifest["max_count"] == 1_000_000
+    got, rows, _ = shard_matrix(str(tmp_path / "out"))
+    np.testing.assert_array_equal(got.toarray(), x[rows])

@@ -3,7 +3,7 @@
 Runs in the project's venv. Each subcommand prints one JSON line; benchmarks/loader.py drives both.
 
     .venv/bin/python benchmarks/peers/ours_peer.py build SRC.h5ad OUT_DIR [--shard-size N]
-    .venv/bin/python benchmarks/peers/ours_peer.py run OUT_DIR --batch-size 4096 [--num-workers N]
+    .venv/bin/python benchmarks/peers/ours_peer.py run OUT_DIR --batch-size 4096 [--num-workers N] [--segment-rows R]
 
 ``build`` runs the ``hvae-pipeline shard SRC --out OUT_DIR --shard-size N --seed 0`` command in this
 process (the same Typer app the console script calls), so its time excludes interpreter start-up
@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> None:
     _, donor_codes = np.unique(np.asarray(ds.obs_column("donor_id")), return_inverse=True)
     setup_s = time.perf_counter() - start
     extra = {} if args.num_workers is None else {"num_workers": args.num_workers}
+    if args.segment_rows is not None:
+        extra["segment_rows"] = args.segment_rows
 
     def make_iter(epoch: int):
         for batch in ds.loader(batch_size=args.batch_size, seed=args.seed, epoch=epoch, **extra):
@@ -78,6 +80,7 @@ def main() -> None:
     r.add_argument("store")
     r.add_argument("--batch-size", type=int, default=4096)
     r.add_argument("--num-workers", type=int, default=None, help="default: the loader's")
+    r.add_argument("--segment-rows", type=int, default=None, help="rows permuted together in the window (1: every row)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--warmup", type=int, default=3)
     r.add_argument("--max-batches", type=int, default=None)

@@ -231,9 +231,13 @@ def _spill(staging: str, block: sp.csr_matrix, destination: np.ndarray, shard_of
         rows = order[bounds[shard] : bounds[shard + 1]]
         part = block[rows]
         positions = (destination[rows] - shard_offsets[shard]).astype(np.int64)
+        # Compact spill records: uint16 counts when the record's largest count fits, int16 gene ids
+        # below 32,768 genes; the header says which (spill volume is the external shuffle's cost).
+        data = part.data.astype(np.uint16) if part.nnz == 0 or part.data.max() <= 65_535 else part.data.astype(np.uint32)
+        indices = part.indices.astype(np.int16 if block.shape[1] <= 32_768 else np.int32)
+        header = np.array([len(rows), part.nnz, data.itemsize, indices.itemsize], dtype=np.int64)
         with open(os.path.join(staging, f"{shard}.bin"), "ab") as handle:
-            for array in (np.array([len(rows), part.nnz], dtype=np.int64), positions, np.diff(part.indptr).astype(np.int64),
-                          part.data.astype(np.uint32, copy=False), part.indices.astype(np.int32, copy=False)):
+            for array in (header, positions, np.diff(part.indptr).astype(np.int64), data, indices):
                 handle.write(memoryview(np.ascontiguousarray(array)))
 
 
@@ -244,9 +248,12 @@ def _load_spill(staging: str, shard: int, n_rows: int, n_vars: int) -> sp.csr_ma
     positions, lengths, datas, indices = [], [], [], []
     cursor = 0
     while cursor < len(raw):
-        n, nnz = np.frombuffer(raw, np.int64, 2, cursor)
-        cursor += 16
-        for target, dtype, count in ((positions, np.int64, n), (lengths, np.int64, n), (datas, np.uint32, nnz), (indices, np.int32, nnz)):
+        n, nnz, data_size, index_size = np.frombuffer(raw, np.int64, 4, cursor)
+        cursor += 32
+        data_dtype = np.uint16 if data_size == 2 else np.uint32
+        index_dtype = np.int16 if index_size == 2 else np.int32
+        for target, dtype, count in ((positions, np.int64, n), (lengths, np.int64, n), (datas, data_dtype, nnz),
+                                     (indices, index_dtype, nnz)):
             target.append(np.frombuffer(raw, dtype, int(count), cursor))
             cursor += int(count) * np.dtype(dtype).itemsize
     position = np.concatenate(positions) if positions else np.zeros(0, np.int64)
@@ -255,7 +262,8 @@ def _load_spill(staging: str, shard: int, n_rows: int, n_vars: int) -> sp.csr_ma
     length = np.concatenate(lengths)
     indptr = np.zeros(n_rows + 1, dtype=np.int64)
     np.cumsum(length, out=indptr[1:])
-    arrived = sp.csr_matrix((np.concatenate(datas), np.concatenate(indices), indptr), shape=(n_rows, n_vars))
+    data = np.concatenate([d.astype(np.uint32, copy=False) for d in datas]) if len({d.dtype for d in datas}) > 1 else np.concatenate(datas)
+    arrived = sp.csr_matrix((data, np.concatenate(indices).astype(np.int32, copy=False), indptr), shape=(n_rows, n_vars))
     os.remove(path)
     return arrived[np.argsort(position)]
 
