@@ -91,7 +91,7 @@ def shard(
     census_uri: str | None = typer.Option(None, help="Local or mirrored Census copy (source 'census')."),
     organism: str = typer.Option("homo_sapiens", help="Census organism."),
     measurement: str = typer.Option("RNA", help="SOMA measurement."),
-    block_size: int = typer.Option(16_384, help="Source rows read at a time (memory ~ block x genes x nnz)."),
+    block_size: int = typer.Option(8_192, help="Source rows read at a time (memory ~ block x genes x nnz)."),
     overwrite: bool = typer.Option(False, help="Replace existing shards in --out."),
 ) -> None:
     """Write globally pre-shuffled AnnData-Zarr shards plus manifest.json, out of core."""

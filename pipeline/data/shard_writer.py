@@ -45,7 +45,7 @@ class ShardSettings:
     hvg_batch_key: str | None = None            # per-batch HVG selection (scanpy's batch_key rule)
     min_gene_overlap: float = 0.5
     obs_columns: Sequence[str] | None = None    # None: every obs column
-    block_size: int = 16_384                    # source rows per read
+    block_size: int = 8_192                     # source rows per read
     overwrite: bool = False
     progress: bool = True
     extra_provenance: dict = field(default_factory=dict)
@@ -122,11 +122,10 @@ def write_shards(source: Source, out: str, settings: ShardSettings | None = None
         for k in range(n_shards):
             name = f"shard-{k:05d}.zarr"
             rows = source_row_of_position[shard_offsets[k] : shard_offsets[k + 1]]
-            counts = _load_spill(staging, k, int(shard_sizes[k]), alignment.n_target)
+            counts = _load_spill(staging, k, int(shard_sizes[k]), alignment.n_target, data_dtype, indices_dtype)
             if pending is not None:
                 pending.result()
-            pending = writer.submit(_write_shard, out, out_path, fs, local, name, counts, obs.iloc[rows], var,
-                                    data_dtype, indices_dtype, provenance)
+            pending = writer.submit(_write_shard, out, out_path, fs, local, name, counts, obs.iloc[rows], var, provenance)
             shards.append({"path": name, "n_obs": int(shard_sizes[k]), "nnz": int(counts.nnz)})
             bar.update(int(shard_sizes[k]))
         if pending is not None:
@@ -241,8 +240,26 @@ def _spill(staging: str, block: sp.csr_matrix, destination: np.ndarray, shard_of
                 handle.write(memoryview(np.ascontiguousarray(array)))
 
 
-def _load_spill(staging: str, shard: int, n_rows: int, n_vars: int) -> sp.csr_matrix:
-    """The shard's rows from its spill file, in destination order."""
+@dataclass
+class _ShardCounts:
+    """A shard's CSR arrays, already in the shard's compact dtypes."""
+
+    data: np.ndarray
+    indices: np.ndarray
+    indptr: np.ndarray
+    shape: tuple[int, int]
+
+    @property
+    def nnz(self) -> int:
+        return len(self.data)
+
+
+def _load_spill(staging: str, shard: int, n_rows: int, n_vars: int, data_dtype: np.dtype, indices_dtype: np.dtype,
+                rows_per_gather: int = 8_192) -> _ShardCounts:
+    """The shard's rows from its spill file, in destination order, in compact dtypes.
+
+    Peak memory is about two copies of the shard's entries (the spill and the ordered output)
+    plus one gather index of ``rows_per_gather`` rows."""
     path = os.path.join(staging, f"{shard}.bin")
     raw = np.fromfile(path, dtype=np.uint8) if os.path.exists(path) else np.zeros(0, np.uint8)
     positions, lengths, datas, indices = [], [], [], []
@@ -250,26 +267,39 @@ def _load_spill(staging: str, shard: int, n_rows: int, n_vars: int) -> sp.csr_ma
     while cursor < len(raw):
         n, nnz, data_size, index_size = np.frombuffer(raw, np.int64, 4, cursor)
         cursor += 32
-        data_dtype = np.uint16 if data_size == 2 else np.uint32
-        index_dtype = np.int16 if index_size == 2 else np.int32
-        for target, dtype, count in ((positions, np.int64, n), (lengths, np.int64, n), (datas, data_dtype, nnz),
-                                     (indices, index_dtype, nnz)):
+        data_type = np.uint16 if data_size == 2 else np.uint32
+        index_type = np.int16 if index_size == 2 else np.int32
+        for target, dtype, count in ((positions, np.int64, n), (lengths, np.int64, n), (datas, data_type, nnz),
+                                     (indices, index_type, nnz)):
             target.append(np.frombuffer(raw, dtype, int(count), cursor))
             cursor += int(count) * np.dtype(dtype).itemsize
     position = np.concatenate(positions) if positions else np.zeros(0, np.int64)
     if len(position) != n_rows or not np.array_equal(np.sort(position), np.arange(n_rows)):
         raise RuntimeError(f"shard {shard}: spill holds {len(position)} rows, expected {n_rows} (staging corrupted?)")
     length = np.concatenate(lengths)
-    indptr = np.zeros(n_rows + 1, dtype=np.int64)
-    np.cumsum(length, out=indptr[1:])
-    data = np.concatenate([d.astype(np.uint32, copy=False) for d in datas]) if len({d.dtype for d in datas}) > 1 else np.concatenate(datas)
-    arrived = sp.csr_matrix((data, np.concatenate(indices).astype(np.int32, copy=False), indptr), shape=(n_rows, n_vars))
+    data = np.concatenate(datas, dtype=data_dtype, casting="unsafe")  # values were checked to fit
+    index = np.concatenate(indices, dtype=indices_dtype, casting="unsafe")
+    del raw, datas, indices
     os.remove(path)
-    return arrived[np.argsort(position)]
+    arrived_start = np.concatenate([[0], np.cumsum(length)[:-1]])
+    order = np.argsort(position)  # arrived row of each destination position
+    out_length = length[order]
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(out_length, out=indptr[1:])
+    out_data, out_index = np.empty_like(data), np.empty_like(index)
+    for lo in range(0, n_rows, rows_per_gather):
+        rows = order[lo : lo + rows_per_gather]
+        row_length = out_length[lo : lo + rows_per_gather]
+        # Entry j of the chunk comes from arrived_start[row] + (j - first entry of that row in the chunk).
+        first = indptr[lo : lo + len(rows)] - indptr[lo]
+        gather = np.repeat(arrived_start[rows] - first, row_length) + np.arange(int(row_length.sum()))
+        out_data[indptr[lo] : indptr[lo + len(rows)]] = data[gather]
+        out_index[indptr[lo] : indptr[lo + len(rows)]] = index[gather]
+    return _ShardCounts(out_data, out_index, indptr, (n_rows, n_vars))
 
 
-def _write_shard(out: str, out_path: str, fs, local: bool, name: str, counts: sp.csr_matrix, obs: pd.DataFrame,
-                 var: pd.DataFrame, data_dtype: np.dtype, indices_dtype: np.dtype, provenance: dict) -> None:
+def _write_shard(out: str, out_path: str, fs, local: bool, name: str, counts: _ShardCounts, obs: pd.DataFrame,
+                 var: pd.DataFrame, provenance: dict) -> None:
     import warnings
 
     import zarr
@@ -279,8 +309,7 @@ def _write_shard(out: str, out_path: str, fs, local: bool, name: str, counts: sp
     target = os.path.join(out_path, name + ".partial") if local else final
     group = zarr.open_group(target, mode="w", zarr_format=3)
     group.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
-    write_csr_arrays(group, "X", counts.data.astype(data_dtype), counts.indices.astype(indices_dtype),
-                     counts.indptr.astype(np.int64), counts.shape)
+    write_csr_arrays(group, "X", counts.data, counts.indices, counts.indptr, counts.shape)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning)
         write_elem(group, "obs", obs)
