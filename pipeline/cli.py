@@ -1,7 +1,7 @@
 """The ``hvae-pipeline`` command line (also ``python -m pipeline``).
 
-Subcommands arrive with their stages: ``simulate``, ``shard`` and ``demo`` now; ``train``,
-``embed``, ``evaluate`` and ``embed-release`` with the training and inference issues.
+Subcommands arrive with their stages: ``simulate``, ``shard``, ``train`` and ``demo`` now;
+``embed``, ``evaluate`` and ``embed-release`` with the inference issue.
 """
 
 from __future__ import annotations
@@ -112,6 +112,26 @@ def shard(
         raise typer.Exit(2) from None
     typer.echo(f"wrote {manifest['n_obs']:,} cells x {manifest['n_vars']:,} genes in {len(manifest['shards'])} shards "
                f"to {out} ({manifest['build_seconds']:.1f} s)")
+
+
+@app.command()
+def train(
+    config: Path | None = typer.Option(None, "--config", help="YAML config (sections data, model, train, scaling, run, checkpoint)."),
+    overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. train.max_steps=2000 scaling.num_workers=2."),
+) -> None:
+    """Train the hierarchical VAE on shards: one process, or Ray Train workers (scaling.num_workers >= 1).
+
+    Rerunning the same command resumes from the run's latest checkpoint."""
+    from .config import ConfigError, load_config
+    from .ray_train import train as run_training
+
+    try:
+        resolved = load_config(config, overrides or [])
+        summary = run_training(resolved, echo=typer.echo)
+    except (ConfigError, ValueError, FileNotFoundError, KeyError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"trained to step {summary.get('step')} -> {summary.get('checkpoint')}")
 
 
 def _default_per_level(name: str, depth: int) -> tuple[float, ...]:

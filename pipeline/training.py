@@ -51,6 +51,8 @@ def densify(counts, device: torch.device | str) -> torch.Tensor:
     cross to the device sparse (a tenth of the bytes at 90% zeros) and are densified there.
     """
     device = torch.device(device)
+    if hasattr(counts, "to_dense") and hasattr(counts, "indptr") and hasattr(counts, "n_vars"):  # a loader CSRBatch
+        return counts.to(device, non_blocking=True).to_dense()
     if isinstance(counts, sp.spmatrix):
         counts = sp.csr_matrix(counts)
         with warnings.catch_warnings():  # torch's sparse-CSR notices: we only densify
@@ -84,6 +86,12 @@ class Trainer:
         self.device = torch.device(device)
         self.settings = settings
         self.model = model.to(self.device)
+        # Under torch.distributed the forward pass goes through DDP (gradient all-reduce);
+        # everything else (EMA, checkpoints, library sizes) uses the plain module.
+        self.forward_module = self.model
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward_module = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
@@ -106,7 +114,7 @@ class Trainer:
             batch_index = torch.as_tensor(batch_index).to(self.device, non_blocking=True)
         kl_weight = kl_warmup(self.step_count, settings.kl_warmup_steps)
         with autocast_context(settings.precision, self.device):
-            out = model(counts, batch_index, kl_weight=kl_weight)
+            out = self.forward_module(counts, batch_index, kl_weight=kl_weight)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.loss).backward()
         self.scaler.unscale_(self.optimizer)

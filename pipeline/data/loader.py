@@ -72,21 +72,29 @@ def densify(counts: CSRBatch, device: torch.device | str, dtype: torch.dtype = t
 class ShardedDataset:
     """A shard directory written by ``hvae-pipeline shard`` (local path or fsspec URL)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, subset: list[int] | None = None) -> None:
+        """``subset``: shard numbers to use (e.g. held-out validation shards); default all.
+        ``obs_index`` values then count rows within the subset, in subset order."""
         self.path = str(path)
         self.manifest = read_manifest(self.path)
         shards = self.manifest["shards"]
         if not shards:
             raise ValueError(f"{self.path}/manifest.json lists no shards")
+        n_listed = int(sum(int(s["n_obs"]) for s in shards))
+        if n_listed != int(self.manifest["n_obs"]):
+            raise ValueError(f"{self.path}/manifest.json: shards hold {n_listed} cells, n_obs says {self.manifest['n_obs']}")
+        if subset is not None:
+            bad = [k for k in subset if not 0 <= k < len(shards)]
+            if bad or not subset:
+                raise ValueError(f"{self.path}: shard subset {list(subset)} is empty or out of range (0..{len(shards) - 1})")
+            shards = [shards[k] for k in subset]
         self.shard_paths = [join(self.path, s["path"]) for s in shards]
         self.shard_sizes = np.array([int(s["n_obs"]) for s in shards], dtype=np.int64)
         if (self.shard_sizes <= 0).any():
             bad = shards[int(np.flatnonzero(self.shard_sizes <= 0)[0])]["path"]
             raise ValueError(f"{self.path}: shard {bad} is empty in manifest.json")
-        if int(self.shard_sizes.sum()) != int(self.manifest["n_obs"]):
-            raise ValueError(f"{self.path}/manifest.json: shards hold {int(self.shard_sizes.sum())} cells, n_obs says {self.manifest['n_obs']}")
         self.shard_offsets = np.concatenate([[0], np.cumsum(self.shard_sizes)])
-        self.n_obs, self.n_vars = int(self.manifest["n_obs"]), int(self.manifest["n_vars"])
+        self.n_obs, self.n_vars = int(self.shard_sizes.sum()), int(self.manifest["n_vars"])
         self.feature_ids = list(self.manifest["feature_ids"])
         self._shards: OrderedDict[int, _ShardReader] = OrderedDict()
         if "://" not in self.path:  # on object stores a missing shard is reported when first opened

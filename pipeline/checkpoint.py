@@ -1,0 +1,117 @@
+"""Checkpoint directories: everything needed to rebuild the model, and to resume training.
+
+A checkpoint directory (``<run>/checkpoint_<step>/``) holds::
+
+    model.pt            {"hvae_config", "model", "ema"}: enough alone to rebuild the model
+    trainer.pt          optimizer, grad scaler, step counters (resuming only)
+    config.yaml         the resolved pipeline config of the run
+    train_state.json    step, epoch, loader position, world size, time
+    genes.json          feature_ids (model gene order) and their hash
+    batches.json        batch key and batch categories (embedding row order)
+
+``<run>/latest`` names the newest complete checkpoint; ``find_checkpoint`` follows it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from hvae import HVAEConfig, HierarchicalVAE
+
+from .data.shard_format import feature_hash
+
+LATEST = "latest"
+
+
+def save_checkpoint(directory: str | Path, trainer, hvae_config: HVAEConfig, config_yaml: str, train_state: dict,
+                    feature_ids: list[str], batch_key: str | None, batch_categories: list[str]) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = trainer.state_dict()
+    torch.save({"hvae_config": hvae_config.to_dict(), "model": state["model"], "ema": state["ema"]}, directory / "model.pt")
+    torch.save({k: state[k] for k in ("optimizer", "scaler", "step", "skipped_steps")}, directory / "trainer.pt")
+    (directory / "config.yaml").write_text(config_yaml)
+    (directory / "train_state.json").write_text(json.dumps({**train_state, "saved": time.time()}, indent=1))
+    (directory / "genes.json").write_text(json.dumps({"feature_ids": list(feature_ids), "feature_ids_hash": feature_hash(feature_ids)}))
+    (directory / "batches.json").write_text(json.dumps({"batch_key": batch_key, "categories": list(batch_categories)}))
+    return directory
+
+
+def read_checkpoint(directory: str | Path) -> dict:
+    """All parts of a checkpoint directory (tensors on the CPU), with a clear error if incomplete."""
+    directory = Path(directory)
+    missing = [n for n in ("model.pt", "trainer.pt", "train_state.json", "genes.json", "batches.json") if not (directory / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {directory} is incomplete: missing {missing}")
+    model = torch.load(directory / "model.pt", map_location="cpu", weights_only=False)
+    return {
+        "hvae_config": HVAEConfig.from_dict(model["hvae_config"]),
+        "model": model["model"], "ema": model["ema"],
+        "trainer": torch.load(directory / "trainer.pt", map_location="cpu", weights_only=False),
+        "train_state": json.loads((directory / "train_state.json").read_text()),
+        "genes": json.loads((directory / "genes.json").read_text()),
+        "batches": json.loads((directory / "batches.json").read_text()),
+        "path": str(directory),
+    }
+
+
+def load_model(directory: str | Path, ema: bool = True) -> tuple[HierarchicalVAE, dict]:
+    """The model of a checkpoint (EMA weights by default) in eval mode, and the checkpoint parts."""
+    parts = read_checkpoint(directory)
+    model = HierarchicalVAE(parts["hvae_config"])
+    if ema:
+        weights = {k.removeprefix("module."): v for k, v in parts["ema"].items() if k.startswith("module.")}
+    else:
+        weights = parts["model"]
+    model.load_state_dict(weights)
+    return model.eval(), parts
+
+
+def check_genes(parts: dict, feature_ids: list[str], where: str) -> None:
+    """Refuse to continue a checkpoint on data with another gene list."""
+    expected = parts["genes"]["feature_ids_hash"]
+    if feature_hash(feature_ids) != expected:
+        mine = set(parts["genes"]["feature_ids"])
+        overlap = sum(1 for g in feature_ids if g in mine)
+        raise ValueError(
+            f"checkpoint {parts['path']} was trained on {len(mine)} genes ({expected}) but {where} has "
+            f"{len(feature_ids)} genes ({feature_hash(feature_ids)}; {overlap} shared): re-shard the data with "
+            f"--genes <the checkpoint's genes.json list> or start a new run"
+        )
+
+
+def write_latest(run_dir: str | Path, checkpoint_name: str) -> None:
+    run_dir = Path(run_dir)
+    tmp = run_dir / (LATEST + ".tmp")
+    tmp.write_text(checkpoint_name + "\n")
+    os.replace(tmp, run_dir / LATEST)
+
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """A checkpoint directory itself, or a run directory's latest checkpoint (None if it has none)."""
+    path = Path(path)
+    if (path / "model.pt").exists():
+        return path
+    pointer = path / LATEST
+    if pointer.exists():
+        target = path / pointer.read_text().strip()
+        if (target / "model.pt").exists():
+            return target
+    candidates = sorted(p for p in path.glob("checkpoint_*") if (p / "train_state.json").exists())
+    return candidates[-1] if candidates else None
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` local checkpoints (never the one ``latest`` names)."""
+    run_dir = Path(run_dir)
+    latest = (run_dir / LATEST).read_text().strip() if (run_dir / LATEST).exists() else None
+    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    for old in checkpoints[:-keep]:
+        if old.name != latest:
+            shutil.rmtree(old, ignore_errors=True)

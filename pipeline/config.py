@@ -1,0 +1,158 @@
+"""Typed pipeline configuration: YAML files plus dotted ``key=value`` overrides.
+
+Sections ``data``, ``model``, ``train``, ``scaling``, ``run``, ``checkpoint``. Every section
+forbids unknown keys and checks types when loaded, so ``trian.max_steps`` or
+``train.max_steps=abc`` fail with the key named. pydantic does the validation: it reports
+every bad key at once with its dotted location, which is what we would otherwise write by hand.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    path: str = Field(description="Shard directory written by `hvae-pipeline shard` (local path or URL).")
+    batch_key: str | None = Field(None, description="Categorical obs column used as the batch covariate.")
+    validation_shards: int = Field(0, ge=0, description="Shards held out for validation (the last ones).")
+    block_rows: int = Field(2048, ge=1)
+    window_blocks: int = Field(8, ge=1)
+    segment_rows: int = Field(16, ge=1)
+    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker.")
+    prefetch: int = Field(2, ge=1)
+
+
+class ModelConfig(_Section):
+    """``hvae.HVAEConfig`` minus what the data decides (n_genes, n_batches)."""
+
+    latent_dims: list[int] = [32, 16, 8]
+    hidden_dim: int = 256
+    batch_embedding_dim: int = 16
+    likelihood: Literal["nb", "zinb"] = "nb"
+    dispersion: Literal["gene", "gene-batch"] = "gene"
+    dropout: float = 0.1
+    free_bits: list[float] = [1.0]
+    kl_balance: bool = True
+    kl_level_weights: list[float] = [1.0]
+    coarse_reconstruction_weight: float = 1.0
+    coarse_detach_decoder: bool = True
+    decoder_input: Literal["all_levels", "level0"] = "all_levels"
+    log_scale_clamp: float = 6.0
+    input_target_sum: float = 1e4
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(3000, ge=1)
+    batch_size: int = Field(512, ge=1, description="Cells per step on each worker.")
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-6, ge=0)
+    precision: Literal["bf16", "fp16", "fp32"] = "fp32"
+    grad_clip: float = Field(10.0, gt=0)
+    ema_decay: float = Field(0.995, ge=0, lt=1)
+    kl_warmup_steps: int = Field(1000, ge=0)
+    seed: int = 0
+    log_every: int = Field(50, ge=1)
+    validate_every: int = Field(500, ge=1)
+    validation_cells: int = Field(4096, ge=1)
+    progress: bool = True
+    fail_at_step: int | None = Field(None, description="Testing only: worker `fail_rank` exits at this step, once.")
+    fail_rank: int = 0
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(0, ge=0, description="0: one process, no Ray. >= 1: Ray Train workers.")
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = None
+
+
+class RunConfig(_Section):
+    name: str = "hvae"
+    storage_path: str = "runs"
+    max_failures: int = Field(0, ge=-1)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not value or "/" in value or value in (".", ".."):
+            raise ValueError("must be a plain directory name (no '/')")
+        return value
+
+
+class CheckpointConfig(_Section):
+    every_steps: int = Field(500, ge=1)
+    keep: int = Field(3, ge=1, description="Checkpoints kept (the latest ones).")
+
+
+class PipelineConfig(_Section):
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    run: RunConfig = RunConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @property
+    def run_dir(self) -> str:
+        return f"{self.run.storage_path.rstrip('/')}/{self.run.name}"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate; the message names every bad key."""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None) -> PipelineConfig:
+    """Read YAML (or start from ``base``), apply ``section.key=value`` overrides, validate."""
+    values: dict[str, Any] = dict(base or {})
+    source = "config"
+    if path is not None:
+        source = str(path)
+        if not Path(path).exists():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        values = _merge(values, loaded)
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {override!r} is not of the form section.key=value")
+        _set_dotted(values, key.strip(), yaml.safe_load(raw) if raw.strip() else None, override)
+    try:
+        return PipelineConfig.model_validate(values)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            location = ".".join(str(part) for part in item["loc"])
+            message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+            given = "" if item["type"] in ("missing", "extra_forbidden") else f" (got {item.get('input')!r})"
+            problems.append(f"{location}: {message}{given}")
+        raise ConfigError(f"{source}: " + "; ".join(problems)) from None
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def _set_dotted(values: dict, key: str, value: Any, override: str) -> None:
+    parts = key.split(".")
+    node = values
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value

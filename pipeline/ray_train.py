@@ -1,0 +1,136 @@
+"""``train``: the local single-process backend and the thin Ray Train (V2) driver.
+
+Both run ``train_loop.train_worker``; Ray adds processes, the process group, checkpoint
+persistence and restarts. Run directory ``<run.storage_path>/<run.name>/``::
+
+    config.yaml          the resolved config (written by the driver)
+    metrics.jsonl        one line per logged step (train) and per validation
+    checkpoint_<step>/   checkpoints (see pipeline.checkpoint); ``latest`` names the newest
+    summary.json         written when the run finishes
+
+Rerunning the same command resumes from the latest checkpoint; a finished run is not retrained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import find_checkpoint, prune_checkpoints, read_checkpoint, write_latest
+from .config import PipelineConfig
+from .train_loop import train_worker
+
+
+def train(config: PipelineConfig, echo=print) -> dict:
+    """Train as configured; returns the summary (also written to ``summary.json``)."""
+    run_dir = Path(config.run_dir).resolve()
+    _check_storage(run_dir)
+    _check_gpu(config)
+    previous = find_checkpoint(run_dir)
+    if previous is not None:
+        state = read_checkpoint(previous)["train_state"]
+        if state.get("finished") and state["step"] >= config.train.max_steps:
+            echo(f"run {run_dir} already finished at step {state['step']} ({previous.name}); nothing to train")
+            return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else state
+        echo(f"resuming run {run_dir} from {previous.name} (step {state['step']})")
+    (run_dir / "config.yaml").write_text(config.to_yaml())
+    started = time.time()
+    if config.scaling.num_workers == 0:
+        result = _train_local(config, run_dir, previous)
+    else:
+        result = _train_ray(config, run_dir)
+    latest = find_checkpoint(run_dir)
+    summary = {**result, "run_dir": str(run_dir), "checkpoint": str(latest) if latest else None,
+               "wall_seconds": round(time.time() - started, 2), "num_workers": config.scaling.num_workers}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _check_storage(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"run.storage_path: cannot write to {run_dir} ({error.strerror or error})") from None
+
+
+def _check_gpu(config: PipelineConfig) -> None:
+    if not config.scaling.use_gpu:
+        return
+    if config.scaling.num_workers == 0 and not torch.cuda.is_available():
+        raise ValueError("scaling.use_gpu is true but this machine has no CUDA device (set scaling.use_gpu=false)")
+
+
+def _train_local(config: PipelineConfig, run_dir: Path, previous: Path | None) -> dict:
+    device = torch.device("cuda" if config.scaling.use_gpu else "cpu")
+
+    def save(directory: str | None, metrics: dict) -> None:
+        name = f"checkpoint_{int(metrics['step']):08d}"
+        target = run_dir / name
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(directory, run_dir / f".{name}.partial")
+        os.replace(run_dir / f".{name}.partial", target)
+        write_latest(run_dir, name)
+        prune_checkpoints(run_dir, config.checkpoint.keep)
+
+    return train_worker(config, 0, 1, device, str(previous) if previous else None, save, str(run_dir / "metrics.jsonl"))
+
+
+def _train_ray(config: PipelineConfig, run_dir: Path) -> dict:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, configure_logging=False)
+    if config.scaling.use_gpu:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus < config.scaling.num_workers:
+            raise ValueError(f"scaling.use_gpu is true with {config.scaling.num_workers} workers but the Ray cluster has {gpus:g} GPUs")
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config={"config": config.model_dump(mode="json"), "run_dir": str(run_dir)},
+        scaling_config=ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
+                                     resources_per_worker=config.scaling.resources_per_worker),
+        run_config=RunConfig(name=config.run.name, storage_path=str(run_dir.parent),
+                             failure_config=FailureConfig(max_failures=config.run.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep)),
+    )
+    result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    return {"step": int(metrics.get("step", 0)), "finished": True, "final_metrics": metrics}
+
+
+def _ray_worker(loop_config: dict) -> None:
+    """Runs on every Ray Train worker: rank, world size, device and checkpoint from Ray's context."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    config = PipelineConfig.model_validate(loop_config["config"])
+    run_dir = Path(loop_config["run_dir"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and (fallback := find_checkpoint(run_dir)) is not None:
+        checkpoint = Checkpoint.from_directory(str(fallback))  # e.g. written by the local backend
+
+    def save(directory: str | None, metrics: dict) -> None:
+        name = f"checkpoint_{int(metrics['step']):08d}"
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory) if directory else None,
+                         checkpoint_dir_name=name)
+        if rank == 0:  # report returns once the checkpoint is persisted
+            write_latest(run_dir, name)
+
+    with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext(None) as restore:
+        train_worker(config, rank, world_size, device, restore, save, str(run_dir / "metrics.jsonl"))

@@ -1,0 +1,219 @@
+"""The training loop on shards: plain PyTorch, one function per worker, no Ray inside.
+
+``train_worker`` is what every rank runs (Ray Train calls it on each worker; the local backend
+calls it once). Rank and world size are passed in; hooks hand checkpoints and metrics to
+whoever runs it. Everything a resumed run needs is in the checkpoint: weights, EMA, optimizer,
+scaler, step, and the loader position (epoch, batches consumed), identical on every rank because
+every rank gets the same number of batches and skips the same non-finite steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from hvae import HVAEConfig, HierarchicalVAE, active_units
+
+from .checkpoint import check_genes, read_checkpoint, save_checkpoint
+from .config import PipelineConfig
+from .data import ShardedDataset
+from .training import StepSettings, Trainer, densify
+
+CheckpointHook = Callable[[str | None, dict], None]
+
+
+def split_datasets(config: PipelineConfig) -> tuple[ShardedDataset, ShardedDataset | None]:
+    """Training shards and the held-out validation shards (the last ``validation_shards``)."""
+    full = ShardedDataset(config.data.path)
+    n_shards, n_val = len(full.shard_paths), config.data.validation_shards
+    if n_val == 0:
+        return full, None
+    if n_val >= n_shards:
+        raise ValueError(f"data.validation_shards={n_val} leaves no training shards ({config.data.path} has {n_shards})")
+    return (ShardedDataset(config.data.path, subset=list(range(n_shards - n_val))),
+            ShardedDataset(config.data.path, subset=list(range(n_shards - n_val, n_shards))))
+
+
+def model_config_for(config: PipelineConfig, n_genes: int, n_batches: int) -> HVAEConfig:
+    values = config.model.model_dump()
+    return HVAEConfig(n_genes=n_genes, n_batches=n_batches, **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def train_worker(config: PipelineConfig, rank: int, world_size: int, device: torch.device | str,
+                 restore: str | None, save_hook: CheckpointHook, metrics_path: str | None = None) -> dict:
+    """Train until ``train.max_steps``; returns a summary. ``save_hook(dir_or_None, metrics)`` is
+    called on every rank at every checkpoint (rank 0 passes the directory it wrote)."""
+    device = torch.device(device)
+    train, validation = split_datasets(config)
+    key = config.data.batch_key
+    categories = train.categories(key) if key else []
+    hvae_config = model_config_for(config, train.n_vars, len(categories))
+    torch.manual_seed(config.train.seed)  # the same initial weights on every rank
+    trainer = Trainer(HierarchicalVAE(hvae_config), _step_settings(config), device=device)
+    loader = train.loader(config.train.batch_size, rank=rank, world_size=world_size, seed=config.train.seed,
+                          num_workers=config.data.loader_workers, prefetch=config.data.prefetch, batch_key=key,
+                          block_rows=config.data.block_rows, window_blocks=config.data.window_blocks,
+                          segment_rows=config.data.segment_rows)
+    epoch = 0
+    if restore is not None:
+        epoch = _restore(trainer, loader, restore, train, categories, world_size)
+        _reseed(config.train.seed, trainer.step_count, rank)
+    logger = _MetricsLog(metrics_path if rank == 0 else None, resume_step=trainer.step_count)
+    if trainer.step_count >= config.train.max_steps:
+        return {"step": trainer.step_count, "finished": True, "resumed_finished_run": True}
+
+    max_steps, started, cells = config.train.max_steps, time.perf_counter(), 0
+    bar = _progress(config, rank, trainer.step_count)
+    while trainer.step_count < max_steps:
+        loader.set_epoch(epoch) if loader.state_dict()["epoch"] != epoch else None
+        for batch in loader:
+            metrics = trainer.step(batch)
+            cells += batch["counts"].shape[0] * world_size
+            if metrics is None:
+                continue
+            step = metrics["step"]
+            _maybe_fail(config, rank, step)
+            if bar is not None:
+                bar.update(1)
+            if step % config.train.log_every == 0 or step == max_steps:
+                rate = cells / max(time.perf_counter() - started, 1e-9)
+                logger.write({**metrics, "split": "train", "epoch": epoch, "cells_per_s": rate})
+                if bar is not None:
+                    kl = "/".join(f"{metrics[f'kl_level_{l}']:.1f}" for l in range(hvae_config.n_levels))
+                    bar.set_postfix_str(f"{rate:,.0f} cells/s  -ELBO {metrics['negative_elbo']:.1f}  KL {kl}")
+            if validation is not None and rank == 0 and (step % config.train.validate_every == 0 or step == max_steps):
+                logger.write({"step": step, "split": "validation", **validate(trainer.ema_model, validation, config, device)})
+            if step % config.checkpoint.every_steps == 0 or step == max_steps:
+                position = loader.state_dict()
+                state = {"step": step, "epoch": position["epoch"], "batches_yielded": position["batches_yielded"],
+                         "world_size": world_size, "batch_size": config.train.batch_size, "seed": config.train.seed,
+                         "max_steps": max_steps, "finished": step >= max_steps}
+                _checkpoint(trainer, hvae_config, config, state, train.feature_ids, key, categories, rank, save_hook,
+                            {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+                _reseed(config.train.seed, step, rank)
+            if step >= max_steps:
+                break
+        else:
+            epoch += 1
+    if bar is not None:
+        bar.close()
+    return {"step": trainer.step_count, "skipped_steps": trainer.skipped_steps, "finished": True,
+            "seconds": time.perf_counter() - started, "cells_per_s": cells / max(time.perf_counter() - started, 1e-9)}
+
+
+def _reseed(seed: int, step: int, rank: int) -> None:
+    """Dropout's random stream restarts at every checkpoint from (seed, step, rank), so a run
+    resumed from a checkpoint continues exactly as the uninterrupted run would have."""
+    torch.manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+
+
+def _step_settings(config: PipelineConfig) -> StepSettings:
+    t = config.train
+    return StepSettings(learning_rate=t.learning_rate, weight_decay=t.weight_decay, kl_warmup_steps=t.kl_warmup_steps,
+                        precision=t.precision, grad_clip=t.grad_clip, ema_decay=t.ema_decay)
+
+
+def _restore(trainer: Trainer, loader, restore: str, train: ShardedDataset, categories: list[str], world_size: int) -> int:
+    parts = read_checkpoint(restore)
+    check_genes(parts, train.feature_ids, train.path)
+    if parts["batches"]["categories"] != list(categories):
+        raise ValueError(f"checkpoint {restore} has batch categories {parts['batches']['categories'][:5]}... "
+                         f"but {train.path} has {list(categories)[:5]}...: the batch embedding rows would not match")
+    trainer.load_state_dict({"model": parts["model"], "ema": parts["ema"], **parts["trainer"]})
+    state = parts["train_state"]
+    epoch, position = int(state["epoch"]), int(state["batches_yielded"])
+    if state.get("world_size") != world_size or state.get("batch_size") != loader.batch_size:
+        position = 0  # another partition of the data: restart the interrupted epoch from its start
+    if position >= len(loader):  # the checkpoint closed an epoch
+        epoch, position = epoch + 1, 0
+    loader.load_state_dict({**loader.state_dict(), "epoch": epoch, "batches_yielded": position})
+    return epoch
+
+
+def _checkpoint(trainer, hvae_config, config, state, feature_ids, key, categories, rank, save_hook, metrics) -> None:
+    if rank != 0:
+        save_hook(None, metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="hvae-ckpt-") as tmp:
+        save_checkpoint(tmp, trainer, hvae_config, config.to_yaml(), state, feature_ids, key, categories)
+        save_hook(tmp, metrics)
+
+
+@torch.no_grad()
+def validate(model: HierarchicalVAE, dataset: ShardedDataset, config: PipelineConfig, device: torch.device) -> dict:
+    """Per-level KL, active units and reconstruction on up to ``train.validation_cells`` held-out cells."""
+    model.eval()
+    means, kl, reconstruction, n = [], None, 0.0, 0
+    for batch in dataset.loader(min(1024, config.train.validation_cells), seed=0, batch_key=config.data.batch_key,
+                                segment_rows=config.data.segment_rows, prefetch=1):
+        counts = densify(batch["counts"], device)
+        index = batch.get("batch_index")
+        index = index.to(device) if index is not None else None
+        out = model(counts, index)
+        weight = counts.shape[0]
+        kl = out.kl * weight if kl is None else kl + out.kl * weight
+        reconstruction += float(out.reconstruction.sum())
+        means.append([m.float().cpu() for m in model.encode(counts, index)])
+        n += weight
+        if n >= config.train.validation_cells:
+            break
+    per_level = [torch.cat([m[level] for m in means]) for level in range(len(means[0]))]
+    units = active_units(per_level)
+    return {"reconstruction": reconstruction / n, "cells": n,
+            **{f"kl_level_{l}": float(v) / n for l, v in enumerate(kl)},
+            **{f"active_units_level_{l}": int(u) for l, u in enumerate(units)}}
+
+
+class _MetricsLog:
+    """JSON lines, rank 0 only. On resume, lines past the checkpoint's step are dropped first, so
+    the steps replayed after a failure are never counted twice."""
+
+    def __init__(self, path: str | None, resume_step: int) -> None:
+        self.path = path
+        if path is None:
+            return
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if os.path.exists(path):
+            kept = [line for line in Path(path).read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            tmp = path + ".tmp"
+            Path(tmp).write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+
+    def write(self, record: dict) -> None:
+        if self.path is None:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({**clean, "time": time.time()}) + "\n")
+
+
+def _progress(config: PipelineConfig, rank: int, initial: int):
+    if rank != 0 or not config.train.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.train.max_steps, initial=initial, unit="step", desc="training", dynamic_ncols=True)
+
+
+def _maybe_fail(config: PipelineConfig, rank: int, step: int) -> None:
+    """Testing only: kill this worker process once at ``train.fail_at_step`` (a marker file in the
+    run directory makes sure the restarted worker does not fail again)."""
+    if config.train.fail_at_step is None or rank != config.train.fail_rank or step != config.train.fail_at_step:
+        return
+    marker = Path(config.run_dir) / f".failed_at_{step}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(os.getpid()))
+    os._exit(17)
+
+
+__all__ = ["train_worker", "validate", "split_datasets", "model_config_for"]

@@ -1,0 +1,143 @@
+"""Training on shards: config validation, the local loop's exact resume, and Ray Train with
+2 CPU workers (end to end on pbmc3k with a worker killed mid-run, and a restarted driver)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import shared_file
+from pipeline.checkpoint import find_checkpoint, load_model, read_checkpoint
+from pipeline.config import ConfigError, load_config
+
+CLI = [sys.executable, "-m", "pipeline"]
+ENV = {**os.environ, "TQDM_DISABLE": "1"}
+
+
+def cli(*args, check=True):
+    result = subprocess.run([*CLI, *args], capture_output=True, text=True, env=ENV)
+    if check:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def metrics(run_dir, split="train"):
+    lines = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    return [l for l in lines if l["split"] == split]
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "shards"
+    cli("simulate", str(out), "--format", "shards", "--n-cells", "3000", "--n-genes", "200", "--shard-size", "1000")
+    return str(out)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"trian: unknown key"):
+        load_config(base={"data": {"path": "x"}}, overrides=["trian.max_steps=3"])
+    with pytest.raises(ConfigError, match=r"train.max_steps: Input should be a valid integer.*'abc'"):
+        load_config(base={"data": {"path": "x"}}, overrides=["train.max_steps=abc"])
+    with pytest.raises(ConfigError, match=r"train.precision: Input should be 'bf16', 'fp16' or 'fp32'"):
+        load_config(base={"data": {"path": "x"}}, overrides=["train.precision=bf8"])
+    (tmp_path / "c.yaml").write_text("data:\n  path: x\nmodel:\n  latent_dim: [4]\n")
+    result = cli("train", "--config", str(tmp_path / "c.yaml"), check=False)
+    assert result.returncode == 2 and "model.latent_dim: unknown key" in result.stderr
+
+
+def test_clear_errors_for_gpu_storage_and_genes(small_shards, tmp_path):
+    base = ["train", f"data.path={small_shards}", "train.max_steps=4", "train.batch_size=64", "train.progress=false",
+            f"run.storage_path={tmp_path}", "checkpoint.every_steps=2"]
+    if not torch.cuda.is_available():
+        result = cli(*base, "scaling.use_gpu=true", check=False)
+        assert result.returncode == 2 and "no CUDA device" in result.stderr
+    (tmp_path / "a_file").write_text("")
+    result = cli(*base, f"run.storage_path={tmp_path / 'a_file'}", check=False)
+    assert result.returncode == 2 and "run.storage_path: cannot write" in result.stderr
+    cli(*base, "run.name=genes")
+    other = tmp_path / "other_genes"
+    cli("simulate", str(other), "--format", "shards", "--n-cells", "500", "--n-genes", "150", "--shard-size", "500")
+    result = cli(*base, "run.name=genes", f"data.path={other}", "train.max_steps=8", check=False)
+    assert result.returncode == 2 and "was trained on 200 genes" in result.stderr
+
+
+def test_local_run_resumed_after_a_kill_matches_the_uninterrupted_run(small_shards, tmp_path):
+    common = ["train", f"data.path={small_shards}", "data.batch_key=donor_id", "train.max_steps=40", "train.batch_size=64",
+              "train.log_every=1", "checkpoint.every_steps=10", "train.progress=false", f"run.storage_path={tmp_path}"]
+    cli(*common, "run.name=straight")
+    killed = cli(*common, "run.name=killed", "train.fail_at_step=25", check=False)
+    assert killed.returncode == 17 and read_checkpoint(find_checkpoint(tmp_path / "killed"))["train_state"]["step"] == 20
+    cli(*common, "run.name=killed")  # the same command again: resumes from step 20
+    straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "killed")
+    assert [m["step"] for m in resumed] == list(range(1, 41)), "a step was lost or counted twice"
+    np.testing.assert_allclose([m["loss"] for m in resumed], [m["loss"] for m in straight], rtol=1e-5)
+    a, _ = load_model(find_checkpoint(tmp_path / "straight"))
+    b, parts = load_model(find_checkpoint(tmp_path / "killed"))
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
+    assert parts["train_state"]["step"] == 40 and parts["batches"]["batch_key"] == "donor_id"
+    again = cli(*common, "run.name=killed")
+    assert "already finished at step 40" in again.stdout
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_two_workers_on_pbmc3k_survive_a_killed_worker(ray_cluster, tmp_path):
+    from pipeline.config import load_config
+    from pipeline.data import ShardSettings, open_source, write_shards
+    from pipeline.ray_train import train
+
+    shards = tmp_path / "pbmc3k"
+    write_shards(open_source(str(shared_file("pbmc3k_raw_seurat_annotations.h5ad"))), str(shards),
+                 ShardSettings(shard_size=700, n_top_genes=1000, progress=False))
+    config = load_config(base={"data": {"path": str(shards), "validation_shards": 1}}, overrides=[
+        "scaling.num_workers=2", "run.max_failures=1", "train.fail_at_step=70", "train.fail_rank=1",
+        "train.max_steps=240", "train.batch_size=128", "train.log_every=10", "train.validate_every=240",
+        "train.kl_warmup_steps=100", "checkpoint.every_steps=60", "train.progress=false",
+        f"run.storage_path={tmp_path / 'runs'}", "run.name=pbmc3k"])
+    summary = train(config)
+    run_dir = tmp_path / "runs" / "pbmc3k"
+    assert (run_dir / ".failed_at_70").exists(), "the fault was not injected"
+    assert summary["step"] == 240
+    steps = [m["step"] for m in metrics(run_dir)]
+    assert steps == sorted(set(steps)) and steps[-1] == 240, f"steps counted twice or lost: {steps}"
+    losses = [m["negative_elbo"] for m in metrics(run_dir)]
+    assert np.mean(losses[-5:]) < 0.9 * losses[0]
+    validation = metrics(run_dir, "validation")[-1]
+    for level in range(3):
+        assert validation[f"active_units_level_{level}"] >= 1 and validation[f"kl_level_{level}"] > 0.1, validation
+    model, parts = load_model(find_checkpoint(run_dir))
+    assert parts["train_state"]["world_size"] == 2 and model.config.n_genes == 1000
+
+
+@pytest.mark.slow
+def test_ray_driver_rerun_continues_from_the_checkpoint(ray_cluster, small_shards, tmp_path):
+    from pipeline.config import load_config
+    from pipeline.ray_train import train
+
+    def config(max_steps):
+        return load_config(base={"data": {"path": small_shards}}, overrides=[
+            "scaling.num_workers=2", f"train.max_steps={max_steps}", "train.batch_size=64", "train.log_every=1",
+            "checkpoint.every_steps=10", "train.progress=false", f"run.storage_path={tmp_path}", "run.name=grow"])
+
+    train(config(20))
+    first = read_checkpoint(find_checkpoint(tmp_path / "grow"))["train_state"]
+    train(config(40))  # a new driver: picks up at step 20 with the loader position
+    steps = [m["step"] for m in metrics(tmp_path / "grow")]
+    assert steps == list(range(1, 41))
+    state = read_checkpoint(find_checkpoint(tmp_path / "grow"))["train_state"]
+    assert state["step"] == 40 and first["step"] == 20
+    assert (state["epoch"], state["batches_yielded"]) == (1, 16) and (first["epoch"], first["batches_yielded"]) == (0, 20)
