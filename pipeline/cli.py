@@ -93,6 +93,7 @@ def shard(
     measurement: str = typer.Option("RNA", help="SOMA measurement."),
     block_size: int = typer.Option(8_192, help="Source rows read at a time (memory ~ block x genes x nnz)."),
     overwrite: bool = typer.Option(False, help="Replace existing shards in --out."),
+    compression: str = typer.Option("lz4", help="X codec: lz4 (fast), zstd (smaller, for object storage) or none (fastest reads)."),
 ) -> None:
     """Write globally pre-shuffled AnnData-Zarr shards plus manifest.json, out of core."""
     from .data import ShardSettings, open_source, read_gene_list, write_shards
@@ -102,7 +103,7 @@ def shard(
             shard_size=shard_size, seed=seed, genes=read_gene_list(genes) if genes else None, n_top_genes=n_top_genes,
             hvg_batch_key=hvg_batch_key, min_gene_overlap=min_gene_overlap,
             obs_columns=[c.strip() for c in obs_columns.split(",") if c.strip()] if obs_columns else None,
-            block_size=block_size, overwrite=overwrite,
+            block_size=block_size, overwrite=overwrite, compression=compression,
         )
         with open_source(source, layer=layer, obs_filter=obs_filter, var_filter=var_filter, measurement=measurement,
                          census_version=census_version, census_uri=census_uri, organism=organism) as opened:

@@ -172,13 +172,21 @@ def validate(model: HierarchicalVAE, dataset: ShardedDataset, config: PipelineCo
 
 
 class _MetricsLog:
-    """JSON lines, rank 0 only. On resume, lines past the checkpoint's step are dropped first, so
-    the steps replayed after a failure are never counted twice."""
+    """JSON lines plus TensorBoard scalars, rank 0 only. On resume, lines past the checkpoint's
+    step are dropped first (and TensorBoard events purged from that step), so the steps replayed
+    after a failure are never counted twice."""
 
     def __init__(self, path: str | None, resume_step: int) -> None:
         self.path = path
+        self.tensorboard = None
         if path is None:
             return
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(Path(path).parent / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        except ImportError:  # optional: JSONL always works
+            pass
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         if os.path.exists(path):
             kept = [line for line in Path(path).read_text().splitlines()
@@ -193,6 +201,12 @@ class _MetricsLog:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with open(self.path, "a") as handle:
             handle.write(json.dumps({**clean, "time": time.time()}) + "\n")
+        if self.tensorboard is not None:
+            split = record.get("split", "train")
+            for key, value in clean.items():
+                if key not in ("step", "split", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(f"{split}/{key}", value, record["step"])
+            self.tensorboard.flush()
 
 
 def _progress(config: PipelineConfig, rank: int, initial: int):

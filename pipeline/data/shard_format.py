@@ -116,18 +116,29 @@ def write_manifest(root: str, manifest: dict) -> None:
             handle.write(text)
 
 
-def write_csr_arrays(group, name: str, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple[int, int]) -> None:
-    """Write a CSR matrix into ``group[name]`` with anndata's encoding and our codecs."""
+COMPRESSIONS = ("lz4", "zstd", "none")
+
+
+def write_csr_arrays(group, name: str, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple[int, int],
+                     compression: str = "lz4") -> None:
+    """Write a CSR matrix into ``group[name]`` with anndata's encoding and our codecs.
+
+    ``lz4`` (Blosc, byte shuffle) decodes at GB/s; ``zstd`` (Blosc) is ~20% smaller and 2-3x slower
+    to read; ``none`` is 1.4-2x larger but a read is a plain copy from the page cache."""
     from zarr.codecs import BloscCodec
 
-    compressor = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+    compressor = {"lz4": BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
+                  "zstd": BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), "none": None}[compression]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
         matrix = group.create_group(name)
         matrix.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": list(shape)})
         for key, values in (("data", data), ("indices", indices), ("indptr", indptr)):
             chunks = (max(1, min(CHUNK_ELEMENTS, len(values))),)
-            array = matrix.create_array(key, shape=values.shape, chunks=chunks, dtype=values.dtype, compressors=[compressor])
+            array = matrix.create_array(key, shape=values.shape, chunks=chunks, dtype=values.dtype,
+                                        compressors=[compressor] if compressor is not None else None)
             if len(values):
                 array[:] = values
 
@@ -135,36 +146,40 @@ def write_csr_arrays(group, name: str, data: np.ndarray, indices: np.ndarray, in
 @dataclass
 class _ChunkLayout:
     chunk: int
-    dtype: np.dtype
-    length: int
     fill: Any
+    blosc: bool  # False: raw little-endian bytes
 
 
 class CSRArrayReader:
-    """Reads ``[start, stop)`` of a 1-D Zarr v3 array; fast path for Blosc-coded local/fsspec arrays."""
+    """Reads ``[start, stop)`` of a 1-D Zarr v3 array; fast path for Blosc-coded or uncompressed
+    arrays (chunk objects fetched through fsspec and decoded/copied straight into the output)."""
 
     def __init__(self, url: str) -> None:
         import zarr
 
         self.url = url
         self.fs, self.path = filesystem(url)
+        self.local = "://" not in url or url.startswith("file://")
         self._array = zarr.open_array(url, mode="r")
         self.length = int(self._array.shape[0])
         self.dtype = np.dtype(self._array.dtype)
-        self._blosc = self._fast_path_layout()
+        self._layout = self._fast_path_layout()
 
     def _fast_path_layout(self) -> _ChunkLayout | None:
         from zarr.codecs import BloscCodec, BytesCodec
 
         meta = self._array.metadata
-        codecs = getattr(meta, "codecs", ())
+        codecs = tuple(getattr(meta, "codecs", ()))
         encoding = getattr(meta, "chunk_key_encoding", None)
-        if (
-            len(codecs) == 2 and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], BloscCodec)
-            and getattr(encoding, "name", "") == "default" and getattr(encoding, "separator", "") == "/"
-            and self.dtype.byteorder in ("=", "<", "|")
-        ):
-            return _ChunkLayout(int(self._array.chunks[0]), self.dtype, self.length, meta.fill_value)
+        plain_keys = getattr(encoding, "name", "") == "default" and getattr(encoding, "separator", "") == "/"
+        little = self.dtype.byteorder in ("=", "<", "|") and (codecs and isinstance(codecs[0], BytesCodec)
+                                                             and str(getattr(codecs[0].endian, "value", codecs[0].endian)) in ("little", "None"))
+        if not plain_keys or not little:
+            return None
+        if len(codecs) == 2 and isinstance(codecs[1], BloscCodec):
+            return _ChunkLayout(int(self._array.chunks[0]), meta.fill_value, blosc=True)
+        if len(codecs) == 1:
+            return _ChunkLayout(int(self._array.chunks[0]), meta.fill_value, blosc=False)
         return None
 
     def read(self, start: int, stop: int) -> np.ndarray:
@@ -174,31 +189,48 @@ class CSRArrayReader:
         return out
 
     def submit(self, start: int, stop: int, out: np.ndarray) -> list:
-        """Start decoding ``[start, stop)`` into ``out`` (len stop - start); returns futures.
+        """Start reading ``[start, stop)`` into ``out`` (len stop - start); returns futures.
 
         Submitting several ranges before waiting keeps every decode thread busy."""
         if stop <= start:
             return []
-        if self._blosc is None:
+        if self._layout is None:
             return [_pool().submit(lambda: out.__setitem__(slice(None), np.asarray(self._array[start:stop])))]
-        chunk = self._blosc.chunk
-        return [_pool().submit(self._decode_into, index, start, stop, out)
+        chunk = self._layout.chunk
+        return [_pool().submit(self._read_chunk, index, start, stop, out)
                 for index in range(start // chunk, (stop - 1) // chunk + 1)]
 
-    def _decode_into(self, index: int, start: int, stop: int, out: np.ndarray) -> None:
+    def _read_chunk(self, index: int, start: int, stop: int, out: np.ndarray) -> None:
         from numcodecs import blosc
 
-        chunk = self._blosc.chunk
+        chunk = self._layout.chunk
         chunk_start = index * chunk
         lo, hi = max(start, chunk_start), min(stop, chunk_start + chunk)
         target = out[lo - start : hi - start]
+        key = f"{self.path}/c/{index}"
+        if not self._layout.blosc:
+            self._read_raw(key, (lo - chunk_start) * self.dtype.itemsize, target)
+            return
         try:
-            raw = self.fs.cat_file(f"{self.path}/c/{index}")
+            raw = self.fs.cat_file(key)
         except FileNotFoundError:  # zarr skips chunks that equal the fill value
-            target[:] = self._blosc.fill
+            target[:] = self._layout.fill
             return
         if lo == chunk_start and hi == chunk_start + chunk:
             blosc.decompress(raw, target)  # straight into the output, no copy
         else:
             decoded = np.frombuffer(blosc.decompress(raw), dtype=self.dtype)
             target[:] = decoded[lo - chunk_start : hi - chunk_start]
+
+    def _read_raw(self, key: str, offset: int, target: np.ndarray) -> None:
+        """Uncompressed chunk: read only the needed byte range, into the output."""
+        view = memoryview(target).cast("B")
+        try:
+            if self.local:
+                with open(key, "rb") as handle:
+                    handle.seek(offset)
+                    handle.readinto(view)
+            else:
+                view[:] = self.fs.cat_file(key, start=offset, end=offset + len(view))
+        except FileNotFoundError:
+            target[:] = self._layout.fill

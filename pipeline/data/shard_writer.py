@@ -44,6 +44,7 @@ class ShardSettings:
     n_top_genes: int | None = None              # or: select this many HVGs in a streaming pass
     hvg_batch_key: str | None = None            # per-batch HVG selection (scanpy's batch_key rule)
     min_gene_overlap: float = 0.5
+    compression: str = "lz4"                    # lz4 | zstd | none (see shard_format.write_csr_arrays)
     obs_columns: Sequence[str] | None = None    # None: every obs column
     block_size: int = 8_192                     # source rows per read
     overwrite: bool = False
@@ -55,6 +56,8 @@ class ShardSettings:
             raise ValueError("shard_size and block_size must be >= 1")
         if self.genes is not None and self.n_top_genes is not None:
             raise ValueError("give a gene list or --n-top-genes, not both")
+        if self.compression not in ("lz4", "zstd", "none"):
+            raise ValueError(f"compression must be lz4, zstd or none, got {self.compression!r}")
         if self.n_top_genes is not None and self.n_top_genes < 1:
             raise ValueError("n_top_genes must be >= 1")
 
@@ -125,7 +128,8 @@ def write_shards(source: Source, out: str, settings: ShardSettings | None = None
             counts = _load_spill(staging, k, int(shard_sizes[k]), alignment.n_target, data_dtype, indices_dtype)
             if pending is not None:
                 pending.result()
-            pending = writer.submit(_write_shard, out, out_path, fs, local, name, counts, obs.iloc[rows], var, provenance)
+            pending = writer.submit(_write_shard, out, out_path, fs, local, name, counts, obs.iloc[rows], var, provenance,
+                                    settings.compression)
             shards.append({"path": name, "n_obs": int(shard_sizes[k]), "nnz": int(counts.nnz)})
             bar.update(int(shard_sizes[k]))
         if pending is not None:
@@ -137,6 +141,7 @@ def write_shards(source: Source, out: str, settings: ShardSettings | None = None
         "feature_ids": alignment.target_ids.tolist(), "feature_ids_hash": feature_hash(alignment.target_ids),
         "feature_names": var["feature_name"].tolist() if "feature_name" in var.columns else None,
         "count_dtype": data_dtype.name, "index_dtype": indices_dtype.name, "max_count": max_count,
+        "compression": settings.compression,
         "shards": shards, "obs_columns": obs_meta, "provenance": provenance,
         "build_seconds": round(time.perf_counter() - started, 2),
     }
@@ -299,7 +304,7 @@ def _load_spill(staging: str, shard: int, n_rows: int, n_vars: int, data_dtype: 
 
 
 def _write_shard(out: str, out_path: str, fs, local: bool, name: str, counts: _ShardCounts, obs: pd.DataFrame,
-                 var: pd.DataFrame, provenance: dict) -> None:
+                 var: pd.DataFrame, provenance: dict, compression: str) -> None:
     import warnings
 
     import zarr
@@ -309,7 +314,7 @@ def _write_shard(out: str, out_path: str, fs, local: bool, name: str, counts: _S
     target = os.path.join(out_path, name + ".partial") if local else final
     group = zarr.open_group(target, mode="w", zarr_format=3)
     group.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
-    write_csr_arrays(group, "X", counts.data, counts.indices, counts.indptr, counts.shape)
+    write_csr_arrays(group, "X", counts.data, counts.indices, counts.indptr, counts.shape, compression)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning)
         write_elem(group, "obs", obs)
