@@ -324,13 +324,18 @@ class _WorkerStream:
             return
         loader = self.loader
         plan = EpochPlan(self.dataset.shard_sizes, loader.block_rows, loader.window_blocks, loader.segment_rows, loader.seed, loader.epoch)
-        window_ids = iter(range(int(np.searchsorted(plan.window_offsets, self.batch_ranges[0][0], side="right") - 1), len(plan.windows)))
-        window = None
+        first = int(np.searchsorted(plan.window_offsets, self.batch_ranges[0][0], side="right") - 1)
+        last = int(np.searchsorted(plan.window_offsets, self.batch_ranges[-1][1], side="left") - 1)
+        window_ids = iter(range(first, last + 1))
+        window, upcoming = None, None
         for start, stop in self.batch_ranges:
             pieces = []
             while start < stop:
                 if window is None or start >= window.stream_stop:
-                    window = _Window(self.dataset, plan, next(window_ids), loader.batch_key)
+                    # The next window's reads are queued before this one is used (read-ahead).
+                    window = upcoming.wait() if upcoming is not None else _Window(self.dataset, plan, next(window_ids), loader.batch_key).wait()
+                    following = next(window_ids, None)
+                    upcoming = None if following is None else _Window(self.dataset, plan, following, loader.batch_key)
                     if window.stream_stop <= start:
                         continue
                 take = min(stop, window.stream_stop) - start
@@ -365,9 +370,15 @@ class _Window:
         self.indptr = np.concatenate([*indptrs, [nnz]]).astype(np.int64)
         self.obs_index = np.concatenate(ids)
         self.codes = np.concatenate(codes) if codes else None
-        for future in futures:
-            future.result()
+        self._futures = futures
         self.order = plan.row_order(index)
+
+    def wait(self) -> _Window:
+        """Block until every read of this window has landed; returns the window."""
+        for future in self._futures:
+            future.result()
+        self._futures = []
+        return self
 
     def gather(self, offset: int, n: int) -> dict:
         rows = self.order[offset : offset + n]
