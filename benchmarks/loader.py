@@ -141,7 +141,7 @@ def build_key(args: argparse.Namespace, tool: str, source: Path) -> str:
     if tool == "ours":  # our writer is under development: key on its source code
         files = sorted((ROOT / "pipeline" / "data").glob("*.py")) + [ROOT / "pipeline" / "cli.py"]
         digest = hashlib.sha256(b"".join(f.read_bytes() for f in files if f.exists())).hexdigest()[:16]
-        return f"{origin} pipeline.data sha256:{digest} shard_size={args.shard_size}"
+        return f"{origin} pipeline.data sha256:{digest} shard_size={args.shard_size} compression={args.compression}"
     if tool == "annbatch":
         return f"{origin} {' '.join(ANNBATCH_REQS)} dataset_size={args.annbatch_dataset_size}"
     return f"{origin} tiledbsoma=={version('tiledbsoma')}"
@@ -161,6 +161,8 @@ def ensure_store(args: argparse.Namespace, tool: str, source: Path, size_dir: Pa
     argv = [str(source), str(store)]
     if tool == "ours" and args.shard_size:
         argv += ["--shard-size", str(args.shard_size)]
+    if tool == "ours" and args.compression:
+        argv += ["--compression", args.compression]
     if tool == "annbatch":
         argv += ["--dataset-size", args.annbatch_dataset_size]
     result = run_step(tool, "build", argv, size_dir / f"{tool}.build.log")
@@ -228,6 +230,7 @@ def main() -> None:
     parser.add_argument("--no-warm-cache", action="store_true", help="do not read each store before its run")
     parser.add_argument("--shard-size", type=int, default=None, help="ours: cells per shard (default: the CLI's)")
     parser.add_argument("--num-workers", type=int, default=None, help="ours: loader workers (default: the loader's)")
+    parser.add_argument("--compression", default=None, help="ours: shard codec (lz4, zstd or none; default: the CLI's)")
     parser.add_argument("--segment-rows", type=int, default=None, help="ours: rows permuted together (1: full row shuffle)")
     parser.add_argument("--annbatch-dataset-size", default="1GB",
                         help="annbatch build: rows or size per dataset held in RAM while shuffling (its default, "

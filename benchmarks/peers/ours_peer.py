@@ -33,6 +33,8 @@ def build(args: argparse.Namespace) -> None:
     argv = ["shard", args.source, "--out", args.out, "--seed", str(args.seed)]
     if args.shard_size is not None:
         argv += ["--shard-size", str(args.shard_size)]
+    if args.compression is not None:
+        argv += ["--compression", args.compression]
     start = time.perf_counter()
     app(argv, standalone_mode=False)
     build_s = time.perf_counter() - start
@@ -75,6 +77,7 @@ def main() -> None:
     b.add_argument("source")
     b.add_argument("out")
     b.add_argument("--shard-size", type=int, default=None, help="cells per shard (default: the CLI's)")
+    b.add_argument("--compression", default=None, help="lz4, zstd or none (default: the CLI's)")
     b.add_argument("--seed", type=int, default=0)
     r = sub.add_parser("run")
     r.add_argument("store")
