@@ -1,7 +1,7 @@
 """The ``hvae-pipeline`` command line (also ``python -m pipeline``).
 
-Subcommands arrive with their stages: ``simulate``, ``shard``, ``train`` and ``demo`` now;
-``embed``, ``evaluate`` and ``embed-release`` with the inference issue.
+Subcommands: ``simulate``, ``shard``, ``train``, ``embed`` and ``demo``; ``evaluate`` and
+``embed-release`` arrive with the rest of the inference issue.
 """
 
 from __future__ import annotations
@@ -133,6 +133,41 @@ def train(
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"trained to step {summary.get('step')} -> {summary.get('checkpoint')}")
+
+
+@app.command()
+def embed(
+    checkpoint: str = typer.Option(..., help="A checkpoint directory, or a run directory (its latest checkpoint)."),
+    source: str = typer.Option(..., help="Shards directory, h5ad, AnnData-Zarr, SOMA Experiment, or 'census'."),
+    out: str = typer.Option(..., help="Output Zarr group (e.g. embeddings.zarr)."),
+    workers: int = typer.Option(0, help="0: this process; N: N Ray actors (a GPU each when the cluster has them)."),
+    batch_size: int = typer.Option(4096, help="Cells per forward pass."),
+    chunk_rows: int = typer.Option(16_384, help="Rows per Zarr chunk and per unit of work/progress."),
+    no_ema: bool = typer.Option(False, "--no-ema", help="Use the raw weights instead of the EMA weights."),
+    logvar: bool = typer.Option(False, "--logvar", help="Also write posterior log-variances."),
+    overwrite: bool = typer.Option(False, help="Replace an output written by another model or with other settings."),
+    layer: str | None = typer.Option(None, help="Count layer of the source (as for `shard`)."),
+    obs_filter: str | None = typer.Option(None, help="Cells to embed (as for `shard`)."),
+    census_version: str | None = typer.Option(None, help="Public Census release (source 'census')."),
+    census_uri: str | None = typer.Option(None, help="Local or mirrored Census copy (source 'census')."),
+    organism: str = typer.Option("homo_sapiens", help="Census organism."),
+    min_gene_overlap: float = typer.Option(0.5, help="Refuse a source with less of the model's genes than this."),
+    fail_after_chunks: int | None = typer.Option(None, hidden=True, help="Testing only: exit after N chunks."),
+) -> None:
+    """Write one embedding per hierarchy level for every cell of SOURCE to a Zarr group (resumable)."""
+    from .embed import EmbedSettings
+    from .embed import embed as run_embed
+
+    source_args = {"source": source, "layer": layer, "obs_filter": obs_filter, "census_version": census_version,
+                   "census_uri": census_uri, "organism": organism}
+    settings = EmbedSettings(batch_size=batch_size, chunk_rows=chunk_rows, ema=not no_ema, logvar=logvar, workers=workers,
+                             overwrite=overwrite, min_gene_overlap=min_gene_overlap, fail_after_chunks=fail_after_chunks)
+    try:
+        result = run_embed(checkpoint, source_args, out, settings, echo=typer.echo)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"embedded {result['cells']:,} cells -> {out}" + (f" ({result['cells_per_s']:,} cells/s)" if "cells_per_s" in result else ""))
 
 
 def _default_per_level(name: str, depth: int) -> tuple[float, ...]:

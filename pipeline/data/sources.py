@@ -41,8 +41,13 @@ class Source:
     def read_obs(self) -> pd.DataFrame:
         raise NotImplementedError
 
-    def iter_blocks(self, block_size: int = 16_384) -> Iterator[tuple[int, sp.csr_matrix]]:
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """Counts of the selected cells ``[start, stop)`` (random access, for parallel readers)."""
         raise NotImplementedError
+
+    def iter_blocks(self, block_size: int = 16_384) -> Iterator[tuple[int, sp.csr_matrix]]:
+        for start in range(0, self.n_obs, block_size):
+            yield start, self.rows(start, min(start + block_size, self.n_obs))
 
     def provenance(self) -> dict:
         raise NotImplementedError
@@ -121,10 +126,21 @@ class AnnDataSource(Source):
         obs["source_row"] = self._selected.astype(np.int64)
         return obs
 
-    def iter_blocks(self, block_size: int = 16_384) -> Iterator[tuple[int, sp.csr_matrix]]:
+    def _matrix(self):
         from anndata.io import sparse_dataset
 
-        matrix = sparse_dataset(self._matrix_group) if self._encoding == "csr_matrix" else self._matrix_group
+        return sparse_dataset(self._matrix_group) if self._encoding == "csr_matrix" else self._matrix_group
+
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+        selected = self._selected[start:stop]
+        if len(selected) == 0:
+            return sp.csr_matrix((0, len(self.var)), dtype=np.float32)
+        block = self._matrix()[int(selected[0]) : int(selected[-1]) + 1]
+        block = sp.csr_matrix(block) if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+        return block if len(selected) == block.shape[0] else block[selected - selected[0]]
+
+    def iter_blocks(self, block_size: int = 16_384) -> Iterator[tuple[int, sp.csr_matrix]]:
+        matrix = self._matrix()
         n_rows = self._matrix_shape()[0]
         offset = 0
         for start in range(0, n_rows, block_size):
@@ -221,24 +237,25 @@ class SomaSource(Source):
         obs = obs.drop(columns=[c for c in ("obs_id",) if c in obs.columns])
         return obs.rename(columns={"soma_joinid": "source_row"})
 
-    def iter_blocks(self, block_size: int = 16_384) -> Iterator[tuple[int, sp.csr_matrix]]:
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
         column_of = np.full(self._n_var_joinids, -1, dtype=np.int64)
         column_of[self._var_joinids] = np.arange(len(self._var_joinids))
-        for offset in range(0, len(self._selected), block_size):
-            joinids = self._selected[offset : offset + block_size]
-            # A dense run of joinids reads as one slice (inclusive in SOMA; unselected rows drop out
-            # below); a sparse selection (a tissue out of the whole Census) as point coordinates.
-            span = int(joinids[-1]) - int(joinids[0]) + 1
-            coords = slice(int(joinids[0]), int(joinids[-1])) if span <= 2 * len(joinids) else joinids
-            table = self._X.read((coords,)).tables().concat()
-            rows = np.searchsorted(joinids, table["soma_dim_0"].to_numpy())
-            columns = column_of[table["soma_dim_1"].to_numpy()]
-            keep = (rows < len(joinids)) & (columns >= 0)
-            keep[keep] &= joinids[rows[keep]] == table["soma_dim_0"].to_numpy()[keep]
-            data = table["soma_data"].to_numpy()[keep]
-            block = sp.csr_matrix((data, (rows[keep], columns[keep])), shape=(len(joinids), len(self._var_joinids)))
-            block.sum_duplicates()
-            yield offset, block
+        joinids = self._selected[start:stop]
+        if len(joinids) == 0:
+            return sp.csr_matrix((0, len(self._var_joinids)), dtype=np.float32)
+        # A dense run of joinids reads as one slice (inclusive in SOMA; unselected rows drop out
+        # below); a sparse selection (a tissue out of the whole Census) as point coordinates.
+        span = int(joinids[-1]) - int(joinids[0]) + 1
+        coords = slice(int(joinids[0]), int(joinids[-1])) if span <= 2 * len(joinids) else joinids
+        table = self._X.read((coords,)).tables().concat()
+        rows = np.searchsorted(joinids, table["soma_dim_0"].to_numpy())
+        columns = column_of[table["soma_dim_1"].to_numpy()]
+        keep = (rows < len(joinids)) & (columns >= 0)
+        keep[keep] &= joinids[rows[keep]] == table["soma_dim_0"].to_numpy()[keep]
+        data = table["soma_data"].to_numpy()[keep]
+        block = sp.csr_matrix((data, (rows[keep], columns[keep])), shape=(len(joinids), len(self._var_joinids)))
+        block.sum_duplicates()
+        return block
 
     def provenance(self) -> dict:
         return {"kind": "tiledbsoma", "uri": self.uri, "measurement": self.measurement, "layer": self.layer,
@@ -302,11 +319,20 @@ def open_source(source: str, *, layer: str | None = None, obs_filter: str | None
     if census_version or census_uri:
         raise ValueError("--census-version / --census-uri go with the source 'census'")
     text = str(source)
+    if _is_shard_directory(text):
+        return ShardSource(text)
     if text.endswith((".h5ad", ".h5")):
         return AnnDataSource(text, layer=layer, obs_filter=obs_filter)
     if _is_soma(text):
         return SomaSource(text, measurement=measurement, layer=layer, obs_filter=obs_filter, var_filter=var_filter)
     return AnnDataSource(text, layer=layer, obs_filter=obs_filter)
+
+
+def _is_shard_directory(uri: str) -> bool:
+    from .shard_format import MANIFEST_NAME, filesystem
+
+    fs, path = filesystem(uri)
+    return fs.exists(f"{path}/{MANIFEST_NAME}")
 
 
 def _is_soma(uri: str) -> bool:
@@ -332,10 +358,48 @@ class SyntheticSource(Source):
         obs["source_row"] = np.arange(len(obs), dtype=np.int64)
         return obs
 
-    def iter_blocks(self, block_size: int = 16_384) -> Iterator[tuple[int, sp.csr_matrix]]:
-        for start in range(0, self.atlas.spec.n_cells, block_size):
-            counts, _ = self.atlas.rows(start, min(start + block_size, self.atlas.spec.n_cells))
-            yield start, counts
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+        return self.atlas.rows(start, stop)[0]
 
     def provenance(self) -> dict:
         return {"kind": "synthetic", **self.atlas.provenance()}
+
+
+class ShardSource(Source):
+    """A shard directory as a source (embedding shards, re-sharding), in global shard order."""
+
+    def __init__(self, uri: str) -> None:
+        from .loader import ShardedDataset
+
+        self.uri, self.dataset = str(uri), ShardedDataset(str(uri))
+        names = self.dataset.manifest.get("feature_names")
+        self.var = pd.DataFrame(index=pd.Index(self.dataset.feature_ids, name="feature_id", dtype=object))
+        if names:
+            self.var["feature_name"] = names
+        self._selected = np.arange(self.dataset.n_obs)
+
+    def read_obs(self) -> pd.DataFrame:
+        frames = []
+        for k in range(len(self.dataset.shard_paths)):
+            from anndata.io import read_elem
+
+            frames.append(read_elem(self.dataset.shard(k).group["obs"]))
+        return pd.concat(frames)
+
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+        dataset, parts = self.dataset, []
+        first = int(np.searchsorted(dataset.shard_offsets, start, side="right") - 1)
+        for k in range(first, len(dataset.shard_paths)):
+            lo, hi = max(start, int(dataset.shard_offsets[k])), min(stop, int(dataset.shard_offsets[k + 1]))
+            if lo >= hi:
+                break
+            offset = int(dataset.shard_offsets[k])
+            indptr, indices, data = dataset.shard(k).read(lo - offset, hi - offset)
+            parts.append(sp.csr_matrix((data.astype(np.float32), indices.astype(np.int32), indptr), shape=(hi - lo, dataset.n_vars)))
+        if not parts:
+            return sp.csr_matrix((0, dataset.n_vars), dtype=np.float32)
+        return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+
+    def provenance(self) -> dict:
+        return {"kind": "shards", "uri": self.uri, "feature_ids_hash": self.dataset.manifest.get("feature_ids_hash"),
+                "source": self.dataset.manifest.get("provenance", {}).get("source")}

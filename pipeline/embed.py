@@ -1,0 +1,280 @@
+"""``embed``: one embedding per hierarchy level for every cell of a source, written to Zarr.
+
+Output (DESIGN.md "Storage contracts"), a Zarr v3 group readable with zarr, xarray and dask::
+
+    obs_id            (cells,)        the source's cell ids, in source order
+    level_<l>/mean    (cells, d_l)    float32 posterior means (level 0 = finest)
+    level_<l>/logvar  (cells, d_l)    with --logvar
+    progress/done     (chunks,)       1 once a chunk of rows is written (one Zarr chunk each)
+    attrs             format_version, model_id (hash of the checkpoint's model.pt), checkpoint,
+                      feature_ids_hash, level_dims, source, chunk_rows, ema, created, complete
+
+Rows are processed in chunks aligned with the Zarr chunks, so writers never share a chunk; a
+chunk is marked done only after its rows are written. A killed job rerun skips the done chunks;
+a complete output is left untouched; an output of another model is refused without --overwrite.
+With ``workers`` >= 1, chunks go to Ray actors (one model copy each, GPU when there is one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import find_checkpoint, load_model
+from .data.alignment import GeneAlignment, check_counts
+from .data.sources import open_source
+from .training import densify
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class EmbedSettings:
+    batch_size: int = 4096
+    chunk_rows: int = 16_384
+    ema: bool = True
+    logvar: bool = False
+    workers: int = 0
+    overwrite: bool = False
+    min_gene_overlap: float = 0.5
+    progress: bool = True
+    device: str | None = None
+    fail_after_chunks: int | None = None  # testing only: the process exits after this many chunks
+
+
+def model_id(checkpoint_dir: Path) -> str:
+    digest = hashlib.sha256()
+    with open(checkpoint_dir / "model.pt", "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
+def _load(checkpoint: str, ema: bool):
+    directory = find_checkpoint(checkpoint)
+    if directory is None:
+        raise FileNotFoundError(f"{checkpoint} is neither a checkpoint directory nor a run directory with one")
+    try:
+        model, parts = load_model(directory, ema=ema)
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        raise ValueError(f"checkpoint {directory} is corrupt or partial ({type(error).__name__}: {error})") from None
+    return directory, model, parts
+
+
+def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings | None = None, echo=print) -> dict:
+    """Embed every cell of ``open_source(**source_args)`` with the checkpoint's model into ``out``."""
+    import zarr
+
+    settings = settings or EmbedSettings()
+    started = time.perf_counter()
+    directory, model, parts = _load(checkpoint, settings.ema)
+    identity = model_id(directory)
+    genes = parts["genes"]["feature_ids"]
+    with open_source(**source_args) as source:
+        alignment = GeneAlignment(source.feature_ids, genes, settings.min_gene_overlap, source_name=source.uri)
+        echo(f"genes: {alignment.summary()}")
+        obs = source.read_obs()
+        _report_batches(parts, obs, echo)
+        n_obs, provenance = source.n_obs, source.provenance()
+    obs_ids = obs.index.astype(str).to_numpy()
+    dims = list(model.config.latent_dims)
+    attrs = {"format_version": FORMAT_VERSION, "model_id": identity, "checkpoint": str(directory),
+             "feature_ids_hash": parts["genes"]["feature_ids_hash"], "level_dims": dims, "source": provenance,
+             "chunk_rows": settings.chunk_rows, "ema": settings.ema, "n_genes_missing_zero_filled": len(alignment.missing)}
+    group, existing = _open_output(out, attrs, n_obs, dims, settings)
+    if existing == "complete":
+        echo(f"{out} is already complete for model {identity}; nothing to do")
+        return {"out": out, "cells": n_obs, "written_chunks": 0, "complete": True}
+    n_chunks = -(-n_obs // settings.chunk_rows)
+    done = np.asarray(group["progress/done"][:])
+    todo = [c for c in range(n_chunks) if not done[c]]
+    if existing == "partial":
+        echo(f"resuming {out}: {n_chunks - len(todo)} of {n_chunks} chunks already written")
+    bar = _bar(n_obs, n_obs - sum(_chunk_size(c, n_obs, settings.chunk_rows) for c in todo), settings.progress)
+    if settings.workers == 0:
+        worker = _ChunkEmbedder(str(directory), source_args, out, genes, settings)
+        for count, chunk in enumerate(todo):
+            if settings.fail_after_chunks is not None and count == settings.fail_after_chunks:
+                import os
+
+                os._exit(17)  # a killed job, for the resume test
+            bar.update(worker.run(chunk, obs_ids[chunk * settings.chunk_rows : (chunk + 1) * settings.chunk_rows]))
+    else:
+        _embed_with_ray(str(directory), source_args, out, genes, settings, todo, obs_ids, bar)
+    bar.close()
+    done = np.asarray(zarr.open_array(f"{out}/progress/done", mode="r")[:])
+    if not done.all():
+        raise RuntimeError(f"{out}: {int((done == 0).sum())} chunks were not written")
+    group.attrs.update({"complete": True, "completed": datetime.now(timezone.utc).isoformat()})
+    seconds = time.perf_counter() - started
+    rows = sum(_chunk_size(c, n_obs, settings.chunk_rows) for c in todo)
+    return {"out": out, "cells": n_obs, "written_chunks": len(todo), "complete": True, "seconds": round(seconds, 2),
+            "cells_per_s": round(rows / max(seconds, 1e-9))}
+
+
+def _chunk_size(chunk: int, n_obs: int, chunk_rows: int) -> int:
+    return min(n_obs, (chunk + 1) * chunk_rows) - chunk * chunk_rows
+
+
+def _report_batches(parts: dict, obs, echo) -> None:
+    key, categories = parts["batches"]["batch_key"], parts["batches"]["categories"]
+    if key is None:
+        return
+    if key not in obs.columns:
+        echo(f"batches: the source has no {key!r} column; the encoder does not use batches, embeddings are unaffected")
+        return
+    unseen = ~obs[key].astype(str).isin(categories)
+    if unseen.any():
+        names = sorted(obs.loc[unseen, key].astype(str).unique())
+        echo(f"batches: {int(unseen.sum())} cells in {len(names)} {key!r} categories unseen in training (e.g. {names[:3]}); "
+             "the encoder does not use batches, so their embeddings are computed as for any other cell")
+
+
+def _open_output(out: str, attrs: dict, n_obs: int, dims: list[int], settings: EmbedSettings):
+    """(group, state): state is 'new', 'partial' or 'complete'."""
+    import zarr
+
+    from .data.shard_format import filesystem
+
+    fs, path = filesystem(out)
+    if fs.exists(f"{path}/zarr.json"):
+        group = zarr.open_group(out, mode="r+")
+        old = dict(group.attrs)
+        same = (old.get("model_id") == attrs["model_id"] and old.get("chunk_rows") == attrs["chunk_rows"]
+                and old.get("ema") == attrs["ema"] and int(group["obs_id"].shape[0]) == n_obs
+                and ("level_0/logvar" in group) == settings.logvar)
+        if not settings.overwrite:
+            if old.get("model_id") != attrs["model_id"]:
+                raise FileExistsError(f"{out} holds embeddings of another model ({old.get('model_id')}, not "
+                                      f"{attrs['model_id']}); pass --overwrite to replace them")
+            if not same:
+                raise FileExistsError(f"{out} was written with other settings (cells, chunk rows, EMA or logvar); "
+                                      "pass --overwrite to replace it")
+            return group, "complete" if old.get("complete") else "partial"
+    group = zarr.open_group(out, mode="w", zarr_format=3)
+    rows = settings.chunk_rows
+    group.create_array("obs_id", shape=(n_obs,), chunks=(rows,), dtype=str, dimension_names=["cell"])
+    for level, dim in enumerate(dims):
+        names = ["cell", f"latent_{level}"]
+        group.create_array(f"level_{level}/mean", shape=(n_obs, dim), chunks=(rows, dim), dtype="float32", dimension_names=names)
+        if settings.logvar:
+            group.create_array(f"level_{level}/logvar", shape=(n_obs, dim), chunks=(rows, dim), dtype="float32", dimension_names=names)
+    n_chunks = -(-n_obs // rows)
+    group.create_array("progress/done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0)
+    group.attrs.update({**attrs, "created": datetime.now(timezone.utc).isoformat(), "complete": False})
+    return group, "new"
+
+
+class _ChunkEmbedder:
+    """Holds one model copy and the opened source; embeds and writes whole chunks."""
+
+    def __init__(self, checkpoint_dir: str, source_args: dict, out: str, genes: list[str], settings: EmbedSettings) -> None:
+        import zarr
+
+        _, self.model, _ = _load(checkpoint_dir, settings.ema)
+        self.device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.to(self.device)
+        self.source = open_source(**source_args)
+        self.alignment = GeneAlignment(self.source.feature_ids, genes, settings.min_gene_overlap, source_name=self.source.uri)
+        self.group = zarr.open_group(out, mode="r+")
+        self.settings = settings
+
+    @torch.no_grad()
+    def run(self, chunk: int, obs_ids: np.ndarray) -> int:
+        rows, n_obs = self.settings.chunk_rows, self.source.n_obs
+        lo, hi = chunk * rows, min(n_obs, (chunk + 1) * rows)
+        counts = self.source.rows(lo, hi)
+        check_counts(counts, self.source.uri, obs_ids, self.source.feature_ids)
+        counts = self.alignment.apply(counts)
+        means, logvars = [], []
+        for start in range(0, hi - lo, self.settings.batch_size):
+            dense = densify(counts[start : start + self.settings.batch_size], self.device)
+            mean, logvar = self.model.encode(dense, return_logvar=True)
+            means.append([m.float().cpu().numpy() for m in mean])
+            logvars.append([v.float().cpu().numpy() for v in logvar])
+        for level in range(len(means[0])):
+            self.group[f"level_{level}/mean"][lo:hi] = np.concatenate([m[level] for m in means])
+            if self.settings.logvar:
+                self.group[f"level_{level}/logvar"][lo:hi] = np.concatenate([v[level] for v in logvars])
+        self.group["obs_id"][lo:hi] = np.asarray(obs_ids, dtype=object).astype(str)
+        self.group["progress/done"][chunk] = 1  # only after every row of the chunk is written
+        return hi - lo
+
+
+def _embed_with_ray(checkpoint_dir, source_args, out, genes, settings, todo, obs_ids, bar) -> None:
+    import os
+
+    import ray
+    from ray.util import ActorPool
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False, log_to_driver=False)
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= settings.workers else 0
+    actor = ray.remote(num_cpus=1, num_gpus=gpus)(_ChunkEmbedder)
+    actors = [actor.remote(checkpoint_dir, source_args, out, genes, settings) for _ in range(settings.workers)]
+    rows = settings.chunk_rows
+    pool = ActorPool(actors)
+    for written in pool.map_unordered(lambda a, c: a.run.remote(c, obs_ids[c * rows : (c + 1) * rows]), todo):
+        bar.update(written)
+    for a in actors:
+        ray.kill(a)
+
+
+def _bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="cells", unit_scale=True, desc="embed", disable=not enabled, dynamic_ncols=True)
+
+
+def read_embeddings(path: str, as_: str = "anndata", lazy: bool = True):
+    """The embeddings at ``path`` as an AnnData (obsm ``X_hvae_level_<l>``) or an xarray Dataset
+    (``level_<l>_mean`` over dims ``cell`` x ``latent_<l>``, coordinate ``obs_id``); dask-backed
+    (lazy) by default. Refuses an incomplete output."""
+    import dask.array as da
+    import zarr
+
+    group = zarr.open_group(path, mode="r")
+    attrs = dict(group.attrs)
+    if not attrs.get("complete"):
+        raise ValueError(f"{path} is incomplete (embedding was interrupted); rerun `hvae-pipeline embed` to finish it")
+    obs_ids = np.asarray(group["obs_id"][:]).astype(object)  # numpy StringDType -> Python str
+    arrays = {}
+    for level in range(len(attrs["level_dims"])):
+        for kind in ("mean", "logvar"):
+            key = f"level_{level}/{kind}"
+            if key in group:
+                array = da.from_zarr(group[key]) if lazy else np.asarray(group[key][:])
+                arrays[(level, kind)] = array
+    if as_ == "xarray":
+        import xarray as xr
+
+        data = {f"level_{l}_{k}": (("cell", f"latent_{l}"), a) for (l, k), a in arrays.items()}
+        return xr.Dataset(data, coords={"obs_id": ("cell", obs_ids)}, attrs={k: str(v) for k, v in attrs.items()})
+    if as_ == "anndata":
+        import anndata as ad
+        import pandas as pd
+
+        obsm = {(f"X_hvae_level_{l}" if k == "mean" else f"X_hvae_level_{l}_logvar"): a for (l, k), a in arrays.items()}
+        adata = ad.AnnData(obs=pd.DataFrame(index=pd.Index(obs_ids, name="obs_id")), obsm=obsm)
+        adata.uns["hvae_embeddings"] = {k: (v if isinstance(v, (str, int, float, bool)) else str(v)) for k, v in attrs.items()}
+        return adata
+    raise ValueError(f"as_ must be 'anndata' or 'xarray', got {as_!r}")
+
+
+def attach_embeddings(adata, path: str) -> None:
+    """Copy every level's means into ``adata.obsm`` for the cells of ``adata`` (matched by obs name)."""
+    embeddings = read_embeddings(path, lazy=False)
+    position = embeddings.obs_names.get_indexer(adata.obs_names)
+    if (position < 0).any():
+        missing = adata.obs_names[position < 0][:3].tolist()
+        raise KeyError(f"{int((position < 0).sum())} cells of adata are not in {path} (e.g. {missing})")
+    for key, values in embeddings.obsm.items():
+        adata.obsm[key] = np.asarray(values)[position]

@@ -1,0 +1,162 @@
+"""``embed``: every level to Zarr, equal to the model's encode, resumable after a kill, untouched
+when complete, robust to a new release's gene order, and readable with zarr, xarray and anndata."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+import zarr
+
+from conftest import shared_file
+from pipeline.checkpoint import find_checkpoint, load_model
+from pipeline.data import GeneAlignment
+from pipeline.embed import EmbedSettings, attach_embeddings, embed, read_embeddings
+
+ENV = {**os.environ, "TQDM_DISABLE": "1"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small model trained on pbmc3k shards (1,000 HVGs), and the source h5ad."""
+    from pipeline.config import load_config
+    from pipeline.data import ShardSettings, open_source, write_shards
+    from pipeline.ray_train import train
+
+    root = tmp_path_factory.mktemp("embed")
+    source = str(shared_file("pbmc3k_raw_seurat_annotations.h5ad"))
+    write_shards(open_source(source), str(root / "shards"), ShardSettings(n_top_genes=1000, shard_size=1000, progress=False))
+    config = load_config(base={"data": {"path": str(root / "shards")}}, overrides=[
+        "train.max_steps=60", "train.batch_size=128", "checkpoint.every_steps=60", "train.progress=false",
+        f"run.storage_path={root / 'runs'}", "run.name=pbmc"])
+    train(config, echo=lambda *_: None)
+    return root / "runs" / "pbmc", source, root
+
+
+def embed_quiet(checkpoint, source, out, **settings):
+    return embed(str(checkpoint), {"source": source}, str(out), EmbedSettings(progress=False, **settings), echo=lambda *_: None)
+
+
+def test_embeddings_equal_encode_and_read_everywhere(trained, tmp_path):
+    run_dir, source, _ = trained
+    out = tmp_path / "pbmc.zarr"
+    result = embed_quiet(run_dir, source, out, chunk_rows=1000, batch_size=512, logvar=True)
+    assert result["complete"] and result["cells"] == 2700
+    model, parts = load_model(find_checkpoint(run_dir))
+    adata = ad.read_h5ad(source)
+    counts = GeneAlignment(adata.var_names, parts["genes"]["feature_ids"]).apply(sp.csr_matrix(adata.X))
+    with torch.no_grad():
+        means, logvars = model.encode(torch.from_numpy(counts.toarray()), return_logvar=True)
+    group = zarr.open_group(str(out), mode="r")
+    assert list(np.asarray(group["obs_id"][:]).astype(object)) == list(adata.obs_names)  # every cell once, in order
+    for level, (mean, logvar) in enumerate(zip(means, logvars)):
+        np.testing.assert_allclose(group[f"level_{level}/mean"][:], mean.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(group[f"level_{level}/logvar"][:], logvar.numpy(), rtol=1e-4, atol=1e-5)
+    assert group.attrs["model_id"].startswith("sha256:") and group.attrs["level_dims"] == [32, 16, 8]
+    embedded = read_embeddings(str(out))
+    assert embedded.obsm["X_hvae_level_2"].shape == (2700, 8)
+    dataset = read_embeddings(str(out), as_="xarray")
+    np.testing.assert_allclose(dataset["level_1_mean"].values, means[1].numpy(), rtol=1e-4, atol=1e-5)
+    import xarray as xr
+
+    plain = xr.open_zarr(str(out), group="level_0", consolidated=False)
+    assert plain["mean"].shape == (2700, 32)
+    subset = adata[::7].copy()
+    attach_embeddings(subset, str(out))
+    np.testing.assert_allclose(subset.obsm["X_hvae_level_0"], means[0].numpy()[::7], rtol=1e-4, atol=1e-5)
+
+
+def test_killed_embedding_resumes_to_the_same_output_and_a_complete_one_is_untouched(trained, tmp_path):
+    run_dir, source, _ = trained
+    straight = tmp_path / "straight.zarr"
+    embed_quiet(run_dir, source, straight, chunk_rows=500)
+    command = [sys.executable, "-m", "pipeline", "embed", "--checkpoint", str(run_dir), "--source", source,
+               "--out", str(tmp_path / "killed.zarr"), "--chunk-rows", "500"]
+    killed = subprocess.run([*command, "--fail-after-chunks", "3"], capture_output=True, text=True, env=ENV)
+    assert killed.returncode == 17
+    with pytest.raises(ValueError, match="incomplete"):
+        read_embeddings(str(tmp_path / "killed.zarr"))
+    resumed = subprocess.run(command, capture_output=True, text=True, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout and "3 of 6 chunks already written" in resumed.stdout
+    a, b = zarr.open_group(str(straight), mode="r"), zarr.open_group(str(tmp_path / "killed.zarr"), mode="r")
+    for level in range(3):
+        np.testing.assert_array_equal(a[f"level_{level}/mean"][:], b[f"level_{level}/mean"][:])
+    assert list(a["obs_id"][:]) == list(b["obs_id"][:])
+    chunk_file = tmp_path / "killed.zarr" / "level_0" / "mean" / "c" / "0" / "0"
+    before = chunk_file.stat().st_mtime_ns
+    again = subprocess.run(command, capture_output=True, text=True, env=ENV)
+    assert again.returncode == 0 and "already complete" in again.stdout
+    assert chunk_file.stat().st_mtime_ns == before
+
+
+def test_new_release_with_permuted_and_missing_genes(trained, tmp_path):
+    run_dir, source, _ = trained
+    original = tmp_path / "original.zarr"
+    embed_quiet(run_dir, source, original)
+    _, parts = load_model(find_checkpoint(run_dir))
+    genes = parts["genes"]["feature_ids"]
+    adata = ad.read_h5ad(source)
+    rng = np.random.default_rng(0)
+    keep = [g for g in genes if rng.random() > 0.05]  # 5% of the model's genes absent in the release
+    release = adata[:1200, rng.permutation(keep)].copy()
+    release.write_h5ad(tmp_path / "release.h5ad")
+    messages = []
+    embed(str(run_dir), {"source": str(tmp_path / "release.h5ad")}, str(tmp_path / "release.zarr"),
+          EmbedSettings(progress=False), echo=messages.append)
+    assert any(f"{len(keep)}/1000 genes found; {1000 - len(keep)} missing zero-filled" in m for m in messages)
+    new = read_embeddings(str(tmp_path / "release.zarr"), lazy=False).obsm["X_hvae_level_0"]
+    old = read_embeddings(str(original), lazy=False).obsm["X_hvae_level_0"][:1200]
+    correlation = np.corrcoef(new.ravel(), old.ravel())[0, 1]
+    assert correlation > 0.95, correlation
+
+
+def test_embed_errors(trained, tmp_path):
+    run_dir, source, root = trained
+    out = tmp_path / "e.zarr"
+    embed_quiet(run_dir, source, out, chunk_rows=1000)
+    other = tmp_path / "other_run"
+    shutil.copytree(find_checkpoint(run_dir), other)
+    state = torch.load(other / "model.pt", weights_only=False)
+    state["ema"] = {k: (v + 0.01 if v.is_floating_point() else v) for k, v in state["ema"].items()}
+    torch.save(state, other / "model.pt")
+    with pytest.raises(FileExistsError, match="holds embeddings of another model"):
+        embed_quiet(other, source, out, chunk_rows=1000)
+    assert embed_quiet(other, source, out, chunk_rows=1000, overwrite=True)["written_chunks"] == 3
+    broken = tmp_path / "broken"
+    shutil.copytree(find_checkpoint(run_dir), broken)
+    (broken / "model.pt").write_bytes((broken / "model.pt").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="corrupt or partial"):
+        embed_quiet(broken, source, tmp_path / "x.zarr")
+    (broken / "trainer.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"incomplete: missing \['trainer.pt'\]"):
+        embed_quiet(broken, source, tmp_path / "x.zarr")
+    foreign = ad.AnnData(X=sp.csr_matrix(np.ones((10, 50), dtype=np.float32)),
+                         var=pd.DataFrame(index=[f"MOUSE{i}" for i in range(50)]))
+    foreign.write_h5ad(tmp_path / "mouse.h5ad")
+    with pytest.raises(ValueError, match="below the minimum overlap"):
+        embed_quiet(run_dir, str(tmp_path / "mouse.h5ad"), tmp_path / "y.zarr")
+
+
+@pytest.mark.slow
+def test_ray_actors_write_the_same_embeddings(trained, tmp_path):
+    import ray
+
+    run_dir, source, root = trained
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        embed_quiet(run_dir, str(root / "shards"), tmp_path / "ray.zarr", chunk_rows=400, workers=2)
+    finally:
+        ray.shutdown()
+    embed_quiet(run_dir, str(root / "shards"), tmp_path / "local.zarr", chunk_rows=400)
+    a, b = zarr.open_group(str(tmp_path / "ray.zarr"), mode="r"), zarr.open_group(str(tmp_path / "local.zarr"), mode="r")
+    assert a.attrs["complete"] and list(a["obs_id"][:]) == list(b["obs_id"][:])
+    for level in range(3):
+        np.testing.assert_allclose(a[f"level_{level}/mean"][:], b[f"level_{level}/mean"][:], rtol=1e-5, atol=1e-6)
