@@ -185,12 +185,14 @@ def demo(
     max_steps: int = typer.Option(3_000, help="Training steps per model."),
     flat_baseline: bool = typer.Option(True, help="Also train the flat (one-level) baseline."),
     seed: int = typer.Option(0, help="Random seed."),
+    workers: int = typer.Option(2, help="Ray Train workers on the local CPUs (0: one process, no Ray)."),
 ) -> None:
-    """Run the main job end to end on the embedded default data (a synthetic 3-level atlas)."""
+    """Run the main job end to end on the embedded default data: a synthetic 3-level atlas ->
+    shards -> Ray training (hierarchical and flat) -> embeddings per level -> evaluation."""
     from .demo import DemoSettings, run_demo
 
     run_demo(DemoSettings(out_dir=out_dir, n_cells=n_cells, max_steps=max_steps,
-                          with_flat_baseline=flat_baseline, seed=seed), echo=typer.echo)
+                          with_flat_baseline=flat_baseline, seed=seed, workers=workers), echo=typer.echo)
 
 
 def main() -> None:

@@ -1,27 +1,31 @@
-"""The demo: a synthetic atlas with a known 3-level hierarchy, the hierarchical model against
-its flat baseline and PCA, one embedding per level written out, and the per-level table.
-
-This runs in one process on the CPU. The Ray-trained, sharded, Zarr-embedding version of the
-same job replaces the in-memory steps as those stages land (training and inference issues).
+"""The demo, the main job end to end on generated data: a synthetic atlas with a known 3-level
+hierarchy -> pre-shuffled shards -> training (Ray Train on the local CPUs, or one process) of the
+hierarchical model and its flat baseline -> one embedding per level to Zarr -> the per-level table
+against the flat baseline and PCA.
 """
 
 from __future__ import annotations
 
 import json
 import platform
-import time
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import anndata as ad
+import numpy as np
 import torch
 
-from hvae import HVAEConfig
+from hvae import active_units
 
+from .checkpoint import find_checkpoint, load_model
+from .config import load_config
+from .data import ShardSettings, write_shards
+from .data.sources import ShardSource, SyntheticSource
+from .embed import EmbedSettings, embed, read_embeddings
 from .evaluation import evaluate_levels, pca_embedding
-from .fit import FitResult, batch_codes, fit_in_memory
-from .synthetic import SyntheticAtlasSpec, write_synthetic_atlas
-from .training import StepSettings
+from .fit import diagnostic_kl
+from .ray_train import train
+from .synthetic import SyntheticAtlas, SyntheticAtlasSpec
 
 
 @dataclass(frozen=True)
@@ -31,93 +35,88 @@ class DemoSettings:
     n_genes: int = 2_000
     n_donors: int = 8
     max_steps: int = 3_000
-    batch_size: int = 256
+    batch_size: int = 256           # global: split over the workers
     seed: int = 0
     with_flat_baseline: bool = True
+    workers: int = 2                # Ray Train workers; 0 = one process without Ray
 
 
 def run_demo(settings: DemoSettings, echo=print) -> dict:
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    spec = SyntheticAtlasSpec(
-        n_cells=settings.n_cells, n_genes=settings.n_genes, n_donors=settings.n_donors, seed=settings.seed
-    )
-    atlas_path = out / "atlas.zarr"
-    echo(f"[1/4] synthetic atlas: {spec.n_cells:,} cells x {spec.n_genes:,} genes, tree {spec.branching}, "
-         f"{spec.n_donors} donors -> {atlas_path}")
-    write_synthetic_atlas(spec, atlas_path)
-    adata = ad.read_zarr(atlas_path)  # the file just written, not a second generation
+    spec = SyntheticAtlasSpec(n_cells=settings.n_cells, n_genes=settings.n_genes, n_donors=settings.n_donors, seed=settings.seed)
+    shards = out / "shards"
+    echo(f"[1/5] synthetic atlas: {spec.n_cells:,} cells x {spec.n_genes:,} genes, tree {spec.branching}, "
+         f"{spec.n_donors} donors (stored contiguously) -> pre-shuffled shards {shards}")
+    write_shards(SyntheticSource(SyntheticAtlas(spec)), str(shards),
+                 ShardSettings(shard_size=max(1_000, settings.n_cells // 4), seed=settings.seed, overwrite=True), echo=echo)
+
+    def fit(latent_dims: list[int], name: str, step: str) -> Path:
+        run_dir = out / "runs" / name
+        shutil.rmtree(run_dir, ignore_errors=True)  # the demo always trains afresh
+        workers = settings.workers
+        config = load_config(base={"data": {"path": str(shards), "batch_key": "donor_id"}}, overrides=[
+            f"model.latent_dims={latent_dims}", f"train.max_steps={settings.max_steps}",
+            f"train.batch_size={max(1, settings.batch_size // max(1, workers))}",
+            f"train.kl_warmup_steps={settings.max_steps // 3}", f"train.seed={settings.seed}",
+            f"checkpoint.every_steps={max(1, settings.max_steps // 3)}", f"scaling.num_workers={workers}",
+            f"run.storage_path={out / 'runs'}", f"run.name={name}", "train.log_every=50"])
+        where = f"Ray Train, {workers} CPU workers" if workers else "one process"
+        echo(f"[{step}] training the {len(latent_dims)}-level model {tuple(latent_dims)} for {settings.max_steps} steps ({where}) ...")
+        summary = train(config, echo=echo)
+        echo(f"       {summary['wall_seconds']:.0f} s -> {summary['checkpoint']}")
+        return run_dir
+
+    hierarchical_run = fit([32, 16, 8], "hvae", "2/5")
+    flat_run = fit([32], "flat", "3/5") if settings.with_flat_baseline else None
+
+    echo("[4/5] embedding every cell, one array per level")
+    embeddings = out / "embeddings.zarr"
+    quiet = EmbedSettings(overwrite=True, progress=False)
+    embed(str(hierarchical_run), {"source": str(shards)}, str(embeddings), quiet, echo=echo)
+    if flat_run is not None:
+        embed(str(flat_run), {"source": str(shards)}, str(out / "embeddings_flat.zarr"), quiet, echo=lambda *_: None)
+
+    echo("[5/5] evaluating every level against the known tree")
+    source = ShardSource(str(shards))
+    obs, counts = source.read_obs(), source.rows(0, source.n_obs)
     labels = list(spec.label_names)
-    donors, donor_names = batch_codes(adata.obs, "donor_id")
-    step_settings = StepSettings(kl_warmup_steps=settings.max_steps // 3)
-
-    def train(latent_dims: tuple[int, ...], title: str) -> FitResult:
-        config = HVAEConfig(n_genes=spec.n_genes, latent_dims=latent_dims, n_batches=len(donor_names))
-        echo(f"[{title}] training {len(latent_dims)}-level model {latent_dims} for {settings.max_steps} steps on CPU ...")
-        result = fit_in_memory(
-            adata.X, config, step_settings, settings.max_steps, settings.batch_size, donors,
-            seed=settings.seed, obs=adata.obs, label_columns=labels, progress=True,
-        )
-        cells_per_second = settings.max_steps * settings.batch_size / result.seconds
-        echo(f"       {result.seconds:.0f} s ({cells_per_second:,.0f} cells/s)")
-        return result
-
-    hierarchical = train((32, 16, 8), "2/4")
-    flat = train((32,), "3/4") if settings.with_flat_baseline else None
-    pca_scores = evaluate_levels([pca_embedding(adata.X)], adata.obs, labels)[0]
-
-    echo("[4/4] writing embeddings and the model")
-    for level, means in enumerate(hierarchical.level_means):
-        adata.obsm[f"X_hvae_level_{level}"] = means
-    adata.uns["provenance"] = json.dumps({"atlas": json.loads(adata.uns["provenance"]), "created": time.time()})
-    embeddings_path = out / "embeddings.h5ad"
-    adata.write_h5ad(embeddings_path)
-    model_path = out / "model.pt"
-    torch.save(
-        {
-            "model_config": hierarchical.model.config.to_dict(),
-            "state_dict": hierarchical.model.state_dict(),
-            "feature_ids": list(adata.var["feature_id"]),
-            "batch_categories": donor_names,
-            "train_step": hierarchical.trainer.step_count,
-        },
-        model_path,
-    )
-
-    rows = _table_rows(hierarchical, flat, pca_scores, labels)
-    summary = {
-        "atlas": str(atlas_path),
-        "embeddings": str(embeddings_path),
-        "model": str(model_path),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-        "rows": rows,
-    }
+    donors = torch.as_tensor(obs["donor_id"].cat.codes.to_numpy(np.int64))
+    rows = _level_rows(hierarchical_run, embeddings, obs, counts, donors, labels)
+    if flat_run is not None:
+        flat_row = _level_rows(flat_run, out / "embeddings_flat.zarr", obs, counts, donors, labels)[0]
+        rows.append({**flat_row, "representation": "flat VAE (baseline)"})
+    pca_scores = evaluate_levels([pca_embedding(counts)], obs, labels)[0]
+    rows.append({"representation": "PCA (50 comps)", "dim": 50, "kl": None, "active_units": None,
+                 **{label: round(pca_scores[label], 3) for label in labels}})
+    summary = {"shards": str(shards), "run": str(hierarchical_run), "checkpoint": str(find_checkpoint(hierarchical_run)),
+               "embeddings": str(embeddings), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+               "workers": settings.workers, "rows": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     echo("")
     echo(format_table(rows, labels))
     echo("")
-    echo(f"atlas:      {atlas_path}\nembeddings: {embeddings_path} (obsm['X_hvae_level_<l>'], level 0 = finest)\n"
-         f"model:      {model_path}\nsummary:    {out / 'summary.json'}")
+    echo(f"shards:     {shards}\nrun:        {hierarchical_run} (metrics.jsonl, checkpoints, tensorboard/)\n"
+         f"embeddings: {embeddings} (level_<l>/mean, level 0 = finest; pipeline.embed.read_embeddings)\n"
+         f"summary:    {out / 'summary.json'}")
     return summary
 
 
-def _table_rows(hierarchical: FitResult, flat: FitResult | None, pca_scores: dict, labels: list[str]) -> list[dict]:
+def _level_rows(run_dir: Path, embeddings: Path, obs, counts, donors, labels: list[str]) -> list[dict]:
+    """Top level first: dim, KL per cell, active units and kNN accuracy on every label."""
+    model, _ = load_model(find_checkpoint(run_dir))
+    adata = read_embeddings(str(embeddings), lazy=False)
+    means = [np.asarray(adata.obsm[f"X_hvae_level_{level}"]) for level in range(model.config.n_levels)]
+    kl = diagnostic_kl(model, counts, donors.numpy() if model.config.n_batches else None)
+    units = active_units([torch.from_numpy(m) for m in means])
+    scores = evaluate_levels(means, obs, labels)
     rows = []
-    dims = hierarchical.model.config.latent_dims
-    for level in reversed(range(len(dims))):
-        rows.append({
-            "representation": f"HVAE level {level}" + (" (top)" if level == len(dims) - 1 else " (finest)" if level == 0 else ""),
-            "dim": dims[level],
-            "kl": round(hierarchical.kl_per_level[level], 2),
-            "active_units": hierarchical.active_units[level],
-            **{label: round(hierarchical.knn[level][label], 3) for label in labels},
-        })
-    if flat is not None:
-        rows.append({"representation": "flat VAE (baseline)", "dim": flat.model.config.latent_dims[0],
-                     "kl": round(flat.kl_per_level[0], 2), "active_units": flat.active_units[0],
-                     **{label: round(flat.knn[0][label], 3) for label in labels}})
-    rows.append({"representation": "PCA (50 comps)", "dim": 50, "kl": None, "active_units": None,
-                 **{label: round(pca_scores[label], 3) for label in labels}})
+    top = model.config.n_levels - 1
+    for level in reversed(range(model.config.n_levels)):
+        suffix = " (top)" if level == top and top > 0 else " (finest)" if level == 0 and top > 0 else ""
+        rows.append({"representation": f"HVAE level {level}{suffix}", "dim": model.config.latent_dims[level],
+                     "kl": round(kl[level], 2), "active_units": int(units[level]),
+                     **{label: round(scores[level][label], 3) for label in labels}})
     return rows
 
 

@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from .checkpoint import find_checkpoint, load_model
@@ -82,7 +83,7 @@ def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings 
         alignment = GeneAlignment(source.feature_ids, genes, settings.min_gene_overlap, source_name=source.uri)
         echo(f"genes: {alignment.summary()}")
         obs = source.read_obs()
-        _report_batches(parts, obs, echo)
+        codes = _batch_codes(parts, obs, echo)
         n_obs, provenance = source.n_obs, source.provenance()
     obs_ids = obs.index.astype(str).to_numpy()
     dims = list(model.config.latent_dims)
@@ -106,9 +107,10 @@ def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings 
                 import os
 
                 os._exit(17)  # a killed job, for the resume test
-            bar.update(worker.run(chunk, obs_ids[chunk * settings.chunk_rows : (chunk + 1) * settings.chunk_rows]))
+            rows = slice(chunk * settings.chunk_rows, (chunk + 1) * settings.chunk_rows)
+            bar.update(worker.run(chunk, obs_ids[rows], None if codes is None else codes[rows]))
     else:
-        _embed_with_ray(str(directory), source_args, out, genes, settings, todo, obs_ids, bar)
+        _embed_with_ray(str(directory), source_args, out, genes, settings, todo, obs_ids, codes, bar)
     bar.close()
     done = np.asarray(zarr.open_array(f"{out}/progress/done", mode="r")[:])
     if not done.all():
@@ -124,18 +126,24 @@ def _chunk_size(chunk: int, n_obs: int, chunk_rows: int) -> int:
     return min(n_obs, (chunk + 1) * chunk_rows) - chunk * chunk_rows
 
 
-def _report_batches(parts: dict, obs, echo) -> None:
+def _batch_codes(parts: dict, obs, echo) -> np.ndarray | None:
+    """Each cell's batch code in the checkpoint's categories (None for a model without batches).
+
+    The encoder does not use batches, so embeddings never depend on these codes; they are passed
+    because the model checks its inputs. Unseen categories (and a missing column) get code 0."""
     key, categories = parts["batches"]["batch_key"], parts["batches"]["categories"]
-    if key is None:
-        return
+    if key is None or not categories:
+        return None
     if key not in obs.columns:
         echo(f"batches: the source has no {key!r} column; the encoder does not use batches, embeddings are unaffected")
-        return
-    unseen = ~obs[key].astype(str).isin(categories)
+        return np.zeros(len(obs), dtype=np.int64)
+    codes = pd.Index(categories).get_indexer(obs[key].astype(str))
+    unseen = codes < 0
     if unseen.any():
         names = sorted(obs.loc[unseen, key].astype(str).unique())
         echo(f"batches: {int(unseen.sum())} cells in {len(names)} {key!r} categories unseen in training (e.g. {names[:3]}); "
              "the encoder does not use batches, so their embeddings are computed as for any other cell")
+    return np.where(unseen, 0, codes).astype(np.int64)
 
 
 def _open_output(out: str, attrs: dict, n_obs: int, dims: list[int], settings: EmbedSettings):
@@ -188,7 +196,7 @@ class _ChunkEmbedder:
         self.settings = settings
 
     @torch.no_grad()
-    def run(self, chunk: int, obs_ids: np.ndarray) -> int:
+    def run(self, chunk: int, obs_ids: np.ndarray, codes: np.ndarray | None = None) -> int:
         rows, n_obs = self.settings.chunk_rows, self.source.n_obs
         lo, hi = chunk * rows, min(n_obs, (chunk + 1) * rows)
         counts = self.source.rows(lo, hi)
@@ -197,7 +205,8 @@ class _ChunkEmbedder:
         means, logvars = [], []
         for start in range(0, hi - lo, self.settings.batch_size):
             dense = densify(counts[start : start + self.settings.batch_size], self.device)
-            mean, logvar = self.model.encode(dense, return_logvar=True)
+            index = None if codes is None else torch.from_numpy(codes[start : start + self.settings.batch_size]).to(self.device)
+            mean, logvar = self.model.encode(dense, index, return_logvar=True)
             means.append([m.float().cpu().numpy() for m in mean])
             logvars.append([v.float().cpu().numpy() for v in logvar])
         for level in range(len(means[0])):
@@ -209,7 +218,7 @@ class _ChunkEmbedder:
         return hi - lo
 
 
-def _embed_with_ray(checkpoint_dir, source_args, out, genes, settings, todo, obs_ids, bar) -> None:
+def _embed_with_ray(checkpoint_dir, source_args, out, genes, settings, todo, obs_ids, codes, bar) -> None:
     import os
 
     import ray
@@ -222,7 +231,11 @@ def _embed_with_ray(checkpoint_dir, source_args, out, genes, settings, todo, obs
     actors = [actor.remote(checkpoint_dir, source_args, out, genes, settings) for _ in range(settings.workers)]
     rows = settings.chunk_rows
     pool = ActorPool(actors)
-    for written in pool.map_unordered(lambda a, c: a.run.remote(c, obs_ids[c * rows : (c + 1) * rows]), todo):
+    def submit(actor, chunk):
+        part = slice(chunk * rows, (chunk + 1) * rows)
+        return actor.run.remote(chunk, obs_ids[part], None if codes is None else codes[part])
+
+    for written in pool.map_unordered(submit, todo):
         bar.update(written)
     for a in actors:
         ray.kill(a)

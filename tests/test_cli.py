@@ -32,15 +32,17 @@ def test_simulate_refuses_a_bad_output_path(tmp_path):
 
 def test_demo_runs_end_to_end_and_writes_every_level(tmp_path):
     out = tmp_path / "demo"
-    result = run_cli("demo", "--out-dir", str(out), "--n-cells", "2000", "--max-steps", "60")
+    result = run_cli("demo", "--out-dir", str(out), "--n-cells", "2000", "--max-steps", "60", "--workers", "0")
     assert "| HVAE level 2 (top)" in result.stdout and "flat VAE (baseline)" in result.stdout
-    embedded = ad.read_h5ad(out / "embeddings.h5ad")
+    from pipeline.checkpoint import find_checkpoint, load_model
+    from pipeline.embed import read_embeddings
+
+    embedded = read_embeddings(str(out / "embeddings.zarr"))
     assert [embedded.obsm[f"X_hvae_level_{level}"].shape for level in range(3)] == [(2000, 32), (2000, 16), (2000, 8)]
     summary = json.loads((out / "summary.json").read_text())
     assert [row["representation"] for row in summary["rows"]][:3] == [
         "HVAE level 2 (top)", "HVAE level 1", "HVAE level 0 (finest)"]
-    checkpoint = torch.load(out / "model.pt", weights_only=True)
-    model = HierarchicalVAE(HVAEConfig.from_dict(checkpoint["model_config"]))
-    model.load_state_dict(checkpoint["state_dict"])
-    assert len(checkpoint["feature_ids"]) == model.config.n_genes == 2000
-    assert (out / "atlas.zarr").exists()
+    model, parts = load_model(find_checkpoint(out / "runs" / "hvae"))
+    assert len(parts["genes"]["feature_ids"]) == model.config.n_genes == 2000
+    assert (out / "shards" / "manifest.json").exists()
+
