@@ -76,7 +76,11 @@ def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings 
 
     settings = settings or EmbedSettings()
     started = time.perf_counter()
+    # Ray actors do not run in this directory: make local paths absolute.
+    source_args = {**source_args, "source": _absolute(str(source_args["source"]))}
+    out = _absolute(str(out))
     directory, model, parts = _load(checkpoint, settings.ema)
+    directory = directory.resolve()
     identity = model_id(directory)
     genes = parts["genes"]["feature_ids"]
     with open_source(**source_args) as source:
@@ -120,6 +124,12 @@ def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings 
     rows = sum(_chunk_size(c, n_obs, settings.chunk_rows) for c in todo)
     return {"out": out, "cells": n_obs, "written_chunks": len(todo), "complete": True, "seconds": round(seconds, 2),
             "cells_per_s": round(rows / max(seconds, 1e-9))}
+
+
+def _absolute(path: str) -> str:
+    if path == "census" or "://" in path:
+        return path
+    return str(Path(path).resolve())
 
 
 def _chunk_size(chunk: int, n_obs: int, chunk_rows: int) -> int:

@@ -29,6 +29,8 @@ from .train_loop import train_worker
 
 def train(config: PipelineConfig, echo=print) -> dict:
     """Train as configured; returns the summary (also written to ``summary.json``)."""
+    if "://" not in config.data.path:  # Ray workers do not run in this directory: absolute paths
+        config = config.model_copy(update={"data": config.data.model_copy(update={"path": str(Path(config.data.path).resolve())})})
     run_dir = Path(config.run_dir).resolve()
     _check_storage(run_dir)
     _check_gpu(config)

@@ -146,13 +146,15 @@ def test_embed_errors(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_actors_write_the_same_embeddings(trained, tmp_path):
+def test_ray_actors_write_the_same_embeddings(trained, tmp_path, monkeypatch):
     import ray
 
     run_dir, source, root = trained
+    monkeypatch.chdir(tmp_path)  # relative paths, as users type them (Ray actors run elsewhere)
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
-        embed_quiet(run_dir, str(root / "shards"), tmp_path / "ray.zarr", chunk_rows=400, workers=2)
+        embed_quiet(os.path.relpath(run_dir, tmp_path), os.path.relpath(root / "shards", tmp_path), "ray.zarr",
+                    chunk_rows=400, workers=2)
     finally:
         ray.shutdown()
     embed_quiet(run_dir, str(root / "shards"), tmp_path / "local.zarr", chunk_rows=400)

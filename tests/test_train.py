@@ -124,14 +124,17 @@ def test_ray_two_workers_on_pbmc3k_survive_a_killed_worker(ray_cluster, tmp_path
 
 
 @pytest.mark.slow
-def test_ray_driver_rerun_continues_from_the_checkpoint(ray_cluster, small_shards, tmp_path):
+def test_ray_driver_rerun_continues_from_the_checkpoint(ray_cluster, small_shards, tmp_path, monkeypatch):
     from pipeline.config import load_config
     from pipeline.ray_train import train
 
+    monkeypatch.chdir(tmp_path)  # relative paths, as users type them (Ray workers run elsewhere)
+    relative = os.path.relpath(small_shards, tmp_path)
+
     def config(max_steps):
-        return load_config(base={"data": {"path": small_shards}}, overrides=[
+        return load_config(base={"data": {"path": relative}}, overrides=[
             "scaling.num_workers=2", f"train.max_steps={max_steps}", "train.batch_size=64", "train.log_every=1",
-            "checkpoint.every_steps=10", "train.progress=false", f"run.storage_path={tmp_path}", "run.name=grow"])
+            "checkpoint.every_steps=10", "train.progress=false", "run.storage_path=.", "run.name=grow"])
 
     train(config(20))
     first = read_checkpoint(find_checkpoint(tmp_path / "grow"))["train_state"]
