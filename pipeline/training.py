@@ -21,6 +21,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from hvae import HierarchicalVAE, kl_warmup
 
+from .data.loader import CSRBatch
+from .data.loader import densify as densify_batch
+
 PRECISIONS = ("bf16", "fp16", "fp32")
 
 
@@ -51,8 +54,8 @@ def densify(counts, device: torch.device | str) -> torch.Tensor:
     cross to the device sparse (a tenth of the bytes at 90% zeros) and are densified there.
     """
     device = torch.device(device)
-    if hasattr(counts, "to_dense") and hasattr(counts, "indptr") and hasattr(counts, "n_vars"):  # a loader CSRBatch
-        return counts.to(device, non_blocking=True).to_dense()
+    if isinstance(counts, CSRBatch):  # a ShardedDataset batch: moved sparse, scattered on the device
+        return densify_batch(counts, device)
     if isinstance(counts, sp.spmatrix):
         counts = sp.csr_matrix(counts)
         with warnings.catch_warnings():  # torch's sparse-CSR notices: we only densify

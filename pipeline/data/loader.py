@@ -21,14 +21,13 @@ Counts stay sparse (a ``CSRBatch``) until the consumer calls ``.to_dense()`` on 
 from __future__ import annotations
 
 import os
-import queue
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .background import run_ahead
 from .shard_format import CSRArrayReader, join, read_manifest
 
 
@@ -284,7 +283,8 @@ class ShardLoader:
             self._yielded = 0
         skip = self._yielded
         if self.num_workers == 0:
-            source = _prefetched(_WorkerStream(self, 0, 1, skip), self.prefetch, self.pin_memory)
+            pin = (lambda batch: {k: v.pin_memory() for k, v in batch.items()}) if self.pin_memory else None
+            source = run_ahead(_WorkerStream(self, 0, 1, skip), self.prefetch, pin, name="shard-prefetch")
         else:
             source = iter(torch.utils.data.DataLoader(
                 _WorkerIterable(self, skip), batch_size=None, num_workers=self.num_workers,
@@ -409,40 +409,3 @@ def _combine(pieces: list[dict], n_vars: int) -> dict:
     if one["codes"] is not None:
         batch["batch_index"] = torch.from_numpy(one["codes"])
     return batch
-
-
-def _prefetched(stream, depth: int, pin: bool):
-    """Run ``stream`` in a background thread, ``depth`` batches ahead (pinned if asked)."""
-    buffer: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for batch in stream:
-                if pin:
-                    batch = {k: v.pin_memory() for k, v in batch.items()}
-                while not stop.is_set():
-                    try:
-                        buffer.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            buffer.put(done)
-        except BaseException as error:  # hand the error to the consumer
-            buffer.put(error)
-
-    thread = threading.Thread(target=produce, daemon=True, name="shard-prefetch")
-    thread.start()
-    try:
-        while True:
-            item = buffer.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()

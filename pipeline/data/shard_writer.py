@@ -31,8 +31,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .alignment import GeneAlignment, check_counts
-from .shard_format import (FORMAT_VERSION, MANIFEST_NAME, count_dtype, feature_hash, filesystem, index_dtype, join,
-                           write_csr_arrays, write_manifest)
+from .background import run_ahead
+from .shard_format import (COMPRESSIONS, FORMAT_VERSION, MANIFEST_NAME, count_dtype, feature_hash, filesystem,
+                           index_dtype, join, write_csr_arrays, write_manifest)
 from .sources import Source
 
 
@@ -56,8 +57,8 @@ class ShardSettings:
             raise ValueError("shard_size and block_size must be >= 1")
         if self.genes is not None and self.n_top_genes is not None:
             raise ValueError("give a gene list or --n-top-genes, not both")
-        if self.compression not in ("lz4", "zstd", "none"):
-            raise ValueError(f"compression must be lz4, zstd or none, got {self.compression!r}")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
         if self.n_top_genes is not None and self.n_top_genes < 1:
             raise ValueError("n_top_genes must be >= 1")
 
@@ -99,7 +100,7 @@ def write_shards(source: Source, out: str, settings: ShardSettings | None = None
     # Pass 1: stream, validate, align, spill each row to its shard's file.
     max_count = 0.0
     with _progress(n_obs, "shard pass 1/2 (read)", settings.progress) as bar:
-        for offset, block in _read_ahead(source.iter_blocks(settings.block_size)):
+        for offset, block in run_ahead(source.iter_blocks(settings.block_size), 2, name="shard-read-ahead"):
             n = block.shape[0]
             values = check_counts(block, source.uri, obs_ids[offset : offset + n], source.feature_ids)
             block = sp.csr_matrix((values, block.indices, block.indptr), shape=block.shape)
@@ -147,29 +148,6 @@ def write_shards(source: Source, out: str, settings: ShardSettings | None = None
     }
     write_manifest(out, manifest)
     return manifest
-
-
-def _read_ahead(blocks, depth: int = 2):
-    """Read the next source blocks in a thread while the current one is processed."""
-    import queue
-    import threading
-
-    buffer: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-
-    def produce() -> None:
-        try:
-            for item in blocks:
-                buffer.put(item)
-            buffer.put(done)
-        except BaseException as error:
-            buffer.put(error)
-
-    threading.Thread(target=produce, daemon=True, name="shard-read-ahead").start()
-    while (item := buffer.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
 
 
 def _clear(fs, path: str) -> None:
@@ -227,7 +205,8 @@ def _target_var(source: Source, alignment: GeneAlignment) -> pd.DataFrame:
 
 
 def _spill(staging: str, block: sp.csr_matrix, destination: np.ndarray, shard_offsets: np.ndarray) -> None:
-    """Append each row to its shard's spill file: [n, nnz] + positions + lengths + data + indices."""
+    """Append each row to its shard's spill file, one record per (block, shard): header [n, nnz,
+    data itemsize, index itemsize] + positions + lengths + data + indices."""
     shard_of = np.searchsorted(shard_offsets, destination, side="right") - 1
     order = np.argsort(shard_of, kind="stable")
     bounds = np.searchsorted(shard_of[order], np.arange(len(shard_offsets)))

@@ -224,7 +224,9 @@ class SomaSource(Source):
         if "feature_name" in var.columns:
             self.var["feature_name"] = var["feature_name"].astype(str).to_numpy()
         self._var_joinids = var["soma_joinid"].to_numpy(np.int64)
-        self._n_var_joinids = int(self._X.shape[1])
+        # Column of each var joinid in our gene order; -1 for genes the var filter dropped.
+        self._column_of = np.full(int(self._X.shape[1]), -1, dtype=np.int64)
+        self._column_of[self._var_joinids] = np.arange(len(self._var_joinids))
         self._obs = _read_soma_frame(experiment.obs, obs_filter, self.uri, "obs").sort_values("soma_joinid")
         self._selected = self._obs["soma_joinid"].to_numpy(np.int64)
         self._check_selection(obs_filter)
@@ -238,8 +240,6 @@ class SomaSource(Source):
         return obs.rename(columns={"soma_joinid": "source_row"})
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
-        column_of = np.full(self._n_var_joinids, -1, dtype=np.int64)
-        column_of[self._var_joinids] = np.arange(len(self._var_joinids))
         joinids = self._selected[start:stop]
         if len(joinids) == 0:
             return sp.csr_matrix((0, len(self._var_joinids)), dtype=np.float32)
@@ -249,7 +249,7 @@ class SomaSource(Source):
         coords = slice(int(joinids[0]), int(joinids[-1])) if span <= 2 * len(joinids) else joinids
         table = self._X.read((coords,)).tables().concat()
         rows = np.searchsorted(joinids, table["soma_dim_0"].to_numpy())
-        columns = column_of[table["soma_dim_1"].to_numpy()]
+        columns = self._column_of[table["soma_dim_1"].to_numpy()]
         keep = (rows < len(joinids)) & (columns >= 0)
         keep[keep] &= joinids[rows[keep]] == table["soma_dim_0"].to_numpy()[keep]
         data = table["soma_data"].to_numpy()[keep]
