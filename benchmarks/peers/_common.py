@@ -7,6 +7,7 @@ warm-up, clock, RSS and mixing score for every tool.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -130,3 +131,25 @@ def emit(record: dict) -> None:
     record.setdefault("pid", os.getpid())
     sys.stdout.flush()
     print(json.dumps(record), flush=True)
+
+
+def peer_parser(description: str) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The ``build SOURCE OUT`` / ``run STORE`` command line every runner shares; each runner adds its
+    own options to the two returned subparsers, then calls ``run_command``."""
+    parser = argparse.ArgumentParser(description=description)
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build")
+    build.add_argument("source")
+    build.add_argument("out")
+    run = sub.add_parser("run")
+    run.add_argument("store")
+    run.add_argument("--batch-size", type=int, default=4096)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--warmup", type=int, default=3)
+    run.add_argument("--max-batches", type=int, default=None)
+    return parser, build, run
+
+
+def run_command(parser: argparse.ArgumentParser, build, run) -> None:
+    args = parser.parse_args()
+    build(args) if args.command == "build" else run(args)

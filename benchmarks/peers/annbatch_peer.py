@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import emit, measure, rss_now_mb  # noqa: E402
+from _common import emit, measure, peer_parser, rss_now_mb, run_command  # noqa: E402
 
 
 def _zarrs() -> None:
@@ -100,26 +100,14 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build")
-    b.add_argument("source")
-    b.add_argument("out")
+    parser, b, r = peer_parser(__doc__.splitlines()[0])
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--dataset-size", default="1GB", help="rows, or a size string, per output dataset")
-    r = sub.add_parser("run")
-    r.add_argument("store")
-    r.add_argument("--batch-size", type=int, default=4096)
     # annbatch's own Loader defaults (512 contiguous rows x 32 chunks = 16,384 rows in memory). The README's
     # example (32 x 256) was 1.7x slower here at equal mixing: the collection is already shuffled on disk.
     r.add_argument("--chunk-size", type=int, default=512)
     r.add_argument("--preload-nchunks", type=int, default=32)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--warmup", type=int, default=3)
-    r.add_argument("--max-batches", type=int, default=None)
-    args = parser.parse_args()
-    build(args) if args.command == "build" else run(args)
-
+    run_command(parser, build, run)
 
 if __name__ == "__main__":
     main()

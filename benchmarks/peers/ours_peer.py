@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 
-from _common import emit, measure, rss_now_mb  # noqa: E402
+from _common import emit, measure, peer_parser, rss_now_mb, run_command  # noqa: E402
 
 
 def build(args: argparse.Namespace) -> None:
@@ -71,25 +71,13 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build")
-    b.add_argument("source")
-    b.add_argument("out")
+    parser, b, r = peer_parser(__doc__.splitlines()[0])
     b.add_argument("--shard-size", type=int, default=None, help="cells per shard (default: the CLI's)")
     b.add_argument("--compression", default=None, help="lz4, zstd or none (default: the CLI's)")
     b.add_argument("--seed", type=int, default=0)
-    r = sub.add_parser("run")
-    r.add_argument("store")
-    r.add_argument("--batch-size", type=int, default=4096)
     r.add_argument("--num-workers", type=int, default=None, help="default: the loader's")
     r.add_argument("--segment-rows", type=int, default=None, help="rows permuted together in the window (1: every row)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--warmup", type=int, default=3)
-    r.add_argument("--max-batches", type=int, default=None)
-    args = parser.parse_args()
-    build(args) if args.command == "build" else run(args)
-
+    run_command(parser, build, run)
 
 if __name__ == "__main__":
     main()

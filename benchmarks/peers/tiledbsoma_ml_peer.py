@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import emit, measure, rss_now_mb  # noqa: E402
+from _common import emit, measure, peer_parser, rss_now_mb, run_command  # noqa: E402
 
 MEASUREMENT, LAYER = "RNA", "data"
 
@@ -79,22 +79,10 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build")
-    b.add_argument("source")
-    b.add_argument("out")
-    r = sub.add_parser("run")
-    r.add_argument("store")
-    r.add_argument("--batch-size", type=int, default=4096)
+    parser, _, r = peer_parser(__doc__.splitlines()[0])
     r.add_argument("--io-batch-size", type=int, default=None, help="default: the package's (65536)")
     r.add_argument("--shuffle-chunk-size", type=int, default=None, help="default: the package's (64)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--warmup", type=int, default=3)
-    r.add_argument("--max-batches", type=int, default=None)
-    args = parser.parse_args()
-    build(args) if args.command == "build" else run(args)
-
+    run_command(parser, build, run)
 
 if __name__ == "__main__":
     main()
