@@ -54,11 +54,19 @@ def read_checkpoint(directory: str | Path) -> dict:
         "hvae_config": HVAEConfig.from_dict(model["hvae_config"]),
         "model": model["model"], "ema": model["ema"],
         "trainer": torch.load(directory / "trainer.pt", map_location="cpu", weights_only=False),
-        "train_state": json.loads((directory / "train_state.json").read_text()),
+        "train_state": read_train_state(directory),
         "genes": json.loads((directory / "genes.json").read_text()),
         "batches": json.loads((directory / "batches.json").read_text()),
         "path": str(directory),
     }
+
+
+def read_train_state(directory: str | Path) -> dict:
+    """``train_state.json`` alone (step, epoch, loader position), without loading any tensor."""
+    path = Path(directory) / "train_state.json"
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {directory} is incomplete: missing ['train_state.json']")
+    return json.loads(path.read_text())
 
 
 def load_model(directory: str | Path, ema: bool = True) -> tuple[HierarchicalVAE, dict]:

@@ -81,49 +81,51 @@ def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings 
     out = _absolute(str(out))
     directory, model, parts = _load(checkpoint, settings.ema)
     directory = directory.resolve()
-    identity = model_id(directory)
     genes = parts["genes"]["feature_ids"]
-    with open_source(**source_args) as source:
+    source = open_source(**source_args)  # open for the whole run: the local path reads from it
+    try:
         alignment = GeneAlignment(source.feature_ids, genes, settings.min_gene_overlap, source_name=source.uri)
         echo(f"genes: {alignment.summary()}")
         obs = source.read_obs()
         codes = _batch_codes(parts, obs, echo)
-        n_obs, provenance = source.n_obs, source.provenance()
-    obs_ids = obs.index.astype(str).to_numpy()
-    dims = list(model.config.latent_dims)
-    attrs = {"format_version": FORMAT_VERSION, "model_id": identity, "checkpoint": str(directory),
-             "feature_ids_hash": parts["genes"]["feature_ids_hash"], "level_dims": dims, "source": provenance,
-             "chunk_rows": settings.chunk_rows, "ema": settings.ema, "n_genes_missing_zero_filled": len(alignment.missing)}
-    group, existing = _open_output(out, attrs, n_obs, dims, settings)
-    if existing == "complete":
-        echo(f"{out} is already complete for model {identity}; nothing to do")
-        return {"out": out, "cells": n_obs, "written_chunks": 0, "complete": True}
-    n_chunks = -(-n_obs // settings.chunk_rows)
-    done = np.asarray(group["progress/done"][:])
-    todo = [c for c in range(n_chunks) if not done[c]]
-    if existing == "partial":
-        echo(f"resuming {out}: {n_chunks - len(todo)} of {n_chunks} chunks already written")
-    bar = _bar(n_obs, n_obs - sum(_chunk_size(c, n_obs, settings.chunk_rows) for c in todo), settings.progress)
-    if settings.workers == 0:
-        worker = _ChunkEmbedder(str(directory), source_args, out, genes, settings)
-        for count, chunk in enumerate(todo):
-            if settings.fail_after_chunks is not None and count == settings.fail_after_chunks:
-                import os
+        obs_ids = obs.index.astype(str).to_numpy()
+        n_obs, provenance, identity = source.n_obs, source.provenance(), model_id(directory)
+        dims = list(model.config.latent_dims)
+        attrs = {"format_version": FORMAT_VERSION, "model_id": identity, "checkpoint": str(directory),
+                 "feature_ids_hash": parts["genes"]["feature_ids_hash"], "level_dims": dims, "source": provenance,
+                 "chunk_rows": settings.chunk_rows, "ema": settings.ema, "n_genes_missing_zero_filled": len(alignment.missing)}
+        group, existing = _open_output(out, attrs, n_obs, dims, settings)
+        if existing == "complete":
+            echo(f"{out} is already complete for model {identity}; nothing to do")
+            return {"out": out, "cells": n_obs, "written_chunks": 0, "complete": True}
+        n_chunks = -(-n_obs // settings.chunk_rows)
+        done = np.asarray(group["progress/done"][:])
+        todo = [c for c in range(n_chunks) if not done[c]]
+        if existing == "partial":
+            echo(f"resuming {out}: {n_chunks - len(todo)} of {n_chunks} chunks already written")
+        bar = _bar(n_obs, n_obs - sum(_chunk_size(c, n_obs, settings.chunk_rows) for c in todo), settings.progress)
+        if settings.workers == 0:
+            worker = _ChunkEmbedder(model, source, alignment, out, settings)  # the model and source already open
+            for count, chunk in enumerate(todo):
+                if settings.fail_after_chunks is not None and count == settings.fail_after_chunks:
+                    import os
 
-                os._exit(17)  # a killed job, for the resume test
-            rows = slice(chunk * settings.chunk_rows, (chunk + 1) * settings.chunk_rows)
-            bar.update(worker.run(chunk, obs_ids[rows], None if codes is None else codes[rows]))
-    else:
-        _embed_with_ray(str(directory), source_args, out, genes, settings, todo, obs_ids, codes, bar)
-    bar.close()
-    done = np.asarray(zarr.open_array(f"{out}/progress/done", mode="r")[:])
-    if not done.all():
-        raise RuntimeError(f"{out}: {int((done == 0).sum())} chunks were not written")
-    group.attrs.update({"complete": True, "completed": datetime.now(timezone.utc).isoformat()})
-    seconds = time.perf_counter() - started
-    rows = sum(_chunk_size(c, n_obs, settings.chunk_rows) for c in todo)
-    return {"out": out, "cells": n_obs, "written_chunks": len(todo), "complete": True, "seconds": round(seconds, 2),
-            "cells_per_s": round(rows / max(seconds, 1e-9))}
+                    os._exit(17)  # a killed job, for the resume test
+                rows = slice(chunk * settings.chunk_rows, (chunk + 1) * settings.chunk_rows)
+                bar.update(worker.run(chunk, obs_ids[rows], None if codes is None else codes[rows]))
+        else:
+            _embed_with_ray(str(directory), source_args, out, genes, settings, todo, obs_ids, codes, bar)
+        bar.close()
+        done = np.asarray(zarr.open_array(f"{out}/progress/done", mode="r")[:])
+        if not done.all():
+            raise RuntimeError(f"{out}: {int((done == 0).sum())} chunks were not written")
+        group.attrs.update({"complete": True, "completed": datetime.now(timezone.utc).isoformat()})
+        seconds = time.perf_counter() - started
+        rows = sum(_chunk_size(c, n_obs, settings.chunk_rows) for c in todo)
+        return {"out": out, "cells": n_obs, "written_chunks": len(todo), "complete": True, "seconds": round(seconds, 2),
+                "cells_per_s": round(rows / max(seconds, 1e-9))}
+    finally:
+        source.close()
 
 
 def _absolute(path: str) -> str:
@@ -192,18 +194,16 @@ def _open_output(out: str, attrs: dict, n_obs: int, dims: list[int], settings: E
 
 
 class _ChunkEmbedder:
-    """Holds one model copy and the opened source; embeds and writes whole chunks."""
+    """Holds one model copy and an opened source; embeds and writes whole chunks."""
 
-    def __init__(self, checkpoint_dir: str, source_args: dict, out: str, genes: list[str], settings: EmbedSettings) -> None:
+    def __init__(self, model, source, alignment: GeneAlignment, out: str, settings: EmbedSettings) -> None:
         import zarr
 
-        _, self.model, _ = _load(checkpoint_dir, settings.ema)
         self.device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model.to(self.device)
-        self.source = open_source(**source_args)
-        self.alignment = GeneAlignment(self.source.feature_ids, genes, settings.min_gene_overlap, source_name=self.source.uri)
+        self.model = model.to(self.device)
+        self.source, self.alignment, self.settings = source, alignment, settings
         self.group = zarr.open_group(out, mode="r+")
-        self.settings = settings
+
 
     @torch.no_grad()
     def run(self, chunk: int, obs_ids: np.ndarray, codes: np.ndarray | None = None) -> int:
@@ -228,6 +228,16 @@ class _ChunkEmbedder:
         return hi - lo
 
 
+class _RemoteEmbedder(_ChunkEmbedder):
+    """A Ray actor: loads its own model copy and opens its own source."""
+
+    def __init__(self, checkpoint_dir: str, source_args: dict, out: str, genes: list[str], settings: EmbedSettings) -> None:
+        _, model, _ = _load(checkpoint_dir, settings.ema)
+        source = open_source(**source_args)
+        alignment = GeneAlignment(source.feature_ids, genes, settings.min_gene_overlap, source_name=source.uri)
+        super().__init__(model, source, alignment, out, settings)
+
+
 def _embed_with_ray(checkpoint_dir, source_args, out, genes, settings, todo, obs_ids, codes, bar) -> None:
     import os
 
@@ -237,7 +247,7 @@ def _embed_with_ray(checkpoint_dir, source_args, out, genes, settings, todo, obs
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False, log_to_driver=False)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= settings.workers else 0
-    actor = ray.remote(num_cpus=1, num_gpus=gpus)(_ChunkEmbedder)
+    actor = ray.remote(num_cpus=1, num_gpus=gpus)(_RemoteEmbedder)
     actors = [actor.remote(checkpoint_dir, source_args, out, genes, settings) for _ in range(settings.workers)]
     rows = settings.chunk_rows
     pool = ActorPool(actors)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import find_checkpoint, prune_checkpoints, read_checkpoint, write_latest
+from .checkpoint import find_checkpoint, prune_checkpoints, read_train_state, write_latest
 from .config import PipelineConfig
 from .train_loop import train_worker
 
@@ -36,7 +36,7 @@ def train(config: PipelineConfig, echo=print) -> dict:
     _check_gpu(config)
     previous = find_checkpoint(run_dir)
     if previous is not None:
-        state = read_checkpoint(previous)["train_state"]
+        state = read_train_state(previous)  # the driver needs the step, not the weights
         if state.get("finished") and state["step"] >= config.train.max_steps:
             echo(f"run {run_dir} already finished at step {state['step']} ({previous.name}); nothing to train")
             return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else state
