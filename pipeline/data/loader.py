@@ -289,9 +289,14 @@ class ShardLoader:
             source = iter(torch.utils.data.DataLoader(
                 _WorkerIterable(self, skip), batch_size=None, num_workers=self.num_workers,
                 prefetch_factor=self.prefetch, pin_memory=self.pin_memory, persistent_workers=False))
-        for batch in source:
-            self._yielded += 1
-            yield batch
+        try:
+            for batch in source:
+                self._yielded += 1
+                yield batch
+        finally:  # a consumer that stops early ends the prefetch thread (or worker processes) now
+            close = getattr(source, "close", None) or getattr(source, "_shutdown_workers", None)
+            if close is not None:
+                close()
 
 
 class _WorkerIterable(torch.utils.data.IterableDataset):

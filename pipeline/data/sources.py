@@ -379,12 +379,9 @@ class ShardSource(Source):
         self._selected = np.arange(self.dataset.n_obs)
 
     def read_obs(self) -> pd.DataFrame:
-        frames = []
-        for k in range(len(self.dataset.shard_paths)):
-            from anndata.io import read_elem
+        from anndata.io import read_elem
 
-            frames.append(read_elem(self.dataset.shard(k).group["obs"]))
-        return pd.concat(frames)
+        return pd.concat([read_elem(self.dataset.shard(k).group["obs"]) for k in range(len(self.dataset.shard_paths))])
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
         dataset, parts = self.dataset, []
