@@ -9,18 +9,21 @@ A checkpoint directory (``<run>/checkpoint_<step>/``) holds::
     genes.json          feature_ids (model gene order) and their hash
     batches.json        batch key and batch categories (embedding row order)
 
-``<run>/latest`` names the newest complete checkpoint; ``find_checkpoint`` follows it.
+``<run>/latest`` names the newest complete checkpoint; ``find_checkpoint`` follows it. A run
+directory may be a local path or an object-storage URL (``s3://...``): ``fetch_checkpoint`` gives
+a local copy of a remote checkpoint (cached per node).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
+
+from . import storage
 
 from hvae import HVAEConfig, HierarchicalVAE
 
@@ -63,10 +66,10 @@ def read_checkpoint(directory: str | Path) -> dict:
 
 def read_train_state(directory: str | Path) -> dict:
     """``train_state.json`` alone (step, epoch, loader position), without loading any tensor."""
-    path = Path(directory) / "train_state.json"
-    if not path.exists():
+    path = storage.join(directory, "train_state.json")
+    if not storage.exists(path):
         raise FileNotFoundError(f"checkpoint {directory} is incomplete: missing ['train_state.json']")
-    return json.loads(path.read_text())
+    return json.loads(storage.read_text(path))
 
 
 def load_model(directory: str | Path, ema: bool = True) -> tuple[HierarchicalVAE, dict]:
@@ -95,14 +98,14 @@ def check_genes(parts: dict, feature_ids: list[str], where: str) -> None:
 
 
 def write_latest(run_dir: str | Path, checkpoint_name: str) -> None:
-    run_dir = Path(run_dir)
-    tmp = run_dir / (LATEST + ".tmp")
-    tmp.write_text(checkpoint_name + "\n")
-    os.replace(tmp, run_dir / LATEST)
+    storage.write_text(storage.join(run_dir, LATEST), checkpoint_name + "\n")
 
 
-def find_checkpoint(path: str | Path) -> Path | None:
-    """A checkpoint directory itself, or a run directory's latest checkpoint (None if it has none)."""
+def find_checkpoint(path: str | Path) -> Path | str | None:
+    """A checkpoint directory itself, or a run directory's latest checkpoint (None if it has none).
+    Local paths give a Path, URLs the checkpoint's URL."""
+    if storage.is_url(path):
+        return _find_remote(str(path).rstrip("/"))
     path = Path(path)
     if (path / "model.pt").exists():
         return path
@@ -115,11 +118,37 @@ def find_checkpoint(path: str | Path) -> Path | None:
     return candidates[-1] if candidates else None
 
 
+def _find_remote(url: str) -> str | None:
+    names = storage.listdir(url)
+    if "model.pt" in names:
+        return url
+    if LATEST in names:
+        target = storage.join(url, storage.read_text(storage.join(url, LATEST)).strip())
+        if storage.exists(storage.join(target, "train_state.json")):  # uploaded last: the copy is complete
+            return target
+    candidates = [n for n in names if n.startswith("checkpoint_") and storage.exists(storage.join(url, n, "train_state.json"))]
+    return storage.join(url, candidates[-1]) if candidates else None
+
+
+def fetch_checkpoint(path: str | Path) -> tuple[Path, str] | None:
+    """(a local checkpoint directory, where it came from) for a checkpoint or run directory, local
+    or remote; a remote checkpoint is downloaded once per node (``storage.cached_copy``)."""
+    found = find_checkpoint(path)
+    if found is None:
+        return None
+    if storage.is_url(found):
+        return storage.cached_copy(str(found)), str(found)
+    return Path(found).resolve(), str(Path(found).resolve())
+
+
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` local checkpoints (never the one ``latest`` names)."""
-    run_dir = Path(run_dir)
-    latest = (run_dir / LATEST).read_text().strip() if (run_dir / LATEST).exists() else None
-    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    """Delete all but the newest ``keep`` checkpoints (never the one ``latest`` names)."""
+    latest_file = storage.join(run_dir, LATEST)
+    latest = storage.read_text(latest_file).strip() if storage.exists(latest_file) else None
+    checkpoints = [n for n in storage.listdir(run_dir) if n.startswith("checkpoint_")]
     for old in checkpoints[:-keep]:
-        if old.name != latest:
-            shutil.rmtree(old, ignore_errors=True)
+        if old != latest:
+            if storage.is_url(run_dir):
+                storage.remove_tree(storage.join(run_dir, old))
+            else:
+                shutil.rmtree(Path(run_dir) / old, ignore_errors=True)

@@ -1,7 +1,6 @@
 """The ``hvae-pipeline`` command line (also ``python -m pipeline``).
 
-Subcommands: ``simulate``, ``shard``, ``train``, ``embed`` and ``demo``; ``evaluate`` and
-``embed-release`` arrive with the rest of the inference issue.
+Subcommands: ``simulate``, ``shard``, ``train``, ``embed``, ``embed-release``, ``evaluate`` and ``demo``.
 """
 
 from __future__ import annotations
@@ -168,6 +167,82 @@ def embed(
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"embedded {result['cells']:,} cells -> {out}" + (f" ({result['cells_per_s']:,} cells/s)" if "cells_per_s" in result else ""))
+
+
+@app.command("embed-release")
+def embed_release(
+    checkpoint: str = typer.Option(..., help="A checkpoint directory, or a run directory (its latest checkpoint)."),
+    out_root: str = typer.Option(..., help="Root of the release outputs: <out-root>/<release>/embeddings.zarr and "
+                                 "<out-root>/index.json (a path or an fsspec URL such as s3://bucket/embeddings)."),
+    census_version: str | None = typer.Option(None, help="A public Census release, or 'latest' / 'stable'."),
+    census_uri: str | None = typer.Option(None, help="A local or mirrored Census copy."),
+    release: str | None = typer.Option(None, help="The release's name (default: the Census build date)."),
+    organism: str = typer.Option("homo_sapiens", help="Census organism."),
+    obs_filter: str | None = typer.Option(None, help="Cells to embed (default: is_primary_data == True)."),
+    workers: int = typer.Option(0, help="0: this process; N: N Ray actors (a GPU each when the cluster has them)."),
+    batch_size: int = typer.Option(4096, help="Cells per forward pass."),
+    chunk_rows: int = typer.Option(16_384, help="Rows per Zarr chunk and per unit of work/progress."),
+    logvar: bool = typer.Option(False, "--logvar", help="Also write posterior log-variances."),
+    min_gene_overlap: float = typer.Option(0.5, help="Refuse a release with less of the model's genes than this."),
+    fail_after_chunks: int | None = typer.Option(None, hidden=True, help="Testing only: exit after N chunks."),
+) -> None:
+    """The scheduled job: embed a Census release into <out-root>/<release>/embeddings.zarr unless a
+    complete output of this model is there (safe to run nightly); resume a partial one; record the
+    run in <out-root>/index.json."""
+    from .embed import EmbedSettings
+    from .release import embed_release as run_release
+
+    settings = EmbedSettings(batch_size=batch_size, chunk_rows=chunk_rows, logvar=logvar, workers=workers,
+                             min_gene_overlap=min_gene_overlap, fail_after_chunks=fail_after_chunks)
+    try:
+        entry = run_release(checkpoint, out_root, census_version=census_version, census_uri=census_uri, release=release,
+                            organism=organism, obs_filter=obs_filter, settings=settings, echo=typer.echo)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{entry['action']}: release {entry['release']} ({entry.get('n_cells', '?'):,} cells) -> {entry['out']}"
+               if entry["action"] == "embedded" else f"skipped: release {entry['release']} -> {entry['out']}")
+
+
+@app.command()
+def evaluate(
+    embeddings: str = typer.Option(..., help="An embeddings store written by `embed`."),
+    labels: str = typer.Option(..., help="Comma-separated obs columns to score each level against (coarse to fine)."),
+    batch_key: str | None = typer.Option(None, help="obs column whose mixing is measured (donor, assay, ...)."),
+    out: str | None = typer.Option(None, help="Report directory (default: <embeddings>_report next to the store)."),
+    source: str | None = typer.Option(None, help="Where the labels are (default: the source the embeddings record)."),
+    census_version: str | None = typer.Option(None, help="Public Census release (source 'census')."),
+    census_uri: str | None = typer.Option(None, help="Local or mirrored Census copy (source 'census')."),
+    organism: str = typer.Option("homo_sapiens", help="Census organism."),
+    compare: list[str] = typer.Option([], help="NAME=STORE: another embeddings store scored on the same cells "
+                                      "(e.g. flat=embeddings_flat.zarr); repeatable."),
+    pca: bool = typer.Option(False, "--pca", help="Add the PCA baseline (50 components of the log-normalised counts)."),
+    max_cells: int = typer.Option(50_000, help="Cells evaluated (a seeded random subsample beyond this)."),
+    k: int = typer.Option(15, help="Neighbours of the kNN classifier."),
+    seed: int = typer.Option(0, help="Subsample and clustering seed."),
+    maps: bool = typer.Option(True, help="Draw a 2-D map per representation (PNG)."),
+    map_method: str = typer.Option("auto", help="umap (umap-learn, the `eval` extra), pca, or auto (umap if installed)."),
+    scib: bool = typer.Option(False, "--scib", help="Add the scib-metrics suite (iLISI, kBET, Leiden NMI/ARI, ...; "
+                              "pip install 'hvae-pipeline[eval]')."),
+) -> None:
+    """Score every level of an embeddings store: kNN accuracy, NMI/ARI, silhouette per label,
+    batch mixing, active units; a Markdown report with 2-D maps."""
+    from .report import EvaluateSettings, evaluate_embeddings
+
+    try:
+        named = dict(item.split("=", 1) for item in compare if "=" in item)
+        if len(named) != len(compare):
+            raise ValueError(f"--compare takes NAME=STORE, got {[c for c in compare if '=' not in c]}")
+        source_args = None if source is None else {"source": source, "census_version": census_version,
+                                                   "census_uri": census_uri, "organism": organism}
+        settings = EvaluateSettings(labels=tuple(l.strip() for l in labels.split(",") if l.strip()), batch_key=batch_key,
+                                    out_dir=out, source=source_args, compare=named, pca=pca, max_cells=max_cells, k=k,
+                                    seed=seed, maps=maps, map_method=map_method, scib=scib)
+        summary = evaluate_embeddings(embeddings, settings, echo=typer.echo)
+    except (ValueError, FileNotFoundError, KeyError, ImportError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"report: {summary['report']}")
 
 
 def _default_per_level(name: str, depth: int) -> tuple[float, ...]:

@@ -15,17 +15,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hvae import active_units
 
 from .checkpoint import find_checkpoint, load_model
 from .config import load_config
 from .data import ShardSettings, write_shards
 from .data.sources import ShardSource, SyntheticSource
-from .embed import EmbedSettings, embed, read_embeddings
-from .evaluation import evaluate_levels, pca_embedding
+from .embed import EmbedSettings, embed
 from .fit import diagnostic_kl
 from .ray_train import train
+from .report import EvaluateSettings, evaluate_embeddings
 from .synthetic import SyntheticAtlas, SyntheticAtlasSpec
+
+
+FLAT = "flat VAE"
 
 
 @dataclass(frozen=True)
@@ -77,55 +79,52 @@ def run_demo(settings: DemoSettings, echo=print) -> dict:
     if flat_run is not None:
         embed(str(flat_run), {"source": str(shards)}, str(out / "embeddings_flat.zarr"), quiet, echo=lambda *_: None)
 
-    echo("[5/5] evaluating every level against the known tree")
+    echo("[5/5] evaluating every level against the known tree (hvae-pipeline evaluate)")
+    labels = list(spec.label_names)
+    compare = {FLAT: str(out / "embeddings_flat.zarr")} if flat_run is not None else {}
+    report = evaluate_embeddings(str(embeddings), EvaluateSettings(
+        labels=tuple(labels), batch_key="donor_id", out_dir=str(out / "report"), compare=compare, pca=True,
+        max_cells=settings.n_cells, seed=settings.seed, map_method="pca"), echo=lambda *_: None)
     source = ShardSource(str(shards))
     obs, counts = source.read_obs(), source.rows(0, source.n_obs)
-    labels = list(spec.label_names)
-    donors = torch.as_tensor(obs["donor_id"].cat.codes.to_numpy(np.int64))
-    rows = _level_rows(hierarchical_run, embeddings, obs, counts, donors, labels)
-    if flat_run is not None:
-        flat_row = _level_rows(flat_run, out / "embeddings_flat.zarr", obs, counts, donors, labels)[0]
-        rows.append({**flat_row, "representation": "flat VAE (baseline)"})
-    pca_scores = evaluate_levels([pca_embedding(counts)], obs, labels)[0]
-    rows.append({"representation": "PCA (50 comps)", "dim": 50, "kl": None, "active_units": None,
-                 **{label: round(pca_scores[label], 3) for label in labels}})
+    donors = obs["donor_id"].cat.codes.to_numpy(np.int64)
+    kl = {}
+    for name, run in (("HVAE", hierarchical_run), (FLAT, flat_run)):
+        if run is not None:
+            model = load_model(find_checkpoint(run))[0]
+            kl[name] = diagnostic_kl(model, counts, donors if model.config.n_batches else None)
+    rows = [_row(result, labels, kl) for result in report["results"]]
     summary = {"shards": str(shards), "run": str(hierarchical_run), "checkpoint": str(find_checkpoint(hierarchical_run)),
                "embeddings": str(embeddings), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-               "workers": settings.workers, "rows": rows}
+               "report": report["report"], "workers": settings.workers, "rows": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     echo("")
     echo(format_table(rows, labels))
     echo("")
     echo(f"shards:     {shards}\nrun:        {hierarchical_run} (metrics.jsonl, checkpoints, tensorboard/)\n"
          f"embeddings: {embeddings} (level_<l>/mean, level 0 = finest; pipeline.embed.read_embeddings)\n"
+         f"report:     {report['report']} (NMI/ARI, silhouette, donor mixing, maps/)\n"
          f"summary:    {out / 'summary.json'}")
     return summary
 
 
-def _level_rows(run_dir: Path, embeddings: Path, obs, counts, donors, labels: list[str]) -> list[dict]:
-    """Top level first: dim, KL per cell, active units and kNN accuracy on every label."""
-    model, _ = load_model(find_checkpoint(run_dir))
-    adata = read_embeddings(str(embeddings), lazy=False)
-    means = [np.asarray(adata.obsm[f"X_hvae_level_{level}"]) for level in range(model.config.n_levels)]
-    kl = diagnostic_kl(model, counts, donors.numpy() if model.config.n_batches else None)
-    units = active_units([torch.from_numpy(m) for m in means])
-    scores = evaluate_levels(means, obs, labels)
-    rows = []
-    top = model.config.n_levels - 1
-    for level in reversed(range(model.config.n_levels)):
-        suffix = " (top)" if level == top and top > 0 else " (finest)" if level == 0 and top > 0 else ""
-        rows.append({"representation": f"HVAE level {level}{suffix}", "dim": model.config.latent_dims[level],
-                     "kl": round(kl[level], 2), "active_units": int(units[level]),
-                     **{label: round(scores[level][label], 3) for label in labels}})
-    return rows
+def _row(result: dict, labels: list[str], kl: dict) -> dict:
+    """One table row from an evaluate result: the flat baseline's one level gets its own name."""
+    name, level = result["representation"], result["level"]
+    model = FLAT if name.startswith(FLAT) else "HVAE" if level is not None else None
+    return {"representation": f"{FLAT} (baseline)" if model == FLAT else name, "dim": result["dim"],
+            "kl": None if model is None else round(kl[model][level], 2),
+            "active_units": None if model is None else result["active_units"],
+            "batch_mixing": round(result["batch_mixing"], 3),
+            **{label: round(result["labels"][label]["knn_accuracy"], 3) for label in labels}}
 
 
 def format_table(rows: list[dict], labels: list[str]) -> str:
     """A Markdown table: representation, dim, KL, active units, kNN accuracy per label."""
-    header = ["representation", "dim", "KL (nats)", "active units"] + [f"kNN {label}" for label in labels]
+    header = ["representation", "dim", "KL (nats)", "active units"] + [f"kNN {label}" for label in labels] + ["donor mixing"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        values = [row["representation"], row["dim"], row["kl"], row["active_units"]] + [row[label] for label in labels]
+        values = [row["representation"], row["dim"], row["kl"], row["active_units"]] + [row[label] for label in labels] + [row["batch_mixing"]]
         lines.append("| " + " | ".join("-" if v is None else str(v) for v in values) + " |")
     return "\n".join(lines)
 

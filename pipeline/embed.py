@@ -17,7 +17,10 @@ With ``workers`` >= 1, chunks go to Ray actors (one model copy each, GPU when th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -25,10 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 
-from .checkpoint import find_checkpoint, load_model
+from .checkpoint import fetch_checkpoint, load_model
 from .data.alignment import GeneAlignment, check_counts
+from .data.background import run_ahead
 from .data.sources import open_source
 from .training import densify
 
@@ -58,16 +63,19 @@ def model_id(checkpoint_dir: Path) -> str:
 
 
 def _load(checkpoint: str, ema: bool):
-    directory = find_checkpoint(checkpoint)
-    if directory is None:
+    """(local checkpoint directory, where it came from, model, parts); remote checkpoints are
+    downloaded once per node."""
+    found = fetch_checkpoint(checkpoint)
+    if found is None:
         raise FileNotFoundError(f"{checkpoint} is neither a checkpoint directory nor a run directory with one")
+    directory, origin = found
     try:
         model, parts = load_model(directory, ema=ema)
     except FileNotFoundError:
         raise
     except Exception as error:
         raise ValueError(f"checkpoint {directory} is corrupt or partial ({type(error).__name__}: {error})") from None
-    return directory, model, parts
+    return directory, origin, model, parts
 
 
 def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings | None = None, echo=print) -> dict:
@@ -79,8 +87,7 @@ def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings 
     # Ray actors do not run in this directory: make local paths absolute.
     source_args = {**source_args, "source": _absolute(str(source_args["source"]))}
     out = _absolute(str(out))
-    directory, model, parts = _load(checkpoint, settings.ema)
-    directory = directory.resolve()
+    directory, origin, model, parts = _load(checkpoint, settings.ema)
     genes = parts["genes"]["feature_ids"]
     source = open_source(**source_args)  # open for the whole run: the local path reads from it
     try:
@@ -91,8 +98,9 @@ def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings 
         obs_ids = obs.index.astype(str).to_numpy()
         n_obs, provenance, identity = source.n_obs, source.provenance(), model_id(directory)
         dims = list(model.config.latent_dims)
-        attrs = {"format_version": FORMAT_VERSION, "model_id": identity, "checkpoint": str(directory),
+        attrs = {"format_version": FORMAT_VERSION, "model_id": identity, "checkpoint": origin,
                  "feature_ids_hash": parts["genes"]["feature_ids_hash"], "level_dims": dims, "source": provenance,
+                 "source_args": json.dumps(source_args),
                  "chunk_rows": settings.chunk_rows, "ema": settings.ema, "n_genes_missing_zero_filled": len(alignment.missing)}
         group, existing = _open_output(out, attrs, n_obs, dims, settings)
         if existing == "complete":
@@ -106,15 +114,16 @@ def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings 
         bar = _bar(n_obs, n_obs - sum(_chunk_size(c, n_obs, settings.chunk_rows) for c in todo), settings.progress)
         if settings.workers == 0:
             worker = _ChunkEmbedder(model, source, alignment, out, settings)  # the model and source already open
-            for count, chunk in enumerate(todo):
+            rows = settings.chunk_rows
+            reads = run_ahead(todo, 1, lambda chunk: (chunk, worker.read(chunk, obs_ids[chunk * rows : (chunk + 1) * rows])),
+                              name="embed-read-ahead")
+            for count, (chunk, counts) in enumerate(reads):
                 if settings.fail_after_chunks is not None and count == settings.fail_after_chunks:
-                    import os
-
                     os._exit(17)  # a killed job, for the resume test
-                rows = slice(chunk * settings.chunk_rows, (chunk + 1) * settings.chunk_rows)
-                bar.update(worker.run(chunk, obs_ids[rows], None if codes is None else codes[rows]))
+                part = slice(chunk * rows, (chunk + 1) * rows)
+                bar.update(worker.write(chunk, counts, obs_ids[part], None if codes is None else codes[part]))
         else:
-            _embed_with_ray(str(directory), source_args, out, genes, settings, todo, obs_ids, codes, bar)
+            _embed_with_ray(origin, source_args, out, genes, settings, todo, obs_ids, codes, bar)
         bar.close()
         done = np.asarray(zarr.open_array(f"{out}/progress/done", mode="r")[:])
         if not done.all():
@@ -164,6 +173,9 @@ def _open_output(out: str, attrs: dict, n_obs: int, dims: list[int], settings: E
 
     from .data.shard_format import filesystem
 
+    from .storage import check_writable
+
+    check_writable(out)  # an unreachable store, missing credentials or permissions fail here, in words
     fs, path = filesystem(out)
     if fs.exists(f"{path}/zarr.json"):
         group = zarr.open_group(out, mode="r+")
@@ -205,18 +217,29 @@ class _ChunkEmbedder:
         self.group = zarr.open_group(out, mode="r+")
 
 
-    @torch.no_grad()
-    def run(self, chunk: int, obs_ids: np.ndarray, codes: np.ndarray | None = None) -> int:
+    def read(self, chunk: int, obs_ids: np.ndarray) -> sp.csr_matrix:
+        """The chunk's counts, checked and aligned to the model's genes (the local path runs this
+        a chunk ahead, in a thread, while the previous chunk is encoded)."""
         rows, n_obs = self.settings.chunk_rows, self.source.n_obs
-        lo, hi = chunk * rows, min(n_obs, (chunk + 1) * rows)
-        counts = self.source.rows(lo, hi)
+        counts = self.source.rows(chunk * rows, min(n_obs, (chunk + 1) * rows))
         check_counts(counts, self.source.uri, obs_ids, self.source.feature_ids)
-        counts = self.alignment.apply(counts)
+        return self.alignment.apply(counts)
+
+    def run(self, chunk: int, obs_ids: np.ndarray, codes: np.ndarray | None = None) -> int:
+        return self.write(chunk, self.read(chunk, obs_ids), obs_ids, codes)
+
+    @torch.no_grad()
+    def write(self, chunk: int, counts: sp.csr_matrix, obs_ids: np.ndarray, codes: np.ndarray | None = None) -> int:
+        """Encode one chunk's counts and write every level's rows, then mark the chunk done."""
+        lo = chunk * self.settings.chunk_rows
+        hi = lo + counts.shape[0]
         means, logvars = [], []
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         for start in range(0, hi - lo, self.settings.batch_size):
             dense = densify(counts[start : start + self.settings.batch_size], self.device)
             index = None if codes is None else torch.from_numpy(codes[start : start + self.settings.batch_size]).to(self.device)
-            mean, logvar = self.model.encode(dense, index, return_logvar=True)
+            with autocast:
+                mean, logvar = self.model.encode(dense, index, return_logvar=True)
             means.append([m.float().cpu().numpy() for m in mean])
             logvars.append([v.float().cpu().numpy() for v in logvar])
         for level in range(len(means[0])):
@@ -232,7 +255,7 @@ class _RemoteEmbedder(_ChunkEmbedder):
     """A Ray actor: loads its own model copy and opens its own source."""
 
     def __init__(self, checkpoint_dir: str, source_args: dict, out: str, genes: list[str], settings: EmbedSettings) -> None:
-        _, model, _ = _load(checkpoint_dir, settings.ema)
+        _, _, model, _ = _load(checkpoint_dir, settings.ema)
         source = open_source(**source_args)
         alignment = GeneAlignment(source.feature_ids, genes, settings.min_gene_overlap, source_name=source.uri)
         super().__init__(model, source, alignment, out, settings)
@@ -293,7 +316,6 @@ def read_embeddings(path: str, as_: str = "anndata", lazy: bool = True):
         return xr.Dataset(data, coords={"obs_id": ("cell", obs_ids)}, attrs={k: str(v) for k, v in attrs.items()})
     if as_ == "anndata":
         import anndata as ad
-        import pandas as pd
 
         obsm = {(f"X_hvae_level_{l}" if k == "mean" else f"X_hvae_level_{l}_logvar"): a for (l, k), a in arrays.items()}
         adata = ad.AnnData(obs=pd.DataFrame(index=pd.Index(obs_ids, name="obs_id")), obsm=obsm)

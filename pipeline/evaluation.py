@@ -1,15 +1,18 @@
-"""Representation quality: kNN label accuracy per level, PCA baseline.
+"""Representation quality metrics: kNN label accuracy, cluster agreement (NMI/ARI), silhouette,
+batch mixing, the PCA baseline, and the scib-metrics suite when its extra is installed.
 
-These are the figures the model issue is judged by (kNN accuracy of the top level on coarse
-labels, of level 0 on fine labels); the full report (NMI/ARI, silhouette, batch mixing, maps)
-builds on them.
+kNN accuracy of the top level on coarse labels and of level 0 on fine labels is what the model
+issue is judged by; ``pipeline.report`` puts all of them into the ``evaluate`` report.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
+from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
 
@@ -21,12 +24,9 @@ def knn_accuracy(embedding: np.ndarray, labels, k: int = 15, n_folds: int = 5, s
         embedding: (cells, dim) representation.
         labels: (cells,) labels; cells with a missing label (NaN/None) are left out.
     """
-    embedding = np.asarray(embedding, dtype=np.float32)
-    labels = np.asarray(labels, dtype=object)
-    if embedding.shape[0] != labels.shape[0]:
-        raise ValueError(f"embedding has {embedding.shape[0]} rows but labels has {labels.shape[0]}")
-    keep = np.array([not (label is None or (isinstance(label, float) and np.isnan(label))) for label in labels])
-    embedding, labels = embedding[keep], labels[keep].astype(str)
+    if np.shape(embedding)[0] != len(labels):
+        raise ValueError(f"embedding has {np.shape(embedding)[0]} rows but labels has {len(labels)}")
+    embedding, labels = _labelled(embedding, labels)
     _, counts = np.unique(labels, return_counts=True)
     folds = int(min(n_folds, counts.min())) if counts.min() >= 2 else 2
     splitter = StratifiedKFold(n_splits=max(folds, 2), shuffle=True, random_state=seed)
@@ -40,6 +40,79 @@ def knn_accuracy(embedding: np.ndarray, labels, k: int = 15, n_folds: int = 5, s
         classifier.fit(embedding[train_rows], labels[train_rows])
         scores.append(classifier.score(embedding[rows[test]], labels[rows[test]]))
     return float(np.mean(scores))
+
+
+def _labelled(embedding: np.ndarray, labels) -> tuple[np.ndarray, np.ndarray]:
+    """The rows with a label, and their labels as strings."""
+    labels = np.asarray(labels, dtype=object)
+    keep = np.array([not (label is None or (isinstance(label, float) and np.isnan(label))) for label in labels])
+    return np.asarray(embedding, dtype=np.float32)[keep], labels[keep].astype(str)
+
+
+def cluster_agreement(embedding: np.ndarray, labels, seed: int = 0) -> dict[str, float]:
+    """NMI and ARI between the labels and a k-means clustering with as many clusters as labels
+    (scib-metrics' ``nmi_ari_cluster_labels_kmeans`` rule)."""
+    embedding, labels = _labelled(embedding, labels)
+    n_clusters = len(np.unique(labels))
+    clusters = KMeans(n_clusters=n_clusters, n_init=3, random_state=seed).fit_predict(embedding)
+    return {"nmi": float(normalized_mutual_info_score(labels, clusters)), "ari": float(adjusted_rand_score(labels, clusters))}
+
+
+def silhouette_label(embedding: np.ndarray, labels, max_cells: int = 10_000, seed: int = 0) -> float:
+    """Average silhouette width of the labels, rescaled to [0, 1] as scib does ((asw + 1) / 2)."""
+    embedding, labels = _labelled(embedding, labels)
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    sample = min(max_cells, len(labels))
+    return float((silhouette_score(embedding, labels, sample_size=sample, random_state=seed) + 1) / 2)
+
+
+def batch_mixing(embedding: np.ndarray, batches, k: int = 50, max_cells: int = 10_000, seed: int = 0) -> float:
+    """How well batches mix among each cell's k nearest neighbours: the mean entropy of the
+    neighbours' batch frequencies over the entropy of the global batch frequencies (1 = as mixed
+    as the data allow, 0 = every neighbourhood from one batch). Haghverdi et al. 2018; scVI."""
+    from sklearn.neighbors import NearestNeighbors
+
+    embedding, batches = _labelled(embedding, batches)
+    codes, batches = np.unique(batches, return_inverse=True)
+    global_frequency = np.bincount(batches) / len(batches)
+    global_entropy = -(global_frequency * np.log(global_frequency)).sum()
+    if len(codes) < 2 or global_entropy <= 0:
+        return float("nan")
+    k = min(k, len(batches) - 1)
+    queries = np.random.default_rng(seed).choice(len(batches), size=min(max_cells, len(batches)), replace=False)
+    neighbours = NearestNeighbors(n_neighbors=k + 1).fit(embedding).kneighbors(embedding[queries], return_distance=False)[:, 1:]
+    counts = np.stack([np.bincount(row, minlength=len(codes)) for row in batches[neighbours]]) / k
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.where(counts > 0, counts * np.log(counts), 0.0).sum(axis=1)
+    return float(entropy.mean() / global_entropy)
+
+
+def scib_scores(embedding: np.ndarray, labels, batches=None, n_neighbors: int = 90, seed: int = 0) -> dict[str, float]:
+    """The scib-metrics suite on one representation (the ``eval`` extra): Leiden NMI/ARI, cLISI,
+    graph connectivity, isolated labels and, with batches, iLISI, kBET and batch silhouette."""
+    try:
+        import scib_metrics
+        from scib_metrics.nearest_neighbors import pynndescent
+    except ImportError:
+        raise ImportError("--scib needs scib-metrics: pip install 'hvae-pipeline[eval]'") from None
+    embedding = np.asarray(embedding, dtype=np.float32)
+    labels = np.asarray(labels).astype(str)
+    neighbours = pynndescent(embedding, n_neighbors=min(n_neighbors, len(labels) - 1), random_state=seed)
+    leiden = scib_metrics.nmi_ari_cluster_labels_leiden(neighbours, labels, seed=seed)
+    scores = {"leiden_nmi": float(leiden["nmi"]), "leiden_ari": float(leiden["ari"]),
+              "clisi": float(scib_metrics.clisi_knn(neighbours, labels)),
+              "graph_connectivity": float(scib_metrics.graph_connectivity(neighbours, labels))}
+    if batches is not None and len(np.unique(np.asarray(batches).astype(str))) > 1:
+        batches = np.asarray(batches).astype(str)
+        # Batch silhouette is defined within labels seen in two batches or more.
+        shared = pd.crosstab(labels, batches).gt(0).sum(axis=1).gt(1).any()
+        scores.update({"ilisi": float(scib_metrics.ilisi_knn(neighbours, batches)),
+                       "kbet": float(scib_metrics.kbet_per_label(neighbours, batches, labels)),
+                       "silhouette_batch": float(scib_metrics.silhouette_batch(embedding, labels, batches))
+                       if shared else float("nan"),
+                       "isolated_labels": float(scib_metrics.isolated_labels(embedding, labels, batches))})
+    return scores
 
 
 def log_normalize(counts: sp.csr_matrix, target_sum: float = 1e4) -> sp.csr_matrix:
@@ -62,8 +135,6 @@ def pca_embedding(counts: sp.csr_matrix, n_components: int = 50, seed: int = 0) 
     return PCA(n_components=n_components, random_state=seed).fit_transform(normalized).astype(np.float32)
 
 
-
-
 def evaluate_levels(level_means: list[np.ndarray], obs, label_columns: list[str], k: int = 15) -> list[dict]:
     """kNN accuracy of every level on every label column: one dict per level (level 0 first)."""
     missing = [column for column in label_columns if column not in obs.columns]
@@ -75,4 +146,5 @@ def evaluate_levels(level_means: list[np.ndarray], obs, label_columns: list[str]
     ]
 
 
-__all__ = ["evaluate_levels", "knn_accuracy", "log_normalize", "pca_embedding"]
+__all__ = ["batch_mixing", "cluster_agreement", "evaluate_levels", "knn_accuracy", "log_normalize", "pca_embedding",
+           "scib_scores", "silhouette_label"]

@@ -9,6 +9,10 @@ persistence and restarts. Run directory ``<run.storage_path>/<run.name>/``::
     summary.json         written when the run finishes
 
 Rerunning the same command resumes from the latest checkpoint; a finished run is not retrained.
+``run.storage_path`` may be an object-storage URL (``s3://bucket/runs``): Ray persists its
+checkpoints there itself; the local backend uploads each checkpoint (``train_state.json`` last, so
+a listed checkpoint is complete) and rank 0 keeps ``metrics.jsonl`` and ``tensorboard/`` in a
+local mirror that it uploads at every checkpoint and at the end.
 """
 
 from __future__ import annotations
@@ -17,51 +21,75 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from .checkpoint import find_checkpoint, prune_checkpoints, read_train_state, write_latest
+from . import storage
+from .checkpoint import fetch_checkpoint, find_checkpoint, prune_checkpoints, read_train_state, write_latest
 from .config import PipelineConfig
 from .train_loop import train_worker
 
 
 def train(config: PipelineConfig, echo=print) -> dict:
     """Train as configured; returns the summary (also written to ``summary.json``)."""
-    if "://" not in config.data.path:  # Ray workers do not run in this directory: absolute paths
+    if not storage.is_url(config.data.path):  # Ray workers do not run in this directory: absolute paths
         config = config.model_copy(update={"data": config.data.model_copy(update={"path": str(Path(config.data.path).resolve())})})
-    run_dir = Path(config.run_dir).resolve()
+    run_dir = config.run_dir if storage.is_url(config.run_dir) else str(Path(config.run_dir).resolve())
     _check_storage(run_dir)
     _check_gpu(config)
     previous = find_checkpoint(run_dir)
+    summary_file = storage.join(run_dir, "summary.json")
     if previous is not None:
         state = read_train_state(previous)  # the driver needs the step, not the weights
         if state.get("finished") and state["step"] >= config.train.max_steps:
-            echo(f"run {run_dir} already finished at step {state['step']} ({previous.name}); nothing to train")
-            return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else state
-        echo(f"resuming run {run_dir} from {previous.name} (step {state['step']})")
-    (run_dir / "config.yaml").write_text(config.to_yaml())
+            echo(f"run {run_dir} already finished at step {state['step']} ({storage.basename(previous)}); nothing to train")
+            return json.loads(storage.read_text(summary_file)) if storage.exists(summary_file) else state
+        echo(f"resuming run {run_dir} from {storage.basename(previous)} (step {state['step']})")
+    storage.write_text(storage.join(run_dir, "config.yaml"), config.to_yaml())
     started = time.time()
     if config.scaling.num_workers == 0:
         result = _train_local(config, run_dir, previous)
     else:
         result = _train_ray(config, run_dir)
     latest = find_checkpoint(run_dir)
-    summary = {**result, "run_dir": str(run_dir), "checkpoint": str(latest) if latest else None,
+    summary = {**result, "run_dir": run_dir, "checkpoint": str(latest) if latest else None,
                "wall_seconds": round(time.time() - started, 2), "num_workers": config.scaling.num_workers}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    storage.write_text(summary_file, json.dumps(summary, indent=1))
     return summary
 
 
-def _check_storage(run_dir: Path) -> None:
+def _check_storage(run_dir: str) -> None:
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise ValueError(f"run.storage_path: cannot write to {run_dir} ({error.strerror or error})") from None
+        storage.check_writable(run_dir)
+    except storage.StorageError as error:
+        raise ValueError(f"run.storage_path: {error}") from None
+
+
+class _MetricsMirror:
+    """Where rank 0 writes metrics.jsonl and tensorboard/: the run directory itself when local; for
+    a remote run, a local directory seeded from the remote metrics and uploaded by ``sync``."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir, self.remote = run_dir, storage.is_url(run_dir)
+        self.local = Path(tempfile.mkdtemp(prefix="hvae-metrics-")) if self.remote else Path(run_dir)
+        remote_metrics = storage.join(run_dir, "metrics.jsonl")
+        if self.remote and storage.exists(remote_metrics):
+            (self.local / "metrics.jsonl").write_text(storage.read_text(remote_metrics))
+
+    @property
+    def metrics_path(self) -> str:
+        return str(self.local / "metrics.jsonl")
+
+    def sync(self) -> None:
+        if not self.remote:
+            return
+        if (self.local / "metrics.jsonl").exists():
+            storage.upload(self.local / "metrics.jsonl", storage.join(self.run_dir, "metrics.jsonl"))
+        if (self.local / "tensorboard").exists():
+            storage.upload(self.local / "tensorboard", storage.join(self.run_dir, "tensorboard"))
 
 
 def _check_gpu(config: PipelineConfig) -> None:
@@ -71,20 +99,29 @@ def _check_gpu(config: PipelineConfig) -> None:
         raise ValueError("scaling.use_gpu is true but this machine has no CUDA device (set scaling.use_gpu=false)")
 
 
-def _train_local(config: PipelineConfig, run_dir: Path, previous: Path | None) -> dict:
+def _train_local(config: PipelineConfig, run_dir: str, previous) -> dict:
     device = torch.device("cuda" if config.scaling.use_gpu else "cpu")
+    mirror = _MetricsMirror(run_dir)
 
     def save(directory: str | None, metrics: dict) -> None:
         name = f"checkpoint_{int(metrics['step']):08d}"
-        target = run_dir / name
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(directory, run_dir / f".{name}.partial")
-        os.replace(run_dir / f".{name}.partial", target)
+        if mirror.remote:
+            storage.upload(Path(directory), storage.join(run_dir, name), last="train_state.json")
+        else:
+            target = Path(run_dir) / name
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(directory, Path(run_dir) / f".{name}.partial")
+            os.replace(Path(run_dir) / f".{name}.partial", target)
         write_latest(run_dir, name)
         prune_checkpoints(run_dir, config.checkpoint.keep)
+        mirror.sync()
 
-    return train_worker(config, 0, 1, device, str(previous) if previous else None, save, str(run_dir / "metrics.jsonl"))
+    restore = str(fetch_checkpoint(previous)[0]) if previous is not None else None
+    try:
+        return train_worker(config, 0, 1, device, restore, save, mirror.metrics_path)
+    finally:
+        mirror.sync()
 
 
 def _train_ray(config: PipelineConfig, run_dir: Path) -> dict:
@@ -100,10 +137,10 @@ def _train_ray(config: PipelineConfig, run_dir: Path) -> dict:
             raise ValueError(f"scaling.use_gpu is true with {config.scaling.num_workers} workers but the Ray cluster has {gpus:g} GPUs")
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "run_dir": str(run_dir)},
+        train_loop_config={"config": config.model_dump(mode="json"), "run_dir": run_dir},
         scaling_config=ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
                                      resources_per_worker=config.scaling.resources_per_worker),
-        run_config=RunConfig(name=config.run.name, storage_path=str(run_dir.parent),
+        run_config=RunConfig(name=config.run.name, storage_path=run_dir.rstrip("/").rsplit("/", 1)[0],
                              failure_config=FailureConfig(max_failures=config.run.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep)),
     )
@@ -119,13 +156,14 @@ def _ray_worker(loop_config: dict) -> None:
     from ray.train import Checkpoint
 
     config = PipelineConfig.model_validate(loop_config["config"])
-    run_dir = Path(loop_config["run_dir"])
+    run_dir = loop_config["run_dir"]
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and (fallback := find_checkpoint(run_dir)) is not None:
-        checkpoint = Checkpoint.from_directory(str(fallback))  # e.g. written by the local backend
+    if checkpoint is None and (fallback := fetch_checkpoint(run_dir)) is not None:
+        checkpoint = Checkpoint.from_directory(str(fallback[0]))  # e.g. written by the local backend
+    mirror = _MetricsMirror(run_dir) if rank == 0 else None
 
     def save(directory: str | None, metrics: dict) -> None:
         name = f"checkpoint_{int(metrics['step']):08d}"
@@ -133,6 +171,11 @@ def _ray_worker(loop_config: dict) -> None:
                          checkpoint_dir_name=name)
         if rank == 0:  # report returns once the checkpoint is persisted
             write_latest(run_dir, name)
+            mirror.sync()
 
     with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext(None) as restore:
-        train_worker(config, rank, world_size, device, restore, save, str(run_dir / "metrics.jsonl"))
+        try:
+            train_worker(config, rank, world_size, device, restore, save, mirror.metrics_path if mirror else None)
+        finally:
+            if mirror is not None:
+                mirror.sync()

@@ -45,4 +45,7 @@ def test_demo_runs_end_to_end_and_writes_every_level(tmp_path):
     model, parts = load_model(find_checkpoint(out / "runs" / "hvae"))
     assert len(parts["genes"]["feature_ids"]) == model.config.n_genes == 2000
     assert (out / "shards" / "manifest.json").exists()
+    report = (out / "report" / "report.md").read_text()
+    assert "## `subtype`" in report and "flat VAE level 0" in report and "batch mixing" in report
+    assert len(list((out / "report" / "maps").glob("*.png"))) == 5  # 3 levels, the flat model, PCA
 

@@ -1,6 +1,7 @@
 """``embed``: every level to Zarr, equal to the model's encode, resumable after a kill, untouched
 when complete, robust to a new release's gene order, and readable with zarr, xarray and anndata."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -162,3 +163,77 @@ def test_ray_actors_write_the_same_embeddings(trained, tmp_path, monkeypatch):
     assert a.attrs["complete"] and list(a["obs_id"][:]) == list(b["obs_id"][:])
     for level in range(3):
         np.testing.assert_allclose(a[f"level_{level}/mean"][:], b[f"level_{level}/mean"][:], rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_scores_every_level_against_baselines_on_the_same_cells(trained, tmp_path):
+    run_dir, source, _ = trained
+    embed_quiet(run_dir, source, tmp_path / "e.zarr")
+    adata = ad.read_h5ad(source)
+    adata[::-1].copy().write_h5ad(tmp_path / "reversed.h5ad")  # the same cells in the opposite order
+    embed_quiet(run_dir, str(tmp_path / "reversed.h5ad"), tmp_path / "r.zarr")
+    command = [sys.executable, "-m", "pipeline", "evaluate", "--embeddings", str(tmp_path / "e.zarr"),
+               "--labels", "lineage,cell_type_fine", "--map-method", "pca", "--out", str(tmp_path / "report")]
+    result = subprocess.run([*command, "--pca", "--compare", f"reversed={tmp_path / 'r.zarr'}", "--max-cells", "2000"],
+                            capture_output=True, text=True, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    levels = ["level 2 (top)", "level 1", "level 0 (finest)"]
+    assert [r["representation"] for r in summary["results"]] == [f"HVAE {l}" for l in levels] + [
+        f"reversed {l}" for l in levels] + ["PCA (50 comps)"]
+    assert summary["cells_evaluated"] == 2000 and summary["cells_total"] == 2700
+    assert summary["source"]["source"] == source  # the labels came from the source the store records
+    hvae, reversed_, pca = summary["results"][:3], summary["results"][3:6], summary["results"][6]
+    for ours, theirs in zip(hvae, reversed_):  # matched by obs id, not by row: the same scores
+        for label in ("lineage", "cell_type_fine"):
+            for metric, value in ours["labels"][label].items():
+                assert theirs["labels"][label][metric] == pytest.approx(value, abs=0.01), (ours["representation"], metric)
+    assert pca["labels"]["lineage"]["knn_accuracy"] > 0.95
+    assert max(r["labels"]["lineage"]["knn_accuracy"] for r in hvae) > 0.8
+    assert all(r["active_units"] <= r["dim"] for r in summary["results"])
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## `lineage`" in report and "| HVAE level 0 (finest) | 32 |" in report and "| PCA (50 comps) | 50 |" in report
+    assert all((tmp_path / "report" / file).stat().st_size > 10_000 for file in summary["maps"].values())
+    assert len(summary["maps"]) == 7
+    wrong = subprocess.run([*command[:7], "lineage,celltype"], capture_output=True, text=True, env=ENV)
+    assert wrong.returncode == 2 and "column(s) ['celltype'] not in the obs" in wrong.stderr
+
+
+def test_embed_release_is_idempotent_resumes_and_keeps_an_index(trained, census_uri, tmp_path):
+    run_dir, _, _ = trained
+    root = tmp_path / "releases"
+    release = [sys.executable, "-m", "pipeline", "embed-release", "--checkpoint", str(run_dir), "--census-uri", census_uri,
+               "--out-root", str(root), "--chunk-rows", "500"]
+    unnamed = subprocess.run(release, capture_output=True, text=True, env=ENV)
+    assert unnamed.returncode == 2 and "records no census_build_date" in unnamed.stderr and "--release" in unnamed.stderr
+    first = subprocess.run([*release, "--release", "2025-01-30"], capture_output=True, text=True, env=ENV)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "embedded: release 2025-01-30 (2,638 cells)" in first.stdout
+    store = root / "2025-01-30" / "embeddings.zarr"
+    assert read_embeddings(str(store)).n_obs == 2638  # the fixture's primary cells
+    index = json.loads((root / "index.json").read_text())["runs"]
+    assert [(r["release"], r["status"], r["n_cells"]) for r in index] == [("2025-01-30", "complete", 2638)]
+    chunk = store / "level_0" / "mean" / "c" / "0" / "0"
+    before = chunk.stat().st_mtime_ns
+    again = subprocess.run([*release, "--release", "2025-01-30"], capture_output=True, text=True, env=ENV)
+    assert again.returncode == 0 and "already embedded" in again.stdout and chunk.stat().st_mtime_ns == before
+    assert json.loads((root / "index.json").read_text())["runs"] == index
+
+    # The job killed mid-way (after 2 of 6 chunks) resumes on the next run, to the same output.
+    killed = subprocess.run([*release, "--release", "2025-03-01", "--fail-after-chunks", "2"], capture_output=True,
+                            text=True, env=ENV)
+    assert killed.returncode == 17
+    index = json.loads((root / "index.json").read_text())["runs"]
+    assert [(r["release"], r["status"]) for r in index] == [("2025-01-30", "complete"), ("2025-03-01", "running")]
+    resumed = subprocess.run([*release, "--release", "2025-03-01"], capture_output=True, text=True, env=ENV)
+    assert resumed.returncode == 0 and "2 of 6 chunks already written" in resumed.stdout, resumed.stdout + resumed.stderr
+    partial = root / "2025-03-01" / "embeddings.zarr"
+    for level in range(3):
+        np.testing.assert_array_equal(zarr.open_group(str(partial), mode="r")[f"level_{level}/mean"][:],
+                                      zarr.open_group(str(store), mode="r")[f"level_{level}/mean"][:])
+    index = json.loads((root / "index.json").read_text())["runs"]
+    assert [(r["release"], r["status"]) for r in index] == [("2025-01-30", "complete"), ("2025-03-01", "complete")]
+    missing = subprocess.run([*release[:-6], "--census-uri", str(tmp_path / "no_census"), "--out-root", str(root),
+                              "--release", "x"], capture_output=True, text=True, env=ENV)
+    assert missing.returncode == 2 and "the Census copy" in missing.stderr and "does not exist" in missing.stderr
+    bad = subprocess.run([*release, "--release", "../elsewhere"], capture_output=True, text=True, env=ENV)
+    assert bad.returncode == 2 and "not a plain directory name" in bad.stderr

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from ..storage import StorageError, explain, filesystem  # filesystem: the data layer opens every URL through it
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 CHUNK_ELEMENTS = 1 << 18
@@ -79,22 +81,20 @@ def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
-def filesystem(url: str):
-    """fsspec filesystem and the path inside it, for local paths and URLs alike."""
-    from fsspec.core import url_to_fs
-
-    return url_to_fs(url)
-
-
 def read_manifest(root: str) -> dict:
     fs, path = filesystem(root)
     manifest_path = join(path, MANIFEST_NAME)
-    if not fs.exists(manifest_path):
-        if not fs.exists(path):
-            raise FileNotFoundError(f"shard directory {root} does not exist")
-        raise FileNotFoundError(f"{root} has no {MANIFEST_NAME}: it is not a shard directory (or sharding did not finish)")
-    with fs.open(manifest_path, "r") as handle:
-        manifest = json.load(handle)
+    try:
+        if not fs.exists(manifest_path):
+            if not fs.exists(path):
+                raise FileNotFoundError(f"shard directory {root} does not exist")
+            raise FileNotFoundError(f"{root} has no {MANIFEST_NAME}: it is not a shard directory (or sharding did not finish)")
+        with fs.open(manifest_path, "r") as handle:
+            manifest = json.load(handle)
+    except (FileNotFoundError, json.JSONDecodeError):
+        raise
+    except Exception as error:  # noqa: BLE001 - unreachable store, credentials, permissions
+        raise StorageError(explain(root, error)) from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{root}/{MANIFEST_NAME}: format_version {manifest.get('format_version')!r}, this reader knows {FORMAT_VERSION}")
     return manifest

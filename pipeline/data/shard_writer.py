@@ -32,6 +32,7 @@ import scipy.sparse as sp
 
 from .alignment import GeneAlignment, check_counts
 from .background import run_ahead
+from ..storage import check_writable
 from .shard_format import (COMPRESSIONS, FORMAT_VERSION, MANIFEST_NAME, count_dtype, feature_hash, filesystem,
                            index_dtype, join, write_csr_arrays, write_manifest)
 from .sources import Source
@@ -68,6 +69,7 @@ def write_shards(source: Source, out: str, settings: ShardSettings | None = None
     settings = settings or ShardSettings()
     started = time.perf_counter()
     out = str(out)
+    check_writable(out)  # an unreachable store, missing credentials or permissions fail here, in words
     fs, out_path = filesystem(out)
     local = "://" not in out or out.startswith("file://")
     if fs.exists(join(out_path, MANIFEST_NAME)):

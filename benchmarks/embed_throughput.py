@@ -1,0 +1,130 @@
+"""Embedding throughput: cells/s of `embed` end to end (read, encode, write Zarr), next to its
+parts measured alone on the same cells and model.
+
+    .venv/bin/python benchmarks/embed_throughput.py --simulate 200000 --n-genes 2000
+    .venv/bin/python benchmarks/embed_throughput.py --source SHARDS_OR_H5AD [--device cuda] [--ray-workers 2]
+
+Stages: "read" (the source's rows for each chunk, count checks and gene alignment, no model),
+"encode" (the model's encode on dense device-resident batches: the compute ceiling), and "embed"
+(the command's local path: reads one chunk ahead in a thread, encodes, writes every level to
+Zarr, marks the chunk done). With --ray-workers N, also `embed --workers N` (N Ray actors on this
+machine). The model is a freshly initialised 3-level HVAE written as a checkpoint (throughput does
+not depend on training). Single process, no Ray unless asked: runs on the GPU machine as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hvae import HVAEConfig, HierarchicalVAE  # noqa: E402
+from pipeline.checkpoint import save_checkpoint  # noqa: E402
+from pipeline.data import GeneAlignment, check_counts, densify, open_source  # noqa: E402
+from pipeline.embed import EmbedSettings, embed  # noqa: E402
+from pipeline.training import StepSettings, Trainer  # noqa: E402
+
+
+def write_model(directory: Path, feature_ids: list[str], hidden_dim: int) -> None:
+    torch.manual_seed(0)
+    config = HVAEConfig(n_genes=len(feature_ids), latent_dims=(32, 16, 8), hidden_dim=hidden_dim)
+    trainer = Trainer(HierarchicalVAE(config), StepSettings())
+    save_checkpoint(directory, trainer, config, "{}\n", {"step": 0}, feature_ids, None, [])
+
+
+def read_rate(source, chunk_rows: int) -> float:
+    alignment = GeneAlignment(source.feature_ids, source.feature_ids)
+    ids = np.asarray(source.read_obs().index.astype(str))
+    started = time.perf_counter()
+    for lo in range(0, source.n_obs, chunk_rows):
+        counts = source.rows(lo, min(source.n_obs, lo + chunk_rows))
+        check_counts(counts, source.uri, ids[lo : lo + chunk_rows], source.feature_ids)
+        alignment.apply(counts)
+    return source.n_obs / (time.perf_counter() - started)
+
+
+@torch.no_grad()
+def encode_rate(directory: Path, source, batch_size: int, device: str, cells: int = 65_536) -> float:
+    from pipeline.checkpoint import load_model
+
+    model = load_model(directory)[0].to(device).eval()
+    batch = densify(source.rows(0, min(batch_size, source.n_obs)), torch.device(device))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    with autocast:
+        model.encode(batch)  # warm-up
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        started, done = time.perf_counter(), 0
+        while done < cells:
+            means = model.encode(batch)
+            [m.float().cpu() for m in means]
+            done += batch.shape[0]
+    return done / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", default=None, help="shards directory, h5ad, AnnData-Zarr or SOMA")
+    parser.add_argument("--simulate", type=int, default=None, help="write this many synthetic cells as shards first")
+    parser.add_argument("--n-genes", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--chunk-rows", type=int, default=16_384)
+    parser.add_argument("--hidden-dim", type=int, default=256)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--ray-workers", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".work")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    if args.simulate:
+        from pipeline.data import ShardSettings, write_shards
+        from pipeline.data.sources import SyntheticSource
+        from pipeline.synthetic import SyntheticAtlas, SyntheticAtlasSpec
+
+        shards = args.work / f"embed_{args.simulate}_{args.n_genes}"
+        if not (shards / "manifest.json").exists():
+            atlas = SyntheticAtlas(SyntheticAtlasSpec(n_cells=args.simulate, n_genes=args.n_genes, n_donors=16))
+            write_shards(SyntheticSource(atlas), str(shards), ShardSettings(overwrite=True))
+        args.source = str(shards)
+    if not args.source:
+        parser.error("give --source or --simulate N")
+    work = args.work / "embed_bench"
+    shutil.rmtree(work, ignore_errors=True)
+    source = open_source(args.source)
+    write_model(work / "checkpoint", list(source.feature_ids), args.hidden_dim)
+    rows = [("read (rows, checks, alignment)", read_rate(source, args.chunk_rows)),
+            (f"encode ({args.device}, resident batches)", encode_rate(work / "checkpoint", source, args.batch_size, args.device))]
+    settings = EmbedSettings(batch_size=args.batch_size, chunk_rows=args.chunk_rows, progress=False, device=args.device)
+    result = embed(str(work / "checkpoint"), {"source": args.source}, str(work / "local.zarr"), settings, echo=lambda *_: None)
+    rows.append(("embed end to end (one process)", result["cells"] / result["seconds"]))
+    if args.ray_workers:
+        import ray
+
+        ray.init(num_cpus=max(2, args.ray_workers), include_dashboard=False, log_to_driver=False)
+        settings.workers = args.ray_workers
+        result = embed(str(work / "checkpoint"), {"source": args.source}, str(work / "ray.zarr"), settings, echo=lambda *_: None)
+        rows.append((f"embed end to end ({args.ray_workers} Ray actors)", result["cells"] / result["seconds"]))
+        ray.shutdown()
+    source.close()
+    ceiling = rows[1][1]
+    print(f"\n{source.n_obs:,} cells x {len(source.feature_ids):,} genes from {args.source}; batch {args.batch_size}, "
+          f"chunks of {args.chunk_rows:,}; {platform.machine()}, {torch.get_num_threads()} threads, device {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "") + "\n")
+    print("| stage | cells/s | / encode ceiling |\n|---|---|---|")
+    for name, rate in rows:
+        print(f"| {name} | {rate:,.0f} | {rate / ceiling:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"cells": source.n_obs, "device": args.device, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

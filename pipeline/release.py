@@ -1,0 +1,132 @@
+"""``hvae-pipeline embed-release``: the scheduled job that embeds each new atlas release.
+
+It writes ``<out-root>/<release>/embeddings.zarr`` unless a complete output of the same model is
+already there (so it is safe to run every night), resumes a partial one, and keeps a small JSON
+index of what it did at ``<out-root>/index.json``. The out-root may be a local path or any fsspec
+URL (``s3://bucket/embeddings``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import replace
+from pathlib import Path
+from datetime import datetime, timezone
+
+from . import storage
+from .checkpoint import fetch_checkpoint
+from .embed import EmbedSettings, embed, model_id
+
+INDEX_NAME = "index.json"
+
+
+def resolve_release(census_version: str | None, census_uri: str | None, release: str | None) -> str:
+    """The release's name: ``release`` when given; for a public Census version (or an alias such as
+    ``latest``/``stable``) its build date from the Census release directory; for a copy, the build
+    date recorded in its ``census_info/summary``."""
+    if release:
+        name = release
+    elif census_version:
+        import cellxgene_census
+
+        try:
+            description = cellxgene_census.get_census_version_description(census_version)
+        except ValueError as error:  # the directory has no such release
+            raise ValueError(f"Census release {census_version!r} does not exist ({error})") from None
+        except Exception as error:  # noqa: BLE001 - no network, DNS, proxy
+            raise ValueError(f"cannot read the Census release directory to resolve {census_version!r} "
+                             f"({type(error).__name__}: {error}); use --census-uri for a local copy") from None
+        name = description.get("release_build") or census_version
+    else:
+        name = _build_date(census_uri)
+        if not name:
+            raise ValueError(f"the Census copy at {census_uri} records no census_build_date in census_info/summary; "
+                             "name the release with --release")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ValueError(f"release name {name!r} is not a plain directory name (letters, digits, . _ -)")
+    return name
+
+
+def _build_date(census_uri: str) -> str | None:
+    import cellxgene_census
+    with cellxgene_census.open_soma(uri=census_uri) as census:
+        frame = census["census_info"]["summary"].read().concat().to_pandas()
+    return dict(zip(frame["label"], frame["value"])).get("census_build_date")
+
+
+def read_index(out_root: str) -> list[dict]:
+    path = storage.join(out_root, INDEX_NAME)
+    if not storage.exists(path):
+        return []
+    try:
+        return json.loads(storage.read_text(path))["runs"]
+    except (json.JSONDecodeError, KeyError) as error:
+        raise ValueError(f"{path} is not an embed-release index ({error}); move it aside") from None
+
+
+def _write_index(out_root: str, runs: list[dict]) -> None:
+    """Replace the index in one step (a rename locally, one PUT on object storage)."""
+    storage.write_text(storage.join(out_root, INDEX_NAME), json.dumps({"runs": runs}, indent=2))
+
+
+def embed_release(checkpoint: str, out_root: str, *, census_version: str | None = None, census_uri: str | None = None,
+                  release: str | None = None, organism: str = "homo_sapiens", obs_filter: str | None = None,
+                  settings: EmbedSettings | None = None, echo=print) -> dict:
+    """Embed one Census release under ``out_root`` (idempotent, resumable) and record it in the index."""
+    if (census_version is None) == (census_uri is None):
+        raise ValueError("give exactly one of --census-version (a public release or 'latest'/'stable') or --census-uri")
+    settings = settings or EmbedSettings()
+    if census_uri is not None and not storage.is_url(census_uri) and not Path(census_uri).exists():
+        raise FileNotFoundError(f"the Census copy {census_uri} does not exist")
+    storage.check_writable(out_root)
+    name = resolve_release(census_version, census_uri, release)
+    found = fetch_checkpoint(checkpoint)
+    if found is None:
+        raise FileNotFoundError(f"{checkpoint} is neither a checkpoint directory nor a run directory with one")
+    directory, origin = found
+    identity = model_id(directory)
+    out = storage.join(out_root, name, "embeddings.zarr")
+    runs = read_index(out_root)
+    for entry in runs:
+        if entry["release"] == name and entry["model_id"] == identity and entry["status"] == "complete" and _complete(out):
+            echo(f"release {name} is already embedded by model {identity} at {out}; nothing to do")
+            return {**entry, "action": "skipped"}
+    source_args = {"source": "census", "census_version": census_version, "census_uri": census_uri,
+                   "organism": organism, "obs_filter": obs_filter}
+    entry = {"release": name, "model_id": identity, "checkpoint": origin, "out": out,
+             "census_version": census_version, "census_uri": census_uri, "organism": organism,
+             "started": datetime.now(timezone.utc).isoformat(), "status": "running"}
+    _write_index(out_root, _replace(runs, entry))
+    echo(f"embedding release {name} with model {identity} -> {out}")
+    started = time.perf_counter()
+    try:
+        result = embed(origin, source_args, out, replace(settings, overwrite=False), echo=echo)
+    except BaseException as error:
+        _write_index(out_root, _replace(read_index(out_root), {
+            **entry, "status": "failed", "error": f"{type(error).__name__}: {error}"[:500],
+            "finished": datetime.now(timezone.utc).isoformat(), "seconds": round(time.perf_counter() - started, 1)}))
+        raise
+    entry.update({"status": "complete", "n_cells": result["cells"], "finished": datetime.now(timezone.utc).isoformat(),
+                  "seconds": round(time.perf_counter() - started, 1), "cells_per_s": result.get("cells_per_s")})
+    _write_index(out_root, _replace(read_index(out_root), entry))
+    return {**entry, "action": "embedded"}
+
+
+def _replace(runs: list[dict], entry: dict) -> list[dict]:
+    """The index with ``entry`` as the record of its (release, model) pair."""
+    kept = [r for r in runs if (r["release"], r["model_id"]) != (entry["release"], entry["model_id"])]
+    return sorted(kept + [entry], key=lambda r: (r["release"], r["started"]))
+
+
+def _complete(out: str) -> bool:
+    import zarr
+
+    try:
+        return bool(zarr.open_group(out, mode="r").attrs.get("complete"))
+    except (FileNotFoundError, KeyError, ValueError):
+        return False
+
+
+__all__ = ["embed_release", "read_index", "resolve_release"]

@@ -1,0 +1,275 @@
+"""``hvae-pipeline evaluate``: every level of an embeddings store (and any baselines) scored
+against label columns and a batch key, written as metrics.json, a Markdown report and one 2-D map
+per representation.
+
+The cells are a seeded random subsample (``max_cells``) so the cost does not grow with the atlas;
+labels come from the source the embeddings were made from (recorded in their attrs) or from
+``source``, matched by obs id.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .evaluation import batch_mixing, cluster_agreement, knn_accuracy, pca_embedding, scib_scores, silhouette_label
+
+MAP_METHODS = ("auto", "umap", "pca")
+METRIC_NAMES = {"nmi": "NMI (k-means)", "ari": "ARI (k-means)", "silhouette": "silhouette (ASW)",
+                "leiden_nmi": "NMI (Leiden)", "leiden_ari": "ARI (Leiden)", "clisi": "cLISI", "graph_connectivity":
+                "graph connectivity", "ilisi": "iLISI", "kbet": "kBET", "silhouette_batch": "batch ASW",
+                "isolated_labels": "isolated labels"}
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    labels: tuple[str, ...]
+    batch_key: str | None = None
+    out_dir: str | None = None            # default: <embeddings without .zarr>_report next to the store
+    source: dict | None = None            # open_source arguments; default: the ones the embeddings record
+    compare: dict = field(default_factory=dict)  # name -> another embeddings store (e.g. a flat model's)
+    pca: bool = False                     # add the PCA baseline (reads the subsample's counts)
+    max_cells: int = 50_000
+    k: int = 15
+    seed: int = 0
+    maps: bool = True
+    map_method: str = "auto"              # umap when umap-learn is installed, else pca
+    map_cells: int = 10_000
+    scib: bool = False                    # add the scib-metrics suite (the `eval` extra)
+
+
+def evaluate_embeddings(path: str, settings: EvaluateSettings, echo=print) -> dict:
+    from .data import open_source
+    from .embed import read_embeddings
+
+    started = time.perf_counter()
+    if settings.map_method not in MAP_METHODS:
+        raise ValueError(f"map method must be one of {MAP_METHODS}, got {settings.map_method!r}")
+    if not settings.labels:
+        raise ValueError("give at least one label column (--labels COL[,COL...])")
+    store = read_embeddings(path)
+    attrs = store.uns["hvae_embeddings"]
+    source_args = settings.source or _recorded_source(attrs, path)
+    rng = np.random.default_rng(settings.seed)
+    n_total = store.n_obs
+    rows = np.sort(rng.choice(n_total, size=min(settings.max_cells, n_total), replace=False))
+    obs_ids = store.obs_names[rows]
+
+    with open_source(**source_args) as source:
+        obs = source.read_obs()
+        position = obs.index.astype(str).get_indexer(obs_ids)
+        if (position < 0).any():
+            raise KeyError(f"{int((position < 0).sum())} cells of {path} are not in the source {source.uri} "
+                           f"(e.g. {list(obs_ids[position < 0][:3])}); pass the source they were embedded from")
+        columns = list(settings.labels) + ([settings.batch_key] if settings.batch_key else [])
+        missing = [c for c in columns if c not in obs.columns]
+        if missing:
+            raise KeyError(f"column(s) {missing} not in the obs of {source.uri} (columns: {list(obs.columns)})")
+        obs = obs.iloc[position][columns]
+        counts = _rows_at(source, position) if settings.pca else None
+
+    representations = _representations(store, rows, attrs, settings, counts)
+    echo(f"evaluating {len(representations)} representations on {len(rows):,} of {n_total:,} cells "
+         f"(labels {', '.join(settings.labels)}{'; batch ' + settings.batch_key if settings.batch_key else ''})")
+    results = []
+    for name, values, level in representations:
+        result = {"representation": name, "level": level, "dim": int(values.shape[1]),
+                  "active_units": int((values.astype(np.float64).var(axis=0) > 0.01).sum()), "labels": {}}
+        for label in settings.labels:
+            truth = obs[label].to_numpy()
+            result["labels"][label] = {"knn_accuracy": knn_accuracy(values, truth, k=settings.k, seed=settings.seed),
+                                       **cluster_agreement(values, truth, seed=settings.seed),
+                                       "silhouette": silhouette_label(values, truth, seed=settings.seed)}
+            if settings.scib:
+                result["labels"][label].update(scib_scores(
+                    values, truth, obs[settings.batch_key].to_numpy() if settings.batch_key else None, seed=settings.seed))
+        if settings.batch_key:
+            result["batch_mixing"] = batch_mixing(values, obs[settings.batch_key].to_numpy(), seed=settings.seed)
+        results.append(result)
+        echo(f"  {name}: " + ", ".join(f"kNN {l} {result['labels'][l]['knn_accuracy']:.3f}" for l in settings.labels))
+
+    out_dir = Path(settings.out_dir or _default_out_dir(path))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    maps = _draw_maps(representations, obs, settings, out_dir) if settings.maps else {}
+    summary = {"embeddings": str(path), "model_id": attrs.get("model_id"), "checkpoint": attrs.get("checkpoint"),
+               "source": source_args, "cells_evaluated": int(len(rows)), "cells_total": int(n_total),
+               "labels": list(settings.labels), "batch_key": settings.batch_key, "k": settings.k, "seed": settings.seed,
+               "compare": dict(settings.compare), "scib": settings.scib, "results": results, "maps": maps,
+               "machine": platform.platform(), "created": datetime.now(timezone.utc).isoformat(),
+               "seconds": round(time.perf_counter() - started, 1)}
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    (out_dir / "report.md").write_text(format_report(summary))
+    summary["report"] = str(out_dir / "report.md")
+    return summary
+
+
+def _recorded_source(attrs: dict, path: str) -> dict:
+    recorded = attrs.get("source_args")
+    if not recorded:
+        raise ValueError(f"{path} does not record the source it was embedded from; pass --source")
+    return json.loads(recorded) if isinstance(recorded, str) else dict(recorded)
+
+
+def _default_out_dir(path: str) -> str:
+    base = str(path).rstrip("/")
+    return (base[:-5] if base.endswith(".zarr") else base) + "_report"
+
+
+def _representations(store, rows: np.ndarray, attrs: dict, settings: EvaluateSettings, counts) -> list:
+    """(name, values, level) for every level of the store (top first), each compared store, PCA."""
+    from .embed import read_embeddings
+
+    def levels(adata, rows: np.ndarray, prefix: str) -> list:
+        means = _level_means(adata, rows)
+        top = len(means) - 1
+        tags = {top: " (top)", 0: " (finest)"} if top > 0 else {}
+        return [(f"{prefix}level {level}{tags.get(level, '')}", means[level], level) for level in reversed(range(len(means)))]
+
+    representations = levels(store, rows, "HVAE " if settings.compare or settings.pca else "")
+    for name, other_path in settings.compare.items():
+        other = read_embeddings(other_path)
+        position = other.obs_names.get_indexer(store.obs_names[rows])
+        if (position < 0).any():
+            raise KeyError(f"{int((position < 0).sum())} evaluated cells are missing from {other_path} ({name})")
+        representations += levels(other, position, f"{name} ")
+    if counts is not None:
+        representations.append(("PCA (50 comps)", pca_embedding(counts, seed=settings.seed), None))
+    return representations
+
+
+def _level_means(adata, rows: np.ndarray) -> list[np.ndarray]:
+    """Every level's means at ``rows`` (any order; the lazy arrays are read in sorted order)."""
+    order = np.argsort(rows)
+    n_levels = sum(1 for key in adata.obsm if not key.endswith("_logvar"))
+    means = []
+    for level in range(n_levels):
+        values = np.asarray(adata.obsm[f"X_hvae_level_{level}"][rows[order]])
+        restored = np.empty_like(values)
+        restored[order] = values
+        means.append(restored)
+    return means
+
+
+def _rows_at(source, positions: np.ndarray, block: int = 16_384) -> sp.csr_matrix:
+    """The source's count rows at ``positions`` (any order), read block by block in one pass."""
+    order = np.argsort(positions)
+    wanted = positions[order]
+    parts = []
+    for start in range(0, source.n_obs, block):
+        lo, hi = np.searchsorted(wanted, [start, min(start + block, source.n_obs)])
+        if hi > lo:
+            parts.append(source.rows(start, min(start + block, source.n_obs))[wanted[lo:hi] - start])
+    stacked = sp.vstack(parts).tocsr()
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return stacked[inverse]
+
+
+def _draw_maps(representations: list, obs: pd.DataFrame, settings: EvaluateSettings, out_dir: Path) -> dict:
+    """One PNG per representation: its 2-D map, one panel per label column (and the batch key)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    method = settings.map_method
+    if method == "auto":
+        try:
+            import umap  # noqa: F401
+
+            method = "umap"
+        except ImportError:
+            method = "pca"
+    cells = np.random.default_rng(settings.seed + 1).permutation(len(obs))[: settings.map_cells]
+    columns = list(settings.labels) + ([settings.batch_key] if settings.batch_key else [])
+    maps_dir = out_dir / "maps"
+    maps_dir.mkdir(exist_ok=True)
+    written = {}
+    for name, values, _ in representations:
+        xy = _project(values[cells], method, settings.seed)
+        figure, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 4.0), squeeze=False)
+        for axis, column in zip(axes[0], columns):
+            categories = pd.Categorical(obs[column].to_numpy()[cells].astype(str))
+            palette = plt.get_cmap("tab20" if len(categories.categories) > 10 else "tab10")
+            axis.scatter(xy[:, 0], xy[:, 1], s=2, c=[palette(c % palette.N) for c in categories.codes], linewidths=0,
+                         rasterized=True)
+            axis.set_title(column, fontsize=10)
+            axis.set_xticks([]), axis.set_yticks([])
+            if len(categories.categories) <= 20:
+                handles = [plt.Line2D([], [], marker="o", ls="", color=palette(i % palette.N), markersize=4, label=str(c))
+                           for i, c in enumerate(categories.categories)]
+                axis.legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+        figure.suptitle(f"{name} ({method.upper()}, {len(cells):,} cells)", fontsize=11)
+        figure.tight_layout()
+        file = maps_dir / (_slug(name) + ".png")
+        figure.savefig(file, dpi=110)
+        plt.close(figure)
+        written[name] = str(file.relative_to(out_dir))
+    return written
+
+
+def _project(values: np.ndarray, method: str, seed: int) -> np.ndarray:
+    if method == "umap":
+        import umap
+
+        return umap.UMAP(random_state=seed, n_jobs=1).fit_transform(values)
+    from sklearn.decomposition import PCA
+
+    return PCA(n_components=2, random_state=seed).fit_transform(values) if values.shape[1] > 2 else values[:, :2]
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_").replace("__", "_")
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def format_report(summary: dict) -> str:
+    """The Markdown report: provenance, one table per label column, batch mixing, the maps."""
+    results, labels = summary["results"], summary["labels"]
+    lines = [f"# Evaluation of `{summary['embeddings']}`", "",
+             f"- model `{summary['model_id']}` ({summary['checkpoint']})",
+             f"- labels from `{summary['source'].get('source')}`; {summary['cells_evaluated']:,} of "
+             f"{summary['cells_total']:,} cells (seed {summary['seed']}), kNN k={summary['k']} (5-fold held-out accuracy)",
+             f"- {summary['created']} on {summary['machine']}", ""]
+    for label in labels:
+        metrics = [m for m in results[0]["labels"][label] if m != "knn_accuracy"]
+        header = ["representation", "dim", "kNN accuracy"] + [METRIC_NAMES.get(m, m) for m in metrics]
+        lines += [f"## `{label}`", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        best = {m: max(r["labels"][label][m] for r in results) for m in ["knn_accuracy"] + metrics}
+        for r in results:
+            scores = r["labels"][label]
+            cells = [_cell(scores[m], scores[m] == best[m]) for m in ["knn_accuracy"] + metrics]
+            lines.append("| " + " | ".join([r["representation"], str(r["dim"])] + cells) + " |")
+        lines.append("")
+    lines += ["## Levels and batches", "", "| representation | dim | active units |"
+              + (" batch mixing |" if summary["batch_key"] else ""), "|---|---|---|" + ("---|" if summary["batch_key"] else "")]
+    for r in results:
+        lines.append(f"| {r['representation']} | {r['dim']} | {r['active_units']} |"
+                     + (f" {_cell(r['batch_mixing'])} |" if summary["batch_key"] else ""))
+    if summary["batch_key"]:
+        lines += ["", f"Batch mixing: entropy of `{summary['batch_key']}` among 50 nearest neighbours over its global "
+                      "entropy (1 = fully mixed). Best value per column in bold."]
+    if summary["maps"]:
+        lines += ["", "## Maps", ""] + [f"![{name}]({file})" for name, file in summary["maps"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: float, best: bool = False) -> str:
+    text = "-" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
+    return f"**{text}**" if best and text != "-" else text
+
+
+__all__ = ["EvaluateSettings", "evaluate_embeddings", "format_report"]

@@ -1,0 +1,57 @@
+"""The metrics behind `evaluate`, on embeddings whose answer is known."""
+
+import numpy as np
+import pytest
+
+from pipeline.evaluation import batch_mixing, cluster_agreement, knn_accuracy, scib_scores, silhouette_label
+
+
+@pytest.fixture(scope="module")
+def separated():
+    """Four well separated label clusters; two batches mixed inside every cluster."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.array(["a", "b", "c", "d"]), 300)
+    batches = np.tile(np.array(["donor1", "donor2"]), 600)
+    centres = rng.normal(scale=10.0, size=(4, 8))
+    embedding = centres[np.repeat(np.arange(4), 300)] + rng.normal(size=(1200, 8))
+    return embedding.astype(np.float32), labels, batches
+
+
+def test_separated_labels_score_perfectly(separated):
+    embedding, labels, _ = separated
+    assert knn_accuracy(embedding, labels) == 1.0
+    assert cluster_agreement(embedding, labels) == {"nmi": pytest.approx(1.0), "ari": pytest.approx(1.0)}
+    assert silhouette_label(embedding, labels) > 0.85
+
+
+def test_random_labels_score_at_chance(separated):
+    embedding, labels, _ = separated
+    shuffled = np.random.default_rng(1).permutation(labels)
+    assert knn_accuracy(embedding, shuffled) < 0.35
+    assert cluster_agreement(embedding, shuffled)["ari"] < 0.02
+    assert silhouette_label(embedding, shuffled) < 0.52
+
+
+def test_batch_mixing_tells_mixed_from_separated_batches(separated):
+    embedding, labels, batches = separated
+    assert batch_mixing(embedding, batches) > 0.95
+    by_label = np.where(np.isin(labels, ["a", "b"]), "donor1", "donor2")  # each donor its own clusters
+    assert batch_mixing(embedding, by_label) < 0.05
+    assert np.isnan(batch_mixing(embedding, np.full(len(labels), "one donor")))
+
+
+def test_missing_labels_are_left_out():
+    embedding = np.repeat(np.eye(3, dtype=np.float32) * 10, 20, axis=0)
+    labels = np.repeat(np.array(["x", "y", None], dtype=object), 20)
+    assert knn_accuracy(embedding, labels) == 1.0
+    assert cluster_agreement(embedding, labels)["ari"] == pytest.approx(1.0)
+
+
+def test_scib_metrics_suite(separated):
+    pytest.importorskip("scib_metrics", reason="the `eval` extra is not installed")
+    embedding, labels, batches = separated
+    scores = scib_scores(embedding, labels, batches)
+    assert scores["leiden_nmi"] > 0.95 and scores["leiden_ari"] > 0.95 and scores["graph_connectivity"] > 0.95
+    assert scores["ilisi"] > 0.8 and scores["kbet"] > 0.7
+    by_label = np.where(np.isin(labels, ["a", "b"]), "donor1", "donor2")
+    assert scib_scores(embedding, labels, by_label)["ilisi"] < 0.1
