@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 from hvae import HVAEConfig, HierarchicalVAE  # noqa: E402
 from pipeline.checkpoint import save_checkpoint  # noqa: E402
-from pipeline.data import GeneAlignment, check_counts, densify, open_source  # noqa: E402
+from pipeline.data import GeneAlignment, check_counts, open_source  # noqa: E402
 from pipeline.embed import EmbedSettings, embed  # noqa: E402
-from pipeline.training import StepSettings, Trainer  # noqa: E402
+from pipeline.training import StepSettings, Trainer, densify  # noqa: E402
 
 
 def write_model(directory: Path, feature_ids: list[str], hidden_dim: int) -> None:
