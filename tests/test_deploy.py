@@ -109,7 +109,7 @@ STUBS = {
             'while [ $# -gt 0 ]; do case "$1" in -w|--nodelist) shift 2;; -*) shift;; *) break;; esac; done\n'
             'exec "$@"\n',
     # scontrol show hostnames LIST: one node per comma-separated name.
-    "scontrol": '#!/bin/bash\necho "scontrol $*" >> "$STUB_LOG"\necho "$4" | tr , "\\n"\n',
+    "scontrol": '#!/bin/bash\necho "scontrol $*" >> "$STUB_LOG"\necho "$3" | tr , "\\n"\n',
 }
 
 
@@ -132,7 +132,8 @@ def test_slurm_train_script_starts_ray_trains_through_it_and_stops_it(shards, tm
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     calls = log.read_text()
-    assert "scontrol show hostnames node001" in calls and "ray start --head" in calls and "ray stop --force" in calls
+    assert "scontrol show hostnames node001" in calls and "-w node001 ray start --head" in calls
+    assert "ray stop --force" in calls
     assert "ray: 1 node(s) up" in result.stdout and "trained to step 20" in result.stdout
     assert (tmp_path / "runs" / "slurm" / "checkpoint_00000020" / "model.pt").exists()
     status = subprocess.run([str(BIN / "ray"), "status", "--address", f"127.0.0.1:{env['RAY_PORT']}"],
