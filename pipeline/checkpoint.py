@@ -23,10 +23,9 @@ from pathlib import Path
 
 import torch
 
-from . import storage
-
 from hvae import HVAEConfig, HierarchicalVAE
 
+from . import storage
 from .data.shard_format import feature_hash
 
 LATEST = "latest"

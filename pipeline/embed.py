@@ -35,6 +35,7 @@ from .checkpoint import fetch_checkpoint, load_model
 from .data.alignment import GeneAlignment, check_counts
 from .data.background import run_ahead
 from .data.sources import open_source
+from .storage import is_url
 from .training import densify
 
 FORMAT_VERSION = 1
@@ -138,7 +139,7 @@ def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings 
 
 
 def _absolute(path: str) -> str:
-    if path == "census" or "://" in path:
+    if path == "census" or is_url(path):
         return path
     return str(Path(path).resolve())
 
@@ -171,9 +172,7 @@ def _open_output(out: str, attrs: dict, n_obs: int, dims: list[int], settings: E
     """(group, state): state is 'new', 'partial' or 'complete'."""
     import zarr
 
-    from .data.shard_format import filesystem
-
-    from .storage import check_writable
+    from .storage import check_writable, filesystem
 
     check_writable(out)  # an unreachable store, missing credentials or permissions fail here, in words
     fs, path = filesystem(out)
@@ -215,7 +214,6 @@ class _ChunkEmbedder:
         self.model = model.to(self.device)
         self.source, self.alignment, self.settings = source, alignment, settings
         self.group = zarr.open_group(out, mode="r+")
-
 
     def read(self, chunk: int, obs_ids: np.ndarray) -> sp.csr_matrix:
         """The chunk's counts, checked and aligned to the model's genes (the local path runs this
@@ -262,8 +260,6 @@ class _RemoteEmbedder(_ChunkEmbedder):
 
 
 def _embed_with_ray(checkpoint_dir, source_args, out, genes, settings, todo, obs_ids, codes, bar) -> None:
-    import os
-
     import ray
     from ray.util import ActorPool
 

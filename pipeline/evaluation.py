@@ -42,10 +42,15 @@ def knn_accuracy(embedding: np.ndarray, labels, k: int = 15, n_folds: int = 5, s
     return float(np.mean(scores))
 
 
+def _has_label(labels) -> np.ndarray:
+    """True where a cell has a label (not None / NaN)."""
+    return np.array([not (label is None or (isinstance(label, float) and np.isnan(label))) for label in labels], dtype=bool)
+
+
 def _labelled(embedding: np.ndarray, labels) -> tuple[np.ndarray, np.ndarray]:
     """The rows with a label, and their labels as strings."""
     labels = np.asarray(labels, dtype=object)
-    keep = np.array([not (label is None or (isinstance(label, float) and np.isnan(label))) for label in labels])
+    keep = _has_label(labels)
     return np.asarray(embedding, dtype=np.float32)[keep], labels[keep].astype(str)
 
 
@@ -88,23 +93,30 @@ def batch_mixing(embedding: np.ndarray, batches, k: int = 50, max_cells: int = 1
     return float(entropy.mean() / global_entropy)
 
 
-def scib_scores(embedding: np.ndarray, labels, batches=None, n_neighbors: int = 90, seed: int = 0) -> dict[str, float]:
+def scib_scores(embedding: np.ndarray, labels, batches=None, n_neighbors: int = 90, seed: int = 0,
+                graphs: dict | None = None) -> dict[str, float]:
     """The scib-metrics suite on one representation (the ``eval`` extra): Leiden NMI/ARI, cLISI,
-    graph connectivity, isolated labels and, with batches, iLISI, kBET and batch silhouette."""
+    graph connectivity, isolated labels and, with batches, iLISI, kBET and batch silhouette.
+    Cells without a label are left out, as in the other metrics. ``graphs``, a dict kept per
+    representation, caches the neighbour graph across label columns labelling the same cells."""
     try:
         import scib_metrics
         from scib_metrics.nearest_neighbors import pynndescent
     except ImportError:
         raise ImportError("--scib needs scib-metrics: pip install 'hvae-pipeline[eval]'") from None
-    embedding = np.asarray(embedding, dtype=np.float32)
-    labels = np.asarray(labels).astype(str)
-    neighbours = pynndescent(embedding, n_neighbors=min(n_neighbors, len(labels) - 1), random_state=seed)
+    keep = _has_label(labels)
+    embedding, labels = np.asarray(embedding, dtype=np.float32)[keep], np.asarray(labels, dtype=object)[keep].astype(str)
+    graphs = {} if graphs is None else graphs
+    key = keep.tobytes()
+    if key not in graphs:
+        graphs[key] = pynndescent(embedding, n_neighbors=min(n_neighbors, len(labels) - 1), random_state=seed)
+    neighbours = graphs[key]
     leiden = scib_metrics.nmi_ari_cluster_labels_leiden(neighbours, labels, seed=seed)
     scores = {"leiden_nmi": float(leiden["nmi"]), "leiden_ari": float(leiden["ari"]),
               "clisi": float(scib_metrics.clisi_knn(neighbours, labels)),
               "graph_connectivity": float(scib_metrics.graph_connectivity(neighbours, labels))}
-    if batches is not None and len(np.unique(np.asarray(batches).astype(str))) > 1:
-        batches = np.asarray(batches).astype(str)
+    if batches is not None and len(np.unique(np.asarray(batches)[keep].astype(str))) > 1:
+        batches = np.asarray(batches)[keep].astype(str)
         # Batch silhouette is defined within labels seen in two batches or more.
         shared = pd.crosstab(labels, batches).gt(0).sum(axis=1).gt(1).any()
         scores.update({"ilisi": float(scib_metrics.ilisi_knn(neighbours, batches)),

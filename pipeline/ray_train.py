@@ -91,6 +91,12 @@ class _MetricsMirror:
         if (self.local / "tensorboard").exists():
             storage.upload(self.local / "tensorboard", storage.join(self.run_dir, "tensorboard"))
 
+    def close(self) -> None:
+        """The last upload; a remote run's local mirror is then deleted."""
+        self.sync()
+        if self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)
+
 
 def _check_gpu(config: PipelineConfig) -> None:
     if not config.scaling.use_gpu:
@@ -121,10 +127,10 @@ def _train_local(config: PipelineConfig, run_dir: str, previous) -> dict:
     try:
         return train_worker(config, 0, 1, device, restore, save, mirror.metrics_path)
     finally:
-        mirror.sync()
+        mirror.close()
 
 
-def _train_ray(config: PipelineConfig, run_dir: Path) -> dict:
+def _train_ray(config: PipelineConfig, run_dir: str) -> dict:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -178,4 +184,4 @@ def _ray_worker(loop_config: dict) -> None:
             train_worker(config, rank, world_size, device, restore, save, mirror.metrics_path if mirror else None)
         finally:
             if mirror is not None:
-                mirror.sync()
+                mirror.close()

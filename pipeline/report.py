@@ -19,6 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import torch
+
+from hvae import active_units
 
 from .evaluation import batch_mixing, cluster_agreement, knn_accuracy, pca_embedding, scib_scores, silhouette_label
 
@@ -76,13 +79,14 @@ def evaluate_embeddings(path: str, settings: EvaluateSettings, echo=print) -> di
         obs = obs.iloc[position][columns]
         counts = _rows_at(source, position) if settings.pca else None
 
-    representations = _representations(store, rows, attrs, settings, counts)
+    representations = _representations(store, rows, settings, counts)
     echo(f"evaluating {len(representations)} representations on {len(rows):,} of {n_total:,} cells "
          f"(labels {', '.join(settings.labels)}{'; batch ' + settings.batch_key if settings.batch_key else ''})")
     results = []
     for name, values, level in representations:
         result = {"representation": name, "level": level, "dim": int(values.shape[1]),
-                  "active_units": int((values.astype(np.float64).var(axis=0) > 0.01).sum()), "labels": {}}
+                  "active_units": active_units([torch.from_numpy(values)])[0], "labels": {}}
+        graphs: dict = {}  # the scib neighbour graph, computed once per representation and set of labelled cells
         for label in settings.labels:
             truth = obs[label].to_numpy()
             result["labels"][label] = {"knn_accuracy": knn_accuracy(values, truth, k=settings.k, seed=settings.seed),
@@ -90,7 +94,8 @@ def evaluate_embeddings(path: str, settings: EvaluateSettings, echo=print) -> di
                                        "silhouette": silhouette_label(values, truth, seed=settings.seed)}
             if settings.scib:
                 result["labels"][label].update(scib_scores(
-                    values, truth, obs[settings.batch_key].to_numpy() if settings.batch_key else None, seed=settings.seed))
+                    values, truth, obs[settings.batch_key].to_numpy() if settings.batch_key else None, seed=settings.seed,
+                    graphs=graphs))
         if settings.batch_key:
             result["batch_mixing"] = batch_mixing(values, obs[settings.batch_key].to_numpy(), seed=settings.seed)
         results.append(result)
@@ -123,7 +128,7 @@ def _default_out_dir(path: str) -> str:
     return (base[:-5] if base.endswith(".zarr") else base) + "_report"
 
 
-def _representations(store, rows: np.ndarray, attrs: dict, settings: EvaluateSettings, counts) -> list:
+def _representations(store, rows: np.ndarray, settings: EvaluateSettings, counts) -> list:
     """(name, values, level) for every level of the store (top first), each compared store, PCA."""
     from .embed import read_embeddings
 

@@ -50,8 +50,13 @@ def test_missing_labels_are_left_out():
 def test_scib_metrics_suite(separated):
     pytest.importorskip("scib_metrics", reason="the `eval` extra is not installed")
     embedding, labels, batches = separated
-    scores = scib_scores(embedding, labels, batches)
+    graphs = {}
+    scores = scib_scores(embedding, labels, batches, graphs=graphs)
     assert scores["leiden_nmi"] > 0.95 and scores["leiden_ari"] > 0.95 and scores["graph_connectivity"] > 0.95
     assert scores["ilisi"] > 0.8 and scores["kbet"] > 0.7
     by_label = np.where(np.isin(labels, ["a", "b"]), "donor1", "donor2")
-    assert scib_scores(embedding, labels, by_label)["ilisi"] < 0.1
+    assert scib_scores(embedding, labels, by_label, graphs=graphs)["ilisi"] < 0.1
+    assert len(graphs) == 1  # the same labelled cells: one neighbour graph for both calls
+    partly = labels.astype(object)
+    partly[::7] = None  # unlabelled cells are left out, as in the other metrics
+    assert scib_scores(embedding, partly, batches, graphs=graphs)["leiden_nmi"] > 0.95 and len(graphs) == 2
