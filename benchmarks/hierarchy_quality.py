@@ -63,13 +63,18 @@ def run(name: str, steps: int, batch_size: int, seed: int, latent_dims: tuple[in
     batch_index, batch_names = batch_codes(adata.obs, batch_key)
     settings = StepSettings(kl_warmup_steps=steps // 3)
     rows, results = [], {}
-    for title, dims in (("HVAE", latent_dims), ("flat VAE", (latent_dims[0],))):
+    # Two flat baselines: as wide as level 0 and as wide as the top. On the synthetic atlas the
+    # narrow one is much the stronger (fewer idle dimensions), so both are reported.
+    variants = [("HVAE", latent_dims), (f"flat VAE {latent_dims[0]}-d", (latent_dims[0],))]
+    if latent_dims[-1] != latent_dims[0]:
+        variants.append((f"flat VAE {latent_dims[-1]}-d", (latent_dims[-1],)))
+    for title, dims in variants:
         config = HVAEConfig(n_genes=adata.n_vars, latent_dims=dims, n_batches=len(batch_names))
         result = fit_in_memory(adata.X, config, settings, steps, batch_size, batch_index, seed=seed,
                                obs=adata.obs, label_columns=labels)
         results[title] = result
         for level in reversed(range(len(dims))):
-            rows.append({"representation": f"{title} level {level}" if len(dims) > 1 else f"{title} (baseline)",
+            rows.append({"representation": f"{title} level {level}" if len(dims) > 1 else title,
                          "dim": dims[level], "kl": round(result.kl_per_level[level], 2),
                          "active_units": result.active_units[level],
                          **{label: round(result.knn[level][label], 3) for label in labels}})
@@ -77,7 +82,7 @@ def run(name: str, steps: int, batch_size: int, seed: int, latent_dims: tuple[in
     rows.append({"representation": "PCA (50 comps)", "dim": 50, "kl": None, "active_units": None,
                  **{label: round(pca[label], 3) for label in labels}})
     print(f"\n### {name}: {adata.n_obs:,} cells x {adata.n_vars:,} genes, {steps} steps, batch {batch_size}, "
-          f"HVAE {results['HVAE'].seconds:.0f} s, flat {results['flat VAE'].seconds:.0f} s\n")
+          + ", ".join(f"{title} {result.seconds:.0f} s" for title, result in results.items()) + "\n")
     print(format_table(rows, labels))
     return {"dataset": name, "labels": labels, "rows": rows}
 

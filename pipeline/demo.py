@@ -120,11 +120,15 @@ def _row(result: dict, labels: list[str], kl: dict) -> dict:
 
 
 def format_table(rows: list[dict], labels: list[str]) -> str:
-    """A Markdown table: representation, dim, KL, active units, kNN accuracy per label."""
-    header = ["representation", "dim", "KL (nats)", "active units"] + [f"kNN {label}" for label in labels] + ["donor mixing"]
+    """A Markdown table: representation, dim, KL, active units, kNN accuracy per label, and
+    donor mixing when the rows have it (benchmarks without donors leave it out)."""
+    mixing = any("batch_mixing" in row for row in rows)
+    header = ["representation", "dim", "KL (nats)", "active units"] + [f"kNN {label}" for label in labels]
+    header += ["donor mixing"] if mixing else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        values = [row["representation"], row["dim"], row["kl"], row["active_units"]] + [row[label] for label in labels] + [row["batch_mixing"]]
+        values = [row["representation"], row["dim"], row["kl"], row["active_units"]] + [row[label] for label in labels]
+        values += [row.get("batch_mixing")] if mixing else []
         lines.append("| " + " | ".join("-" if v is None else str(v) for v in values) + " |")
     return "\n".join(lines)
 

@@ -60,3 +60,15 @@ def test_scib_metrics_suite(separated):
     partly = labels.astype(object)
     partly[::7] = None  # unlabelled cells are left out, as in the other metrics
     assert scib_scores(embedding, partly, batches, graphs=graphs)["leiden_nmi"] > 0.95 and len(graphs) == 2
+
+
+def test_level_table_has_a_donor_column_only_when_the_rows_have_one():
+    from pipeline.demo import format_table
+
+    row = {"representation": "HVAE level 0", "dim": 32, "kl": 1.2, "active_units": None, "subtype": 0.8}
+    without = format_table([row], ["subtype"]).splitlines()
+    assert without[0] == "| representation | dim | KL (nats) | active units | kNN subtype |"
+    assert without[2] == "| HVAE level 0 | 32 | 1.2 | - | 0.8 |"
+    with_mixing = format_table([{**row, "batch_mixing": 0.9}], ["subtype"]).splitlines()
+    assert with_mixing[0].endswith("| kNN subtype | donor mixing |")
+    assert with_mixing[2] == "| HVAE level 0 | 32 | 1.2 | - | 0.8 | 0.9 |"
