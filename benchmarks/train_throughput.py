@@ -9,8 +9,13 @@ steps on the same model; "resident" first copies ``--resident-cells`` cells to t
 dense tensor and draws random batches there, so it measures compute alone; "shards" streams
 ``ShardedDataset.loader`` batches and densifies them on the device, as training does. Reports
 cells/s, the ratio shards/resident, the loader alone (no training), peak device memory and, on
-CUDA, GPU utilisation sampled with nvidia-smi. (scvi-tools' SCVI on the same cells is the next
-column to add; it needs its own environment on the GPU machine.)
+CUDA, GPU utilisation sampled with nvidia-smi.
+
+The peer: with ``--scvi-python PY`` (a Python with scvi-tools installed, e.g. a venv made with
+``pip install scvi-tools``) the first ``--scvi-cells`` cells of the same shards are written to an
+h5ad and scvi-tools' SCVI trains on them at each of ``--scvi-batch-sizes``
+(``peers/scvi_train_peer.py``, its own process and environment); the report adds our
+from-shards speed over scvi-tools' best batch size (goal >= 10).
 """
 
 from __future__ import annotations
@@ -96,6 +101,36 @@ def loader_only(dataset: ShardedDataset, args) -> float:
     return cells / (time.perf_counter() - start)
 
 
+def scvi_rows(dataset: ShardedDataset, args) -> list[dict]:
+    """scvi-tools SCVI on the first ``--scvi-cells`` cells of the shards, one row per batch size."""
+    import tempfile
+
+    import anndata as ad
+    import scipy.sparse as sp
+
+    parts, rows = [], 0
+    for batch in dataset.loader(4096, seed=0):
+        counts = batch["counts"]
+        parts.append(sp.csr_matrix((counts.data.numpy().astype(np.float32), counts.indices.numpy(), counts.indptr.numpy()),
+                                   shape=counts.shape))
+        rows += counts.shape[0]
+        if rows >= args.scvi_cells:
+            break
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "cells.h5ad"
+        ad.AnnData(sp.vstack(parts).tocsr()[: args.scvi_cells]).write_h5ad(path)
+        command = [args.scvi_python, str(Path(__file__).parent / "peers" / "scvi_train_peer.py"), "--h5ad", str(path),
+                   "--batch-sizes", args.scvi_batch_sizes, "--epochs", str(args.scvi_epochs),
+                   "--accelerator", "gpu" if args.device.startswith("cuda") else "cpu"]
+        done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"scvi-tools peer failed ({' '.join(command)}):\n{done.stderr[-3000:]}")
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    for result in results:
+        print(f"{'scvi-tools batch ' + str(result['batch_size']):>22s}: {result['cells_per_s']:>10,.0f} cells/s", flush=True)
+    return results
+
+
 class GpuSampler:
     """Mean GPU utilisation from nvidia-smi while a block runs (CUDA only)."""
 
@@ -159,6 +194,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--resident-cells", type=int, default=100_000)
     parser.add_argument("--loader-workers", type=int, default=0)
+    parser.add_argument("--scvi-python", default=None, help="a Python with scvi-tools: adds the peer's column")
+    parser.add_argument("--scvi-cells", type=int, default=100_000)
+    parser.add_argument("--scvi-batch-sizes", default="128,1024")
+    parser.add_argument("--scvi-epochs", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.simulate:
@@ -187,6 +226,11 @@ def main() -> None:
     report = {"device": device_name, "n_obs": dataset.n_obs, "n_vars": dataset.n_vars, "batch_size": args.batch_size,
               "precision": args.precision, "hidden_dim": args.hidden_dim, "results": results, "shards_over_resident": round(ratio, 3),
               "torch": torch.__version__}
+    if args.scvi_python:
+        report["scvi_tools"] = scvi_rows(dataset, args)
+        best = max(row["cells_per_s"] for row in report["scvi_tools"])
+        report["shards_over_scvi_best"] = round(results[2]["cells_per_s"] / best, 2)
+        print(f"from shards / scvi-tools best = {report['shards_over_scvi_best']:.1f}x (goal >= 10)")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
 
