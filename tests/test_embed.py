@@ -181,7 +181,9 @@ def test_evaluate_scores_every_level_against_baselines_on_the_same_cells(trained
     assert [r["representation"] for r in summary["results"]] == [f"HVAE {l}" for l in levels] + [
         f"reversed {l}" for l in levels] + ["PCA (50 comps)"]
     assert summary["cells_evaluated"] == 2000 and summary["cells_total"] == 2700
-    assert summary["source"]["source"] == source  # the labels came from the source the store records
+    # The labels came from the source the store records (made absolute and resolved, so a
+    # checkout under a symlink records the real path).
+    assert Path(summary["source"]["source"]).resolve() == Path(source).resolve()
     hvae, reversed_, pca = summary["results"][:3], summary["results"][3:6], summary["results"][6]
     for ours, theirs in zip(hvae, reversed_):  # matched by obs id, not by row: the same scores
         for label in ("lineage", "cell_type_fine"):
