@@ -106,19 +106,12 @@ def scvi_rows(dataset: ShardedDataset, args) -> list[dict]:
     import tempfile
 
     import anndata as ad
-    import scipy.sparse as sp
 
-    parts, rows = [], 0
-    for batch in dataset.loader(4096, seed=0):
-        counts = batch["counts"]
-        parts.append(sp.csr_matrix((counts.data.numpy().astype(np.float32), counts.indices.numpy(), counts.indptr.numpy()),
-                                   shape=counts.shape))
-        rows += counts.shape[0]
-        if rows >= args.scvi_cells:
-            break
+    from pipeline.data.sources import ShardSource
+
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "cells.h5ad"
-        ad.AnnData(sp.vstack(parts).tocsr()[: args.scvi_cells]).write_h5ad(path)
+        ad.AnnData(ShardSource(str(args.shards)).rows(0, min(args.scvi_cells, dataset.n_obs))).write_h5ad(path)
         command = [args.scvi_python, str(Path(__file__).parent / "peers" / "scvi_train_peer.py"), "--h5ad", str(path),
                    "--batch-sizes", args.scvi_batch_sizes, "--epochs", str(args.scvi_epochs),
                    "--accelerator", "gpu" if args.device.startswith("cuda") else "cpu"]
