@@ -12,7 +12,7 @@ from typing import Any
 
 LIKELIHOODS = ("nb", "zinb")
 DISPERSIONS = ("gene", "gene-batch")
-DECODER_INPUTS = ("level0", "all_levels")
+DECODER_INPUTS = ("level0", "all_levels", "top_down")
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,9 @@ class HVAEConfig:
     dropout: float = 0.1
     # Collapse defences (nats per cell for each level; one value for all levels or one per level).
     free_bits: tuple[float, ...] = (1.0,)
+    # Free bits per latent dimension (nats), on top of the level-wide ones: 0 turns it off.
+    # A unit's first nats are free, so KL pressure cannot prune it below them.
+    free_bits_per_dimension: float = 0.0
     kl_balance: bool = True
     # KL weight of each level (level 0 first; one value for all levels or one per level).
     # A top weight > 1 is a bottleneck: the top keeps only the information that buys the
@@ -47,7 +50,10 @@ class HVAEConfig:
     coarse_detach_decoder: bool = True
     # What the decoder reads: "all_levels" (skip paths from every level to the decoder) or
     # "level0" (the ladder design: x depends on z_0 alone and the upper levels reach it through
-    # the priors). On the synthetic atlas "level0" gave level-0 subtype kNN 0.68 against 0.75.
+    # the priors), or "top_down" (NVAE: x from the final top-down state h_0 = s_0 + W z_0, so
+    # upper levels reach the decoder without the lower levels' sampling noise). On the
+    # synthetic atlas "level0" gave level-0 subtype kNN 0.68 against 0.75; "top_down" without
+    # KL balancing 0.80 with one seed and 0.66 with another (benchmarks/RESULTS.md).
     decoder_input: str = "all_levels"
     # Soft clamp for every log-variance: c * tanh(x / c).
     log_scale_clamp: float = 6.0
@@ -90,6 +96,8 @@ class HVAEConfig:
             fail("free_bits", f"needs 1 or {len(self.latent_dims)} values (one per level)")
         if not all(_is_number(b) and b >= 0 for b in self.free_bits):
             fail("free_bits", "values must be numbers >= 0")
+        if not _is_number(self.free_bits_per_dimension) or self.free_bits_per_dimension < 0:
+            fail("free_bits_per_dimension", "must be a number >= 0")
         if len(self.kl_level_weights) not in (1, len(self.latent_dims)):
             fail("kl_level_weights", f"needs 1 or {len(self.latent_dims)} values (one per level)")
         if not all(_is_number(w) and w > 0 for w in self.kl_level_weights):

@@ -69,10 +69,12 @@ def gaussian_kl(
     logvar_q: torch.Tensor,
     mean_p: torch.Tensor | None = None,
     logvar_p: torch.Tensor | None = None,
+    per_dimension: bool = False,
 ) -> torch.Tensor:
     """KL(N(mean_q, exp(logvar_q)) || N(mean_p, exp(logvar_p))), summed over the last axis.
 
-    A missing prior is the standard normal. Inputs (cells, dim); returns (cells,).
+    A missing prior is the standard normal. Inputs (cells, dim); returns (cells,), or
+    (cells, dim) with ``per_dimension=True``.
     """
     with torch.autocast(device_type=mean_q.device.type, enabled=False):
         mean_q, logvar_q = _fp32(mean_q, logvar_q)
@@ -87,4 +89,4 @@ def gaussian_kl(
             + (torch.exp(logvar_q) + (mean_q - mean_p) ** 2) * torch.exp(-logvar_p)
             - 1.0
         )
-        return kl.sum(dim=-1)
+        return kl if per_dimension else kl.sum(dim=-1)

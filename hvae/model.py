@@ -119,9 +119,12 @@ class Decoder(nn.Module):
         self.batch_embedding = nn.Embedding(config.n_batches, n_embed) if config.n_batches else None
         # Every level has its own direct path into the decoder (LVAE/BIVA skip connections):
         # a lower level's signal is not drowned in the top-down residual stream.
-        self.reads_all_levels = config.decoder_input == "all_levels"
-        width = sum(config.latent_dims) if self.reads_all_levels else config.latent_dims[0]
-        self.levels_in = nn.Linear(width, hidden)
+        self.input = config.decoder_input
+        if self.input == "top_down":  # the final top-down state, already hidden wide
+            self.levels_in = nn.Identity()
+        else:
+            width = sum(config.latent_dims) if self.input == "all_levels" else config.latent_dims[0]
+            self.levels_in = nn.Linear(width, hidden)
         self.norm = nn.LayerNorm(hidden)
         self.fc1 = nn.Linear(hidden + n_embed, hidden)
         self.fc2 = nn.Linear(hidden + n_embed, hidden)
@@ -131,9 +134,9 @@ class Decoder(nn.Module):
         self.log_theta = nn.Parameter(torch.full((theta_rows, config.n_genes), math.log(5.0)))
 
     def forward(
-        self, levels: list[torch.Tensor], library: torch.Tensor, batch_index: torch.Tensor | None
+        self, levels: list[torch.Tensor] | torch.Tensor, library: torch.Tensor, batch_index: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        z = torch.cat(levels, dim=-1) if self.reads_all_levels else levels[0]
+        z = torch.cat(levels, dim=-1) if self.input == "all_levels" else levels if self.input == "top_down" else levels[0]
         h = self.norm(self.levels_in(z))
         if self.batch_embedding is not None:
             embedding = self.batch_embedding(batch_index).to(h.dtype)
@@ -176,6 +179,8 @@ class HierarchicalVAE(nn.Module):
         )
         # z_l -> top-down state, for every level that has a level below it (index l - 1).
         self.latent_in = nn.ModuleList(nn.Linear(d, hidden) for d in dims[1:])
+        # z_0 -> the final top-down state, when that state is what the decoder reads.
+        self.bottom_in = nn.Linear(dims[0], hidden) if config.decoder_input == "top_down" else None
 
         self.decoder = Decoder(config)
 
@@ -271,7 +276,16 @@ class HierarchicalVAE(nn.Module):
             if level > 0:
                 h = s + self.latent_in[level - 1](values[level])
                 states_after[level] = h
+            elif self.bottom_in is not None:
+                states_after[0] = s + self.bottom_in(values[0])
+        if n_levels == 1 and self.bottom_in is not None:
+            states_after[0] = self.bottom_in(top)
         return values, states_after
+
+    def _decode(self, values: list[torch.Tensor], states_after: dict, library, batch_index, decoder=None):
+        """Decoder output for one walk of the top-down path (its level values and states)."""
+        decoder = decoder or self.decoder
+        return decoder(states_after[0] if self.bottom_in is not None else values, library, batch_index)
 
     # ------------------------------------------------------------------ public API
     def forward(
@@ -291,32 +305,35 @@ class HierarchicalVAE(nn.Module):
         n_levels = self.config.n_levels
 
         # Top-down pass with posterior samples; keep the state after each level for the coarse pass.
-        kl_levels: list[torch.Tensor] = [None] * n_levels  # type: ignore[list-item]
+        kl_levels: list[torch.Tensor] = [None] * n_levels  # type: ignore[list-item]  (cells, dim) each
         mean_q, logvar_q = self.top_posterior(states[-1])
-        kl_levels[-1] = gaussian_kl(mean_q, logvar_q)
+        kl_levels[-1] = gaussian_kl(mean_q, logvar_q, per_dimension=True)
 
         def posterior_sample(level, s, prior_mean, prior_logvar):
             delta_mean, delta_logvar = self.posterior_heads[level](s, states[level])
             mean, logvar = prior_mean + delta_mean, prior_logvar + delta_logvar
-            kl_levels[level] = gaussian_kl(mean, logvar, prior_mean, prior_logvar)
+            kl_levels[level] = gaussian_kl(mean, logvar, prior_mean, prior_logvar, per_dimension=True)
             return self._sample_gaussian(mean, logvar)
 
         samples, h_after = self._descend(self._sample_gaussian(mean_q, logvar_q), posterior_sample)
 
-        decoded = self.decoder(samples, library, batch_index)
+        decoded = self._decode(samples, h_after, library, batch_index)
         reconstruction = -self._log_likelihood(counts, decoded)
-        kl_per_cell = torch.stack(kl_levels, dim=1)  # (cells, n_levels), fp32
-        kl = kl_per_cell.mean(dim=0)
+        kl = torch.stack([k.sum(dim=-1) for k in kl_levels], dim=1).mean(dim=0)  # (n_levels,), fp32
+        kl_per_dimension = [k.mean(dim=0) for k in kl_levels]  # (dim,) per level
 
         coarse = self._coarse_reconstruction(counts, library, batch_index, h_after, samples)
-        loss = reconstruction.mean() + self._weighted_kl(kl, kl_weight)
+        loss = reconstruction.mean() + self._weighted_kl(kl, kl_weight, kl_per_dimension)
         loss = loss + self.config.coarse_reconstruction_weight * coarse
         return HVAEOutput(
             loss=loss, reconstruction=reconstruction, kl=kl, coarse_reconstruction=coarse, library=library
         )
 
-    def _weighted_kl(self, kl: torch.Tensor, kl_weight: float) -> torch.Tensor:
+    def _weighted_kl(self, kl: torch.Tensor, kl_weight: float, kl_per_dimension: list[torch.Tensor]) -> torch.Tensor:
         """Free bits and level weights, then KL balancing during warm-up, then the warm-up weight."""
+        floor = self.config.free_bits_per_dimension
+        if floor > 0:  # each unit's first `floor` nats are free: a unit is not pruned below it
+            kl = torch.stack([torch.clamp(k, min=floor).sum() for k in kl_per_dimension])
         kl_free = torch.maximum(kl, self.free_bits) * self.kl_level_weights
         if self.config.kl_balance and kl_weight < 1.0 and self.config.n_levels > 1:
             coefficients = balanced_kl_coefficients(kl.detach(), self.level_sizes)
@@ -347,9 +364,8 @@ class HierarchicalVAE(nn.Module):
 
         total = counts.new_zeros(())
         for k in truncations:
-            lower, _ = self._descend(samples[-1], lambda level, s, mean, logvar: mean, k, h_after[k])
-            levels = lower[:k] + samples[k:]
-            decoded = decode(levels, library, batch_index)
+            lower, states = self._descend(samples[-1], lambda level, s, mean, logvar: mean, k, h_after[k])
+            decoded = self._decode(lower[:k] + samples[k:], states, library, batch_index, decode)
             total = total - self._log_likelihood(counts, decoded).mean()
         return total / len(truncations)
 
@@ -411,7 +427,7 @@ class HierarchicalVAE(nn.Module):
         def randn(*shape):
             return torch.randn(*shape, generator=generator, device=device)
 
-        levels, _ = self._descend(
+        levels, states = self._descend(
             randn(n, dims[-1]),
             lambda level, s, mean, logvar: mean + torch.exp(0.5 * logvar) * randn(*mean.shape),
         )
@@ -423,7 +439,7 @@ class HierarchicalVAE(nn.Module):
             scale = math.sqrt(max(total_sq / count - loc**2, 1e-8))
             library_size = torch.exp(loc + scale * randn(n))
         library = torch.as_tensor(library_size, dtype=torch.float32, device=device).expand(n)
-        mean, theta, zero_logits = self.decoder(levels, library, batch_index)
+        mean, theta, zero_logits = self._decode(levels, states, library, batch_index)
         rate = torch._standard_gamma(theta.expand_as(mean).contiguous()) * (mean / theta)
         counts = torch.poisson(rate, generator=generator)
         if zero_logits is not None:

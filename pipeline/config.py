@@ -40,11 +40,12 @@ class ModelConfig(_Section):
     dispersion: Literal["gene", "gene-batch"] = "gene"
     dropout: float = 0.1
     free_bits: list[float] = [1.0]
+    free_bits_per_dimension: float = Field(0.0, ge=0)
     kl_balance: bool = True
     kl_level_weights: list[float] = [1.0]
     coarse_reconstruction_weight: float = 1.0
     coarse_detach_decoder: bool = True
-    decoder_input: Literal["all_levels", "level0"] = "all_levels"
+    decoder_input: Literal["all_levels", "level0", "top_down"] = "all_levels"
     log_scale_clamp: float = 6.0
     input_target_sum: float = 1e4
 

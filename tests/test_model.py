@@ -188,3 +188,36 @@ def test_kl_balancing_penalises_levels_by_kl_per_dimension():
     # Equal KL spread over more dimensions is cheaper: level 0 gets the smallest coefficient.
     assert coefficients[0] < coefficients[1] < coefficients[2]
     torch.testing.assert_close(coefficients[2] / coefficients[0], torch.tensor(4.0))
+
+
+@pytest.mark.parametrize("latent_dims", [(8, 6, 4), (8,)])
+def test_top_down_decoder_reads_the_final_top_down_state(latent_dims):
+    """decoder_input="top_down" (NVAE): x is decoded from h_0 = s_0 + W z_0, so every level,
+    the top included, reaches the likelihood only through the top-down path."""
+    torch.manual_seed(0)
+    model = HierarchicalVAE(HVAEConfig(n_genes=N_GENES, latent_dims=latent_dims, hidden_dim=32,
+                                       decoder_input="top_down"))
+    x = counts_batch()
+    out = model(x, kl_weight=1.0)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.kl.shape == (len(latent_dims),)
+    assert isinstance(model.decoder.levels_in, torch.nn.Identity)
+    assert float(model.bottom_in.weight.grad.abs().sum()) > 0
+    assert float(model.top_posterior.out.weight.grad.abs().sum()) > 0
+    assert model.sample(5, library_size=200.0).shape == (5, N_GENES)
+    assert [m.shape[1] for m in model.encode(x)] == list(latent_dims)
+
+
+def test_free_bits_per_dimension_leave_units_below_the_floor_unpenalised():
+    torch.manual_seed(0)
+    config = HVAEConfig(n_genes=N_GENES, latent_dims=(8, 4), hidden_dim=16, free_bits=0.0,
+                        free_bits_per_dimension=0.5, coarse_reconstruction_weight=0.0, kl_balance=False)
+    model = HierarchicalVAE(config)
+    per_dimension = [torch.tensor([0.1, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]), torch.tensor([1.0, 0.2, 0.0, 0.0])]
+    kl = torch.stack([k.sum() for k in per_dimension])
+    # level 0: 0.5 (floor) + 2.0 + 6 x 0.5; level 1: 1.0 + 3 x 0.5
+    assert torch.isclose(model._weighted_kl(kl, 1.0, per_dimension), torch.tensor(5.5 + 2.5))
+    off = HierarchicalVAE(config.replace(free_bits_per_dimension=0.0))
+    assert torch.isclose(off._weighted_kl(kl, 1.0, per_dimension), kl.sum())
+    with pytest.raises(ValueError, match="HVAEConfig.free_bits_per_dimension"):
+        config.replace(free_bits_per_dimension=-1.0)
