@@ -106,7 +106,8 @@ class GaussianHead(nn.Module):
 class Decoder(nn.Module):
     """NB (or ZINB) parameters from the samples of every level, with batch embeddings.
 
-    (cells, sum(latent_dims)) concatenated level samples (level 0 first), (cells,) library,
+    (cells, width) decoder input (what ``decoder_input`` names: every level's sample
+    concatenated, level 0 first; level 0's; or the final top-down state), (cells,) library,
     (cells,) batch index -> mean (cells, genes),
     theta (genes,) or (cells, genes), zero logits (cells, genes) or None. The embedding is
     injected into both layers (10^4 donors cost 10^4 x embedding_dim parameters).
@@ -119,11 +120,10 @@ class Decoder(nn.Module):
         self.batch_embedding = nn.Embedding(config.n_batches, n_embed) if config.n_batches else None
         # Every level has its own direct path into the decoder (LVAE/BIVA skip connections):
         # a lower level's signal is not drowned in the top-down residual stream.
-        self.input = config.decoder_input
-        if self.input == "top_down":  # the final top-down state, already hidden wide
+        if config.decoder_input == "top_down":  # the final top-down state, already hidden wide
             self.levels_in = nn.Identity()
         else:
-            width = sum(config.latent_dims) if self.input == "all_levels" else config.latent_dims[0]
+            width = sum(config.latent_dims) if config.decoder_input == "all_levels" else config.latent_dims[0]
             self.levels_in = nn.Linear(width, hidden)
         self.norm = nn.LayerNorm(hidden)
         self.fc1 = nn.Linear(hidden + n_embed, hidden)
@@ -134,9 +134,8 @@ class Decoder(nn.Module):
         self.log_theta = nn.Parameter(torch.full((theta_rows, config.n_genes), math.log(5.0)))
 
     def forward(
-        self, levels: list[torch.Tensor] | torch.Tensor, library: torch.Tensor, batch_index: torch.Tensor | None
+        self, z: torch.Tensor, library: torch.Tensor, batch_index: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        z = torch.cat(levels, dim=-1) if self.input == "all_levels" else levels if self.input == "top_down" else levels[0]
         h = self.norm(self.levels_in(z))
         if self.batch_embedding is not None:
             embedding = self.batch_embedding(batch_index).to(h.dtype)
@@ -283,9 +282,16 @@ class HierarchicalVAE(nn.Module):
         return values, states_after
 
     def _decode(self, values: list[torch.Tensor], states_after: dict, library, batch_index, decoder=None):
-        """Decoder output for one walk of the top-down path (its level values and states)."""
-        decoder = decoder or self.decoder
-        return decoder(states_after[0] if self.bottom_in is not None else values, library, batch_index)
+        """Decoder output for one walk of the top-down path (its level values and states):
+        the decoder reads what ``config.decoder_input`` names."""
+        reads = self.config.decoder_input
+        if reads == "top_down":
+            z = states_after[0]
+        elif reads == "all_levels":
+            z = torch.cat(values, dim=-1)
+        else:
+            z = values[0]
+        return (decoder or self.decoder)(z, library, batch_index)
 
     # ------------------------------------------------------------------ public API
     def forward(
@@ -320,20 +326,22 @@ class HierarchicalVAE(nn.Module):
         decoded = self._decode(samples, h_after, library, batch_index)
         reconstruction = -self._log_likelihood(counts, decoded)
         kl = torch.stack([k.sum(dim=-1) for k in kl_levels], dim=1).mean(dim=0)  # (n_levels,), fp32
-        kl_per_dimension = [k.mean(dim=0) for k in kl_levels]  # (dim,) per level
 
         coarse = self._coarse_reconstruction(counts, library, batch_index, h_after, samples)
-        loss = reconstruction.mean() + self._weighted_kl(kl, kl_weight, kl_per_dimension)
+        loss = reconstruction.mean() + self._weighted_kl(kl, kl_weight, kl_levels)
         loss = loss + self.config.coarse_reconstruction_weight * coarse
         return HVAEOutput(
             loss=loss, reconstruction=reconstruction, kl=kl, coarse_reconstruction=coarse, library=library
         )
 
-    def _weighted_kl(self, kl: torch.Tensor, kl_weight: float, kl_per_dimension: list[torch.Tensor]) -> torch.Tensor:
-        """Free bits and level weights, then KL balancing during warm-up, then the warm-up weight."""
+    def _weighted_kl(self, kl: torch.Tensor, kl_weight: float, kl_levels: list[torch.Tensor]) -> torch.Tensor:
+        """Free bits and level weights, then KL balancing during warm-up, then the warm-up weight.
+
+        ``kl`` is (n_levels,) mean KL per cell; ``kl_levels`` the (cells, dim) KL of each level.
+        """
         floor = self.config.free_bits_per_dimension
         if floor > 0:  # each unit's first `floor` nats are free: a unit is not pruned below it
-            kl = torch.stack([torch.clamp(k, min=floor).sum() for k in kl_per_dimension])
+            kl = torch.stack([torch.clamp(k.mean(dim=0), min=floor).sum() for k in kl_levels])
         kl_free = torch.maximum(kl, self.free_bits) * self.kl_level_weights
         if self.config.kl_balance and kl_weight < 1.0 and self.config.n_levels > 1:
             coefficients = balanced_kl_coefficients(kl.detach(), self.level_sizes)

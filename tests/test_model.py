@@ -213,8 +213,10 @@ def test_free_bits_per_dimension_leave_units_below_the_floor_unpenalised():
     config = HVAEConfig(n_genes=N_GENES, latent_dims=(8, 4), hidden_dim=16, free_bits=0.0,
                         free_bits_per_dimension=0.5, coarse_reconstruction_weight=0.0, kl_balance=False)
     model = HierarchicalVAE(config)
-    per_dimension = [torch.tensor([0.1, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]), torch.tensor([1.0, 0.2, 0.0, 0.0])]
-    kl = torch.stack([k.sum() for k in per_dimension])
+    # (cells, dim) KL per level: two cells whose per-unit means are the values below
+    means = [torch.tensor([0.1, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]), torch.tensor([1.0, 0.2, 0.0, 0.0])]
+    per_dimension = [torch.stack([m * 0.5, m * 1.5]) for m in means]
+    kl = torch.stack([m.sum() for m in means])
     # level 0: 0.5 (floor) + 2.0 + 6 x 0.5; level 1: 1.0 + 3 x 0.5
     assert torch.isclose(model._weighted_kl(kl, 1.0, per_dimension), torch.tensor(5.5 + 2.5))
     off = HierarchicalVAE(config.replace(free_bits_per_dimension=0.0))
