@@ -13,6 +13,7 @@ from typing import Any
 LIKELIHOODS = ("nb", "zinb")
 DISPERSIONS = ("gene", "gene-batch")
 DECODER_INPUTS = ("level0", "all_levels", "top_down")
+BOTTOM_UP_PATHS = ("serial", "parallel")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,12 @@ class HVAEConfig:
     # synthetic atlas "level0" gave level-0 subtype kNN 0.68 against 0.75; "top_down" without
     # KL balancing 0.80 with one seed and 0.66 with another (benchmarks/RESULTS.md).
     decoder_input: str = "all_levels"
+    # The bottom-up path: "serial" (the ladder: r_l = block_l(r_{l-1}), the top reads the
+    # deepest state) or "parallel" (r_l = block_l(stem(x)): every level, the top included,
+    # reads the data through one block). Depth costs the top active units: on the synthetic
+    # atlas level-0 subtype kNN was 0.756 / 0.897 / 0.827 over seeds 0-2 with "parallel"
+    # against 0.753 / 0.71 (seeds 0-1) with "serial" (benchmarks/RESULTS.md).
+    bottom_up: str = "serial"
     # Soft clamp for every log-variance: c * tanh(x / c).
     log_scale_clamp: float = 6.0
     # Counts are normalised to this total before log1p for the encoder input.
@@ -112,6 +119,8 @@ class HVAEConfig:
             fail("kl_balance", "must be true or false")
         if self.decoder_input not in DECODER_INPUTS:
             fail("decoder_input", f"must be one of {DECODER_INPUTS}")
+        if self.bottom_up not in BOTTOM_UP_PATHS:
+            fail("bottom_up", f"must be one of {BOTTOM_UP_PATHS}")
         if not isinstance(self.coarse_detach_decoder, bool):
             fail("coarse_detach_decoder", "must be true or false")
         if not isinstance(self.validate_inputs, bool):

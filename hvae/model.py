@@ -3,6 +3,7 @@
 Notation (L levels, level 0 next to the data, level L-1 the top):
 
     bottom-up   r_0 = block_0(stem(log1p(x / library * target))),  r_l = block_l(r_{l-1})
+                (or r_l = block_l(stem(...)) for every level with bottom_up="parallel")
     top         q(z_{L-1} | x) = N(head(r_{L-1})),   p(z_{L-1}) = N(0, I)
     top-down    h_{L-1} = W_{L-1} z_{L-1}
                 s_l = block(h_{l+1})                         (shared by prior and posterior)
@@ -235,6 +236,8 @@ class HierarchicalVAE(nn.Module):
         library = counts.sum(dim=1)
         x = torch.log1p(counts * (self.config.input_target_sum / library.clamp(min=1.0)).unsqueeze(1))
         r = self.stem(x)
+        if self.config.bottom_up == "parallel":  # every level one block away from the data
+            return [block(r) for block in self.bottom_up], library
         states = []
         for block in self.bottom_up:
             r = block(r)

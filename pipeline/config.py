@@ -46,6 +46,7 @@ class ModelConfig(_Section):
     coarse_reconstruction_weight: float = 1.0
     coarse_detach_decoder: bool = True
     decoder_input: Literal["all_levels", "level0", "top_down"] = "all_levels"
+    bottom_up: Literal["serial", "parallel"] = "serial"
     log_scale_clamp: float = 6.0
     input_target_sum: float = 1e4
 

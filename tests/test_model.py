@@ -208,6 +208,23 @@ def test_top_down_decoder_reads_the_final_top_down_state(latent_dims):
     assert [m.shape[1] for m in model.encode(x)] == list(latent_dims)
 
 
+def test_parallel_bottom_up_puts_every_level_one_block_from_the_data():
+    torch.manual_seed(0)
+    config = HVAEConfig(n_genes=N_GENES, latent_dims=(8, 6, 4), hidden_dim=32, bottom_up="parallel")
+    model = HierarchicalVAE(config).eval()
+    x = counts_batch()
+    states, library = model._bottom_up(x.float())
+    stem = model.stem(torch.log1p(x.float() * (config.input_target_sum / library.clamp(min=1.0)).unsqueeze(1)))
+    for block, state in zip(model.bottom_up, states):
+        torch.testing.assert_close(state, block(stem))
+    out = model.train()(x, kl_weight=1.0)
+    out.loss.backward()
+    assert all(float(b.fc1.weight.grad.abs().sum()) > 0 for b in model.bottom_up)
+    assert HVAEConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="HVAEConfig.bottom_up"):
+        config.replace(bottom_up="sideways")
+
+
 def test_free_bits_per_dimension_leave_units_below_the_floor_unpenalised():
     torch.manual_seed(0)
     config = HVAEConfig(n_genes=N_GENES, latent_dims=(8, 4), hidden_dim=16, free_bits=0.0,
