@@ -45,6 +45,12 @@ def save_checkpoint(directory: str | Path, trainer, hvae_config: HVAEConfig, con
     return directory
 
 
+# Model fields added after checkpoints were first written, with the behaviour those older
+# checkpoints were trained with (which is no longer the default): a key a checkpoint lacks
+# takes this value, not today's default, so an old model is rebuilt as it was trained.
+PRE_FIELD_BEHAVIOUR = {"bottom_up": "serial"}
+
+
 def read_checkpoint(directory: str | Path) -> dict:
     """All parts of a checkpoint directory (tensors on the CPU), with a clear error if incomplete."""
     directory = Path(directory)
@@ -53,7 +59,7 @@ def read_checkpoint(directory: str | Path) -> dict:
         raise FileNotFoundError(f"checkpoint {directory} is incomplete: missing {missing}")
     model = torch.load(directory / "model.pt", map_location="cpu", weights_only=False)
     return {
-        "hvae_config": HVAEConfig.from_dict(model["hvae_config"]),
+        "hvae_config": HVAEConfig.from_dict({**PRE_FIELD_BEHAVIOUR, **model["hvae_config"]}),
         "model": model["model"], "ema": model["ema"],
         "trainer": torch.load(directory / "trainer.pt", map_location="cpu", weights_only=False),
         "train_state": read_train_state(directory),

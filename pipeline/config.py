@@ -40,13 +40,13 @@ class ModelConfig(_Section):
     dispersion: Literal["gene", "gene-batch"] = "gene"
     dropout: float = 0.1
     free_bits: list[float] = [1.0]
-    free_bits_per_dimension: float = Field(0.0, ge=0)
+    free_bits_per_dimension: float = Field(0.1, ge=0)
     kl_balance: bool = True
-    kl_level_weights: list[float] = [1.0]
+    kl_level_weights: list[float] | None = Field(None, description="None: 1 per level, 0.5 for the top.")
     coarse_reconstruction_weight: float = 1.0
     coarse_detach_decoder: bool = True
     decoder_input: Literal["all_levels", "level0", "top_down"] = "all_levels"
-    bottom_up: Literal["serial", "parallel"] = "serial"
+    bottom_up: Literal["parallel", "serial"] = "parallel"
     log_scale_clamp: float = 6.0
     input_target_sum: float = 1e4
 

@@ -178,6 +178,17 @@ def test_hvae_imports_no_pipeline_dependencies():
     assert result.stdout.strip() == "[]"
 
 
+def test_default_kl_weights_halve_the_top_of_a_hierarchy_only():
+    deep, flat = HVAEConfig(n_genes=10, latent_dims=(8, 6, 4)), HVAEConfig(n_genes=10, latent_dims=(8,))
+    assert deep.kl_weights_per_level() == (1.0, 1.0, 0.5)
+    assert flat.kl_weights_per_level() == (1.0,)  # the flat baseline stays a plain VAE
+    assert deep.replace(kl_level_weights=(1.0,)).kl_weights_per_level() == (1.0, 1.0, 1.0)
+    assert HVAEConfig.from_dict(deep.to_dict()) == deep
+    torch.testing.assert_close(HierarchicalVAE(deep).kl_level_weights, torch.tensor([1.0, 1.0, 0.5]))
+    with pytest.raises(ValueError, match="HVAEConfig.kl_level_weights"):
+        deep.replace(kl_level_weights=(1.0, 0.5))
+
+
 def test_kl_balancing_penalises_levels_by_kl_per_dimension():
     from hvae import balanced_kl_coefficients
 
@@ -228,7 +239,8 @@ def test_parallel_bottom_up_puts_every_level_one_block_from_the_data():
 def test_free_bits_per_dimension_leave_units_below_the_floor_unpenalised():
     torch.manual_seed(0)
     config = HVAEConfig(n_genes=N_GENES, latent_dims=(8, 4), hidden_dim=16, free_bits=0.0,
-                        free_bits_per_dimension=0.5, coarse_reconstruction_weight=0.0, kl_balance=False)
+                        free_bits_per_dimension=0.5, coarse_reconstruction_weight=0.0, kl_balance=False,
+                        kl_level_weights=1.0)
     model = HierarchicalVAE(config)
     # (cells, dim) KL per level: two cells whose per-unit means are the values below
     means = [torch.tensor([0.1, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]), torch.tensor([1.0, 0.2, 0.0, 0.0])]

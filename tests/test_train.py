@@ -85,6 +85,18 @@ def test_local_run_resumed_after_a_kill_matches_the_uninterrupted_run(small_shar
     assert "already finished at step 40" in again.stdout
 
 
+def test_a_checkpoint_from_before_a_model_option_is_rebuilt_as_it_was_trained(small_shards, tmp_path):
+    cli("train", f"data.path={small_shards}", "train.max_steps=2", "train.batch_size=64", "train.progress=false",
+        f"run.storage_path={tmp_path}", "checkpoint.every_steps=2")
+    directory = find_checkpoint(tmp_path / "hvae")
+    saved = torch.load(directory / "model.pt", weights_only=False)
+    assert saved["hvae_config"]["bottom_up"] == "parallel"  # today's default, written out
+    del saved["hvae_config"]["bottom_up"]  # as written before the option existed (serial then)
+    torch.save(saved, directory / "model.pt")
+    model, parts = load_model(directory)
+    assert parts["hvae_config"].bottom_up == model.config.bottom_up == "serial"
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     import ray
