@@ -2,8 +2,8 @@
 
 Notation (L levels, level 0 next to the data, level L-1 the top):
 
-    bottom-up   r_0 = block_0(stem(log1p(x / library * target))),  r_l = block_l(r_{l-1})
-                (or r_l = block_l(stem(...)) for every level with bottom_up="parallel")
+    bottom-up   r_l = block_l(stem(log1p(x / library * target)))    (bottom_up="parallel")
+                r_0 = block_0(stem(...)),  r_l = block_l(r_{l-1})   (bottom_up="serial")
     top         q(z_{L-1} | x) = N(head(r_{L-1})),   p(z_{L-1}) = N(0, I)
     top-down    h_{L-1} = W_{L-1} z_{L-1}
                 s_l = block(h_{l+1})                         (shared by prior and posterior)
