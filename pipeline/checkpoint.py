@@ -48,7 +48,7 @@ def save_checkpoint(directory: str | Path, trainer, hvae_config: HVAEConfig, con
 # Model fields added after checkpoints were first written, with the behaviour those older
 # checkpoints were trained with (which is no longer the default): a key a checkpoint lacks
 # takes this value, not today's default, so an old model is rebuilt as it was trained.
-PRE_FIELD_BEHAVIOUR = {"bottom_up": "serial"}
+PRE_FIELD_BEHAVIOUR = {"bottom_up": "serial", "free_bits_per_dimension": 0.0}
 
 
 def read_checkpoint(directory: str | Path) -> dict:
@@ -99,6 +99,20 @@ def check_genes(parts: dict, feature_ids: list[str], where: str) -> None:
             f"checkpoint {parts['path']} was trained on {len(mine)} genes ({expected}) but {where} has "
             f"{len(feature_ids)} genes ({feature_hash(feature_ids)}; {overlap} shared): re-shard the data with "
             f"--genes <the checkpoint's genes.json list> or start a new run"
+        )
+
+
+def check_model_config(parts: dict, config: HVAEConfig) -> None:
+    """Refuse to continue a checkpoint with a model configured otherwise: its weights would load
+    into another architecture or train under another loss without a word. (The gene list and the
+    batch categories, which decide n_genes and n_batches, have their own checks.)"""
+    saved, wanted = parts["hvae_config"].to_dict(), config.to_dict()
+    differ = [k for k in wanted if k not in ("n_genes", "n_batches") and saved[k] != wanted[k]]
+    if differ:
+        raise ValueError(
+            f"checkpoint {parts['path']} was trained with another model: "
+            + "; ".join(f"model.{k} is {saved[k]!r} there, {wanted[k]!r} in the config" for k in differ)
+            + ". Set these in the config to continue this run, or start a new run (run.name)"
         )
 
 

@@ -42,7 +42,8 @@ class ModelConfig(_Section):
     free_bits: list[float] = [1.0]
     free_bits_per_dimension: float = Field(0.1, ge=0)
     kl_balance: bool = True
-    kl_level_weights: list[float] | None = Field(None, description="None: 1 per level, 0.5 for the top.")
+    kl_level_weights: list[float] | None = Field(
+        None, description="None: 1 per level, hvae.config.TOP_KL_WEIGHT for the top of a multi-level model.")
     coarse_reconstruction_weight: float = 1.0
     coarse_detach_decoder: bool = True
     decoder_input: Literal["all_levels", "level0", "top_down"] = "all_levels"

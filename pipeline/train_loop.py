@@ -21,7 +21,7 @@ import torch
 
 from hvae import HVAEConfig, HierarchicalVAE, active_units
 
-from .checkpoint import check_genes, read_checkpoint, save_checkpoint
+from .checkpoint import check_genes, check_model_config, read_checkpoint, save_checkpoint
 from .config import PipelineConfig
 from .data import ShardedDataset
 from .training import StepSettings, Trainer, densify
@@ -126,6 +126,7 @@ def _restore(trainer: Trainer, loader, restore: str, train: ShardedDataset, cate
     if parts["batches"]["categories"] != list(categories):
         raise ValueError(f"checkpoint {restore} has batch categories {parts['batches']['categories'][:5]}... "
                          f"but {train.path} has {list(categories)[:5]}...: the batch embedding rows would not match")
+    check_model_config(parts, trainer.model.config)
     trainer.load_state_dict({"model": parts["model"], "ema": parts["ema"], **parts["trainer"]})
     state = parts["train_state"]
     epoch, position = int(state["epoch"]), int(state["batches_yielded"])

@@ -86,15 +86,44 @@ def test_local_run_resumed_after_a_kill_matches_the_uninterrupted_run(small_shar
 
 
 def test_a_checkpoint_from_before_a_model_option_is_rebuilt_as_it_was_trained(small_shards, tmp_path):
-    cli("train", f"data.path={small_shards}", "train.max_steps=2", "train.batch_size=64", "train.progress=false",
-        f"run.storage_path={tmp_path}", "checkpoint.every_steps=2")
+    base = ["train", f"data.path={small_shards}", "train.batch_size=64", "train.progress=false",
+            f"run.storage_path={tmp_path}", "checkpoint.every_steps=2"]
+    cli(*base, "train.max_steps=2")
     directory = find_checkpoint(tmp_path / "hvae")
     saved = torch.load(directory / "model.pt", weights_only=False)
     assert saved["hvae_config"]["bottom_up"] == "parallel"  # today's default, written out
-    del saved["hvae_config"]["bottom_up"]  # as written before the option existed (serial then)
+    assert saved["hvae_config"]["free_bits_per_dimension"] == 0.1
+    # as written before the options existed (serial, no per-unit free bits then)
+    del saved["hvae_config"]["bottom_up"], saved["hvae_config"]["free_bits_per_dimension"]
     torch.save(saved, directory / "model.pt")
     model, parts = load_model(directory)
     assert parts["hvae_config"].bottom_up == model.config.bottom_up == "serial"
+    assert parts["hvae_config"].free_bits_per_dimension == 0.0
+
+    # Continuing it under today's defaults would load its weights into the other architecture:
+    # refused, naming each field; with the fields set as it was trained it continues.
+    refused = cli(*base, "train.max_steps=4", check=False)
+    assert refused.returncode != 0
+    assert "model.bottom_up is 'serial' there, 'parallel' in the config" in refused.stderr, refused.stderr
+    assert "model.free_bits_per_dimension is 0.0 there, 0.1 in the config" in refused.stderr
+    assert find_checkpoint(tmp_path / "hvae") == directory  # nothing written over it
+    cli(*base, "train.max_steps=4", "model.bottom_up=serial", "model.free_bits_per_dimension=0")
+    assert read_checkpoint(find_checkpoint(tmp_path / "hvae"))["train_state"]["step"] == 4
+
+
+def test_the_pipeline_model_section_has_the_models_defaults():
+    """configs' `model:` section restates HVAEConfig (minus what the data decides): a default
+    changed in one place only would train another model from YAML than from Python."""
+    import dataclasses
+
+    from hvae import HVAEConfig
+    from pipeline.config import ModelConfig
+
+    model_defaults = {f.name: f.default for f in dataclasses.fields(HVAEConfig)}
+    section = ModelConfig().model_dump()
+    assert set(model_defaults) - set(section) == {"n_genes", "n_batches", "validate_inputs"}
+    for name, value in section.items():
+        assert (tuple(value) if isinstance(value, list) else value) == model_defaults[name], name
 
 
 @pytest.fixture(scope="module")
