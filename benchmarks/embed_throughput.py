@@ -29,16 +29,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hvae import HVAEConfig, HierarchicalVAE  # noqa: E402
-from pipeline.checkpoint import save_checkpoint  # noqa: E402
+from pipeline.train.checkpoint import save_checkpoint  # noqa: E402
 from pipeline.data import GeneAlignment, check_counts, open_source  # noqa: E402
 from pipeline.embed import EmbedSettings, embed  # noqa: E402
-from pipeline.training import StepSettings, Trainer, densify  # noqa: E402
+from pipeline.config import TrainConfig  # noqa: E402
+from pipeline.data import densify  # noqa: E402
+from pipeline.train.step import Trainer  # noqa: E402
 
 
 def write_model(directory: Path, feature_ids: list[str], hidden_dim: int) -> None:
     torch.manual_seed(0)
     config = HVAEConfig(n_genes=len(feature_ids), latent_dims=(32, 16, 8), hidden_dim=hidden_dim)
-    trainer = Trainer(HierarchicalVAE(config), StepSettings())
+    trainer = Trainer(HierarchicalVAE(config), TrainConfig())
     save_checkpoint(directory, trainer, config, "{}\n", {"step": 0}, feature_ids, None, [])
 
 
@@ -55,7 +57,7 @@ def read_rate(source, chunk_rows: int) -> float:
 
 @torch.no_grad()
 def encode_rate(directory: Path, source, batch_size: int, device: str, cells: int = 65_536) -> float:
-    from pipeline.checkpoint import load_model
+    from pipeline.train.checkpoint import load_model
 
     model = load_model(directory)[0].to(device).eval()
     batch = densify(source.rows(0, min(batch_size, source.n_obs)), torch.device(device))
@@ -88,7 +90,7 @@ def main() -> None:
     if args.simulate:
         from pipeline.data import ShardSettings, write_shards
         from pipeline.data.sources import SyntheticSource
-        from pipeline.synthetic import SyntheticAtlas, SyntheticAtlasSpec
+        from pipeline.data.synthetic import SyntheticAtlas, SyntheticAtlasSpec
 
         shards = args.work / f"embed_{args.simulate}_{args.n_genes}"
         if not (shards / "manifest.json").exists():

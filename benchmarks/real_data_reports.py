@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import ShardSettings, open_source, write_shards  # noqa: E402
 from pipeline.embed import EmbedSettings, embed  # noqa: E402
-from pipeline.ray_train import train  # noqa: E402
-from pipeline.report import EvaluateSettings, evaluate_embeddings  # noqa: E402
+from pipeline.train.launch import train  # noqa: E402
+from pipeline.evaluate.report import EvaluateSettings, evaluate_embeddings  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 DATASETS = {

@@ -4,7 +4,7 @@
         [--precision bf16] [--hidden-dim 512] [--device cuda] [--json out.json]
     .venv/bin/python benchmarks/train_throughput.py --simulate 200000 --n-genes 8000 ...   # writes shards first
 
-Single process, no Ray (the GPU machine has no Ray): both paths run ``pipeline.training.Trainer``
+Single process, no Ray (the GPU machine has no Ray): both paths run ``pipeline.train.step.Trainer``
 steps on the same model; "resident" first copies ``--resident-cells`` cells to the device as a
 dense tensor and draws random batches there, so it measures compute alone; "shards" streams
 ``ShardedDataset.loader`` batches and densifies them on the device, as training does. Reports
@@ -35,13 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hvae import HVAEConfig, HierarchicalVAE  # noqa: E402
 from pipeline.data import ShardedDataset, densify  # noqa: E402
-from pipeline.training import StepSettings, Trainer  # noqa: E402
+from pipeline.config import TrainConfig  # noqa: E402
+from pipeline.train.step import Trainer  # noqa: E402
 
 
 def make_trainer(n_genes: int, args) -> Trainer:
     torch.manual_seed(0)
     config = HVAEConfig(n_genes=n_genes, latent_dims=(32, 16, 8), hidden_dim=args.hidden_dim, validate_inputs=False)
-    return Trainer(HierarchicalVAE(config), StepSettings(precision=args.precision, kl_warmup_steps=100), device=args.device)
+    return Trainer(HierarchicalVAE(config), TrainConfig(precision=args.precision, kl_warmup_steps=100), device=args.device)
 
 
 def sync(device: str) -> None:
@@ -196,7 +197,7 @@ def main() -> None:
     if args.simulate:
         from pipeline.data import ShardSettings, write_shards
         from pipeline.data.sources import SyntheticSource
-        from pipeline.synthetic import SyntheticAtlas, SyntheticAtlasSpec
+        from pipeline.data.synthetic import SyntheticAtlas, SyntheticAtlasSpec
 
         args.shards = args.shards or Path(f"benchmarks/.work/train_{args.simulate}_{args.n_genes}")
         if not (args.shards / "manifest.json").exists():

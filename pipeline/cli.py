@@ -40,7 +40,7 @@ def simulate(
     shard_size: int = typer.Option(65_536, help="Cells per shard with --format shards."),
 ) -> None:
     """Write a synthetic atlas with a known cell-type tree and donor effects, streamed in blocks."""
-    from .synthetic import SyntheticAtlas, SyntheticAtlasSpec, write_synthetic_atlas
+    from .data.synthetic import SyntheticAtlas, SyntheticAtlasSpec, write_synthetic_atlas
 
     try:
         spec = SyntheticAtlasSpec(
@@ -123,7 +123,7 @@ def train(
 
     Rerunning the same command resumes from the run's latest checkpoint."""
     from .config import ConfigError, load_config
-    from .ray_train import train as run_training
+    from .train.launch import train as run_training
 
     try:
         resolved = load_config(config, overrides or [])
@@ -151,7 +151,6 @@ def embed(
     census_uri: str | None = typer.Option(None, help="Local or mirrored Census copy (source 'census')."),
     organism: str = typer.Option("homo_sapiens", help="Census organism."),
     min_gene_overlap: float = typer.Option(0.5, help="Refuse a source with less of the model's genes than this."),
-    fail_after_chunks: int | None = typer.Option(None, hidden=True, help="Testing only: exit after N chunks."),
 ) -> None:
     """Write one embedding per hierarchy level for every cell of SOURCE to a Zarr group (resumable)."""
     from .embed import EmbedSettings
@@ -160,7 +159,7 @@ def embed(
     source_args = {"source": source, "layer": layer, "obs_filter": obs_filter, "census_version": census_version,
                    "census_uri": census_uri, "organism": organism}
     settings = EmbedSettings(batch_size=batch_size, chunk_rows=chunk_rows, ema=not no_ema, logvar=logvar, workers=workers,
-                             overwrite=overwrite, min_gene_overlap=min_gene_overlap, fail_after_chunks=fail_after_chunks)
+                             overwrite=overwrite, min_gene_overlap=min_gene_overlap)
     try:
         result = run_embed(checkpoint, source_args, out, settings, echo=typer.echo)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
@@ -184,16 +183,15 @@ def embed_release(
     chunk_rows: int = typer.Option(16_384, help="Rows per Zarr chunk and per unit of work/progress."),
     logvar: bool = typer.Option(False, "--logvar", help="Also write posterior log-variances."),
     min_gene_overlap: float = typer.Option(0.5, help="Refuse a release with less of the model's genes than this."),
-    fail_after_chunks: int | None = typer.Option(None, hidden=True, help="Testing only: exit after N chunks."),
 ) -> None:
     """The scheduled job: embed a Census release into <out-root>/<release>/embeddings.zarr unless a
     complete output of this model is there (safe to run nightly); resume a partial one; record the
     run in <out-root>/index.json."""
     from .embed import EmbedSettings
-    from .release import embed_release as run_release
+    from .embed.release import embed_release as run_release
 
     settings = EmbedSettings(batch_size=batch_size, chunk_rows=chunk_rows, logvar=logvar, workers=workers,
-                             min_gene_overlap=min_gene_overlap, fail_after_chunks=fail_after_chunks)
+                             min_gene_overlap=min_gene_overlap)
     try:
         entry = run_release(checkpoint, out_root, census_version=census_version, census_uri=census_uri, release=release,
                             organism=organism, obs_filter=obs_filter, settings=settings, echo=typer.echo)
@@ -227,7 +225,7 @@ def evaluate(
 ) -> None:
     """Score every level of an embeddings store: kNN accuracy, NMI/ARI, silhouette per label,
     batch mixing, active units; a Markdown report with 2-D maps."""
-    from .report import EvaluateSettings, evaluate_embeddings
+    from .evaluate.report import EvaluateSettings, evaluate_embeddings
 
     try:
         named = dict(item.split("=", 1) for item in compare if "=" in item)
@@ -247,7 +245,7 @@ def evaluate(
 
 def _default_per_level(name: str, depth: int) -> tuple[float, ...]:
     """The spec's default per-tree-level values, extended (last value) or cut to ``depth``."""
-    from .synthetic import SyntheticAtlasSpec
+    from .data.synthetic import SyntheticAtlasSpec
 
     default = SyntheticAtlasSpec.__dataclass_fields__[name].default
     return tuple(default[min(i, len(default) - 1)] for i in range(depth))

@@ -8,11 +8,15 @@ every bad key at once with its dotted location, which is what we would otherwise
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from hvae import HVAEConfig
 
 
 class _Section(BaseModel):
@@ -30,26 +34,37 @@ class DataConfig(_Section):
     prefetch: int = Field(2, ge=1)
 
 
-class ModelConfig(_Section):
-    """``hvae.HVAEConfig`` minus what the data decides (n_genes, n_batches)."""
+# HVAEConfig fields the data decides (the gene list and the batch categories) or the pipeline
+# sets itself: not in the YAML ``model:`` section.
+NOT_CONFIGURABLE = ("n_genes", "n_batches", "validate_inputs")
 
-    latent_dims: list[int] = [32, 16, 8]
-    hidden_dim: int = 256
-    batch_embedding_dim: int = 16
-    likelihood: Literal["nb", "zinb"] = "nb"
-    dispersion: Literal["gene", "gene-batch"] = "gene"
-    dropout: float = 0.1
-    free_bits: list[float] = [1.0]
-    free_bits_per_dimension: float = Field(0.1, ge=0)
-    kl_balance: bool = True
-    kl_level_weights: list[float] | None = Field(
-        None, description="None: 1 per level, hvae.config.TOP_KL_WEIGHT for the top of a multi-level model.")
-    coarse_reconstruction_weight: float = 1.0
-    coarse_detach_decoder: bool = True
-    decoder_input: Literal["all_levels", "level0", "top_down"] = "all_levels"
-    bottom_up: Literal["parallel", "serial"] = "parallel"
-    log_scale_clamp: float = 6.0
-    input_target_sum: float = 1e4
+
+class _ModelSection(_Section):
+    def hvae_config(self, n_genes: int, n_batches: int) -> HVAEConfig:
+        """The model's own config for data with ``n_genes`` genes and ``n_batches`` batches."""
+        return HVAEConfig(n_genes=n_genes, n_batches=n_batches, **self.model_dump())
+
+    @model_validator(mode="after")
+    def _check(self):
+        try:
+            self.hvae_config(n_genes=1, n_batches=1)
+        except ValueError as error:
+            raise ValueError(str(error).removeprefix("HVAEConfig.")) from None
+        return self
+
+
+def _model_section() -> type[_Section]:
+    """The YAML ``model:`` section, derived from ``hvae.HVAEConfig`` (one source of truth: its
+    fields, types and defaults). Values are checked by ``HVAEConfig`` itself when the config is
+    loaded, so a bad value (``model.dropout=1.5``) fails before anything is written."""
+    hints = typing.get_type_hints(HVAEConfig)
+    fields = {field.name: (hints[field.name], Field(field.default, description=field.metadata.get("help")))
+              for field in dataclasses.fields(HVAEConfig) if field.name not in NOT_CONFIGURABLE}
+    return create_model("ModelConfig", __base__=_ModelSection, __doc__="hvae.HVAEConfig minus what the data decides.",
+                        **fields)
+
+
+ModelConfig = _model_section()
 
 
 class TrainConfig(_Section):
@@ -66,8 +81,6 @@ class TrainConfig(_Section):
     validate_every: int = Field(500, ge=1)
     validation_cells: int = Field(4096, ge=1)
     progress: bool = True
-    fail_at_step: int | None = Field(None, description="Testing only: worker `fail_rank` exits at this step, once.")
-    fail_rank: int = 0
 
 
 class ScalingConfig(_Section):
@@ -139,6 +152,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             location = ".".join(str(part) for part in item["loc"])
             message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
             given = "" if item["type"] in ("missing", "extra_forbidden") else f" (got {item.get('input')!r})"
+            if item["type"] == "value_error":  # a whole-section check (HVAEConfig's): it names the key and value
+                field, _, message = message.removeprefix("Value error, ").partition(": ")
+                location, given = f"{location}.{field}", ""
             problems.append(f"{location}: {message}{given}")
         raise ConfigError(f"{source}: " + "; ".join(problems)) from None
 

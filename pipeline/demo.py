@@ -16,15 +16,15 @@ import numpy as np
 import torch
 
 
-from .checkpoint import find_checkpoint, load_model
+from .train.checkpoint import find_checkpoint, load_model
 from .config import load_config
 from .data import ShardSettings, write_shards
 from .data.sources import ShardSource, SyntheticSource
 from .embed import EmbedSettings, embed
-from .fit import diagnostic_kl
-from .ray_train import train
-from .report import EvaluateSettings, evaluate_embeddings
-from .synthetic import SyntheticAtlas, SyntheticAtlasSpec
+from .train.in_memory import diagnostic_kl
+from .train.launch import train
+from .evaluate.report import EvaluateSettings, evaluate_embeddings
+from .data.synthetic import SyntheticAtlas, SyntheticAtlasSpec
 
 
 FLAT = "flat VAE"

@@ -14,7 +14,13 @@ from pathlib import Path
 
 
 def is_url(path) -> bool:
+    """Whether ``path`` is a URL (``s3://``, ``gs://``, ``file://``, ...) rather than a plain path."""
     return "://" in str(path)
+
+
+def is_remote(path) -> bool:
+    """Whether ``path`` lives off this machine: a URL other than ``file://``."""
+    return is_url(path) and not str(path).startswith("file://")
 
 
 def join(base, *parts: str) -> str:
@@ -135,7 +141,7 @@ def check_writable(path) -> None:
     the reason in words if that fails, before any work is done."""
     probe = join(path, ".hvae-write-test")
     try:
-        if not is_url(path) or str(path).startswith("file://"):
+        if not is_remote(path):
             makedirs(path)  # object stores have no directories (and s3fs would create a missing bucket)
         write_text(probe, "ok")
         read_text(probe)
@@ -164,5 +170,5 @@ def cached_copy(url: str) -> Path:
     return target
 
 
-__all__ = ["StorageError", "basename", "cached_copy", "check_writable", "explain", "download", "exists", "filesystem", "is_url", "join", "listdir", "makedirs",
+__all__ = ["StorageError", "basename", "cached_copy", "check_writable", "explain", "download", "exists", "filesystem", "is_remote", "is_url", "join", "listdir", "makedirs",
            "read_text", "remove_tree", "upload", "write_text"]

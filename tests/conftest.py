@@ -11,6 +11,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+import os  # noqa: E402
 import tarfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -18,9 +19,14 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def shared_file(name: str) -> Path:
+    """A real-data fixture from ../shared/data: skipped where it is absent, except under CI
+    (``CI=true``), where a missing fixture fails instead of silently skipping 20 tests."""
     path = SHARED_DATA / name
     if not path.exists():
-        pytest.skip(f"{path} is absent (the real-data fixtures live in ../shared/data)")
+        message = f"{path} is absent (the real-data fixtures live in ../shared/data)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message + "; CI=true requires them")
+        pytest.skip(message)
     return path
 
 
@@ -39,7 +45,7 @@ def synthetic_shards(tmp_path_factory):
     """A small synthetic atlas written as 5 shards, plus the atlas itself for ground truth."""
     from pipeline.data import ShardSettings, write_shards
     from pipeline.data.sources import SyntheticSource
-    from pipeline.synthetic import SyntheticAtlas, SyntheticAtlasSpec
+    from pipeline.data.synthetic import SyntheticAtlas, SyntheticAtlasSpec
 
     atlas = SyntheticAtlas(SyntheticAtlasSpec(n_cells=5_003, n_genes=300, n_donors=6, seed=3))
     out = tmp_path_factory.mktemp("shards") / "synthetic"

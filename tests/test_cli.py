@@ -34,7 +34,7 @@ def test_demo_runs_end_to_end_and_writes_every_level(tmp_path):
     out = tmp_path / "demo"
     result = run_cli("demo", "--out-dir", str(out), "--n-cells", "2000", "--max-steps", "60", "--workers", "0")
     assert "| HVAE level 2 (top)" in result.stdout and "flat VAE (baseline)" in result.stdout
-    from pipeline.checkpoint import find_checkpoint, load_model
+    from pipeline.train.checkpoint import find_checkpoint, load_model
     from pipeline.embed import read_embeddings
 
     embedded = read_embeddings(str(out / "embeddings.zarr"))

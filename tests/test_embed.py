@@ -17,7 +17,7 @@ import torch
 import zarr
 
 from conftest import shared_file
-from pipeline.checkpoint import find_checkpoint, load_model
+from pipeline.train.checkpoint import find_checkpoint, load_model
 from pipeline.data import GeneAlignment
 from pipeline.embed import EmbedSettings, attach_embeddings, embed, read_embeddings
 
@@ -29,7 +29,7 @@ def trained(tmp_path_factory):
     """A small model trained on pbmc3k shards (1,000 HVGs), and the source h5ad."""
     from pipeline.config import load_config
     from pipeline.data import ShardSettings, open_source, write_shards
-    from pipeline.ray_train import train
+    from pipeline.train.launch import train
 
     root = tmp_path_factory.mktemp("embed")
     source = str(shared_file("pbmc3k_raw_seurat_annotations.h5ad"))
@@ -57,7 +57,7 @@ def test_embeddings_equal_encode_and_read_everywhere(trained, tmp_path):
         means, logvars = model.encode(torch.from_numpy(counts.toarray()), return_logvar=True)
     group = zarr.open_group(str(out), mode="r")
     assert list(np.asarray(group["obs_id"][:]).astype(object)) == list(adata.obs_names)  # every cell once, in order
-    for level, (mean, logvar) in enumerate(zip(means, logvars)):
+    for level, (mean, logvar) in enumerate(zip(means, logvars, strict=True)):
         np.testing.assert_allclose(group[f"level_{level}/mean"][:], mean.numpy(), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(group[f"level_{level}/logvar"][:], logvar.numpy(), rtol=1e-4, atol=1e-5)
     assert group.attrs["model_id"].startswith("sha256:") and group.attrs["level_dims"] == [32, 16, 8]
@@ -80,7 +80,7 @@ def test_killed_embedding_resumes_to_the_same_output_and_a_complete_one_is_untou
     embed_quiet(run_dir, source, straight, chunk_rows=500)
     command = [sys.executable, "-m", "pipeline", "embed", "--checkpoint", str(run_dir), "--source", source,
                "--out", str(tmp_path / "killed.zarr"), "--chunk-rows", "500"]
-    killed = subprocess.run([*command, "--fail-after-chunks", "3"], capture_output=True, text=True, env=ENV)
+    killed = subprocess.run(command, capture_output=True, text=True, env={**ENV, "HVAE_FAIL_AFTER_CHUNKS": "3"})
     assert killed.returncode == 17
     with pytest.raises(ValueError, match="incomplete"):
         read_embeddings(str(tmp_path / "killed.zarr"))
@@ -185,7 +185,7 @@ def test_evaluate_scores_every_level_against_baselines_on_the_same_cells(trained
     # checkout under a symlink records the real path).
     assert Path(summary["source"]["source"]).resolve() == Path(source).resolve()
     hvae, reversed_, pca = summary["results"][:3], summary["results"][3:6], summary["results"][6]
-    for ours, theirs in zip(hvae, reversed_):  # matched by obs id, not by row: the same scores
+    for ours, theirs in zip(hvae, reversed_, strict=True):  # matched by obs id, not by row: the same scores
         for label in ("lineage", "cell_type_fine"):
             for metric, value in ours["labels"][label].items():
                 assert theirs["labels"][label][metric] == pytest.approx(value, abs=0.01), (ours["representation"], metric)
@@ -221,8 +221,8 @@ def test_embed_release_is_idempotent_resumes_and_keeps_an_index(trained, census_
     assert json.loads((root / "index.json").read_text())["runs"] == index
 
     # The job killed mid-way (after 2 of 6 chunks) resumes on the next run, to the same output.
-    killed = subprocess.run([*release, "--release", "2025-03-01", "--fail-after-chunks", "2"], capture_output=True,
-                            text=True, env=ENV)
+    killed = subprocess.run([*release, "--release", "2025-03-01"], capture_output=True, text=True,
+                            env={**ENV, "HVAE_FAIL_AFTER_CHUNKS": "2"})
     assert killed.returncode == 17
     index = json.loads((root / "index.json").read_text())["runs"]
     assert [(r["release"], r["status"]) for r in index] == [("2025-01-30", "complete"), ("2025-03-01", "running")]

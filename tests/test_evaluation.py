@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.evaluation import batch_mixing, cluster_agreement, knn_accuracy, scib_scores, silhouette_label
+from pipeline.evaluate.metrics import batch_mixing, cluster_agreement, knn_accuracy, scib_scores, silhouette_label
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from pipeline.genes import GeneStatistics
+from pipeline.data.genes import GeneStatistics
 
 
 def planted_counts(seed=0):

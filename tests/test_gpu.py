@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from hvae import HVAEConfig, HierarchicalVAE
-from pipeline.synthetic import SyntheticAtlas, SyntheticAtlasSpec
-from pipeline.training import StepSettings, Trainer, densify, in_memory_batches
+from pipeline.data.synthetic import SyntheticAtlas, SyntheticAtlasSpec
+from pipeline.config import TrainConfig
+from pipeline.data import densify
+from pipeline.train.step import Trainer, in_memory_batches
 
 pytestmark = pytest.mark.gpu
 
@@ -20,7 +22,7 @@ def test_bf16_training_on_cuda_matches_cpu_encoding(atlas):
     donors = atlas.obs["donor_id"].cat.codes.to_numpy()
     torch.manual_seed(0)
     config = HVAEConfig(n_genes=500, latent_dims=(16, 8, 4), hidden_dim=128, n_batches=4)
-    trainer = Trainer(HierarchicalVAE(config), StepSettings(precision="bf16", kl_warmup_steps=50), device="cuda")
+    trainer = Trainer(HierarchicalVAE(config), TrainConfig(precision="bf16", kl_warmup_steps=50), device="cuda")
     history = trainer.fit(in_memory_batches(atlas.X, 512, donors), max_steps=100, log_every=10)
     assert all(np.isfinite(h["loss"]) for h in history)
     assert history[-1]["negative_elbo"] < history[0]["negative_elbo"]
@@ -29,5 +31,5 @@ def test_bf16_training_on_cuda_matches_cpu_encoding(atlas):
     index = torch.from_numpy(donors[:256].astype(np.int64))
     on_gpu = model.encode(counts, index.cuda())
     on_cpu = model.to("cpu").encode(counts.cpu(), index)
-    for gpu_level, cpu_level in zip(on_gpu, on_cpu):
+    for gpu_level, cpu_level in zip(on_gpu, on_cpu, strict=True):
         torch.testing.assert_close(gpu_level.cpu(), cpu_level, rtol=1e-3, atol=1e-3)

@@ -72,7 +72,7 @@ def test_resume_from_state_dict(synthetic_shards, num_workers):
         resumed.load_state_dict(state)
         tail = [b["obs_index"].numpy() for b in resumed]
         assert len(head) + len(tail) == len(full)
-        for got, want in zip(head + tail, full):
+        for got, want in zip(head + tail, full, strict=True):
             assert np.array_equal(got, want)
     with pytest.raises(ValueError, match="batch_size"):
         dataset.loader(50, **options).load_state_dict(state)
@@ -116,7 +116,7 @@ def test_loader_memory_is_bounded_by_configuration_not_cells(tmp_path):
 
     from pipeline.data import ShardSettings, write_shards
     from pipeline.data.sources import SyntheticSource
-    from pipeline.synthetic import SyntheticAtlas, SyntheticAtlasSpec
+    from pipeline.data.synthetic import SyntheticAtlas, SyntheticAtlasSpec
 
     block_rows, window_blocks, batch, prefetch = 500, 2, 256, 2
     for n_cells in (3_000, 24_000):

@@ -55,7 +55,7 @@ def test_encode_levels_and_logvar(model):
     assert [m.shape for m in means] == [(16, 8), (16, 6), (16, 4)]
     means2, logvars = model.encode(x, b, return_logvar=True)
     assert [v.shape for v in logvars] == [(16, 8), (16, 6), (16, 4)]
-    for a, c in zip(means, means2):
+    for a, c in zip(means, means2, strict=True):
         torch.testing.assert_close(a, c)
     model.eval()
     # Encoding is deterministic and independent of the other cells in the batch.
@@ -120,7 +120,7 @@ def test_checkpoint_rebuilds_the_same_model(model):
     rebuilt = HierarchicalVAE(HVAEConfig.from_dict(saved["model_config"]))
     rebuilt.load_state_dict(saved["state_dict"])
     rebuilt.eval()
-    for a, c in zip(model.encode(x, b), rebuilt.encode(x, b)):
+    for a, c in zip(model.encode(x, b), rebuilt.encode(x, b), strict=True):
         torch.testing.assert_close(a, c)
 
 
@@ -226,7 +226,7 @@ def test_parallel_bottom_up_puts_every_level_one_block_from_the_data():
     x = counts_batch()
     states, library = model._bottom_up(x.float())
     stem = model.stem(torch.log1p(x.float() * (config.input_target_sum / library.clamp(min=1.0)).unsqueeze(1)))
-    for block, state in zip(model.bottom_up, states):
+    for block, state in zip(model.bottom_up, states, strict=True):
         torch.testing.assert_close(state, block(stem))
     out = model.train()(x, kl_weight=1.0)
     out.loss.backward()

@@ -43,8 +43,8 @@ def test_shard_train_resume_embed_and_release_on_s3(s3, census_uri, tmp_path, mo
     from pipeline.config import load_config
     from pipeline.data import ShardedDataset, ShardSettings, open_source, write_shards
     from pipeline.embed import EmbedSettings, embed, read_embeddings
-    from pipeline.ray_train import train
-    from pipeline.release import embed_release, read_index
+    from pipeline.train.launch import train
+    from pipeline.embed.release import embed_release, read_index
 
     monkeypatch.setenv("HVAE_CACHE", str(tmp_path / "cache"))
     source = str(shared_file("pbmc3k_raw_seurat_annotations.h5ad"))

@@ -6,7 +6,7 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from pipeline.synthetic import RNG_CHUNK, SyntheticAtlas, SyntheticAtlasSpec, write_synthetic_atlas
+from pipeline.data.synthetic import RNG_CHUNK, SyntheticAtlas, SyntheticAtlasSpec, write_synthetic_atlas
 
 SMALL = SyntheticAtlasSpec(n_cells=3_000, n_genes=300, n_donors=5, block_size=1_000)
 
@@ -39,7 +39,7 @@ def test_labels_form_a_strict_three_level_tree(small_atlas):
     # Every subtype has exactly one cell type and one lineage, and names encode the path.
     assert (obs.groupby("subtype", observed=True)["cell_type"].nunique() == 1).all()
     assert (obs.groupby("cell_type", observed=True)["lineage"].nunique() == 1).all()
-    assert all(s.startswith(t + ".") for s, t in zip(obs["subtype"], obs["cell_type"]))
+    assert all(s.startswith(t + ".") for s, t in zip(obs["subtype"], obs["cell_type"], strict=True))
 
 
 def test_counts_look_like_10x_umis(small_atlas):
@@ -75,7 +75,7 @@ def test_streamed_file_equals_in_memory_atlas(tmp_path, small_atlas, suffix):
     for column in small_atlas.obs.columns:
         assert list(loaded.obs[column]) == list(small_atlas.obs[column])
     assert list(loaded.var["feature_id"]) == list(small_atlas.var["feature_id"])
-    assert '"generator": "pipeline.synthetic"' in loaded.uns["provenance"]
+    assert '"generator": "pipeline.data.synthetic"' in loaded.uns["provenance"]
 
 
 def test_writing_memory_does_not_grow_with_cells(tmp_path):

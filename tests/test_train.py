@@ -3,6 +3,8 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +14,15 @@ import pytest
 import torch
 
 from conftest import shared_file
-from pipeline.checkpoint import find_checkpoint, load_model, read_checkpoint
+from pipeline.train.checkpoint import CHECKPOINT_FORMAT, find_checkpoint, load_model, read_checkpoint
 from pipeline.config import ConfigError, load_config
 
 CLI = [sys.executable, "-m", "pipeline"]
 ENV = {**os.environ, "TQDM_DISABLE": "1"}
 
 
-def cli(*args, check=True):
-    result = subprocess.run([*CLI, *args], capture_output=True, text=True, env=ENV)
+def cli(*args, check=True, env=None):
+    result = subprocess.run([*CLI, *args], capture_output=True, text=True, env={**ENV, **(env or {})})
     if check:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
@@ -70,7 +72,7 @@ def test_local_run_resumed_after_a_kill_matches_the_uninterrupted_run(small_shar
     common = ["train", f"data.path={small_shards}", "data.batch_key=donor_id", "train.max_steps=40", "train.batch_size=64",
               "train.log_every=1", "checkpoint.every_steps=10", "train.progress=false", f"run.storage_path={tmp_path}"]
     cli(*common, "run.name=straight")
-    killed = cli(*common, "run.name=killed", "train.fail_at_step=25", check=False)
+    killed = cli(*common, "run.name=killed", check=False, env={"HVAE_FAIL_AT_STEP": "25"})
     assert killed.returncode == 17 and read_checkpoint(find_checkpoint(tmp_path / "killed"))["train_state"]["step"] == 20
     cli(*common, "run.name=killed")  # the same command again: resumes from step 20
     straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "killed")
@@ -78,42 +80,44 @@ def test_local_run_resumed_after_a_kill_matches_the_uninterrupted_run(small_shar
     np.testing.assert_allclose([m["loss"] for m in resumed], [m["loss"] for m in straight], rtol=1e-5)
     a, _ = load_model(find_checkpoint(tmp_path / "straight"))
     b, parts = load_model(find_checkpoint(tmp_path / "killed"))
-    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
-    assert parts["train_state"]["step"] == 40 and parts["batches"]["batch_key"] == "donor_id"
+    assert read_checkpoint(find_checkpoint(tmp_path / "killed"))["train_state"]["step"] == 40
+    assert parts["batches"]["batch_key"] == "donor_id"
     again = cli(*common, "run.name=killed")
     assert "already finished at step 40" in again.stdout
 
 
-def test_a_checkpoint_from_before_a_model_option_is_rebuilt_as_it_was_trained(small_shards, tmp_path):
+def test_checkpoints_carry_a_format_version_and_model_pt_alone_loads_the_model(small_shards, tmp_path):
     base = ["train", f"data.path={small_shards}", "train.batch_size=64", "train.progress=false",
             f"run.storage_path={tmp_path}", "checkpoint.every_steps=2"]
     cli(*base, "train.max_steps=2")
     directory = find_checkpoint(tmp_path / "hvae")
     saved = torch.load(directory / "model.pt", weights_only=False)
-    assert saved["hvae_config"]["bottom_up"] == "parallel"  # today's default, written out
-    assert saved["hvae_config"]["free_bits_per_dimension"] == 0.1
-    # as written before the options existed (serial, no per-unit free bits then)
-    del saved["hvae_config"]["bottom_up"], saved["hvae_config"]["free_bits_per_dimension"]
+    assert saved["format_version"] == CHECKPOINT_FORMAT and len(saved["genes"]["feature_ids"]) == 200
+
+    # model.pt alone is an inference checkpoint: embed-ready without trainer.pt or the JSON files.
+    alone = tmp_path / "shipped"
+    alone.mkdir()
+    shutil.copy(directory / "model.pt", alone / "model.pt")
+    model, parts = load_model(alone)
+    assert model.config == load_model(directory)[0].config and parts["batches"]["batch_key"] is None
+    assert find_checkpoint(alone) == alone
+
+    # A checkpoint of another format (here: written before versions existed) is refused in words,
+    # and continuing the run from it too; nothing is written over it.
+    del saved["format_version"]
     torch.save(saved, directory / "model.pt")
-    model, parts = load_model(directory)
-    assert parts["hvae_config"].bottom_up == model.config.bottom_up == "serial"
-    assert parts["hvae_config"].free_bits_per_dimension == 0.0
-
-    # Continuing it under today's defaults would load its weights into the other architecture:
-    # refused, naming each field; with the fields set as it was trained it continues.
+    with pytest.raises(ValueError, match="has checkpoint format 1; this version of hvae-pipeline reads format 2"):
+        load_model(directory)
     refused = cli(*base, "train.max_steps=4", check=False)
-    assert refused.returncode != 0
-    assert "model.bottom_up is 'serial' there, 'parallel' in the config" in refused.stderr, refused.stderr
-    assert "model.free_bits_per_dimension is 0.0 there, 0.1 in the config" in refused.stderr
-    assert find_checkpoint(tmp_path / "hvae") == directory  # nothing written over it
-    cli(*base, "train.max_steps=4", "model.bottom_up=serial", "model.free_bits_per_dimension=0")
-    assert read_checkpoint(find_checkpoint(tmp_path / "hvae"))["train_state"]["step"] == 4
+    assert refused.returncode != 0 and "checkpoint format 1" in refused.stderr, refused.stderr
+    assert find_checkpoint(tmp_path / "hvae") == directory
 
 
-def test_the_pipeline_model_section_has_the_models_defaults():
-    """configs' `model:` section restates HVAEConfig (minus what the data decides): a default
-    changed in one place only would train another model from YAML than from Python."""
+def test_the_pipeline_model_section_is_hvae_config_and_is_validated_when_loaded(small_shards, tmp_path):
+    """configs' `model:` section is derived from HVAEConfig (minus what the data decides), and its
+    bounds are HVAEConfig's: a bad value fails when the config is loaded, before anything is written."""
     import dataclasses
 
     from hvae import HVAEConfig
@@ -123,7 +127,15 @@ def test_the_pipeline_model_section_has_the_models_defaults():
     section = ModelConfig().model_dump()
     assert set(model_defaults) - set(section) == {"n_genes", "n_batches", "validate_inputs"}
     for name, value in section.items():
-        assert (tuple(value) if isinstance(value, list) else value) == model_defaults[name], name
+        assert value == model_defaults[name], name
+    for override, message in [("model.dropout=1.5", "model.dropout: must be in [0, 1) (got 1.5)"),
+                              ("model.hidden_dim=0", "model.hidden_dim: must be a positive integer (got 0)"),
+                              ("model.latent_dims=[16,0]", "model.latent_dims: must be one or more positive integers")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(base={"data": {"path": "x"}}, overrides=[override])
+    result = cli("train", f"data.path={small_shards}", f"run.storage_path={tmp_path}", "model.dropout=1.5", check=False)
+    assert result.returncode == 2 and "model.dropout: must be in [0, 1)" in result.stderr
+    assert not (tmp_path / "hvae").exists(), "a run directory was written for a config that does not validate"
 
 
 @pytest.fixture(scope="module")
@@ -136,19 +148,20 @@ def ray_cluster():
 
 
 @pytest.mark.slow
-def test_ray_two_workers_on_pbmc3k_survive_a_killed_worker(ray_cluster, tmp_path):
+def test_ray_two_workers_on_pbmc3k_survive_a_killed_worker(ray_cluster, tmp_path, monkeypatch):
     from pipeline.config import load_config
     from pipeline.data import ShardSettings, open_source, write_shards
-    from pipeline.ray_train import train
+    from pipeline.train.launch import train
 
     shards = tmp_path / "pbmc3k"
     write_shards(open_source(str(shared_file("pbmc3k_raw_seurat_annotations.h5ad"))), str(shards),
                  ShardSettings(shard_size=700, n_top_genes=1000, progress=False))
     config = load_config(base={"data": {"path": str(shards), "validation_shards": 1}}, overrides=[
-        "scaling.num_workers=2", "run.max_failures=1", "train.fail_at_step=70", "train.fail_rank=1",
+        "scaling.num_workers=2", "run.max_failures=1",
         "train.max_steps=240", "train.batch_size=128", "train.log_every=10", "train.validate_every=240",
         "train.kl_warmup_steps=100", "checkpoint.every_steps=60", "train.progress=false",
         f"run.storage_path={tmp_path / 'runs'}", "run.name=pbmc3k"])
+    monkeypatch.setenv("HVAE_FAIL_AT_STEP", "70:1")  # rank 1 exits once at step 70 (pipeline.faults)
     summary = train(config)
     run_dir = tmp_path / "runs" / "pbmc3k"
     assert (run_dir / ".failed_at_70").exists(), "the fault was not injected"
@@ -160,14 +173,14 @@ def test_ray_two_workers_on_pbmc3k_survive_a_killed_worker(ray_cluster, tmp_path
     validation = metrics(run_dir, "validation")[-1]
     for level in range(3):
         assert validation[f"active_units_level_{level}"] >= 1 and validation[f"kl_level_{level}"] > 0.1, validation
-    model, parts = load_model(find_checkpoint(run_dir))
-    assert parts["train_state"]["world_size"] == 2 and model.config.n_genes == 1000
+    model, _ = load_model(find_checkpoint(run_dir))
+    assert read_checkpoint(find_checkpoint(run_dir))["train_state"]["world_size"] == 2 and model.config.n_genes == 1000
 
 
 @pytest.mark.slow
 def test_ray_driver_rerun_continues_from_the_checkpoint(ray_cluster, small_shards, tmp_path, monkeypatch):
     from pipeline.config import load_config
-    from pipeline.ray_train import train
+    from pipeline.train.launch import train
 
     monkeypatch.chdir(tmp_path)  # relative paths, as users type them (Ray workers run elsewhere)
     relative = os.path.relpath(small_shards, tmp_path)

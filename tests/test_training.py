@@ -8,9 +8,11 @@ import scipy.sparse as sp
 import torch
 
 from hvae import HVAEConfig, HierarchicalVAE
-from pipeline.fit import diagnostic_kl
-from pipeline.synthetic import SyntheticAtlas, SyntheticAtlasSpec
-from pipeline.training import StepSettings, Trainer, densify, in_memory_batches
+from pipeline.train.in_memory import diagnostic_kl
+from pipeline.data.synthetic import SyntheticAtlas, SyntheticAtlasSpec
+from pipeline.config import TrainConfig
+from pipeline.data import densify
+from pipeline.train.step import Trainer, in_memory_batches
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +23,7 @@ def atlas():
 def make_trainer(n_genes=200, precision="fp32", seed=0, **model):
     torch.manual_seed(seed)
     config = HVAEConfig(n_genes=n_genes, latent_dims=(16, 8, 4), hidden_dim=64, n_batches=4, **model)
-    return Trainer(HierarchicalVAE(config), StepSettings(precision=precision, kl_warmup_steps=50))
+    return Trainer(HierarchicalVAE(config), TrainConfig(precision=precision, kl_warmup_steps=50))
 
 
 def batch_of(atlas, rows):
@@ -78,7 +80,7 @@ def test_state_dict_round_trip_continues_identically(atlas):
     torch.manual_seed(7)
     got = resumed.step(batch)
     assert got == pytest.approx(expected)
-    for (name, a), b in zip(trainer.model.state_dict().items(), resumed.model.state_dict().values()):
+    for (name, a), b in zip(trainer.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 

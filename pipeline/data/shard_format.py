@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ..storage import StorageError, explain, filesystem  # filesystem: the data layer opens every URL through it
+from ..storage import StorageError, explain, filesystem, is_remote, join  # the data layer opens every URL through these
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -74,11 +74,6 @@ def feature_hash(feature_ids) -> str:
     """A short stable hash of an ordered gene list; checkpoints and shards compare it."""
     digest = hashlib.sha256("\n".join(map(str, feature_ids)).encode()).hexdigest()
     return f"sha256:{digest[:16]}"
-
-
-def join(root: str, *parts: str) -> str:
-    """Join a local path or a URL (s3://...) with '/'."""
-    return "/".join([root.rstrip("/"), *parts])
 
 
 def read_manifest(root: str) -> dict:
@@ -159,7 +154,7 @@ class CSRArrayReader:
 
         self.url = url
         self.fs, self.path = filesystem(url)
-        self.local = "://" not in url or url.startswith("file://")
+        self.local = not is_remote(url)
         self._array = zarr.open_array(url, mode="r")
         self.length = int(self._array.shape[0])
         self.dtype = np.dtype(self._array.dtype)

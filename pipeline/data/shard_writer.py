@@ -32,9 +32,9 @@ import scipy.sparse as sp
 
 from .alignment import GeneAlignment, check_counts
 from .background import run_ahead
-from ..storage import check_writable
+from ..storage import check_writable, is_remote, join
 from .shard_format import (COMPRESSIONS, FORMAT_VERSION, MANIFEST_NAME, count_dtype, feature_hash, filesystem,
-                           index_dtype, join, write_csr_arrays, write_manifest)
+                           index_dtype, write_csr_arrays, write_manifest)
 from .sources import Source
 
 
@@ -71,7 +71,7 @@ def write_shards(source: Source, out: str, settings: ShardSettings | None = None
     out = str(out)
     check_writable(out)  # an unreachable store, missing credentials or permissions fail here, in words
     fs, out_path = filesystem(out)
-    local = "://" not in out or out.startswith("file://")
+    local = not is_remote(out)
     if fs.exists(join(out_path, MANIFEST_NAME)):
         if not settings.overwrite:
             raise FileExistsError(f"{out} already holds shards (manifest.json); pass --overwrite to replace them")
@@ -174,7 +174,7 @@ def _target_genes(source: Source, settings: ShardSettings, obs: pd.DataFrame, ec
         return list(settings.genes)
     if settings.n_top_genes is None:
         return source.feature_ids.tolist()
-    from ..genes import GeneStatistics, highly_variable_by_batch
+    from .genes import GeneStatistics, highly_variable_by_batch
 
     if settings.n_top_genes > len(source.feature_ids):
         raise ValueError(f"--n-top-genes {settings.n_top_genes} exceeds the {len(source.feature_ids)} genes of {source.uri}")

@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..storage import is_remote, is_url
+
 DEFAULT_CENSUS_OBS_FILTER = "is_primary_data == True"
 
 
@@ -174,7 +176,7 @@ def _open_anndata_root(uri: str):
     if uri.endswith(".h5ad") or uri.endswith(".h5"):
         import h5py
 
-        if "://" in uri and not uri.startswith("file://"):
+        if is_remote(uri):
             handle = h5py.File(fs.open(path, "rb"), "r")
         else:
             handle = h5py.File(path, "r")
@@ -337,7 +339,7 @@ def _is_shard_directory(uri: str) -> bool:
 
 def _is_soma(uri: str) -> bool:
     """TileDB groups carry ``__tiledb_group.tdb``; AnnData-Zarr stores carry zarr metadata."""
-    if "://" not in uri:
+    if not is_url(uri):
         return (Path(uri) / "__tiledb_group.tdb").exists()
     from .shard_format import filesystem
 

@@ -5,7 +5,7 @@ persistence and restarts. Run directory ``<run.storage_path>/<run.name>/``::
 
     config.yaml          the resolved config (written by the driver)
     metrics.jsonl        one line per logged step (train) and per validation
-    checkpoint_<step>/   checkpoints (see pipeline.checkpoint); ``latest`` names the newest
+    checkpoint_<step>/   checkpoints (see pipeline.train.checkpoint); ``latest`` names the newest
     summary.json         written when the run finishes
 
 Rerunning the same command resumes from the latest checkpoint; a finished run is not retrained.
@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from . import storage
+from .. import faults, storage
 from .checkpoint import fetch_checkpoint, find_checkpoint, prune_checkpoints, read_train_state, write_latest
-from .config import PipelineConfig
-from .train_loop import train_worker
+from ..config import PipelineConfig
+from .loop import train_worker
 
 
 def train(config: PipelineConfig, echo=print) -> dict:
@@ -143,7 +143,7 @@ def _train_ray(config: PipelineConfig, run_dir: str) -> dict:
             raise ValueError(f"scaling.use_gpu is true with {config.scaling.num_workers} workers but the Ray cluster has {gpus:g} GPUs")
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "run_dir": run_dir},
+        train_loop_config={"config": config.model_dump(mode="json"), "run_dir": run_dir, "faults": faults.forwarded()},
         scaling_config=ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
                                      resources_per_worker=config.scaling.resources_per_worker),
         run_config=RunConfig(name=config.run.name, storage_path=run_dir.rstrip("/").rsplit("/", 1)[0],
@@ -161,6 +161,7 @@ def _ray_worker(loop_config: dict) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
+    faults.install(loop_config.get("faults", {}))
     config = PipelineConfig.model_validate(loop_config["config"])
     run_dir = loop_config["run_dir"]
     context = ray.train.get_context()

@@ -263,7 +263,7 @@ class SyntheticAtlas:
         )
 
     def provenance(self) -> dict:
-        return {"generator": "pipeline.synthetic", "generator_version": GENERATOR_VERSION, "spec": self.spec.to_dict()}
+        return {"generator": "pipeline.data.synthetic", "generator_version": GENERATOR_VERSION, "spec": self.spec.to_dict()}
 
     def to_anndata(self):
         """The whole atlas in memory (small atlases only)."""

@@ -31,12 +31,13 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .checkpoint import fetch_checkpoint, load_model
-from .data.alignment import GeneAlignment, check_counts
-from .data.background import run_ahead
-from .data.sources import open_source
-from .storage import is_url
-from .training import densify
+from .. import faults
+from ..train.checkpoint import fetch_checkpoint, load_model
+from ..data.alignment import GeneAlignment, check_counts
+from ..data.background import run_ahead
+from ..data.sources import open_source
+from ..storage import is_url
+from ..data import densify
 
 FORMAT_VERSION = 1
 
@@ -52,7 +53,6 @@ class EmbedSettings:
     min_gene_overlap: float = 0.5
     progress: bool = True
     device: str | None = None
-    fail_after_chunks: int | None = None  # testing only: the process exits after this many chunks
 
 
 def model_id(checkpoint_dir: Path) -> str:
@@ -119,8 +119,7 @@ def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings 
             reads = run_ahead(todo, 1, lambda chunk: (chunk, worker.read(chunk, obs_ids[chunk * rows : (chunk + 1) * rows])),
                               name="embed-read-ahead")
             for count, (chunk, counts) in enumerate(reads):
-                if settings.fail_after_chunks is not None and count == settings.fail_after_chunks:
-                    os._exit(17)  # a killed job, for the resume test
+                faults.maybe_fail_embedding(count)  # tests only: a killed job
                 part = slice(chunk * rows, (chunk + 1) * rows)
                 bar.update(worker.write(chunk, counts, obs_ids[part], None if codes is None else codes[part]))
         else:
@@ -172,7 +171,7 @@ def _open_output(out: str, attrs: dict, n_obs: int, dims: list[int], settings: E
     """(group, state): state is 'new', 'partial' or 'complete'."""
     import zarr
 
-    from .storage import check_writable, filesystem
+    from ..storage import check_writable, filesystem
 
     check_writable(out)  # an unreachable store, missing credentials or permissions fail here, in words
     fs, path = filesystem(out)
@@ -284,48 +283,3 @@ def _bar(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, unit="cells", unit_scale=True, desc="embed", disable=not enabled, dynamic_ncols=True)
-
-
-def read_embeddings(path: str, as_: str = "anndata", lazy: bool = True):
-    """The embeddings at ``path`` as an AnnData (obsm ``X_hvae_level_<l>``) or an xarray Dataset
-    (``level_<l>_mean`` over dims ``cell`` x ``latent_<l>``, coordinate ``obs_id``); dask-backed
-    (lazy) by default. Refuses an incomplete output."""
-    import dask.array as da
-    import zarr
-
-    group = zarr.open_group(path, mode="r")
-    attrs = dict(group.attrs)
-    if not attrs.get("complete"):
-        raise ValueError(f"{path} is incomplete (embedding was interrupted); rerun `hvae-pipeline embed` to finish it")
-    obs_ids = np.asarray(group["obs_id"][:]).astype(object)  # numpy StringDType -> Python str
-    arrays = {}
-    for level in range(len(attrs["level_dims"])):
-        for kind in ("mean", "logvar"):
-            key = f"level_{level}/{kind}"
-            if key in group:
-                array = da.from_zarr(group[key]) if lazy else np.asarray(group[key][:])
-                arrays[(level, kind)] = array
-    if as_ == "xarray":
-        import xarray as xr
-
-        data = {f"level_{l}_{k}": (("cell", f"latent_{l}"), a) for (l, k), a in arrays.items()}
-        return xr.Dataset(data, coords={"obs_id": ("cell", obs_ids)}, attrs={k: str(v) for k, v in attrs.items()})
-    if as_ == "anndata":
-        import anndata as ad
-
-        obsm = {(f"X_hvae_level_{l}" if k == "mean" else f"X_hvae_level_{l}_logvar"): a for (l, k), a in arrays.items()}
-        adata = ad.AnnData(obs=pd.DataFrame(index=pd.Index(obs_ids, name="obs_id")), obsm=obsm)
-        adata.uns["hvae_embeddings"] = {k: (v if isinstance(v, (str, int, float, bool)) else str(v)) for k, v in attrs.items()}
-        return adata
-    raise ValueError(f"as_ must be 'anndata' or 'xarray', got {as_!r}")
-
-
-def attach_embeddings(adata, path: str) -> None:
-    """Copy every level's means into ``adata.obsm`` for the cells of ``adata`` (matched by obs name)."""
-    embeddings = read_embeddings(path, lazy=False)
-    position = embeddings.obs_names.get_indexer(adata.obs_names)
-    if (position < 0).any():
-        missing = adata.obs_names[position < 0][:3].tolist()
-        raise KeyError(f"{int((position < 0).sum())} cells of adata are not in {path} (e.g. {missing})")
-    for key, values in embeddings.obsm.items():
-        adata.obsm[key] = np.asarray(values)[position]

@@ -2,7 +2,7 @@
 batch mixing, the PCA baseline, and the scib-metrics suite when its extra is installed.
 
 kNN accuracy of the top level on coarse labels and of level 0 on fine labels is what the model
-issue is judged by; ``pipeline.report`` puts all of them into the ``evaluate`` report.
+issue is judged by; ``pipeline.evaluate.report`` puts all of them into the ``evaluate`` report.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from sklearn.decomposition import PCA
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
+
+from ..data.normalize import log_normalize
 
 
 def knn_accuracy(embedding: np.ndarray, labels, k: int = 15, n_folds: int = 5, seed: int = 0) -> float:
@@ -125,15 +127,6 @@ def scib_scores(embedding: np.ndarray, labels, batches=None, n_neighbors: int = 
                        if shared else float("nan"),
                        "isolated_labels": float(scib_metrics.isolated_labels(embedding, labels, batches))})
     return scores
-
-
-def log_normalize(counts: sp.csr_matrix, target_sum: float = 1e4) -> sp.csr_matrix:
-    """log1p(counts / library * target_sum), sparse."""
-    counts = sp.csr_matrix(counts, dtype=np.float32)
-    library = np.asarray(counts.sum(axis=1)).ravel()
-    scaled = sp.diags((target_sum / np.maximum(library, 1.0)).astype(np.float32)) @ counts
-    scaled.data = np.log1p(scaled.data)
-    return sp.csr_matrix(scaled)
 
 
 def pca_embedding(counts: sp.csr_matrix, n_components: int = 50, seed: int = 0) -> np.ndarray:

@@ -22,9 +22,11 @@ import torch
 from hvae import HVAEConfig, HierarchicalVAE, active_units
 
 from .checkpoint import check_genes, check_model_config, read_checkpoint, save_checkpoint
-from .config import PipelineConfig
-from .data import ShardedDataset
-from .training import StepSettings, Trainer, densify
+from .. import faults
+from ..config import PipelineConfig
+from ..data import ShardedDataset
+from ..data import densify
+from .step import Trainer
 
 CheckpointHook = Callable[[str | None, dict], None]
 
@@ -41,11 +43,6 @@ def split_datasets(config: PipelineConfig) -> tuple[ShardedDataset, ShardedDatas
             ShardedDataset(config.data.path, subset=list(range(n_shards - n_val, n_shards))))
 
 
-def model_config_for(config: PipelineConfig, n_genes: int, n_batches: int) -> HVAEConfig:
-    values = config.model.model_dump()
-    return HVAEConfig(n_genes=n_genes, n_batches=n_batches, **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
 def train_worker(config: PipelineConfig, rank: int, world_size: int, device: torch.device | str,
                  restore: str | None, save_hook: CheckpointHook, metrics_path: str | None = None) -> dict:
     """Train until ``train.max_steps``; returns a summary. ``save_hook(dir_or_None, metrics)`` is
@@ -54,9 +51,9 @@ def train_worker(config: PipelineConfig, rank: int, world_size: int, device: tor
     train, validation = split_datasets(config)
     key = config.data.batch_key
     categories = train.categories(key) if key else []
-    hvae_config = model_config_for(config, train.n_vars, len(categories))
+    hvae_config = config.model.hvae_config(train.n_vars, len(categories))
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
-    trainer = Trainer(HierarchicalVAE(hvae_config), _step_settings(config), device=device)
+    trainer = Trainer(HierarchicalVAE(hvae_config), config.train, device=device)
     loader = train.loader(config.train.batch_size, rank=rank, world_size=world_size, seed=config.train.seed,
                           num_workers=config.data.loader_workers, prefetch=config.data.prefetch, batch_key=key,
                           block_rows=config.data.block_rows, window_blocks=config.data.window_blocks,
@@ -79,7 +76,7 @@ def train_worker(config: PipelineConfig, rank: int, world_size: int, device: tor
             if metrics is None:
                 continue
             step = metrics["step"]
-            _maybe_fail(config, rank, step)
+            faults.maybe_fail_training(config.run_dir, rank, step)
             if bar is not None:
                 bar.update(1)
             if step % config.train.log_every == 0 or step == max_steps:
@@ -112,12 +109,6 @@ def _reseed(seed: int, step: int, rank: int) -> None:
     """Dropout's random stream restarts at every checkpoint from (seed, step, rank), so a run
     resumed from a checkpoint continues exactly as the uninterrupted run would have."""
     torch.manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
-
-
-def _step_settings(config: PipelineConfig) -> StepSettings:
-    t = config.train
-    return StepSettings(learning_rate=t.learning_rate, weight_decay=t.weight_decay, kl_warmup_steps=t.kl_warmup_steps,
-                        precision=t.precision, grad_clip=t.grad_clip, ema_decay=t.ema_decay)
 
 
 def _restore(trainer: Trainer, loader, restore: str, train: ShardedDataset, categories: list[str], world_size: int) -> int:
@@ -218,17 +209,4 @@ def _progress(config: PipelineConfig, rank: int, initial: int):
     return tqdm(total=config.train.max_steps, initial=initial, unit="step", desc="training", dynamic_ncols=True)
 
 
-def _maybe_fail(config: PipelineConfig, rank: int, step: int) -> None:
-    """Testing only: kill this worker process once at ``train.fail_at_step`` (a marker file in the
-    run directory makes sure the restarted worker does not fail again)."""
-    if config.train.fail_at_step is None or rank != config.train.fail_rank or step != config.train.fail_at_step:
-        return
-    marker = Path(config.run_dir) / f".failed_at_{step}"
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(str(os.getpid()))
-    os._exit(17)
-
-
-__all__ = ["train_worker", "validate", "split_datasets", "model_config_for"]
+__all__ = ["train_worker", "validate", "split_datasets"]

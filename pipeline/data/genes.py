@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import scipy.sparse as sp
 
-from .evaluation import log_normalize
+from .normalize import log_normalize
 
 
 class GeneStatistics:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -21,55 +20,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from hvae import HierarchicalVAE, kl_warmup
 
-from .data.loader import CSRBatch
-from .data.loader import densify as densify_batch
-
-PRECISIONS = ("bf16", "fp16", "fp32")
-
-
-@dataclass(frozen=True)
-class StepSettings:
-    """Optimisation settings of :class:`Trainer`."""
-
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-6
-    kl_warmup_steps: int = 1_000
-    precision: str = "fp32"
-    grad_clip: float = 10.0
-    ema_decay: float = 0.995
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.learning_rate <= 0 or self.grad_clip <= 0:
-            raise ValueError("learning_rate and grad_clip must be > 0")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-
-
-def densify(counts, device: torch.device | str) -> torch.Tensor:
-    """A (cells, genes) counts batch as a dense float32 tensor on ``device``.
-
-    Accepts a scipy CSR matrix, a torch sparse CSR tensor or a dense tensor. Sparse batches
-    cross to the device sparse (a tenth of the bytes at 90% zeros) and are densified there.
-    """
-    device = torch.device(device)
-    if isinstance(counts, CSRBatch):  # a ShardedDataset batch: moved sparse, scattered on the device
-        return densify_batch(counts, device)
-    if isinstance(counts, sp.spmatrix):
-        counts = sp.csr_matrix(counts)
-        with warnings.catch_warnings():  # torch's sparse-CSR notices: we only densify
-            warnings.filterwarnings("ignore", message="Sparse (CSR tensor support|invariant checks)", category=UserWarning)
-            counts = torch.sparse_csr_tensor(
-                torch.from_numpy(counts.indptr.astype(np.int64)),
-                torch.from_numpy(counts.indices.astype(np.int64)),
-                torch.from_numpy(counts.data.astype(np.float32, copy=False)),
-                size=counts.shape,
-            )
-    if counts.layout == torch.sparse_csr:
-        return counts.to(device, non_blocking=True).to_dense()
-    return counts.to(device, dtype=torch.float32, non_blocking=True)
-
+from ..config import TrainConfig
+from ..data.loader import densify
 
 def autocast_context(precision: str, device: torch.device):
     if precision == "fp32":
@@ -85,7 +37,7 @@ class Trainer:
     ranks skip the same steps and never drift apart.
     """
 
-    def __init__(self, model: HierarchicalVAE, settings: StepSettings, device: torch.device | str = "cpu"):
+    def __init__(self, model: HierarchicalVAE, settings: TrainConfig, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.settings = settings
         self.model = model.to(self.device)

@@ -23,7 +23,7 @@ import torch
 
 from hvae import active_units
 
-from .evaluation import batch_mixing, cluster_agreement, knn_accuracy, pca_embedding, scib_scores, silhouette_label
+from .metrics import batch_mixing, cluster_agreement, knn_accuracy, pca_embedding, scib_scores, silhouette_label
 
 MAP_METHODS = ("auto", "umap", "pca")
 METRIC_NAMES = {"nmi": "NMI (k-means)", "ari": "ARI (k-means)", "silhouette": "silhouette (ASW)",
@@ -50,8 +50,8 @@ class EvaluateSettings:
 
 
 def evaluate_embeddings(path: str, settings: EvaluateSettings, echo=print) -> dict:
-    from .data import open_source
-    from .embed import read_embeddings
+    from ..data import open_source
+    from ..embed import read_embeddings
 
     started = time.perf_counter()
     if settings.map_method not in MAP_METHODS:
@@ -130,7 +130,7 @@ def _default_out_dir(path: str) -> str:
 
 def _representations(store, rows: np.ndarray, settings: EvaluateSettings, counts) -> list:
     """(name, values, level) for every level of the store (top first), each compared store, PCA."""
-    from .embed import read_embeddings
+    from ..embed import read_embeddings
 
     def levels(adata, rows: np.ndarray, prefix: str) -> list:
         means = _level_means(adata, rows)

@@ -15,9 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 from datetime import datetime, timezone
 
-from . import storage
-from .checkpoint import fetch_checkpoint
-from .embed import EmbedSettings, embed, model_id
+from .. import storage
+from ..train.checkpoint import fetch_checkpoint
+from .write import EmbedSettings, embed, model_id
 
 INDEX_NAME = "index.json"
 

@@ -7,7 +7,7 @@ that the model can be judged on a few thousand labelled cells in one function ca
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
@@ -15,8 +15,8 @@ import torch
 
 from hvae import HVAEConfig, HierarchicalVAE, active_units
 
-from .evaluation import evaluate_levels
-from .training import StepSettings, Trainer, encode_in_batches, in_memory_batches
+from ..config import TrainConfig
+from .step import Trainer, encode_in_batches, in_memory_batches
 
 
 @dataclass
@@ -29,7 +29,6 @@ class FitResult:
     level_means: list[np.ndarray]
     kl_per_level: list[float]
     active_units: list[int]
-    knn: list[dict] = field(default_factory=list)
 
     @property
     def model(self) -> HierarchicalVAE:
@@ -50,25 +49,21 @@ def batch_codes(obs, batch_key: str | None) -> tuple[np.ndarray | None, list[str
 def fit_in_memory(
     counts: sp.csr_matrix,
     model_config: HVAEConfig,
-    settings: StepSettings,
-    max_steps: int,
-    batch_size: int = 256,
+    train: TrainConfig,
     batch_index: np.ndarray | None = None,
-    seed: int = 0,
     device: str = "cpu",
-    obs=None,
-    label_columns: list[str] | None = None,
-    log_every: int = 100,
     progress: bool = False,
 ) -> FitResult:
-    """Train ``max_steps`` updates on shuffled minibatches, then encode every cell and,
-    when ``obs`` and ``label_columns`` are given, score every level by kNN accuracy."""
+    """Train ``train.max_steps`` updates of ``train.batch_size`` shuffled cells (seed
+    ``train.seed``), then encode every cell (score the levels with
+    ``pipeline.evaluate.evaluate_levels(result.level_means, obs, labels)``)."""
+    seed = train.seed
     torch.manual_seed(seed)
-    trainer = Trainer(HierarchicalVAE(model_config), settings, device=device)
+    trainer = Trainer(HierarchicalVAE(model_config), train, device=device)
     start = time.perf_counter()
     history = trainer.fit(
-        in_memory_batches(counts, batch_size, batch_index, seed=seed), max_steps=max_steps, log_every=log_every,
-        progress=progress,
+        in_memory_batches(counts, train.batch_size, batch_index, seed=seed), max_steps=train.max_steps,
+        log_every=train.log_every, progress=progress,
     )
     seconds = time.perf_counter() - start
     level_means = encode_in_batches(trainer.ema_model, counts, batch_index, device=device)
@@ -81,8 +76,6 @@ def fit_in_memory(
         kl_per_level=kl,
         active_units=active_units([torch.from_numpy(m) for m in level_means]),
     )
-    if obs is not None and label_columns:
-        result.knn = evaluate_levels(level_means, obs, label_columns)
     return result
 
 
@@ -96,7 +89,7 @@ def diagnostic_kl(
     seed: int = 0,
 ) -> list[float]:
     """Mean KL per cell of each level (nats) on up to ``n_cells`` cells, in eval mode."""
-    from .training import densify
+    from ..data import densify
 
     model.eval()
     rows = np.sort(np.random.default_rng(seed).permutation(counts.shape[0])[:n_cells])

@@ -1,0 +1,50 @@
+"""Fault injection for the tests: a process exits at a chosen point, as a killed job would.
+
+Set through environment variables only, never through the user's config::
+
+    HVAE_FAIL_AT_STEP=<step>[:<rank>]   a training worker (rank 0 by default) exits once at <step>
+                                        (a marker file in the run directory keeps a restarted
+                                        worker from failing again)
+    HVAE_FAIL_AFTER_CHUNKS=<n>          embed, in one process, exits after writing <n> chunks
+
+Ray Train workers do not always inherit the driver's environment, so the driver forwards these
+variables in the worker's loop config (``forwarded`` / ``install``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+EXIT_CODE = 17
+_NAMES = ("HVAE_FAIL_AT_STEP", "HVAE_FAIL_AFTER_CHUNKS")
+
+
+def forwarded() -> dict[str, str]:
+    """The fault variables set in this process, to hand to worker processes."""
+    return {name: os.environ[name] for name in _NAMES if name in os.environ}
+
+
+def install(variables: dict[str, str]) -> None:
+    os.environ.update(variables)
+
+
+def maybe_fail_training(run_dir: str, rank: int, step: int) -> None:
+    value = os.environ.get("HVAE_FAIL_AT_STEP")
+    if not value:
+        return
+    at, _, on_rank = value.partition(":")
+    if step != int(at) or rank != int(on_rank or 0):
+        return
+    marker = Path(run_dir) / f".failed_at_{step}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(os.getpid()))
+    os._exit(EXIT_CODE)
+
+
+def maybe_fail_embedding(chunks_written: int) -> None:
+    value = os.environ.get("HVAE_FAIL_AFTER_CHUNKS")
+    if value and chunks_written == int(value):
+        os._exit(EXIT_CODE)
