@@ -78,9 +78,17 @@ class TrainConfig(_Section):
     kl_warmup_steps: int = Field(1000, ge=0)
     seed: int = 0
     log_every: int = Field(50, ge=1)
-    validate_every: int = Field(500, ge=1)
-    validation_cells: int = Field(4096, ge=1)
+    validate_every: int = Field(250, ge=1, description="Steps between validations on the held-out cells.")
+    validation_cells: int = Field(4096, ge=1, description="Held-out cells a validation reads (at most).")
+    validation_fraction: float = Field(0.1, ge=0, lt=1, description=(
+        "In-memory fits (notebook API, benchmarks): the share of cells held out for validation and early "
+        "stopping; shard runs hold out data.validation_shards instead."))
+    early_stopping: bool = Field(True, description=(
+        "Stop once the held-out -ELBO has risen early_stopping_tolerance above its best, keeping the best "
+        "EMA weights (needs held-out cells: data.validation_shards, or validation_fraction in memory)."))
+    early_stopping_tolerance: float = Field(0.01, gt=0, description="The rise (a fraction of the best held-out -ELBO) that stops training.")
     progress: bool = True
+    compile: bool = Field(False, description="torch.compile the model's forward and loss (first steps compile).")
 
 
 class ScalingConfig(_Section):

@@ -1,28 +1,47 @@
-"""The model-quality benchmark runs end to end (a few steps): it must not rot between the
-sessions that run it in full."""
+"""The benchmarks run end to end (a few steps): they must not rot between the sessions that run
+them in full."""
 
-import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from conftest import shared_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_hierarchy_quality_prints_every_representation(capsys):
+def test_hierarchy_quality_prints_levels_baselines_and_the_five_checks(tmp_path):
     shared_file("mouse_pancreas_sub1000_raw.h5ad")
-    hierarchy_quality = _load("hierarchy_quality")
-    result = hierarchy_quality.run("pancreas", steps=20, batch_size=64, seed=0, latent_dims=(8, 4, 2))
-    names = [row["representation"] for row in result["rows"]]
-    assert names == ["HVAE level 2", "HVAE level 1", "HVAE level 0", "flat VAE 8-d", "flat VAE 2-d", "PCA (50 comps)"]
-    table = capsys.readouterr().out
-    assert "| flat VAE 2-d | 2 |" in table and "kNN cell_type_fine" in table
-    for row in result["rows"]:
-        assert 0.0 <= row["cell_type_fine"] <= 1.0
+    out = tmp_path / "quality.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hierarchy_quality.py"), "--datasets", "pancreas",
+                             "--seeds", "0", "--steps", "20", "--batch-size", "64", "--jobs", "1",
+                             "--set", "latent_dims=[8,4,2]", "--json", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout
+    for row in ("| HVAE level 2 (top) | 2 |", "| HVAE level 1 | 6 |", "| HVAE level 0 (finest) | 14 |",
+                "| flat VAE 14-d | 14 |", "| PCA (50 comps) | 50 |"):
+        assert row in table, table
+    assert "kNN cell_type_fine" in table and "silhouette cell_type_coarse" in table
+    checks = json.loads(out.read_text())["checks"]["pancreas"]
+    assert [c["number"] for c in checks] == [1, 2, 3, 4]  # no donors in pancreas: check 5 does not apply
+    assert all(f"{c['number']}. " in table for c in checks)
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
+    """The prepared GPU check (benchmarks/gpu_check.py) as a smoke test: every path, one table."""
+    out = tmp_path / "gpu_check.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu",
+                             "--n-cells", "20000", "--n-genes", "500", "--hidden-dim", "64", "--batch-size", "512",
+                             "--steps", "4", "--warmup", "1", "--no-compile", "--work-dir", str(tmp_path / "work"),
+                             "--json", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["n_cells"] == 20_000 and report["n_genes"] == 500
+    assert [r["path"] for r in report["rows"]] == ["loader -> device (no model)", "train, GPU-resident, eager",
+                                                  "train, from shards, eager", "embed end to end (shards -> Zarr)"]
+    assert all(r["cells_per_s"] > 0 for r in report["rows"])
+    assert "| train, from shards, eager |" in result.stdout

@@ -38,7 +38,7 @@ def test_demo_runs_end_to_end_and_writes_every_level(tmp_path):
     from pipeline.embed import read_embeddings
 
     embedded = read_embeddings(str(out / "embeddings.zarr"))
-    assert [embedded.obsm[f"X_hvae_level_{level}"].shape for level in range(3)] == [(2000, 32), (2000, 16), (2000, 8)]
+    assert [embedded.obsm[f"X_hvae_level_{level}"].shape for level in range(3)] == [(2000, 56), (2000, 24), (2000, 8)]
     summary = json.loads((out / "summary.json").read_text())
     assert [row["representation"] for row in summary["rows"]][:3] == [
         "HVAE level 2 (top)", "HVAE level 1", "HVAE level 0 (finest)"]

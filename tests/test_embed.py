@@ -60,7 +60,7 @@ def test_embeddings_equal_encode_and_read_everywhere(trained, tmp_path):
     for level, (mean, logvar) in enumerate(zip(means, logvars, strict=True)):
         np.testing.assert_allclose(group[f"level_{level}/mean"][:], mean.numpy(), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(group[f"level_{level}/logvar"][:], logvar.numpy(), rtol=1e-4, atol=1e-5)
-    assert group.attrs["model_id"].startswith("sha256:") and group.attrs["level_dims"] == [32, 16, 8]
+    assert group.attrs["model_id"].startswith("sha256:") and group.attrs["level_dims"] == [56, 24, 8] and group.attrs["latent_dims"] == [32, 16, 8]
     embedded = read_embeddings(str(out))
     assert embedded.obsm["X_hvae_level_2"].shape == (2700, 8)
     dataset = read_embeddings(str(out), as_="xarray")
@@ -68,7 +68,7 @@ def test_embeddings_equal_encode_and_read_everywhere(trained, tmp_path):
     import xarray as xr
 
     plain = xr.open_zarr(str(out), group="level_0", consolidated=False)
-    assert plain["mean"].shape == (2700, 32)
+    assert plain["mean"].shape == (2700, 56)
     subset = adata[::7].copy()
     attach_embeddings(subset, str(out))
     np.testing.assert_allclose(subset.obsm["X_hvae_level_0"], means[0].numpy()[::7], rtol=1e-4, atol=1e-5)

@@ -198,3 +198,24 @@ def test_ray_driver_rerun_continues_from_the_checkpoint(ray_cluster, small_shard
     state = read_checkpoint(find_checkpoint(tmp_path / "grow"))["train_state"]
     assert state["step"] == 40 and first["step"] == 20
     assert (state["epoch"], state["batches_yielded"]) == (1, 16) and (first["epoch"], first["batches_yielded"]) == (0, 20)
+
+
+def test_training_stops_early_on_the_held_out_elbo_and_keeps_the_best_weights(small_shards, tmp_path):
+    """3,000 cells, 1,000 of them held out: the held-out -ELBO rises above its best long before
+    2,000 steps; the run stops, its checkpoint holds the best validation's EMA weights, and a
+    rerun does not train again."""
+    common = ["train", f"data.path={small_shards}", "data.validation_shards=1", "train.max_steps=2000",
+              "train.batch_size=64", "train.validate_every=20",
+              "train.kl_warmup_steps=20", "checkpoint.every_steps=1000", "train.progress=false",
+              "model.hidden_dim=64", f"run.storage_path={tmp_path}", "run.name=early"]
+    cli(*common)
+    state = read_checkpoint(find_checkpoint(tmp_path / "early"))["train_state"]
+    assert state["stopped_early"] and state["finished"] and state["step"] < 2000, state
+    validations = metrics(tmp_path / "early", "validation")
+    best = min(validations, key=lambda m: m["negative_elbo"])
+    assert state["best_step"] == best["step"] and state["step"] == validations[-1]["step"] > best["step"]
+    assert validations[-1]["negative_elbo"] > 1.01 * best["negative_elbo"]
+    model, _ = load_model(find_checkpoint(tmp_path / "early"))
+    assert model.config.n_genes == 200
+    again = cli(*common)
+    assert f"already stopped early at step {state['step']}, keeping step {best['step']}'s weights" in again.stdout

@@ -3,11 +3,14 @@
 Output (DESIGN.md "Storage contracts"), a Zarr v3 group readable with zarr, xarray and dask::
 
     obs_id            (cells,)        the source's cell ids, in source order
-    level_<l>/mean    (cells, d_l)    float32 posterior means (level 0 = finest)
-    level_<l>/logvar  (cells, d_l)    with --logvar
+    level_<l>/mean    (cells, D_l)    float32: what level l exports, the posterior means of
+                                      [z_l, ..., z_top] (level 0 = finest = the whole code;
+                                      D_l = d_l + ... + d_top, level l's own d_l units first)
+    level_<l>/logvar  (cells, D_l)    with --logvar, laid out alike
     progress/done     (chunks,)       1 once a chunk of rows is written (one Zarr chunk each)
     attrs             format_version, model_id (hash of the checkpoint's model.pt), checkpoint,
-                      feature_ids_hash, level_dims, source, chunk_rows, ema, created, complete
+                      feature_ids_hash, level_dims (D_l), latent_dims (d_l), source, chunk_rows,
+                      ema, created, complete
 
 Rows are processed in chunks aligned with the Zarr chunks, so writers never share a chunk; a
 chunk is marked done only after its rows are written. A killed job rerun skips the done chunks;
@@ -27,7 +30,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 import torch
 
@@ -39,7 +41,8 @@ from ..data.sources import open_source
 from ..storage import is_url
 from ..data import densify
 
-FORMAT_VERSION = 1
+# 2: level_<l> holds the code from level l up (format 1: z_l alone).
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -95,12 +98,12 @@ def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings 
         alignment = GeneAlignment(source.feature_ids, genes, settings.min_gene_overlap, source_name=source.uri)
         echo(f"genes: {alignment.summary()}")
         obs = source.read_obs()
-        codes = _batch_codes(parts, obs, echo)
         obs_ids = obs.index.astype(str).to_numpy()
         n_obs, provenance, identity = source.n_obs, source.provenance(), model_id(directory)
-        dims = list(model.config.latent_dims)
+        dims = list(model.config.representation_dims)
         attrs = {"format_version": FORMAT_VERSION, "model_id": identity, "checkpoint": origin,
-                 "feature_ids_hash": parts["genes"]["feature_ids_hash"], "level_dims": dims, "source": provenance,
+                 "feature_ids_hash": parts["genes"]["feature_ids_hash"], "level_dims": dims,
+                 "latent_dims": list(model.config.latent_dims), "source": provenance,
                  "source_args": json.dumps(source_args),
                  "chunk_rows": settings.chunk_rows, "ema": settings.ema, "n_genes_missing_zero_filled": len(alignment.missing)}
         group, existing = _open_output(out, attrs, n_obs, dims, settings)
@@ -121,9 +124,9 @@ def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings 
             for count, (chunk, counts) in enumerate(reads):
                 faults.maybe_fail_embedding(count)  # tests only: a killed job
                 part = slice(chunk * rows, (chunk + 1) * rows)
-                bar.update(worker.write(chunk, counts, obs_ids[part], None if codes is None else codes[part]))
+                bar.update(worker.write(chunk, counts, obs_ids[part]))
         else:
-            _embed_with_ray(origin, source_args, out, genes, settings, todo, obs_ids, codes, bar)
+            _embed_with_ray(origin, source_args, out, genes, settings, todo, obs_ids, bar)
         bar.close()
         done = np.asarray(zarr.open_array(f"{out}/progress/done", mode="r")[:])
         if not done.all():
@@ -145,26 +148,6 @@ def _absolute(path: str) -> str:
 
 def _chunk_size(chunk: int, n_obs: int, chunk_rows: int) -> int:
     return min(n_obs, (chunk + 1) * chunk_rows) - chunk * chunk_rows
-
-
-def _batch_codes(parts: dict, obs, echo) -> np.ndarray | None:
-    """Each cell's batch code in the checkpoint's categories (None for a model without batches).
-
-    The encoder does not use batches, so embeddings never depend on these codes; they are passed
-    because the model checks its inputs. Unseen categories (and a missing column) get code 0."""
-    key, categories = parts["batches"]["batch_key"], parts["batches"]["categories"]
-    if key is None or not categories:
-        return None
-    if key not in obs.columns:
-        echo(f"batches: the source has no {key!r} column; the encoder does not use batches, embeddings are unaffected")
-        return np.zeros(len(obs), dtype=np.int64)
-    codes = pd.Index(categories).get_indexer(obs[key].astype(str))
-    unseen = codes < 0
-    if unseen.any():
-        names = sorted(obs.loc[unseen, key].astype(str).unique())
-        echo(f"batches: {int(unseen.sum())} cells in {len(names)} {key!r} categories unseen in training (e.g. {names[:3]}); "
-             "the encoder does not use batches, so their embeddings are computed as for any other cell")
-    return np.where(unseen, 0, codes).astype(np.int64)
 
 
 def _open_output(out: str, attrs: dict, n_obs: int, dims: list[int], settings: EmbedSettings):
@@ -222,27 +205,29 @@ class _ChunkEmbedder:
         check_counts(counts, self.source.uri, obs_ids, self.source.feature_ids)
         return self.alignment.apply(counts)
 
-    def run(self, chunk: int, obs_ids: np.ndarray, codes: np.ndarray | None = None) -> int:
-        return self.write(chunk, self.read(chunk, obs_ids), obs_ids, codes)
+    def run(self, chunk: int, obs_ids: np.ndarray) -> int:
+        return self.write(chunk, self.read(chunk, obs_ids), obs_ids)
 
     @torch.no_grad()
-    def write(self, chunk: int, counts: sp.csr_matrix, obs_ids: np.ndarray, codes: np.ndarray | None = None) -> int:
-        """Encode one chunk's counts and write every level's rows, then mark the chunk done."""
+    def write(self, chunk: int, counts: sp.csr_matrix, obs_ids: np.ndarray) -> int:
+        """Encode one chunk's counts and write every level's rows, then mark the chunk done.
+
+        The counts were checked on the CPU (``read``); the batches are encoded with no host read
+        and the chunk's results come back in one copy per array."""
         lo = chunk * self.settings.chunk_rows
         hi = lo + counts.shape[0]
         means, logvars = [], []
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         for start in range(0, hi - lo, self.settings.batch_size):
             dense = densify(counts[start : start + self.settings.batch_size], self.device)
-            index = None if codes is None else torch.from_numpy(codes[start : start + self.settings.batch_size]).to(self.device)
             with autocast:
-                mean, logvar = self.model.encode(dense, index, return_logvar=True)
-            means.append([m.float().cpu().numpy() for m in mean])
-            logvars.append([v.float().cpu().numpy() for v in logvar])
+                mean, logvar = self.model.encode(dense, return_logvar=True, check_values=False)
+            means.append(mean)
+            logvars.append(logvar)
         for level in range(len(means[0])):
-            self.group[f"level_{level}/mean"][lo:hi] = np.concatenate([m[level] for m in means])
+            self.group[f"level_{level}/mean"][lo:hi] = torch.cat([m[level] for m in means]).float().cpu().numpy()
             if self.settings.logvar:
-                self.group[f"level_{level}/logvar"][lo:hi] = np.concatenate([v[level] for v in logvars])
+                self.group[f"level_{level}/logvar"][lo:hi] = torch.cat([v[level] for v in logvars]).float().cpu().numpy()
         self.group["obs_id"][lo:hi] = np.asarray(obs_ids, dtype=object).astype(str)
         self.group["progress/done"][chunk] = 1  # only after every row of the chunk is written
         return hi - lo
@@ -258,7 +243,7 @@ class _RemoteEmbedder(_ChunkEmbedder):
         super().__init__(model, source, alignment, out, settings)
 
 
-def _embed_with_ray(checkpoint_dir, source_args, out, genes, settings, todo, obs_ids, codes, bar) -> None:
+def _embed_with_ray(checkpoint_dir, source_args, out, genes, settings, todo, obs_ids, bar) -> None:
     import ray
     from ray.util import ActorPool
 
@@ -271,7 +256,7 @@ def _embed_with_ray(checkpoint_dir, source_args, out, genes, settings, todo, obs
     pool = ActorPool(actors)
     def submit(actor, chunk):
         part = slice(chunk * rows, (chunk + 1) * rows)
-        return actor.run.remote(chunk, obs_ids[part], None if codes is None else codes[part])
+        return actor.run.remote(chunk, obs_ids[part])
 
     for written in pool.map_unordered(submit, todo):
         bar.update(written)

@@ -83,9 +83,9 @@ def evaluate_embeddings(path: str, settings: EvaluateSettings, echo=print) -> di
     echo(f"evaluating {len(representations)} representations on {len(rows):,} of {n_total:,} cells "
          f"(labels {', '.join(settings.labels)}{'; batch ' + settings.batch_key if settings.batch_key else ''})")
     results = []
-    for name, values, level in representations:
+    for name, values, level, own in representations:
         result = {"representation": name, "level": level, "dim": int(values.shape[1]),
-                  "active_units": active_units([torch.from_numpy(values)])[0], "labels": {}}
+                  "active_units": active_units([torch.from_numpy(values[:, :own])])[0], "labels": {}}
         graphs: dict = {}  # the scib neighbour graph, computed once per representation and set of labelled cells
         for label in settings.labels:
             truth = obs[label].to_numpy()
@@ -129,14 +129,17 @@ def _default_out_dir(path: str) -> str:
 
 
 def _representations(store, rows: np.ndarray, settings: EvaluateSettings, counts) -> list:
-    """(name, values, level) for every level of the store (top first), each compared store, PCA."""
+    """(name, values, level, own units) for every level of the store (top first), each compared store, PCA.
+    A level's values are the code from that level up; its own units are the first ``own``."""
     from ..embed import read_embeddings
 
     def levels(adata, rows: np.ndarray, prefix: str) -> list:
         means = _level_means(adata, rows)
         top = len(means) - 1
         tags = {top: " (top)", 0: " (finest)"} if top > 0 else {}
-        return [(f"{prefix}level {level}{tags.get(level, '')}", means[level], level) for level in reversed(range(len(means)))]
+        own = _own_widths(adata, [m.shape[1] for m in means])
+        return [(f"{prefix}level {level}{tags.get(level, '')}", means[level], level, own[level])
+                for level in reversed(range(len(means)))]
 
     representations = levels(store, rows, "HVAE " if settings.compare or settings.pca else "")
     for name, other_path in settings.compare.items():
@@ -146,8 +149,18 @@ def _representations(store, rows: np.ndarray, settings: EvaluateSettings, counts
             raise KeyError(f"{int((position < 0).sum())} evaluated cells are missing from {other_path} ({name})")
         representations += levels(other, position, f"{name} ")
     if counts is not None:
-        representations.append(("PCA (50 comps)", pca_embedding(counts, seed=settings.seed), None))
+        pca = pca_embedding(counts, seed=settings.seed)
+        representations.append(("PCA (50 comps)", pca, None, pca.shape[1]))
     return representations
+
+
+def _own_widths(adata, widths: list[int]) -> list[int]:
+    """Each level's own units (z_l's), from the store's ``latent_dims``."""
+    attrs = adata.uns.get("hvae_embeddings", {})
+    latent = attrs.get("latent_dims")
+    if isinstance(latent, str):
+        latent = json.loads(latent)
+    return list(latent) if latent else widths
 
 
 def _level_means(adata, rows: np.ndarray) -> list[np.ndarray]:
@@ -198,7 +211,7 @@ def _draw_maps(representations: list, obs: pd.DataFrame, settings: EvaluateSetti
     maps_dir = out_dir / "maps"
     maps_dir.mkdir(exist_ok=True)
     written = {}
-    for name, values, _ in representations:
+    for name, values, _, _ in representations:
         xy = _project(values[cells], method, settings.seed)
         figure, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 4.0), squeeze=False)
         for axis, column in zip(axes[0], columns):

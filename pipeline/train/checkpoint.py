@@ -40,7 +40,7 @@ CHECKPOINT_FORMAT = 2
 
 def save_checkpoint(directory: str | Path, trainer, hvae_config: HVAEConfig, config_yaml: str | None, train_state: dict | None,
                     feature_ids: list[str], batch_key: str | None, batch_categories: list[str],
-                    feature_names: list[str] | None = None) -> Path:
+                    feature_names: list[str] | None = None, extra_trainer_state: dict | None = None) -> Path:
     """Write a checkpoint. ``trainer`` is a ``Trainer`` (everything, resumable) or a bare model
     (``model.pt`` alone: weights as both the model and its EMA, for inference)."""
     directory = Path(directory)
@@ -59,7 +59,8 @@ def save_checkpoint(directory: str | Path, trainer, hvae_config: HVAEConfig, con
     (directory / "genes.json").write_text(json.dumps(genes))
     (directory / "batches.json").write_text(json.dumps(batches))
     if "optimizer" in state:
-        torch.save({k: state[k] for k in ("optimizer", "scaler", "step", "skipped_steps")}, directory / "trainer.pt")
+        torch.save({**{k: state[k] for k in ("optimizer", "scaler", "step", "skipped_steps")}, **(extra_trainer_state or {})},
+                   directory / "trainer.pt")
     if config_yaml is not None:
         (directory / "config.yaml").write_text(config_yaml)
     if train_state is not None:

@@ -16,7 +16,7 @@ import torch
 from hvae import HVAEConfig, HierarchicalVAE, active_units
 
 from ..config import TrainConfig
-from .step import Trainer, encode_in_batches, in_memory_batches
+from .step import Trainer, encode_in_batches, heldout_negative_elbo, in_memory_batches
 
 
 @dataclass
@@ -26,9 +26,11 @@ class FitResult:
     trainer: Trainer
     seconds: float
     history: list[dict]
-    level_means: list[np.ndarray]
+    level_means: list[np.ndarray]   # what each level exports (HierarchicalVAE.encode), level 0 first
     kl_per_level: list[float]
-    active_units: list[int]
+    active_units: list[int]         # of each z_l's own units
+    steps: int = 0                  # steps taken (fewer than max_steps when training stopped early)
+    best_step: int | None = None    # stopped early: the step whose EMA weights the model holds
 
     @property
     def model(self) -> HierarchicalVAE:
@@ -54,29 +56,54 @@ def fit_in_memory(
     device: str = "cpu",
     progress: bool = False,
 ) -> FitResult:
-    """Train ``train.max_steps`` updates of ``train.batch_size`` shuffled cells (seed
-    ``train.seed``), then encode every cell (score the levels with
-    ``pipeline.evaluate.evaluate_levels(result.level_means, obs, labels)``)."""
+    """Train on shuffled minibatches of ``train.batch_size`` cells (seed ``train.seed``), then
+    encode every cell (score the levels with
+    ``pipeline.evaluate.evaluate_levels(result.level_means, obs, labels)``).
+
+    With ``train.early_stopping``, ``train.validation_fraction`` of the cells (seeded) are held
+    out: every ``train.validate_every`` steps their -ELBO is measured, and training stops once it
+    has risen ``train.early_stopping_tolerance`` above its best, keeping the best EMA weights;
+    otherwise it runs to ``train.max_steps`` and keeps the last. Every cell, held out or not, is
+    encoded.
+    """
     seed = train.seed
+    counts = sp.csr_matrix(counts)
+    n_cells = counts.shape[0]
+    n_held_out = int(round(train.validation_fraction * n_cells)) if train.early_stopping else 0
+    order = np.random.default_rng([seed, 1]).permutation(n_cells)
+    held_out, fitted = np.sort(order[:n_held_out]), np.sort(order[n_held_out:])
+    held_out = held_out[: train.validation_cells]
+    index = None if batch_index is None else np.asarray(batch_index)
     torch.manual_seed(seed)
     trainer = Trainer(HierarchicalVAE(model_config), train, device=device)
+    validate = None
+    if len(held_out):
+        held_counts, held_index = counts[held_out], None if index is None else index[held_out]
+
+        def validate(model):
+            return heldout_negative_elbo(model, held_counts, held_index, device=device)
+
     start = time.perf_counter()
     history = trainer.fit(
-        in_memory_batches(counts, train.batch_size, batch_index, seed=seed), max_steps=train.max_steps,
-        log_every=train.log_every, progress=progress,
+        in_memory_batches(counts[fitted], train.batch_size, None if index is None else index[fitted], seed=seed),
+        max_steps=train.max_steps, log_every=train.log_every, progress=progress, validate=validate,
+        validate_every=train.validate_every, tolerance=train.early_stopping_tolerance,
     )
     seconds = time.perf_counter() - start
-    level_means = encode_in_batches(trainer.ema_model, counts, batch_index, device=device)
+    level_means = encode_in_batches(trainer.ema_model, counts, device=device)
+    latents = encode_in_batches(trainer.ema_model, counts[: min(n_cells, 20_000)], device=device, latents=True)
     kl = diagnostic_kl(trainer.ema_model, counts, batch_index, device=device)
-    result = FitResult(
+    stopper = trainer.early_stopping
+    return FitResult(
         trainer=trainer,
         seconds=seconds,
         history=history,
         level_means=level_means,
         kl_per_level=kl,
-        active_units=active_units([torch.from_numpy(m) for m in level_means]),
+        active_units=active_units([torch.from_numpy(m) for m in latents]),
+        steps=trainer.step_count,
+        best_step=stopper.best_step if stopper is not None and stopper.stopped else None,
     )
-    return result
 
 
 @torch.no_grad()

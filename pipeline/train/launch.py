@@ -44,8 +44,10 @@ def train(config: PipelineConfig, echo=print) -> dict:
     summary_file = storage.join(run_dir, "summary.json")
     if previous is not None:
         state = read_train_state(previous)  # the driver needs the step, not the weights
-        if state.get("finished") and state["step"] >= config.train.max_steps:
-            echo(f"run {run_dir} already finished at step {state['step']} ({storage.basename(previous)}); nothing to train")
+        if state.get("finished") and (state["step"] >= config.train.max_steps or state.get("stopped_early")):
+            how = (f"stopped early at step {state['step']}, keeping step {state.get('best_step')}'s weights"
+                   if state.get("stopped_early") else f"finished at step {state['step']}")
+            echo(f"run {run_dir} already {how} ({storage.basename(previous)}); nothing to train")
             return json.loads(storage.read_text(summary_file)) if storage.exists(summary_file) else state
         echo(f"resuming run {run_dir} from {storage.basename(previous)} (step {state['step']})")
     storage.write_text(storage.join(run_dir, "config.yaml"), config.to_yaml())

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from hvae import HVAEConfig, HierarchicalVAE, active_units
 
@@ -26,7 +27,7 @@ from .. import faults
 from ..config import PipelineConfig
 from ..data import ShardedDataset
 from ..data import densify
-from .step import Trainer
+from .step import EarlyStopping, Trainer
 
 CheckpointHook = Callable[[str | None, dict], None]
 
@@ -59,8 +60,9 @@ def train_worker(config: PipelineConfig, rank: int, world_size: int, device: tor
                           block_rows=config.data.block_rows, window_blocks=config.data.window_blocks,
                           segment_rows=config.data.segment_rows)
     epoch = 0
+    stopper = EarlyStopping(config.train.early_stopping_tolerance) if validation is not None and config.train.early_stopping else None
     if restore is not None:
-        epoch = _restore(trainer, loader, restore, train, categories, world_size)
+        epoch = _restore(trainer, loader, restore, train, categories, world_size, stopper)
         _reseed(config.train.seed, trainer.step_count, rank)
     logger = _MetricsLog(metrics_path if rank == 0 else None, resume_step=trainer.step_count)
     if trainer.step_count >= config.train.max_steps:
@@ -68,41 +70,64 @@ def train_worker(config: PipelineConfig, rank: int, world_size: int, device: tor
 
     max_steps, started, cells = config.train.max_steps, time.perf_counter(), 0
     bar = _progress(config, rank, trainer.step_count)
-    while trainer.step_count < max_steps:
+    stopped = False
+    while trainer.step_count < max_steps and not stopped:
         loader.set_epoch(epoch) if loader.state_dict()["epoch"] != epoch else None
         for batch in loader:
-            metrics = trainer.step(batch)
+            trainer.step(batch)
             cells += batch["counts"].shape[0] * world_size
-            if metrics is None:
-                continue
-            step = metrics["step"]
+            step = trainer.step_count
             faults.maybe_fail_training(config.run_dir, rank, step)
             if bar is not None:
                 bar.update(1)
-            if step % config.train.log_every == 0 or step == max_steps:
+            if validation is not None and (step % config.train.validate_every == 0 or step == max_steps):
+                if rank == 0:
+                    result = validate(trainer.ema_model, validation, config, device)
+                    logger.write({"step": step, "split": "validation", **result})
+                    stopped = stopper is not None and stopper.update(step, result["negative_elbo"], trainer.ema_model)
+                stopped = _from_rank0(stopped, device)  # every rank stops at the same step
+                if stopped and rank == 0:
+                    stopper.restore(trainer.ema_model)
+            logging = step % config.train.log_every == 0 or step == max_steps or stopped
+            checkpointing = step % config.checkpoint.every_steps == 0 or step == max_steps or stopped
+            # The one host read of a step, and only on logging and checkpoint steps.
+            metrics = trainer.read_metrics() if logging or checkpointing else None
+            if logging:
                 rate = cells / max(time.perf_counter() - started, 1e-9)
                 logger.write({**metrics, "split": "train", "epoch": epoch, "cells_per_s": rate})
                 if bar is not None:
                     kl = "/".join(f"{metrics[f'kl_level_{l}']:.1f}" for l in range(hvae_config.n_levels))
                     bar.set_postfix_str(f"{rate:,.0f} cells/s  -ELBO {metrics['negative_elbo']:.1f}  KL {kl}")
-            if validation is not None and rank == 0 and (step % config.train.validate_every == 0 or step == max_steps):
-                logger.write({"step": step, "split": "validation", **validate(trainer.ema_model, validation, config, device)})
-            if step % config.checkpoint.every_steps == 0 or step == max_steps:
+            if checkpointing:
                 position = loader.state_dict()
                 state = {"step": step, "epoch": position["epoch"], "batches_yielded": position["batches_yielded"],
                          "world_size": world_size, "batch_size": config.train.batch_size, "seed": config.train.seed,
-                         "max_steps": max_steps, "finished": step >= max_steps}
+                         "max_steps": max_steps, "finished": step >= max_steps or stopped, "stopped_early": stopped}
+                if stopper is not None:
+                    state["best_step"] = stopper.best_step
                 _checkpoint(trainer, hvae_config, config, state, train.feature_ids, key, categories, rank, save_hook,
-                            {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+                            {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, stopper)
                 _reseed(config.train.seed, step, rank)
-            if step >= max_steps:
+            if step >= max_steps or stopped:
                 break
         else:
             epoch += 1
     if bar is not None:
         bar.close()
-    return {"step": trainer.step_count, "skipped_steps": trainer.skipped_steps, "finished": True,
-            "seconds": time.perf_counter() - started, "cells_per_s": cells / max(time.perf_counter() - started, 1e-9)}
+    summary = {"step": trainer.step_count, "skipped_steps": trainer.skipped_steps, "finished": True,
+               "seconds": time.perf_counter() - started, "cells_per_s": cells / max(time.perf_counter() - started, 1e-9)}
+    if stopper is not None:
+        summary.update({"stopped_early": stopped, "best_step": stopper.best_step})
+    return summary
+
+
+def _from_rank0(flag: bool, device: torch.device) -> bool:
+    """Rank 0's decision, on every rank (a broadcast when distributed; validation steps only)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item() > 0.5)
 
 
 def _reseed(seed: int, step: int, rank: int) -> None:
@@ -111,7 +136,8 @@ def _reseed(seed: int, step: int, rank: int) -> None:
     torch.manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
 
 
-def _restore(trainer: Trainer, loader, restore: str, train: ShardedDataset, categories: list[str], world_size: int) -> int:
+def _restore(trainer: Trainer, loader, restore: str, train: ShardedDataset, categories: list[str], world_size: int,
+             stopper: EarlyStopping | None) -> int:
     parts = read_checkpoint(restore)
     check_genes(parts, train.feature_ids, train.path)
     if parts["batches"]["categories"] != list(categories):
@@ -119,6 +145,8 @@ def _restore(trainer: Trainer, loader, restore: str, train: ShardedDataset, cate
                          f"but {train.path} has {list(categories)[:5]}...: the batch embedding rows would not match")
     check_model_config(parts, trainer.model.config)
     trainer.load_state_dict({"model": parts["model"], "ema": parts["ema"], **parts["trainer"]})
+    if stopper is not None and parts["trainer"].get("early_stopping"):
+        stopper.load_state_dict(parts["trainer"]["early_stopping"])
     state = parts["train_state"]
     epoch, position = int(state["epoch"]), int(state["batches_yielded"])
     if state.get("world_size") != world_size or state.get("batch_size") != loader.batch_size:
@@ -129,12 +157,14 @@ def _restore(trainer: Trainer, loader, restore: str, train: ShardedDataset, cate
     return epoch
 
 
-def _checkpoint(trainer, hvae_config, config, state, feature_ids, key, categories, rank, save_hook, metrics) -> None:
+def _checkpoint(trainer, hvae_config, config, state, feature_ids, key, categories, rank, save_hook, metrics,
+                stopper: EarlyStopping | None) -> None:
     if rank != 0:
         save_hook(None, metrics)
         return
     with tempfile.TemporaryDirectory(prefix="hvae-ckpt-") as tmp:
-        save_checkpoint(tmp, trainer, hvae_config, config.to_yaml(), state, feature_ids, key, categories)
+        save_checkpoint(tmp, trainer, hvae_config, config.to_yaml(), state, feature_ids, key, categories,
+                        extra_trainer_state={"early_stopping": stopper.state_dict()} if stopper is not None else None)
         save_hook(tmp, metrics)
 
 
@@ -148,17 +178,19 @@ def validate(model: HierarchicalVAE, dataset: ShardedDataset, config: PipelineCo
         counts = densify(batch["counts"], device)
         index = batch.get("batch_index")
         index = index.to(device) if index is not None else None
-        out = model(counts, index)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(n)  # the same noise at every validation: they compare the weights
+            out = model(counts, index)
         weight = counts.shape[0]
         kl = out.kl * weight if kl is None else kl + out.kl * weight
         reconstruction += float(out.reconstruction.sum())
-        means.append([m.float().cpu() for m in model.encode(counts, index)])
+        means.append([m.float().cpu() for m in model.encode_latents(counts)])
         n += weight
         if n >= config.train.validation_cells:
             break
     per_level = [torch.cat([m[level] for m in means]) for level in range(len(means[0]))]
     units = active_units(per_level)
-    return {"reconstruction": reconstruction / n, "cells": n,
+    return {"negative_elbo": (reconstruction + float(kl.sum())) / n, "reconstruction": reconstruction / n, "cells": n,
             **{f"kl_level_{l}": float(v) / n for l, v in enumerate(kl)},
             **{f"active_units_level_{l}": int(u) for l, u in enumerate(units)}}
 
