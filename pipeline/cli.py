@@ -79,12 +79,16 @@ def shard(
     seed: int = typer.Option(0, help="Seed of the global shuffle."),
     layer: str | None = typer.Option(None, help="Count layer: AnnData 'raw' (raw/X) or a layers key; SOMA X layer (default 'raw')."),
     obs_filter: str | None = typer.Option(None, help="Keep cells matching this expression, e.g. \"tissue_general == 'blood'\". "
-                                           "For the Census the default is 'is_primary_data == True'; pass '' for none."),
+                                           "For the Census it is AND-ed with 'is_primary_data == True' (see --all-cells)."),
+    all_cells: bool = typer.Option(False, "--all-cells", help="Census: read every copy of a cell (drop the default "
+                                   "is_primary_data == True that any --obs-filter is AND-ed with)."),
     var_filter: str | None = typer.Option(None, help="SOMA var value filter (SOMA and Census sources)."),
     genes: Path | None = typer.Option(None, help="Gene list: one feature_id per line (or CSV/TSV with a feature_id column)."),
     n_top_genes: int | None = typer.Option(None, help="Select this many highly variable genes in a streaming pass."),
     hvg_batch_key: str | None = typer.Option(None, help="obs column for per-batch HVG selection."),
     min_gene_overlap: float = typer.Option(0.5, help="Refuse a gene list with less than this fraction present in the source."),
+    gene_column: str | None = typer.Option(None, help="AnnData var column holding gene ids (default: the first of "
+                                           "feature_id, gene_ids, gene_id, ensembl_id, else var_names)."),
     obs_columns: str | None = typer.Option(None, help="Comma-separated obs columns to keep (default: all)."),
     census_version: str | None = typer.Option(None, help="Public Census release, e.g. 'stable' or '2025-01-30' (source 'census')."),
     census_uri: str | None = typer.Option(None, help="Local or mirrored Census copy (source 'census')."),
@@ -105,13 +109,20 @@ def shard(
             block_size=block_size, overwrite=overwrite, compression=compression,
         )
         with open_source(source, layer=layer, obs_filter=obs_filter, var_filter=var_filter, measurement=measurement,
-                         census_version=census_version, census_uri=census_uri, organism=organism) as opened:
+                         census_version=census_version, census_uri=census_uri, organism=organism,
+                         gene_column=gene_column, all_cells=all_cells) as opened:
+            _echo_census_filter(source, opened)
             manifest = write_shards(opened, out, settings, echo=typer.echo)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"wrote {manifest['n_obs']:,} cells x {manifest['n_vars']:,} genes in {len(manifest['shards'])} shards "
                f"to {out} ({manifest['build_seconds']:.1f} s)")
+
+
+def _echo_census_filter(source: str, opened) -> None:
+    if source == "census":
+        typer.echo(f"Census cells: obs filter {opened.obs_filter!r} ({opened.n_obs:,} cells)")
 
 
 @app.command()
@@ -147,17 +158,22 @@ def embed(
     overwrite: bool = typer.Option(False, help="Replace an output written by another model or with other settings."),
     layer: str | None = typer.Option(None, help="Count layer of the source (as for `shard`)."),
     obs_filter: str | None = typer.Option(None, help="Cells to embed (as for `shard`)."),
+    all_cells: bool = typer.Option(False, "--all-cells", help="Census: read every copy of a cell (drop the default "
+                                   "is_primary_data == True that any --obs-filter is AND-ed with)."),
     census_version: str | None = typer.Option(None, help="Public Census release (source 'census')."),
     census_uri: str | None = typer.Option(None, help="Local or mirrored Census copy (source 'census')."),
     organism: str = typer.Option("homo_sapiens", help="Census organism."),
     min_gene_overlap: float = typer.Option(0.5, help="Refuse a source with less of the model's genes than this."),
+    gene_column: str | None = typer.Option(None, help="AnnData var column holding gene ids (default: the first of "
+                                           "feature_id, gene_ids, gene_id, ensembl_id, else var_names)."),
 ) -> None:
     """Write one embedding per hierarchy level for every cell of SOURCE to a Zarr group (resumable)."""
     from .embed import EmbedSettings
     from .embed import embed as run_embed
 
     source_args = {"source": source, "layer": layer, "obs_filter": obs_filter, "census_version": census_version,
-                   "census_uri": census_uri, "organism": organism}
+                   "census_uri": census_uri, "organism": organism, "gene_column": gene_column,
+                   "all_cells": all_cells}
     settings = EmbedSettings(batch_size=batch_size, chunk_rows=chunk_rows, ema=not no_ema, logvar=logvar, workers=workers,
                              overwrite=overwrite, min_gene_overlap=min_gene_overlap)
     try:
@@ -177,7 +193,9 @@ def embed_release(
     census_uri: str | None = typer.Option(None, help="A local or mirrored Census copy."),
     release: str | None = typer.Option(None, help="The release's name (default: the Census build date)."),
     organism: str = typer.Option("homo_sapiens", help="Census organism."),
-    obs_filter: str | None = typer.Option(None, help="Cells to embed (default: is_primary_data == True)."),
+    obs_filter: str | None = typer.Option(None, help="Cells to embed, AND-ed with is_primary_data == True (see --all-cells)."),
+    all_cells: bool = typer.Option(False, "--all-cells", help="Census: read every copy of a cell (drop the default "
+                                   "is_primary_data == True that any --obs-filter is AND-ed with)."),
     workers: int = typer.Option(0, help="0: this process; N: N Ray actors (a GPU each when the cluster has them)."),
     batch_size: int = typer.Option(4096, help="Cells per forward pass."),
     chunk_rows: int = typer.Option(16_384, help="Rows per Zarr chunk and per unit of work/progress."),
@@ -194,7 +212,8 @@ def embed_release(
                              min_gene_overlap=min_gene_overlap)
     try:
         entry = run_release(checkpoint, out_root, census_version=census_version, census_uri=census_uri, release=release,
-                            organism=organism, obs_filter=obs_filter, settings=settings, echo=typer.echo)
+                            organism=organism, obs_filter=obs_filter, all_cells=all_cells, settings=settings,
+                            echo=typer.echo)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None

@@ -13,6 +13,7 @@ from conftest import shared_file
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_hierarchy_quality_prints_levels_baselines_and_the_five_checks(tmp_path):
     shared_file("mouse_pancreas_sub1000_raw.h5ad")
     out = tmp_path / "quality.json"

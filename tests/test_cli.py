@@ -1,5 +1,6 @@
 """The hvae-pipeline command line, run as a user runs it (a subprocess)."""
 
+import pytest
 import json
 import subprocess
 import sys
@@ -30,6 +31,7 @@ def test_simulate_refuses_a_bad_output_path(tmp_path):
     assert "must end in .h5ad or .zarr" in result.stderr
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end_and_writes_every_level(tmp_path):
     out = tmp_path / "demo"
     result = run_cli("demo", "--out-dir", str(out), "--n-cells", "2000", "--max-steps", "60", "--workers", "0")

@@ -47,6 +47,7 @@ def test_missing_labels_are_left_out():
     assert cluster_agreement(embedding, labels)["ari"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_scib_metrics_suite(separated):
     pytest.importorskip("scib_metrics", reason="the `eval` extra is not installed")
     embedding, labels, batches = separated

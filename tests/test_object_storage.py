@@ -37,6 +37,7 @@ def s3():
             os.environ[key] = value
 
 
+@pytest.mark.slow
 def test_shard_train_resume_embed_and_release_on_s3(s3, census_uri, tmp_path, monkeypatch):
     import ray
 
@@ -91,6 +92,7 @@ def test_shard_train_resume_embed_and_release_on_s3(s3, census_uri, tmp_path, mo
     assert again["action"] == "skipped"
 
 
+@pytest.mark.slow
 def test_unusable_object_storage_is_refused_in_words(s3, tmp_path):
     import json as json_
     import socket

@@ -1,6 +1,11 @@
-"""The model learns a useful hierarchy: a short CPU run on the synthetic atlas (3 lineages x
-3 types x 3 subtypes, 2,000 genes, 10k cells, 8 donors) uses every level, the top level
-separates the lineages and level 0 the cell types and the subtypes.
+"""The model learns a useful hierarchy: on the synthetic atlas (3 lineages x 3 types x 3
+subtypes, 2,000 genes, 10k cells, 8 donors) every level is used, and checks 1-3 of
+pipeline.evaluate.hierarchy hold with 0.01 of slack (one seed, two threads): level 0 is the best
+representation of the subtypes (against the other levels, the flat model as wide as level 0
+and PCA), the top holds the lineages, and detail grows downward.
+
+Measured with the defaults (seed 0, one thread; benchmarks/RESULTS.md): subtype kNN 0.94 /
+0.93 / 0.90 from level 0 to the top, PCA 0.912; lineage kNN 1.0 at the top.
 """
 
 import pytest
@@ -9,11 +14,17 @@ import torch
 from hvae import HVAEConfig
 from pipeline.config import TrainConfig
 from pipeline.data.synthetic import SyntheticAtlas, SyntheticAtlasSpec
-from pipeline.evaluate import evaluate_levels
+from pipeline.evaluate import knn_accuracy, pca_embedding, silhouette_label
+from pipeline.evaluate.hierarchy import hierarchy_checks
 from pipeline.train import batch_codes, fit_in_memory
 
 STEPS = 3_000
 LABELS = ["lineage", "cell_type", "subtype"]
+
+
+def _scores(embedding, obs) -> dict:
+    return {"knn": {label: knn_accuracy(embedding, obs[label].to_numpy()) for label in LABELS},
+            "silhouette": silhouette_label(embedding, obs[LABELS[0]].to_numpy())}
 
 
 @pytest.fixture(scope="module")
@@ -22,30 +33,30 @@ def trained():
     spec = SyntheticAtlasSpec(n_cells=10_000, n_genes=2_000, n_donors=8, seed=0)
     adata = SyntheticAtlas(spec).to_anndata()
     donors, names = batch_codes(adata.obs, "donor_id")
-    config = HVAEConfig(n_genes=spec.n_genes, latent_dims=(32, 16, 8), n_batches=len(names))
     train = TrainConfig(max_steps=STEPS, batch_size=256, kl_warmup_steps=STEPS // 3, seed=0, log_every=100)
-    result = fit_in_memory(adata.X, config, train, donors)
-    return result, evaluate_levels(result.level_means, adata.obs, LABELS)
+    config = HVAEConfig(n_genes=spec.n_genes, latent_dims=(32, 16, 8), n_batches=len(names))
+    hvae = fit_in_memory(adata.X, config, train, donors)
+    flat = fit_in_memory(adata.X, config.replace(latent_dims=(sum(config.latent_dims),)), train, donors)
+    return {"hvae": hvae, "levels": [_scores(m, adata.obs) for m in hvae.level_means],
+            "flat": _scores(flat.level_means[0], adata.obs), "pca": _scores(pca_embedding(adata.X), adata.obs)}
 
 
 @pytest.mark.slow
 def test_every_level_is_used(trained):
-    result, _ = trained
+    result = trained["hvae"]
     assert all(kl > 0.5 for kl in result.kl_per_level), result.kl_per_level
     assert all(units >= 2 for units in result.active_units), result.active_units
 
 
 @pytest.mark.slow
-def test_top_level_carries_lineage_and_level0_the_finer_types(trained):
-    _, knn = trained
-    top, bottom = knn[-1], knn[0]
-    assert top["lineage"] >= 0.9, knn
-    assert bottom["cell_type"] >= 0.9, knn
-    assert bottom["subtype"] >= 0.8, knn  # chance is 1/27
+def test_level0_is_best_on_subtypes_the_top_holds_lineages_detail_grows_downward(trained):
+    checks = hierarchy_checks(trained["levels"], trained["flat"], trained["pca"], LABELS, slack=0.01)
+    report = "\n".join(c.line() for c in checks)
+    for check in checks[:3]:
+        assert check.passed, report
 
 
 @pytest.mark.slow
 def test_training_loss_falls(trained):
-    result, _ = trained
-    first, last = result.history[0], result.history[-1]  # steps 100 and 3,000
+    first, last = trained["hvae"].history[0], trained["hvae"].history[-1]  # steps 100 and 3,000
     assert last["negative_elbo"] < 0.95 * first["negative_elbo"], (first, last)

@@ -69,8 +69,14 @@ def test_shard_census_fixture_through_open_soma(census_uri, tmp_path):
 def test_census_obs_filter_and_errors(census_uri):
     source = open_source("census", census_uri=census_uri, obs_filter="cell_type == 'B'")
     assert 0 < source.n_obs < 2638
+    # A user's filter is AND-ed with the default, so a cell in several datasets is read once;
+    # --all-cells drops the default. The provenance records the filter used.
+    assert source.obs_filter == "(is_primary_data == True) and (cell_type == 'B')"
+    assert source.provenance()["obs_filter"] == source.obs_filter
+    assert open_source("census", census_uri=census_uri).obs_filter == "is_primary_data == True"
     # A sparse selection is read by point coordinates: every row must still be the right cell.
-    everything = open_source("census", census_uri=census_uri, obs_filter="")
+    everything = open_source("census", census_uri=census_uri, all_cells=True)
+    assert everything.obs_filter is None
     full = sp.vstack([block for _, block in everything.iter_blocks(5_000)]).tocsr()
     picked = sp.vstack([block for _, block in source.iter_blocks(100)]).tocsr()
     joinids = source.read_obs()["source_row"].to_numpy()

@@ -29,6 +29,30 @@ def read_gene_list(path: str | Path) -> list[str]:
     return genes
 
 
+# Where AnnData files keep gene ids, in the order they are looked for (then the index):
+# CELLxGENE's feature_id; sc.read_10x_mtx's gene_ids; other public files' gene_id, ensembl_id.
+GENE_ID_COLUMNS = ("feature_id", "gene_ids", "gene_id", "ensembl_id")
+
+
+def gene_ids_of(var: pd.DataFrame, gene_column: str | None = None, where: str = "var") -> tuple[np.ndarray, str]:
+    """(gene ids, where they were read from) of an AnnData ``var`` frame: ``gene_column`` if
+    given, else the first of ``GENE_ID_COLUMNS`` present, else the index."""
+    if gene_column is not None:
+        if gene_column not in var.columns:
+            raise KeyError(f"{where} has no column {gene_column!r} (columns: {list(var.columns)})")
+        return var[gene_column].astype(str).to_numpy(dtype=object), f"var[{gene_column!r}]"
+    for column in GENE_ID_COLUMNS:
+        if column in var.columns:
+            return var[column].astype(str).to_numpy(dtype=object), f"var[{column!r}]"
+    return var.index.astype(str).to_numpy(dtype=object), "var.index"
+
+
+def gene_id_note(used: str) -> str:
+    """For an error about gene overlap: where the ids came from and where else to look."""
+    return (f"gene ids were read from {used} (looked for {', '.join(GENE_ID_COLUMNS)}, then the index; "
+            "name another column with --gene-column / gene_column=)")
+
+
 class GeneAlignment:
     """Maps a source's genes onto a target gene list: reorder, drop extras, zero-fill missing.
 
@@ -37,7 +61,7 @@ class GeneAlignment:
     """
 
     def __init__(self, source_ids: Sequence[str], target_ids: Sequence[str], min_overlap: float = 0.5,
-                 source_name: str = "source") -> None:
+                 source_name: str = "source", id_note: str | None = None) -> None:
         source_ids = pd.Index(np.asarray(source_ids, dtype=object).astype(str))
         target_ids = pd.Index(np.asarray(target_ids, dtype=object).astype(str))
         for name, ids in ((source_name, source_ids), ("the gene list", target_ids)):
@@ -57,7 +81,7 @@ class GeneAlignment:
             raise ValueError(
                 f"{source_name}: only {self.n_found} of the {self.n_target} genes in the gene list ({fraction:.1%}) "
                 f"are in the source, below the minimum overlap {min_overlap:.0%} (missing e.g. {self.missing[:5]}); "
-                "is this the right gene list or organism?"
+                "is this the right gene list or organism?" + (f" {id_note}" if id_note else "")
             )
 
     def summary(self) -> str:

@@ -86,8 +86,11 @@ class AnnDataSource(Source):
     ``layer``: None for ``X``, ``"raw"`` for ``raw/X`` (with ``raw/var``), or a name in ``layers``.
     """
 
-    def __init__(self, uri: str, layer: str | None = None, obs_filter: str | None = None) -> None:
+    def __init__(self, uri: str, layer: str | None = None, obs_filter: str | None = None,
+                 gene_column: str | None = None) -> None:
         from anndata.io import read_elem
+
+        from .alignment import gene_ids_of
 
         self.uri, self.layer, self.obs_filter = str(uri), layer, obs_filter
         self._root, self._handle = _open_anndata_root(self.uri)
@@ -105,8 +108,10 @@ class AnnDataSource(Source):
         if self._encoding == "csc_matrix":
             raise ValueError(f"{self.uri}: {element} is stored as CSC; streaming needs rows, convert it to CSR first")
         var = read_elem(self._root[var_key])
-        ids = var["feature_id"].astype(str).to_numpy() if "feature_id" in var.columns else var.index.astype(str).to_numpy()
-        names = var["feature_name"] if "feature_name" in var.columns else (var["gene_symbol"] if "gene_symbol" in var.columns else None)
+        ids, self.gene_ids_from = gene_ids_of(var, gene_column, where=f"{self.uri} {var_key}")
+        names = next((var[c] for c in ("feature_name", "gene_symbol", "gene_symbols", "gene_name") if c in var.columns), None)
+        if names is None and self.gene_ids_from != "var.index":
+            names = var.index  # ids from a column: the index usually holds the symbols
         self.var = pd.DataFrame(index=pd.Index(ids, name="feature_id", dtype=object))
         if names is not None:
             self.var["feature_name"] = np.asarray(names, dtype=object)
@@ -283,6 +288,15 @@ def _read_soma_frame(frame, value_filter: str | None, uri: str, what: str) -> pd
     return result
 
 
+def census_obs_filter(obs_filter: str | None, all_cells: bool = False) -> str | None:
+    """The filter a Census read uses: the user's AND-ed with ``is_primary_data == True``, so a
+    cell present in several datasets is read once; ``all_cells`` reads every copy."""
+    user = (obs_filter or "").strip() or None
+    if all_cells:
+        return user
+    return DEFAULT_CENSUS_OBS_FILTER if user is None else f"({DEFAULT_CENSUS_OBS_FILTER}) and ({user})"
+
+
 def open_census(census_version: str | None = None, census_uri: str | None = None, organism: str = "homo_sapiens",
                 obs_filter: str | None = DEFAULT_CENSUS_OBS_FILTER, var_filter: str | None = None,
                 layer: str = "raw") -> SomaSource:
@@ -312,11 +326,13 @@ def open_census(census_version: str | None = None, census_uri: str | None = None
 
 def open_source(source: str, *, layer: str | None = None, obs_filter: str | None = None, var_filter: str | None = None,
                 measurement: str = "RNA", census_version: str | None = None, census_uri: str | None = None,
-                organism: str = "homo_sapiens") -> Source:
-    """A source from a path/URL (h5ad, AnnData-Zarr, SOMA Experiment) or the word ``census``."""
+                organism: str = "homo_sapiens", gene_column: str | None = None, all_cells: bool = False) -> Source:
+    """A source from a path/URL (h5ad, AnnData-Zarr, SOMA Experiment) or the word ``census``.
+    ``gene_column``: the var column holding gene ids in an AnnData source (default: the first of
+    feature_id, gene_ids, gene_id, ensembl_id, else the index). For the Census a filter is AND-ed
+    with ``is_primary_data == True`` (each cell once) unless ``all_cells``."""
     if source == "census":
-        return open_census(census_version, census_uri, organism,
-                           obs_filter=DEFAULT_CENSUS_OBS_FILTER if obs_filter is None else (obs_filter or None),
+        return open_census(census_version, census_uri, organism, obs_filter=census_obs_filter(obs_filter, all_cells),
                            var_filter=var_filter, layer=layer or "raw")
     if census_version or census_uri:
         raise ValueError("--census-version / --census-uri go with the source 'census'")
@@ -324,10 +340,10 @@ def open_source(source: str, *, layer: str | None = None, obs_filter: str | None
     if _is_shard_directory(text):
         return ShardSource(text)
     if text.endswith((".h5ad", ".h5")):
-        return AnnDataSource(text, layer=layer, obs_filter=obs_filter)
+        return AnnDataSource(text, layer=layer, obs_filter=obs_filter, gene_column=gene_column)
     if _is_soma(text):
         return SomaSource(text, measurement=measurement, layer=layer, obs_filter=obs_filter, var_filter=var_filter)
-    return AnnDataSource(text, layer=layer, obs_filter=obs_filter)
+    return AnnDataSource(text, layer=layer, obs_filter=obs_filter, gene_column=gene_column)
 
 
 def _is_shard_directory(uri: str) -> bool:

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 
 from .. import storage
 from ..train.checkpoint import fetch_checkpoint
+from ..data.sources import census_obs_filter
 from .write import EmbedSettings, embed, model_id
 
 INDEX_NAME = "index.json"
@@ -73,7 +74,7 @@ def _write_index(out_root: str, runs: list[dict]) -> None:
 
 def embed_release(checkpoint: str, out_root: str, *, census_version: str | None = None, census_uri: str | None = None,
                   release: str | None = None, organism: str = "homo_sapiens", obs_filter: str | None = None,
-                  settings: EmbedSettings | None = None, echo=print) -> dict:
+                  all_cells: bool = False, settings: EmbedSettings | None = None, echo=print) -> dict:
     """Embed one Census release under ``out_root`` (idempotent, resumable) and record it in the index."""
     if (census_version is None) == (census_uri is None):
         raise ValueError("give exactly one of --census-version (a public release or 'latest'/'stable') or --census-uri")
@@ -94,10 +95,10 @@ def embed_release(checkpoint: str, out_root: str, *, census_version: str | None 
             echo(f"release {name} is already embedded by model {identity} at {out}; nothing to do")
             return {**entry, "action": "skipped"}
     source_args = {"source": "census", "census_version": census_version, "census_uri": census_uri,
-                   "organism": organism, "obs_filter": obs_filter}
+                   "organism": organism, "obs_filter": obs_filter, "all_cells": all_cells}
     entry = {"release": name, "model_id": identity, "checkpoint": origin, "out": out,
              "census_version": census_version, "census_uri": census_uri, "organism": organism,
-             "started": datetime.now(timezone.utc).isoformat(), "status": "running"}
+             "obs_filter": census_obs_filter(obs_filter, all_cells), "started": datetime.now(timezone.utc).isoformat(), "status": "running"}
     _write_index(out_root, _replace(runs, entry))
     echo(f"embedding release {name} with model {identity} -> {out}")
     started = time.perf_counter()

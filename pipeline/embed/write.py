@@ -35,7 +35,7 @@ import torch
 
 from .. import faults
 from ..train.checkpoint import fetch_checkpoint, load_model
-from ..data.alignment import GeneAlignment, check_counts
+from ..data.alignment import GeneAlignment, check_counts, gene_id_note
 from ..data.background import run_ahead
 from ..data.sources import open_source
 from ..storage import is_url
@@ -95,8 +95,11 @@ def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings 
     genes = parts["genes"]["feature_ids"]
     source = open_source(**source_args)  # open for the whole run: the local path reads from it
     try:
-        alignment = GeneAlignment(source.feature_ids, genes, settings.min_gene_overlap, source_name=source.uri)
+        alignment = GeneAlignment(source.feature_ids, genes, settings.min_gene_overlap, source_name=source.uri,
+                                  id_note=_id_note(source))
         echo(f"genes: {alignment.summary()}")
+        if source_args.get("source") == "census":
+            echo(f"Census cells: obs filter {source.obs_filter!r} ({source.n_obs:,} cells)")
         obs = source.read_obs()
         obs_ids = obs.index.astype(str).to_numpy()
         n_obs, provenance, identity = source.n_obs, source.provenance(), model_id(directory)
@@ -138,6 +141,11 @@ def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings 
                 "cells_per_s": round(rows / max(seconds, 1e-9))}
     finally:
         source.close()
+
+
+def _id_note(source) -> str | None:
+    used = getattr(source, "gene_ids_from", None)
+    return gene_id_note(used) if used else None
 
 
 def _absolute(path: str) -> str:

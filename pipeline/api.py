@@ -1,0 +1,213 @@
+"""The notebook API: an AnnData in, one representation per level out, in the scvi-tools shape.
+
+    from pipeline import HVAEModel
+    model = HVAEModel(adata, batch_key="donor_id", n_top_genes=2000)
+    model.train(max_steps=3000)
+    adata.obsm["X_hvae"] = model.get_latent_representation(level=0)    # level 0: the finest
+    model.save("my_model")            # a checkpoint `hvae-pipeline embed --checkpoint my_model` takes
+
+It runs the same training step, checks, early stopping and checkpoint format as
+``hvae-pipeline train``, on cells held in memory (an in-memory or backed AnnData). Atlases that
+do not fit go through ``shard`` and ``train`` instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from hvae import HVAEConfig, HierarchicalVAE
+
+from .config import TrainConfig
+from .data.alignment import GeneAlignment, gene_id_note, gene_ids_of
+from .data.genes import GeneStatistics
+from .train import batch_codes, fit_in_memory
+from .train.checkpoint import find_checkpoint, load_model, save_checkpoint
+from .train.step import encode_in_batches
+
+
+class HVAEModel:
+    """A hierarchical VAE bound to an AnnData's genes (and batches).
+
+    Args:
+        adata: cells x genes with raw integer counts in ``X`` or in ``layer`` (``"raw"`` for
+            ``adata.raw.X``). Backed AnnData works; its counts are read once, in row blocks.
+        layer: where the counts are (default ``X``).
+        batch_key: an obs column of batches (donors, datasets) for the decoder; the encoder and
+            so the representations do not read it.
+        n_top_genes: keep this many highly variable genes (the ``shard`` selection).
+        genes: keep these gene ids, in this order (e.g. another model's gene list).
+        gene_column: the var column with gene ids (default: the first of feature_id, gene_ids,
+            gene_id, ensembl_id, else var_names).
+        **model_options: ``hvae.HVAEConfig`` fields, e.g. ``latent_dims=(32, 16, 8)``.
+    """
+
+    def __init__(self, adata, layer: str | None = None, batch_key: str | None = None, n_top_genes: int | None = None,
+                 genes: list[str] | None = None, gene_column: str | None = None, **model_options) -> None:
+        if n_top_genes is not None and genes is not None:
+            raise ValueError("give n_top_genes or genes, not both")
+        self.layer, self.batch_key, self.gene_column = layer, batch_key, gene_column
+        counts = _counts(adata, layer)
+        ids, self._ids_from = _var_ids(adata, layer, gene_column)
+        names = _var_names(adata, layer)
+        if genes is not None:
+            alignment = GeneAlignment(ids, genes, source_name="adata", id_note=gene_id_note(self._ids_from))
+            counts, self.feature_ids = alignment.apply(counts), list(alignment.target_ids)
+            lookup = dict(zip(ids, names, strict=True))
+            self.feature_names = [lookup.get(g, g) for g in self.feature_ids]
+        elif n_top_genes is not None:
+            stats = GeneStatistics(counts.shape[1])
+            stats.update(counts)
+            keep = np.asarray(stats.highly_variable(n_top_genes))
+            counts, self.feature_ids, self.feature_names = counts[:, keep], list(ids[keep]), list(names[keep])
+        else:
+            self.feature_ids, self.feature_names = list(ids), list(names)
+        self._counts = sp.csr_matrix(counts, dtype=np.float32)
+        self._batch_index, self.batch_categories = batch_codes(adata.obs, batch_key)
+        self.config = HVAEConfig(n_genes=len(self.feature_ids), n_batches=len(self.batch_categories), **model_options)
+        self.module = HierarchicalVAE(self.config)
+        self.result = None
+
+    # ------------------------------------------------------------------ training
+    def train(self, max_steps: int = 3000, batch_size: int = 256, precision: str = "fp32", device: str = "cpu",
+              progress: bool = True, **train_options) -> "HVAEModel":
+        """Train with the pipeline's training step (``pipeline.config.TrainConfig`` options, e.g.
+        ``learning_rate``, ``kl_warmup_steps``, ``early_stopping``); returns self."""
+        if self._counts is None:
+            raise ValueError("this model was loaded without training data; train it with HVAEModel(adata)")
+        options = {"kl_warmup_steps": min(1000, max(1, max_steps // 3)), "log_every": 100, **train_options}
+        train = TrainConfig(max_steps=max_steps, batch_size=batch_size, precision=precision, **options)
+        self.result = fit_in_memory(self._counts, self.config, train, self._batch_index, device=device, progress=progress)
+        self.module = self.result.model
+        return self
+
+    # ------------------------------------------------------------------ representations
+    def get_latent_representation(self, adata=None, level: int | str = 0, batch_size: int = 4096,
+                                  device: str = "cpu", layer: str | None = None):
+        """Level ``level``'s representation of every cell, (cells, width): level 0 (the finest)
+        for subtypes, the top for lineages. ``level="all"`` gives ``{level: array}``.
+
+        ``adata`` (default: the training cells) may be a new dataset: its genes are aligned to
+        the model's by id (missing ones zero-filled, reported), as ``hvae-pipeline embed`` does."""
+        counts = self._counts if adata is None else self._aligned(adata, layer if layer is not None else self.layer)
+        if counts is None:
+            raise ValueError("this model was loaded without data: pass adata=")
+        levels = encode_in_batches(self.module.to(device), counts, batch_size=batch_size, device=device)
+        if level == "all":
+            return dict(enumerate(levels))
+        if not isinstance(level, int) or not -len(levels) <= level < len(levels):
+            raise ValueError(f"level must be 0..{len(levels) - 1} or 'all', got {level!r}")
+        return levels[level]
+
+    def _aligned(self, adata, layer):
+        ids, used = _var_ids(adata, layer, self.gene_column)
+        alignment = GeneAlignment(ids, self.feature_ids, source_name="adata", id_note=gene_id_note(used))
+        print(f"genes: {alignment.summary()}")
+        return alignment.apply(_counts(adata, layer))
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
+        """Write a checkpoint that ``hvae-pipeline embed --checkpoint DIR`` and ``HVAEModel.load``
+        take (``model.pt`` with the gene ids and symbols, genes.json, batches.json)."""
+        directory = Path(directory)
+        if directory.exists() and any(directory.iterdir()):
+            if not (directory / "model.pt").exists():
+                raise FileExistsError(f"{directory} exists and is not a checkpoint; choose another directory")
+            if not overwrite:
+                raise FileExistsError(f"{directory} already holds a checkpoint; pass overwrite=True to replace it")
+        steps = self.result.steps if self.result is not None else 0
+        return save_checkpoint(directory, self.module, self.config, None, {"step": steps, "finished": True},
+                               self.feature_ids, self.batch_key, self.batch_categories, feature_names=self.feature_names)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "HVAEModel":
+        """A model from any checkpoint ``train`` or ``save`` wrote (a checkpoint or run directory)."""
+        found = find_checkpoint(directory)
+        if found is None:
+            raise FileNotFoundError(f"{directory} is neither a checkpoint directory nor a run directory with one")
+        module, parts = load_model(found)
+        self = cls.__new__(cls)
+        self.layer, self.gene_column, self.result = None, None, None
+        self.batch_key, self.batch_categories = parts["batches"]["batch_key"], list(parts["batches"]["categories"])
+        self.feature_ids = list(parts["genes"]["feature_ids"])
+        self.feature_names = list(parts["genes"].get("feature_names", self.feature_ids))
+        self.config, self.module, self._counts, self._batch_index = module.config, module, None, None
+        return self
+
+    def __repr__(self) -> str:
+        trained = f"trained {self.result.steps} steps" if self.result is not None else "untrained or loaded"
+        return (f"HVAEModel({self.config.n_genes} genes, levels {self.config.latent_dims} "
+                f"(exported {self.config.representation_dims}), {len(self.batch_categories)} batches, {trained})")
+
+
+def _matrix(adata, layer):
+    if layer in (None, "X"):
+        return adata.X
+    if layer == "raw":
+        if adata.raw is None:
+            raise ValueError("layer='raw' but the AnnData has no .raw")
+        return adata.raw.X
+    if layer not in adata.layers:
+        raise KeyError(f"no layer {layer!r} in the AnnData (layers: {list(adata.layers.keys())})")
+    return adata.layers[layer]
+
+
+def _counts(adata, layer) -> sp.csr_matrix:
+    """The counts as CSR float32 (a backed matrix read in row blocks), checked to be raw counts:
+    the error names the layer that holds them when X is normalised."""
+    matrix = _matrix(adata, layer)
+    if sp.issparse(matrix) or isinstance(matrix, np.ndarray):
+        counts = sp.csr_matrix(matrix, dtype=np.float32)
+    else:  # backed: h5py datasets / anndata sparse datasets
+        blocks = [sp.csr_matrix(matrix[start : start + 16_384]) for start in range(0, adata.n_obs, 16_384)]
+        counts = sp.vstack(blocks, format="csr").astype(np.float32)
+    values = counts.data
+    bad = ~np.isfinite(values) | (values < 0) | (values != np.round(values))
+    if bad.any():
+        where = "X" if layer in (None, "X") else f"layer {layer!r}"
+        hint = _count_layers(adata)
+        raise ValueError(f"{where} does not hold raw counts ({int(bad.sum()):,} entries are negative, non-integer or not "
+                         f"finite, e.g. {float(values[bad][0])!r}); the model needs raw integer counts"
+                         + (f": they look to be in {hint}, pass layer={hint[0]!r}" if hint else ""))
+    return counts
+
+
+def _count_layers(adata) -> list[str]:
+    """Layers (and raw) that hold integer counts, in the layer= spelling."""
+    found = []
+    candidates = [(name, adata.layers[name]) for name in adata.layers.keys()]
+    if adata.raw is not None:
+        candidates.append(("raw", adata.raw.X))
+    for name, matrix in candidates:
+        try:
+            sample = matrix[: min(200, adata.n_obs)]
+            sample = sample.data if sp.issparse(sample) else np.asarray(sample).ravel()
+        except Exception:  # noqa: BLE001 - an unreadable layer is not a candidate
+            continue
+        if sample.size and np.all(sample >= 0) and np.all(sample == np.round(sample)):
+            found.append(name)
+    return found
+
+
+def _var_ids(adata, layer, gene_column) -> tuple[np.ndarray, str]:
+    var = adata.raw.var if layer == "raw" else adata.var
+    ids, used = gene_ids_of(var, gene_column, where="adata.var")
+    index = pd.Index(ids)
+    if index.has_duplicates:
+        duplicated = index[index.duplicated()].unique()[:5].tolist()
+        raise ValueError(f"gene ids in {used} are not unique (e.g. {duplicated}); pass gene_column= naming unique ids")
+    return ids, used
+
+
+def _var_names(adata, layer) -> np.ndarray:
+    var = adata.raw.var if layer == "raw" else adata.var
+    for column in ("feature_name", "gene_symbol", "gene_symbols", "gene_name"):
+        if column in var.columns:
+            return var[column].astype(str).to_numpy(dtype=object)
+    return var.index.astype(str).to_numpy(dtype=object)
+
+
+__all__ = ["HVAEModel"]

@@ -1,0 +1,84 @@
+"""The notebook API: an AnnData as users have it in, representations out, a checkpoint that
+`hvae-pipeline embed` takes."""
+
+import subprocess
+import sys
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from conftest import shared_file
+
+
+@pytest.fixture(scope="module")
+def pbmc():
+    adata = ad.read_h5ad(shared_file("pbmc3k_raw_seurat_annotations.h5ad"))
+    # As sc.read_10x_mtx leaves it: symbols as var_names, Ensembl ids in var["gene_ids"].
+    adata.var["gene_ids"] = adata.var_names.astype(str)
+    adata.var_names = adata.var["gene_symbol"].astype(str).to_numpy()
+    adata.var_names_make_unique()
+    return adata
+
+
+def test_the_readme_example_runs(pbmc, tmp_path):
+    adata = pbmc[:600].copy()
+    # --- the README's Python example (kept in step with it) ---
+    from pipeline import HVAEModel
+    model = HVAEModel(adata, n_top_genes=500, latent_dims=(8, 4, 2), hidden_dim=32)
+    model.train(max_steps=30, batch_size=64, progress=False)
+    adata.obsm["X_hvae"] = model.get_latent_representation(level=0)   # level 0: the finest
+    model.save(tmp_path / "my_model")                                  # hvae-pipeline embed takes it
+    # ---
+    assert adata.obsm["X_hvae"].shape == (600, 14)
+    levels = model.get_latent_representation(level="all")
+    assert sorted(levels) == [0, 1, 2] and levels[2].shape == (600, 2)
+    np.testing.assert_allclose(levels[0], adata.obsm["X_hvae"])
+    assert model.feature_ids[0].startswith("ENSG") and not model.feature_names[0].startswith("ENSG")
+
+    loaded = HVAEModel.load(tmp_path / "my_model")
+    np.testing.assert_allclose(loaded.get_latent_representation(adata), adata.obsm["X_hvae"], rtol=1e-5, atol=1e-6)
+
+    # The saved checkpoint is one the command line embeds, with the same numbers.
+    source = tmp_path / "cells.h5ad"
+    adata.write_h5ad(source)
+    out = tmp_path / "emb.zarr"
+    done = subprocess.run([sys.executable, "-m", "pipeline", "embed", "--checkpoint", str(tmp_path / "my_model"),
+                           "--source", str(source), "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "500/500 genes found" in done.stdout  # ids found in var['gene_ids'], not the symbols
+    from pipeline.embed import read_embeddings
+    np.testing.assert_allclose(read_embeddings(str(out), lazy=False).obsm["X_hvae_level_0"], adata.obsm["X_hvae"],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_new_cells_are_aligned_by_gene_id_and_bad_input_is_named(pbmc, tmp_path, capsys):
+    from pipeline import HVAEModel
+
+    adata = pbmc[:300].copy()
+    model = HVAEModel(adata, n_top_genes=300, latent_dims=(4, 2), hidden_dim=16).train(max_steps=5, batch_size=64,
+                                                                                     progress=False)
+    shuffled = adata[:, ::-1].copy()  # another gene order: aligned by id, the same representation
+    np.testing.assert_allclose(model.get_latent_representation(shuffled), model.get_latent_representation(),
+                               rtol=1e-5, atol=1e-6)
+    assert "300/300 genes found" in capsys.readouterr().out
+
+    symbols_only = adata.copy()
+    del symbols_only.var["gene_ids"]
+    with pytest.raises(ValueError, match=r"only 0 of the 300 genes.*read from var.index.*gene_ids.*--gene-column"):
+        model.get_latent_representation(symbols_only)
+
+    normalised = adata.copy()
+    normalised.layers["counts"] = normalised.X.copy()
+    normalised.X = sp.csr_matrix(np.log1p(normalised.X.toarray()))
+    with pytest.raises(ValueError, match=r"X does not hold raw counts.*look to be in \['counts'\], pass layer='counts'"):
+        HVAEModel(normalised)
+    assert HVAEModel(normalised, layer="counts", n_top_genes=300).config.n_genes == 300
+    with pytest.raises(ValueError, match="level must be 0..1 or 'all'"):
+        model.get_latent_representation(level=5)
+    (tmp_path / "not_a_model").mkdir()
+    (tmp_path / "not_a_model" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="is not a checkpoint"):
+        model.save(tmp_path / "not_a_model")
+    assert (tmp_path / "not_a_model" / "notes.txt").read_text() == "mine"
