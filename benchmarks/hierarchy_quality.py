@@ -105,8 +105,7 @@ def run_model(task: dict) -> dict:
     batch_index, batch_names = batch_codes(adata.obs, batch_key)
     model = dict(task["model"])
     config = HVAEConfig(n_genes=adata.n_vars, n_batches=len(batch_names), **model)
-    train = TrainConfig(max_steps=task["steps"], batch_size=task["batch_size"], kl_warmup_steps=task["steps"] // 3,
-                        seed=task["seed"], log_every=task["steps"])
+    train = TrainConfig(max_steps=task["steps"], batch_size=task["batch_size"], seed=task["seed"], log_every=task["steps"])
     result = fit_in_memory(adata.X, config, train, batch_index)
     rows = eval_rows(adata.n_obs)
     return {**task, "seconds": round(result.seconds, 1), "kl": [round(v, 3) for v in result.kl_per_level],

@@ -47,7 +47,7 @@ def run(name: str, out: Path, steps: int, batch_size: int, seed: int, map_method
         started = time.perf_counter()
         config = load_config(base={"data": {"path": str(work / "shards")}}, overrides=[
             f"model.latent_dims={dims}", f"train.max_steps={steps}", f"train.batch_size={batch_size}",
-            f"train.kl_warmup_steps={steps // 3}", f"train.seed={seed}", f"checkpoint.every_steps={steps}",
+            f"train.seed={seed}", f"checkpoint.every_steps={steps}",
             "train.progress=false", f"run.storage_path={work / 'runs'}", f"run.name={model}"])
         train(config, echo=lambda *_: None)
         timings[f"train {model}"] = time.perf_counter() - started

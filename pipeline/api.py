@@ -13,6 +13,7 @@ do not fit go through ``shard`` and ``train`` instead.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from .data.alignment import GeneAlignment, gene_id_note, gene_ids_of
 from .data.genes import GeneStatistics
 from .train import batch_codes, fit_in_memory
 from .train.checkpoint import find_checkpoint, load_model, save_checkpoint
+from .train.loop import end_of_run_warnings
 from .train.step import encode_in_batches
 
 
@@ -78,10 +80,22 @@ class HVAEModel:
         ``learning_rate``, ``kl_warmup_steps``, ``early_stopping``); returns self."""
         if self._counts is None:
             raise ValueError("this model was loaded without training data; train it with HVAEModel(adata)")
-        options = {"kl_warmup_steps": min(1000, max(1, max_steps // 3)), "log_every": 100, **train_options}
+        options = {"log_every": 100, **train_options}
         train = TrainConfig(max_steps=max_steps, batch_size=batch_size, precision=precision, **options)
+        n_cells = self._counts.shape[0]
+        if progress:
+            held = int(round(train.validation_fraction * n_cells)) if train.early_stopping else 0
+            print(f"training on {device}: {n_cells - held:,} cells ({held:,} held out for early stopping) x "
+                  f"{self.config.n_genes:,} genes, {self.config.n_batches} batches; levels {self.config.latent_dims}; up to "
+                  f"{max_steps:,} steps of {batch_size} cells ({max_steps * batch_size / max(n_cells - held, 1):.0f} epochs), "
+                  f"KL warm-up {train.warmup_steps:,} steps")
         self.result = fit_in_memory(self._counts, self.config, train, self._batch_index, device=device, progress=progress)
         self.module = self.result.model
+        if progress and self.result.best_step is not None:
+            print(f"stopped early at step {self.result.steps:,} (held-out -ELBO rising); kept step {self.result.best_step:,}")
+        for line in end_of_run_warnings(self.result.steps, train.warmup_steps, self.result.kl_per_level,
+                                        self.result.active_units):
+            warnings.warn(line, stacklevel=2)
         return self
 
     # ------------------------------------------------------------------ representations

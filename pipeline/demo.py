@@ -61,7 +61,7 @@ def run_demo(settings: DemoSettings, echo=print) -> dict:
         config = load_config(base={"data": {"path": str(shards), "batch_key": "donor_id"}}, overrides=[
             f"model.latent_dims={latent_dims}", f"train.max_steps={settings.max_steps}",
             f"train.batch_size={max(1, settings.batch_size // max(1, workers))}",
-            f"train.kl_warmup_steps={settings.max_steps // 3}", f"train.seed={settings.seed}",
+            f"train.seed={settings.seed}",
             f"checkpoint.every_steps={max(1, settings.max_steps // 3)}", f"scaling.num_workers={workers}",
             f"run.storage_path={out / 'runs'}", f"run.name={name}", "train.log_every=50"])
         where = f"Ray Train, {workers} CPU workers" if workers else "one process"

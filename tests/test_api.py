@@ -82,3 +82,13 @@ def test_new_cells_are_aligned_by_gene_id_and_bad_input_is_named(pbmc, tmp_path,
     with pytest.raises(FileExistsError, match="is not a checkpoint"):
         model.save(tmp_path / "not_a_model")
     assert (tmp_path / "not_a_model" / "notes.txt").read_text() == "mine"
+
+
+def test_a_short_run_says_what_it_did_and_warns(pbmc, capsys):
+    from pipeline import HVAEModel
+
+    model = HVAEModel(pbmc[:300].copy(), n_top_genes=300, latent_dims=(4, 2), hidden_dim=16)
+    with pytest.warns(UserWarning, match="before the KL warm-up finished"):
+        model.train(max_steps=6, batch_size=64, kl_warmup_steps=100)
+    out = capsys.readouterr().out
+    assert "training on cpu: 270 cells (30 held out for early stopping) x 300 genes" in out and "KL warm-up 100 steps" in out

@@ -213,7 +213,8 @@ def test_training_stops_early_on_the_held_out_elbo_and_keeps_the_best_weights(tm
               "train.batch_size=64", "train.validate_every=10", "train.kl_warmup_steps=20",
               "checkpoint.every_steps=5000", "train.progress=false", "model.hidden_dim=64",
               f"run.storage_path={tmp_path}", "run.name=early"]
-    cli(*common)
+    first = cli(*common)
+    assert "training on cpu x 1: 200 cells x 200 genes, 0 batches" in first.stdout and "KL warm-up 20 steps" in first.stdout
     state = read_checkpoint(find_checkpoint(tmp_path / "early"))["train_state"]
     assert state["stopped_early"] and state["finished"] and state["step"] < 3000, state
     validations = metrics(tmp_path / "early", "validation")

@@ -134,3 +134,9 @@ def test_a_compiled_model_trains(atlas):
     history = trainer.fit(batches, max_steps=4, log_every=2)
     assert trainer.step_count == 4 and all(np.isfinite(h["loss"]) for h in history)
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
+
+
+def test_the_kl_warmup_is_the_first_third_of_training_unless_set():
+    assert TrainConfig(max_steps=3000).warmup_steps == 1000
+    assert TrainConfig(max_steps=8000).warmup_steps == 2666
+    assert TrainConfig(max_steps=8000, kl_warmup_steps=500).warmup_steps == 500

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -69,7 +70,10 @@ def train_worker(config: PipelineConfig, rank: int, world_size: int, device: tor
         return {"step": trainer.step_count, "finished": True, "resumed_finished_run": True}
 
     max_steps, started, cells = config.train.max_steps, time.perf_counter(), 0
+    if rank == 0:
+        print(_startup_line(config, trainer, train, world_size, device), flush=True)
     bar = _progress(config, rank, trainer.step_count)
+    last_validation = None
     stopped = False
     while trainer.step_count < max_steps and not stopped:
         loader.set_epoch(epoch) if loader.state_dict()["epoch"] != epoch else None
@@ -82,7 +86,7 @@ def train_worker(config: PipelineConfig, rank: int, world_size: int, device: tor
                 bar.update(1)
             if validation is not None and (step % config.train.validate_every == 0 or step == max_steps):
                 if rank == 0:
-                    result = validate(trainer.ema_model, validation, config, device)
+                    result = last_validation = validate(trainer.ema_model, validation, config, device)
                     logger.write({"step": step, "split": "validation", **result})
                     stopped = stopper is not None and stopper.update(step, result["negative_elbo"], trainer.ema_model)
                 stopped = _from_rank0(stopped, device)  # every rank stops at the same step
@@ -95,9 +99,13 @@ def train_worker(config: PipelineConfig, rank: int, world_size: int, device: tor
             if logging:
                 rate = cells / max(time.perf_counter() - started, 1e-9)
                 logger.write({**metrics, "split": "train", "epoch": epoch, "cells_per_s": rate})
+                kl = "/".join(f"{metrics[f'kl_level_{l}']:.1f}" for l in range(hvae_config.n_levels))
                 if bar is not None:
-                    kl = "/".join(f"{metrics[f'kl_level_{l}']:.1f}" for l in range(hvae_config.n_levels))
                     bar.set_postfix_str(f"{rate:,.0f} cells/s  -ELBO {metrics['negative_elbo']:.1f}  KL {kl}")
+                elif rank == 0 and config.train.progress:
+                    remaining = (max_steps - step) * cells / max(rate * step, 1e-9) if step else 0.0
+                    print(f"step {step:,}/{max_steps:,}  {rate:,.0f} cells/s  ETA {remaining / 60:.1f} min  "
+                          f"-ELBO {metrics['negative_elbo']:.1f}  KL {kl}", flush=True)
             if checkpointing:
                 position = loader.state_dict()
                 state = {"step": step, "epoch": position["epoch"], "batches_yielded": position["batches_yielded"],
@@ -114,6 +122,12 @@ def train_worker(config: PipelineConfig, rank: int, world_size: int, device: tor
             epoch += 1
     if bar is not None:
         bar.close()
+    if rank == 0:
+        n_levels = hvae_config.n_levels
+        kl = [last_validation[f"kl_level_{l}"] for l in range(n_levels)] if last_validation else None
+        units = [last_validation[f"active_units_level_{l}"] for l in range(n_levels)] if last_validation else None
+        for line in end_of_run_warnings(trainer.step_count, config.train.warmup_steps, kl, units):
+            print(f"warning: {line}", flush=True)
     summary = {"step": trainer.step_count, "skipped_steps": trainer.skipped_steps, "finished": True,
                "seconds": time.perf_counter() - started, "cells_per_s": cells / max(time.perf_counter() - started, 1e-9)}
     if stopper is not None:
@@ -234,11 +248,38 @@ class _MetricsLog:
 
 
 def _progress(config: PipelineConfig, rank: int, initial: int):
-    if rank != 0 or not config.train.progress:
+    """A progress bar on a terminal; None elsewhere (a cluster job's log gets a plain line per
+    logging step instead of one per refresh)."""
+    if rank != 0 or not config.train.progress or not sys.stderr.isatty():
         return None
     from tqdm.auto import tqdm
 
     return tqdm(total=config.train.max_steps, initial=initial, unit="step", desc="training", dynamic_ncols=True)
+
+
+def _startup_line(config: PipelineConfig, trainer: Trainer, train: ShardedDataset, world_size: int, device) -> str:
+    cells_per_step = config.train.batch_size * world_size
+    parameters = sum(p.numel() for p in trainer.model.parameters())
+    epochs = config.train.max_steps * cells_per_step / max(train.n_obs, 1)
+    return (f"training on {device} x {world_size}: {train.n_obs:,} cells x {train.n_vars:,} genes, "
+            f"{trainer.model.config.n_batches} batches; {parameters:,} parameters, levels {trainer.model.config.latent_dims}; "
+            f"{config.train.max_steps:,} steps of {cells_per_step:,} cells ({epochs:.1f} epochs), KL warm-up "
+            f"{config.train.warmup_steps:,} steps, {config.train.precision}")
+
+
+def end_of_run_warnings(step: int, warmup_steps: int, kl: list[float] | None, units: list[int] | None) -> list[str]:
+    """What a user should know when a run ends: an unfinished warm-up, a level holding almost nothing."""
+    warnings = []
+    if step < warmup_steps:
+        warnings.append(f"training ended at step {step:,}, before the KL warm-up finished ({warmup_steps:,} steps): the "
+                        "model was trained with a down-weighted KL; train longer or set train.kl_warmup_steps")
+    for level, value in enumerate(kl or []):
+        if value < 0.5:
+            warnings.append(f"level {level} holds {value:.2f} nats per cell (< 0.5): it carries almost nothing")
+    for level, count in enumerate(units or []):
+        if count < 2:
+            warnings.append(f"level {level} has {count} active unit(s) (< 2): it is nearly one-dimensional")
+    return warnings
 
 
 __all__ = ["train_worker", "validate", "split_datasets"]

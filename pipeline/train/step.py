@@ -92,7 +92,7 @@ class Trainer:
         counts = densify(counts, self.device)
         if batch_index is not None:
             batch_index = torch.as_tensor(batch_index).to(self.device, non_blocking=True)
-        kl_weight = self.last_kl_weight = kl_warmup(self.step_count, settings.kl_warmup_steps)
+        kl_weight = self.last_kl_weight = kl_warmup(self.step_count, settings.warmup_steps)
         n_levels = model.config.n_levels
         coarse_level = 1 + self.step_count % (n_levels - 1) if n_levels > 1 else None
         with autocast_context(settings.precision, self.device):
