@@ -174,9 +174,9 @@ def embed(
     source_args = {"source": source, "layer": layer, "obs_filter": obs_filter, "census_version": census_version,
                    "census_uri": census_uri, "organism": organism, "gene_column": gene_column,
                    "all_cells": all_cells}
-    settings = EmbedSettings(batch_size=batch_size, chunk_rows=chunk_rows, ema=not no_ema, logvar=logvar, workers=workers,
-                             overwrite=overwrite, min_gene_overlap=min_gene_overlap)
     try:
+        settings = EmbedSettings(batch_size=batch_size, chunk_rows=chunk_rows, ema=not no_ema, logvar=logvar,
+                                 workers=workers, overwrite=overwrite, min_gene_overlap=min_gene_overlap)
         result = run_embed(checkpoint, source_args, out, settings, echo=typer.echo)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
         typer.echo(f"error: {error}", err=True)
@@ -208,9 +208,9 @@ def embed_release(
     from .embed import EmbedSettings
     from .embed.release import embed_release as run_release
 
-    settings = EmbedSettings(batch_size=batch_size, chunk_rows=chunk_rows, logvar=logvar, workers=workers,
-                             min_gene_overlap=min_gene_overlap)
     try:
+        settings = EmbedSettings(batch_size=batch_size, chunk_rows=chunk_rows, logvar=logvar, workers=workers,
+                                 min_gene_overlap=min_gene_overlap)
         entry = run_release(checkpoint, out_root, census_version=census_version, census_uri=census_uri, release=release,
                             organism=organism, obs_filter=obs_filter, all_cells=all_cells, settings=settings,
                             echo=typer.echo)

@@ -113,6 +113,27 @@ def download(url: str, local: Path) -> Path:
     return local
 
 
+def replace_tree(new, final) -> None:
+    """Replace the directory ``final`` by the complete directory ``new`` (an ``--overwrite`` that
+    built its output beside the old one). Local: renames (the old one moved aside first, deleted
+    last). Object storage has no rename: the old objects are deleted, then the new ones copied."""
+    if not is_remote(final):
+        aside = Path(str(final).rstrip("/") + ".replaced")
+        if aside.exists():
+            shutil.rmtree(aside)
+        if Path(final).exists():
+            os.replace(final, aside)
+        os.replace(new, final)
+        shutil.rmtree(aside, ignore_errors=True)
+        return
+    fs, final_path = filesystem(final)
+    _, new_path = filesystem(new)
+    if fs.exists(final_path):
+        fs.rm(final_path, recursive=True)
+    fs.copy(new_path, final_path, recursive=True)
+    fs.rm(new_path, recursive=True)
+
+
 class StorageError(ValueError):
     """Object storage that cannot be used, with the reason in words (exit status 2 in the CLI)."""
 
@@ -171,4 +192,4 @@ def cached_copy(url: str) -> Path:
 
 
 __all__ = ["StorageError", "basename", "cached_copy", "check_writable", "explain", "download", "exists", "filesystem", "is_remote", "is_url", "join", "listdir", "makedirs",
-           "read_text", "remove_tree", "upload", "write_text"]
+           "read_text", "remove_tree", "replace_tree", "upload", "write_text"]

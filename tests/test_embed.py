@@ -3,6 +3,7 @@ when complete, robust to a new release's gene order, and readable with zarr, xar
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -246,3 +247,54 @@ def test_embed_release_is_idempotent_resumes_and_keeps_an_index(trained, census_
     assert missing.returncode == 2 and "the Census copy" in missing.stderr and "does not exist" in missing.stderr
     bad = subprocess.run([*release, "--release", "../elsewhere"], capture_output=True, text=True, env=ENV)
     assert bad.returncode == 2 and "not a plain directory name" in bad.stderr
+
+
+def test_embed_never_deletes_what_it_did_not_write_and_never_mixes_sources(trained, tmp_path):
+    run_dir, source, _ = trained
+    # An existing folder that is not an embeddings store is refused, its files untouched.
+    mine = tmp_path / "my_folder"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="exists and is not an embeddings store"):
+        embed_quiet(run_dir, source, mine)
+    assert (mine / "notes.txt").read_text() == "mine"
+
+    out = tmp_path / "e.zarr"
+    embed_quiet(run_dir, source, out, chunk_rows=1000)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    # Another source of the same size: not "already complete", refused naming both.
+    other = tmp_path / "renamed.h5ad"
+    adata = ad.read_h5ad(source)
+    adata.obs_names = [f"other_{i}" for i in range(adata.n_obs)]
+    adata.write_h5ad(other)
+    with pytest.raises(FileExistsError, match=r"embedded from another source: .*pbmc3k.*2,700 cells.*this source is .*renamed"):
+        embed_quiet(run_dir, str(other), out, chunk_rows=1000)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+    # --overwrite with a source that fails leaves the complete store as it was.
+    bad = tmp_path / "bad.h5ad"
+    broken = adata.copy()
+    broken.X = broken.X.copy()
+    broken.X.data[broken.X.indptr[1500]] = -3.0  # a negative count in cell 1500, chunk 2
+    broken.write_h5ad(bad)
+    with pytest.raises(ValueError, match="negative"):
+        embed_quiet(run_dir, str(bad), out, chunk_rows=1000, overwrite=True)
+    assert read_embeddings(str(out)).uns["hvae_embeddings"]["complete"]
+    np.testing.assert_array_equal(read_embeddings(str(out), lazy=False).obs_names, ad.read_h5ad(source).obs_names)
+    # ... and a good one replaces it once complete.
+    assert embed_quiet(run_dir, str(other), out, chunk_rows=1000, overwrite=True)["complete"]
+    assert read_embeddings(str(out), lazy=False).obs_names[0] == "other_0"
+    assert not (tmp_path / "e.zarr.overwrite-partial").exists()
+
+    # Duplicate obs names are refused, the first named.
+    duplicated = adata.copy()
+    duplicated.obs_names = ["cell_a"] * 2 + [f"c{i}" for i in range(adata.n_obs - 2)]
+    duplicated.write_h5ad(tmp_path / "dup.h5ad")
+    with pytest.raises(ValueError, match=r"1 obs names occur more than once \(e.g. \['cell_a'\]\)"):
+        embed_quiet(run_dir, str(tmp_path / "dup.h5ad"), tmp_path / "dup.zarr")
+    for bad_settings, message in [({"chunk_rows": 0}, "--chunk-rows must be an integer >= 1"),
+                                  ({"workers": -1}, "--workers must be an integer >= 0"),
+                                  ({"batch_size": 0}, "--batch-size must be an integer >= 1"),
+                                  ({"min_gene_overlap": 0.0}, "--min-gene-overlap must be in")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            EmbedSettings(**bad_settings)

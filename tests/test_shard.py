@@ -258,3 +258,32 @@ def test_every_compression_reads_back_the_same_batches(tmp_path, compression):
     for got, want in zip(other.loader(128, seed=2, block_rows=100), reference.loader(128, seed=2, block_rows=100), strict=True):
         assert np.array_equal(got["counts"].to_dense().numpy(), want["counts"].to_dense().numpy())
     assert (ad.read_zarr(other.shard_paths[1]).X != ad.read_zarr(reference.shard_paths[1]).X).nnz == 0
+
+
+def test_shard_never_deletes_what_it_did_not_write(tmp_path):
+    x = np.arange(1, 61, dtype=np.float32).reshape(12, 5)
+    good = write_h5ad(tmp_path / "good.h5ad", x)
+    # A folder of someone else's files is refused, untouched.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="exists and is not a shard directory"):
+        write_shards(open_source(good), str(mine), ShardSettings(shard_size=5, progress=False))
+    assert (mine / "notes.txt").read_text() == "mine" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    # --overwrite with a bad source leaves the finished shard set byte-identical ...
+    out = tmp_path / "out"
+    write_shards(open_source(good), str(out), ShardSettings(shard_size=5, progress=False))
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    bad_x = x.copy()
+    bad_x[7, 2] = -1.0
+    bad = write_h5ad(tmp_path / "bad.h5ad", bad_x)
+    with pytest.raises(ValueError, match="negative"):
+        write_shards(open_source(bad), str(out), ShardSettings(shard_size=5, progress=False, overwrite=True))
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # ... and a good one replaces it once complete.
+    write_shards(open_source(good), str(out), ShardSettings(shard_size=4, progress=False, overwrite=True))
+    assert len(read_manifest(str(out))["shards"]) == 3 and not (tmp_path / "out.overwrite-partial").exists()
+    # Duplicate obs names are refused, the first named.
+    duplicated = write_h5ad(tmp_path / "dup.h5ad", x, obs_names=["a", "a"] + [f"c{i}" for i in range(10)])
+    with pytest.raises(ValueError, match=r"1 obs names occur more than once \(e.g. \['a'\]\)"):
+        write_shards(open_source(duplicated), str(tmp_path / "dup"), ShardSettings(shard_size=5, progress=False))

@@ -32,7 +32,7 @@ import scipy.sparse as sp
 
 from .alignment import GeneAlignment, check_counts
 from .background import run_ahead
-from ..storage import check_writable, is_remote, join
+from ..storage import check_writable, is_remote, join, listdir, replace_tree
 from .shard_format import (COMPRESSIONS, FORMAT_VERSION, MANIFEST_NAME, count_dtype, feature_hash, filesystem,
                            index_dtype, write_csr_arrays, write_manifest)
 from .sources import Source
@@ -71,19 +71,32 @@ def write_shards(source: Source, out: str, settings: ShardSettings | None = None
     out = str(out)
     check_writable(out)  # an unreachable store, missing credentials or permissions fail here, in words
     fs, out_path = filesystem(out)
-    local = not is_remote(out)
+    final = out
     if fs.exists(join(out_path, MANIFEST_NAME)):
         if not settings.overwrite:
             raise FileExistsError(f"{out} already holds shards (manifest.json); pass --overwrite to replace them")
+        # The new set is built beside the old one, which is replaced only once the new one is complete.
+        out = out.rstrip("/") + ".overwrite-partial"
+        check_writable(out)
+        fs, out_path = filesystem(out)
+    elif fs.exists(out_path):
+        foreign = [n for n in listdir(out) if not _ours(n)]
+        if foreign:
+            raise FileExistsError(f"{out} exists and is not a shard directory (it holds {foreign[:5]}); choose another "
+                                  "--out (nothing was changed)")
     if fs.exists(out_path):
-        if settings.overwrite or not fs.exists(join(out_path, MANIFEST_NAME)):
-            _clear(fs, out_path)
+        _clear(fs, out_path)  # an unfinished run of ours (no manifest): its files only
     fs.makedirs(out_path, exist_ok=True)
+    local = not is_remote(out)
 
     obs = source.read_obs()
     obs = _select_obs_columns(obs, settings.obs_columns, source.uri).copy()
     n_obs = len(obs)
     obs_ids = obs.index.to_numpy(dtype=object)
+    if obs.index.has_duplicates:
+        duplicated = obs.index[obs.index.duplicated()].unique()
+        raise ValueError(f"{source.uri}: {len(duplicated):,} obs names occur more than once (e.g. {duplicated[:3].tolist()}); "
+                         "each cell needs a unique id (make them unique first, e.g. anndata's obs_names_make_unique)")
     target = _target_genes(source, settings, obs, echo)
     alignment = GeneAlignment(source.feature_ids, target, settings.min_gene_overlap, source_name=source.uri)
     if not alignment.identity:
@@ -149,13 +162,19 @@ def write_shards(source: Source, out: str, settings: ShardSettings | None = None
         "build_seconds": round(time.perf_counter() - started, 2),
     }
     write_manifest(out, manifest)
+    if out != final:
+        replace_tree(out, final)
     return manifest
+
+
+def _ours(name: str) -> bool:
+    """A file or directory ``shard`` writes in its output directory."""
+    return name.startswith("shard-") or name in (".staging", MANIFEST_NAME, MANIFEST_NAME + ".tmp", ".hvae-write-test")
 
 
 def _clear(fs, path: str) -> None:
     for entry in fs.ls(path, detail=False):
-        name = entry.rstrip("/").rsplit("/", 1)[-1]
-        if name.startswith("shard-") or name in (".staging", MANIFEST_NAME, MANIFEST_NAME + ".tmp"):
+        if _ours(entry.rstrip("/").rsplit("/", 1)[-1]):
             fs.rm(entry, recursive=True)
 
 

@@ -90,15 +90,20 @@ def embed_release(checkpoint: str, out_root: str, *, census_version: str | None 
     identity = model_id(directory)
     out = storage.join(out_root, name, "embeddings.zarr")
     runs = read_index(out_root)
+    effective = census_obs_filter(obs_filter, all_cells)
     for entry in runs:
         if entry["release"] == name and entry["model_id"] == identity and entry["status"] == "complete" and _complete(out):
+            if entry.get("obs_filter", effective) != effective:
+                raise FileExistsError(f"release {name} was embedded by model {identity} with obs filter "
+                                      f"{entry.get('obs_filter')!r}, this run asks for {effective!r}: use another --out-root "
+                                      "(or --release name) for another selection of cells")
             echo(f"release {name} is already embedded by model {identity} at {out}; nothing to do")
             return {**entry, "action": "skipped"}
     source_args = {"source": "census", "census_version": census_version, "census_uri": census_uri,
                    "organism": organism, "obs_filter": obs_filter, "all_cells": all_cells}
     entry = {"release": name, "model_id": identity, "checkpoint": origin, "out": out,
              "census_version": census_version, "census_uri": census_uri, "organism": organism,
-             "obs_filter": census_obs_filter(obs_filter, all_cells), "started": datetime.now(timezone.utc).isoformat(), "status": "running"}
+             "obs_filter": effective, "started": datetime.now(timezone.utc).isoformat(), "status": "running"}
     _write_index(out_root, _replace(runs, entry))
     echo(f"embedding release {name} with model {identity} -> {out}")
     started = time.perf_counter()

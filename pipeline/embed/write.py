@@ -24,12 +24,14 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 
@@ -38,7 +40,7 @@ from ..train.checkpoint import fetch_checkpoint, load_model
 from ..data.alignment import GeneAlignment, check_counts, gene_id_note
 from ..data.background import run_ahead
 from ..data.sources import open_source
-from ..storage import is_url
+from ..storage import is_url, replace_tree
 from ..data import densify
 
 # 2: level_<l> holds the code from level l up (format 1: z_l alone).
@@ -56,6 +58,32 @@ class EmbedSettings:
     min_gene_overlap: float = 0.5
     progress: bool = True
     device: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, low in (("batch_size", 1), ("chunk_rows", 1), ("workers", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+        if not 0 < self.min_gene_overlap <= 1:
+            raise ValueError(f"--min-gene-overlap must be in (0, 1], got {self.min_gene_overlap!r}: a model fed no "
+                             "gene it knows gives every cell the same embedding")
+
+
+def source_identity(source, obs_ids: np.ndarray) -> dict:
+    """What the embeddings were made from: the source (URI, layer, filters), its number of cells
+    and a hash of its obs ids. A store resumes, or counts as complete, only for the same identity."""
+    provenance = source.provenance()
+    digest = hashlib.sha256("\n".join(map(str, obs_ids)).encode()).hexdigest()[:16]
+    return {"uri": source.uri, "layer": provenance.get("layer"), "obs_filter": provenance.get("obs_filter"),
+            "var_filter": provenance.get("var_filter"), "n_obs": int(len(obs_ids)), "obs_ids_hash": f"sha256:{digest}"}
+
+
+def _check_unique(obs_ids: np.ndarray, where: str) -> None:
+    index = pd.Index(obs_ids)
+    if index.has_duplicates:
+        duplicated = index[index.duplicated()].unique()
+        raise ValueError(f"{where}: {len(duplicated):,} obs names occur more than once (e.g. {duplicated[:3].tolist()}); "
+                         "each cell needs a unique id to be embedded and read back (make them unique first)")
 
 
 def model_id(checkpoint_dir: Path) -> str:
@@ -102,17 +130,21 @@ def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings 
             echo(f"Census cells: obs filter {source.obs_filter!r} ({source.n_obs:,} cells)")
         obs = source.read_obs()
         obs_ids = obs.index.astype(str).to_numpy()
+        _check_unique(obs_ids, source.uri)
         n_obs, provenance, identity = source.n_obs, source.provenance(), model_id(directory)
         dims = list(model.config.representation_dims)
         attrs = {"format_version": FORMAT_VERSION, "model_id": identity, "checkpoint": origin,
                  "feature_ids_hash": parts["genes"]["feature_ids_hash"], "level_dims": dims,
                  "latent_dims": list(model.config.latent_dims), "source": provenance,
-                 "source_args": json.dumps(source_args),
+                 "source_identity": source_identity(source, obs_ids), "source_args": json.dumps(source_args),
                  "chunk_rows": settings.chunk_rows, "ema": settings.ema, "n_genes_missing_zero_filled": len(alignment.missing)}
-        group, existing = _open_output(out, attrs, n_obs, dims, settings)
+        final, out = out, _working_path(out, settings)
+        group, existing = _open_output(out, attrs, n_obs, dims, settings, final)
         if existing == "complete":
-            echo(f"{out} is already complete for model {identity}; nothing to do")
-            return {"out": out, "cells": n_obs, "written_chunks": 0, "complete": True}
+            if out != final:  # an --overwrite whose new store was finished before a swap was cut short
+                replace_tree(out, final)
+            echo(f"{final} is already complete for model {identity} and this source; nothing to do")
+            return {"out": final, "cells": n_obs, "written_chunks": 0, "complete": True}
         n_chunks = -(-n_obs // settings.chunk_rows)
         done = np.asarray(group["progress/done"][:])
         todo = [c for c in range(n_chunks) if not done[c]]
@@ -135,9 +167,11 @@ def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings 
         if not done.all():
             raise RuntimeError(f"{out}: {int((done == 0).sum())} chunks were not written")
         group.attrs.update({"complete": True, "completed": datetime.now(timezone.utc).isoformat()})
+        if out != final:
+            replace_tree(out, final)  # the old store is replaced only now, by a complete new one
         seconds = time.perf_counter() - started
         rows = sum(_chunk_size(c, n_obs, settings.chunk_rows) for c in todo)
-        return {"out": out, "cells": n_obs, "written_chunks": len(todo), "complete": True, "seconds": round(seconds, 2),
+        return {"out": final, "cells": n_obs, "written_chunks": len(todo), "complete": True, "seconds": round(seconds, 2),
                 "cells_per_s": round(rows / max(seconds, 1e-9))}
     finally:
         source.close()
@@ -158,28 +192,55 @@ def _chunk_size(chunk: int, n_obs: int, chunk_rows: int) -> int:
     return min(n_obs, (chunk + 1) * chunk_rows) - chunk * chunk_rows
 
 
-def _open_output(out: str, attrs: dict, n_obs: int, dims: list[int], settings: EmbedSettings):
-    """(group, state): state is 'new', 'partial' or 'complete'."""
+def _working_path(out: str, settings: EmbedSettings) -> str:
+    """Where this run writes: ``out`` itself, or with --overwrite over an existing store, a
+    sibling that replaces it once complete (a failure leaves the old store as it was)."""
+    from ..storage import exists, join
+
+    if settings.overwrite and exists(join(out, "zarr.json")):
+        return out.rstrip("/") + ".overwrite-partial"
+    return out
+
+
+def _is_our_store(attrs: dict) -> bool:
+    return "model_id" in attrs and "format_version" in attrs and "level_dims" in attrs
+
+
+def _open_output(out: str, attrs: dict, n_obs: int, dims: list[int], settings: EmbedSettings, final: str):
+    """(group, state): state is 'new', 'partial' or 'complete'. Never deletes what it did not
+    write: a path that exists and is not an embeddings store is refused."""
     import zarr
 
-    from ..storage import check_writable, filesystem
+    from ..storage import check_writable, filesystem, listdir
 
     check_writable(out)  # an unreachable store, missing credentials or permissions fail here, in words
     fs, path = filesystem(out)
     if fs.exists(f"{path}/zarr.json"):
         group = zarr.open_group(out, mode="r+")
         old = dict(group.attrs)
+        if not _is_our_store(old):
+            raise FileExistsError(f"{out} is a Zarr group but not an embeddings store written by hvae-pipeline; "
+                                  "choose another --out (nothing was changed)")
+        scratch = out != final  # our own --overwrite sibling: replaced freely
+        same_source = old.get("source_identity") == attrs["source_identity"]
         same = (old.get("model_id") == attrs["model_id"] and old.get("chunk_rows") == attrs["chunk_rows"]
                 and old.get("ema") == attrs["ema"] and int(group["obs_id"].shape[0]) == n_obs
-                and ("level_0/logvar" in group) == settings.logvar)
-        if not settings.overwrite:
+                and ("level_0/logvar" in group) == settings.logvar and same_source)
+        if same:
+            return group, "complete" if old.get("complete") else "partial"
+        if not scratch:
             if old.get("model_id") != attrs["model_id"]:
                 raise FileExistsError(f"{out} holds embeddings of another model ({old.get('model_id')}, not "
                                       f"{attrs['model_id']}); pass --overwrite to replace them")
-            if not same:
-                raise FileExistsError(f"{out} was written with other settings (cells, chunk rows, EMA or logvar); "
-                                      "pass --overwrite to replace it")
-            return group, "complete" if old.get("complete") else "partial"
+            if not same_source:
+                raise FileExistsError(
+                    f"{out} was embedded from another source: {_describe(old.get('source_identity'))}; this source is "
+                    f"{_describe(attrs['source_identity'])}. Pass --overwrite to replace it, or choose another --out")
+            raise FileExistsError(f"{out} was written with other settings (chunk rows, EMA or logvar); "
+                                  "pass --overwrite to replace it")
+    elif [n for n in listdir(out) if n != ".hvae-write-test"]:
+        raise FileExistsError(f"{out} exists and is not an embeddings store (it holds {listdir(out)[:5]}); "
+                              "choose another --out (nothing was changed)")
     group = zarr.open_group(out, mode="w", zarr_format=3)
     rows = settings.chunk_rows
     group.create_array("obs_id", shape=(n_obs,), chunks=(rows,), dtype=str, dimension_names=["cell"])
@@ -192,6 +253,13 @@ def _open_output(out: str, attrs: dict, n_obs: int, dims: list[int], settings: E
     group.create_array("progress/done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0)
     group.attrs.update({**attrs, "created": datetime.now(timezone.utc).isoformat(), "complete": False})
     return group, "new"
+
+
+def _describe(identity: dict | None) -> str:
+    if not identity:
+        return "an unrecorded source"
+    filters = ", ".join(f"{k} {identity[k]!r}" for k in ("layer", "obs_filter", "var_filter") if identity.get(k))
+    return f"{identity['uri']} ({identity['n_obs']:,} cells, obs ids {identity['obs_ids_hash']}{', ' + filters if filters else ''})"
 
 
 class _ChunkEmbedder:
