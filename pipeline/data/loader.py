@@ -176,6 +176,14 @@ class ShardedDataset:
             raise ValueError(f"{self.path}: obs column {column!r} is {meta['dtype']}, not categorical")
         return list(meta["categories"])
 
+    def check_batch_key(self, column: str) -> None:
+        """A batch key must label every cell: a missing value has no batch embedding."""
+        self.categories(column)
+        missing = self.manifest["obs_columns"][column].get("missing", 0)
+        if missing:
+            raise ValueError(f"{self.path}: obs column {column!r} is missing for {missing:,} cells; a batch key must "
+                             "label every cell (fill it, e.g. with 'unknown', and re-shard)")
+
     def obs_column(self, column: str) -> np.ndarray:
         """One obs column for every cell, in global (shard) order."""
         if column not in self.manifest["obs_columns"]:
@@ -300,7 +308,7 @@ class ShardLoader:
         if min(block_rows, window_blocks, segment_rows) < 1 or num_workers < 0:
             raise ValueError("block_rows, window_blocks and segment_rows must be >= 1, num_workers >= 0")
         if batch_key is not None:
-            dataset.categories(batch_key)  # a clear error now rather than in a worker
+            dataset.check_batch_key(batch_key)  # a clear error now rather than in a worker
         self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
         self.seed, self.epoch, self.num_workers, self.prefetch = seed, epoch, num_workers, max(1, prefetch)
         self.batch_key, self.block_rows, self.window_blocks, self.segment_rows = batch_key, block_rows, window_blocks, segment_rows

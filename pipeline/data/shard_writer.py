@@ -330,9 +330,11 @@ def _categorise(obs: pd.DataFrame) -> dict:
     for column in obs.columns:
         values = obs[column]
         if values.dtype == object or isinstance(values.dtype, (pd.StringDtype, pd.CategoricalDtype)):
-            categories = sorted(pd.unique(values.astype(str)))
-            obs[column] = pd.Categorical(values.astype(str), categories=categories)
-            meta[column] = {"dtype": "category", "categories": categories}
+            present = values.notna()  # a missing label stays missing (not a category 'nan')
+            strings = values.astype(object).where(~present, values[present].astype(str))
+            categories = sorted(pd.unique(strings[present]))
+            obs[column] = pd.Categorical(strings.where(present, None), categories=categories)
+            meta[column] = {"dtype": "category", "categories": categories, "missing": int((~present).sum())}
         else:
             meta[column] = {"dtype": str(values.dtype)}
     return meta

@@ -82,6 +82,10 @@ def evaluate_embeddings(path: str, settings: EvaluateSettings, echo=print) -> di
     representations = _representations(store, rows, settings, counts)
     echo(f"evaluating {len(representations)} representations on {len(rows):,} of {n_total:,} cells "
          f"(labels {', '.join(settings.labels)}{'; batch ' + settings.batch_key if settings.batch_key else ''})")
+    labelled = {label: int(obs[label].notna().sum()) for label in settings.labels}
+    for label, count in labelled.items():
+        if count < len(obs):
+            echo(f"  {label}: {count:,} of {len(obs):,} cells labelled; the unlabelled ones are left out of its scores")
     results = []
     for name, values, level, own in representations:
         result = {"representation": name, "level": level, "dim": int(values.shape[1]),
@@ -106,7 +110,7 @@ def evaluate_embeddings(path: str, settings: EvaluateSettings, echo=print) -> di
     maps = _draw_maps(representations, obs, settings, out_dir) if settings.maps else {}
     summary = {"embeddings": str(path), "model_id": attrs.get("model_id"), "checkpoint": attrs.get("checkpoint"),
                "source": source_args, "cells_evaluated": int(len(rows)), "cells_total": int(n_total),
-               "labels": list(settings.labels), "batch_key": settings.batch_key, "k": settings.k, "seed": settings.seed,
+               "labels": list(settings.labels), "labelled_cells": labelled, "batch_key": settings.batch_key, "k": settings.k, "seed": settings.seed,
                "compare": dict(settings.compare), "scib": settings.scib, "results": results, "maps": maps,
                "machine": platform.platform(), "created": datetime.now(timezone.utc).isoformat(),
                "seconds": round(time.perf_counter() - started, 1)}
@@ -215,10 +219,11 @@ def _draw_maps(representations: list, obs: pd.DataFrame, settings: EvaluateSetti
         xy = _project(values[cells], method, settings.seed)
         figure, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 4.0), squeeze=False)
         for axis, column in zip(axes[0], columns):
-            categories = pd.Categorical(obs[column].to_numpy()[cells].astype(str))
+            raw = pd.Series(obs[column].to_numpy()[cells])
+            categories = pd.Categorical(raw.where(raw.isna(), raw.astype(str)))  # unlabelled: code -1
             palette = plt.get_cmap("tab20" if len(categories.categories) > 10 else "tab10")
-            axis.scatter(xy[:, 0], xy[:, 1], s=2, c=[palette(c % palette.N) for c in categories.codes], linewidths=0,
-                         rasterized=True)
+            colours = [palette(c % palette.N) if c >= 0 else (0.8, 0.8, 0.8, 0.6) for c in categories.codes]
+            axis.scatter(xy[:, 0], xy[:, 1], s=2, c=colours, linewidths=0, rasterized=True)
             axis.set_title(column, fontsize=10)
             axis.set_xticks([]), axis.set_yticks([])
             if len(categories.categories) <= 20:
@@ -265,7 +270,10 @@ def format_report(summary: dict) -> str:
     for label in labels:
         metrics = [m for m in results[0]["labels"][label] if m != "knn_accuracy"]
         header = ["representation", "dim", "kNN accuracy"] + [METRIC_NAMES.get(m, m) for m in metrics]
-        lines += [f"## `{label}`", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        count = summary.get("labelled_cells", {}).get(label, summary["cells_evaluated"])
+        lines += [f"## `{label}`", "", f"{count:,} of {summary['cells_evaluated']:,} cells labelled"
+                  + ("; the others are left out of these scores." if count < summary["cells_evaluated"] else "."), "",
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         best = {m: max(r["labels"][label][m] for r in results) for m in ["knn_accuracy"] + metrics}
         for r in results:
             scores = r["labels"][label]
