@@ -48,7 +48,8 @@ from pipeline.data import ShardedDataset, ShardSettings, densify, write_shards  
 from pipeline.data.sources import Source  # noqa: E402
 from pipeline.data.synthetic import RNG_CHUNK, SyntheticAtlas, SyntheticAtlasSpec  # noqa: E402
 from pipeline.train.step import Trainer  # noqa: E402
-from train_throughput import GpuSampler, _Null  # noqa: E402
+from train_throughput import GpuSampler, _Null, resident_batches, shard_batches, sync  # noqa: E402
+from train_throughput import loader_only as time_loader  # noqa: E402
 
 
 class DeviceSyntheticSource(Source):
@@ -104,38 +105,11 @@ class DeviceSyntheticSource(Source):
         return {"generator": "benchmarks/gpu_check.py DeviceSyntheticSource", "spec": self.atlas.spec.to_dict()}
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def make_trainer(n_genes: int, args, compile_model: bool = False) -> Trainer:
     torch.manual_seed(0)
     config = HVAEConfig(n_genes=n_genes, latent_dims=tuple(args.latent_dims), hidden_dim=args.hidden_dim)
     train = TrainConfig(precision=args.precision, kl_warmup_steps=100, compile=compile_model)
     return Trainer(HierarchicalVAE(config), train, device=args.device)
-
-
-def shard_batches(dataset: ShardedDataset, batch_size: int):
-    epoch = 0
-    while True:
-        yield from dataset.loader(batch_size, seed=0, epoch=epoch)
-        epoch += 1
-
-
-def resident_batches(dataset: ShardedDataset, args):
-    """Dense counts already on the device, random batches drawn there (no host work per step)."""
-    parts, rows = [], 0
-    for batch in dataset.loader(4096, seed=1):
-        parts.append(densify(batch["counts"], args.device))
-        rows += parts[-1].shape[0]
-        if rows >= args.resident_cells:
-            break
-    counts = torch.cat(parts)[: args.resident_cells]
-    generator = torch.Generator(device=args.device).manual_seed(0)
-    while True:
-        index = torch.randint(0, counts.shape[0], (args.batch_size,), device=args.device, generator=generator)
-        yield {"counts": counts[index]}
 
 
 def time_training(trainer: Trainer, batches, args, check: bool) -> float:
@@ -153,26 +127,12 @@ def time_training(trainer: Trainer, batches, args, check: bool) -> float:
     return cells / (time.perf_counter() - start)
 
 
-def time_loader(dataset: ShardedDataset, args) -> float:
-    iterator, cells = iter(shard_batches(dataset, args.batch_size)), 0
-    for _ in range(3):
-        densify(next(iterator)["counts"], args.device)
-    sync(args.device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        batch = next(iterator)
-        densify(batch["counts"], args.device)
-        cells += batch["counts"].shape[0]
-    sync(args.device)
-    return cells / (time.perf_counter() - start)
-
-
 def syncs_per_step(dataset: ShardedDataset, args) -> float | None:
     """Device synchronisations per training step from shards (CUDA's sync debug mode)."""
     if args.device.type != "cuda":
         return None
     trainer = make_trainer(dataset.n_vars, args)
-    iterator = iter(shard_batches(dataset, args.batch_size))
+    iterator = iter(shard_batches(dataset, args))
     for _ in range(3):
         trainer.step(next(iterator))
     n = 20
@@ -232,6 +192,7 @@ def main() -> None:
     parser.add_argument("--embed-batch-size", type=int, default=16_384)
     parser.add_argument("--embed-chunk-rows", type=int, default=65_536)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--loader-workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--work-dir", type=Path, default=Path("benchmarks/.work/gpu_check"))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -255,7 +216,7 @@ def main() -> None:
         rows.append(measure("train, GPU-resident, compiled", lambda: time_training(
             make_trainer(dataset.n_vars, args, compile_model=True), resident_batches(dataset, args), args, False), args))
     rows.append(measure("train, from shards, eager", lambda: time_training(
-        make_trainer(dataset.n_vars, args), shard_batches(dataset, args.batch_size), args, True), args))
+        make_trainer(dataset.n_vars, args), shard_batches(dataset, args), args, True), args))
     rows.append(measure("embed end to end (shards -> Zarr)", lambda: time_embed(shards, work, args), args))
     syncs = syncs_per_step(dataset, args)
     resident = max(r["cells_per_s"] for r in rows if r["path"].startswith("train, GPU-resident"))

@@ -45,8 +45,8 @@ def make_trainer(n_genes: int, args) -> Trainer:
     return Trainer(HierarchicalVAE(config), TrainConfig(precision=args.precision, kl_warmup_steps=100), device=args.device)
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
+def sync(device) -> None:
+    if str(device).startswith("cuda"):
         torch.cuda.synchronize()
 
 
