@@ -110,10 +110,10 @@ def run_demo(settings: DemoSettings, echo=print) -> dict:
 
 
 def _row(result: dict, labels: list[str], kl: dict) -> dict:
-    """One table row from an evaluate result: the flat baseline's one level gets its own name."""
+    """One table row from an evaluate result, named as `evaluate` names it."""
     name, level = result["representation"], result["level"]
     model = FLAT if name.startswith(FLAT) else "HVAE" if level is not None else None
-    return {"representation": f"{FLAT} (baseline)" if model == FLAT else name, "dim": result["dim"],
+    return {"representation": name, "dim": result["dim"],
             "kl": None if model is None else round(kl[model][level], 2),
             "active_units": None if model is None else result["active_units"],
             "batch_mixing": round(result["batch_mixing"], 3),

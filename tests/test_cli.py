@@ -35,7 +35,7 @@ def test_simulate_refuses_a_bad_output_path(tmp_path):
 def test_demo_runs_end_to_end_and_writes_every_level(tmp_path):
     out = tmp_path / "demo"
     result = run_cli("demo", "--out-dir", str(out), "--n-cells", "2000", "--max-steps", "60", "--workers", "0")
-    assert "| HVAE level 2 (top)" in result.stdout and "flat VAE (baseline)" in result.stdout
+    assert "| HVAE level 2 (top)" in result.stdout and "| flat VAE | 56 |" in result.stdout
     from pipeline.train.checkpoint import find_checkpoint, load_model
     from pipeline.embed import read_embeddings
 
@@ -48,6 +48,6 @@ def test_demo_runs_end_to_end_and_writes_every_level(tmp_path):
     assert len(parts["genes"]["feature_ids"]) == model.config.n_genes == 2000
     assert (out / "shards" / "manifest.json").exists()
     report = (out / "report" / "report.md").read_text()
-    assert "## `subtype`" in report and "flat VAE level 0" in report and "batch mixing" in report
+    assert "## `subtype`" in report and "| flat VAE | 56 |" in report and "## Which level to use" in report and "batch mixing" in report
     assert len(list((out / "report" / "maps").glob("*.png"))) == 5  # 3 levels, the flat model, PCA
 

@@ -203,8 +203,13 @@ def test_evaluate_scores_every_level_against_baselines_on_the_same_cells(trained
     assert "## `lineage`" in report and "| HVAE level 0 (finest) | 56 |" in report and "| PCA (50 comps) | 50 |" in report
     assert all((tmp_path / "report" / file).stat().st_size > 10_000 for file in summary["maps"].values())
     assert len(summary["maps"]) == 7
+    # The report says which level to pass to scanpy for each label column.
+    assert len(summary["guidance"]) == 2 and summary["guidance"][0].startswith("lineage: level ")
+    assert 'use_rep="X_hvae_level_' in summary["guidance"][1] and "## Which level to use" in report
     wrong = subprocess.run([*command[:7], "lineage,celltype"], capture_output=True, text=True, env=ENV)
     assert wrong.returncode == 2 and "column(s) ['celltype'] not in the obs" in wrong.stderr
+    same = subprocess.run([*command, "--batch-key", "lineage"], capture_output=True, text=True, env=ENV)
+    assert same.returncode == 2 and "'lineage' is both a label column and the batch key" in same.stderr
 
 
 @pytest.mark.slow

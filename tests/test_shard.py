@@ -205,6 +205,30 @@ def test_damaged_shard_directories_give_clear_errors(synthetic_shards, tmp_path)
         ShardedDataset(str(tmp_path / "nowhere"))
 
 
+def test_edited_gene_list_and_damaged_chunks_are_named(synthetic_shards, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(synthetic_shards[0], out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    ids = list(manifest["feature_ids"])
+    ids[0], ids[1] = ids[1], ids[0]  # two genes swapped: every count would land in the wrong column
+    (out / "manifest.json").write_text(json.dumps(dict(manifest, feature_ids=ids)))
+    with pytest.raises(ValueError, match="feature_ids do not match their feature_ids_hash"):
+        ShardedDataset(str(out))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    chunk = out / "shard-00001.zarr" / "X" / "data" / "c" / "0"
+    original = chunk.read_bytes()
+    for damaged in (original[: len(original) // 2], b"\0" * 16 + original[16:]):  # truncated, corrupt header
+        chunk.write_bytes(damaged)
+        dataset = ShardedDataset(str(out))
+        with pytest.raises(ValueError, match=r"shard-00001.zarr/X/data/c/0: a chunk of .* is damaged") as error:
+            dataset.shard(1).read(0, 10)
+        assert "reshard" in str(error.value)
+        with pytest.raises(ValueError, match=r"shard-00001.zarr/X/data/c/0: a chunk"):
+            list(dataset.loader(batch_size=256))
+    chunk.write_bytes(original)
+    assert ShardedDataset(str(out)).shard(1).read(0, 10)[2].size > 0
+
+
 def test_shard_cli_with_gene_list(tmp_path):
     source_path = shared_file("pbmc3k_raw_seurat_annotations.h5ad")
     genes = ad.read_h5ad(source_path, backed="r").var_names[:300].tolist() + ["ENSG_NOT_A_GENE"]

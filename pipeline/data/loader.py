@@ -30,7 +30,7 @@ import torch
 
 from .background import run_ahead
 from ..storage import is_url, join
-from .shard_format import CSRArrayReader, read_manifest
+from .shard_format import CSRArrayReader, feature_hash, read_manifest
 
 
 @dataclass
@@ -148,6 +148,13 @@ class ShardedDataset:
         self.shard_offsets = np.concatenate([[0], np.cumsum(self.shard_sizes)])
         self.n_obs, self.n_vars = int(self.shard_sizes.sum()), int(self.manifest["n_vars"])
         self.feature_ids = list(self.manifest["feature_ids"])
+        if len(self.feature_ids) != self.n_vars:
+            raise ValueError(f"{self.path}/manifest.json: {len(self.feature_ids)} feature_ids for n_vars {self.n_vars}")
+        recorded = self.manifest.get("feature_ids_hash")
+        if recorded is not None and feature_hash(self.feature_ids) != recorded:
+            raise ValueError(f"{self.path}/manifest.json: the feature_ids do not match their feature_ids_hash "
+                             f"({feature_hash(self.feature_ids)} != {recorded}): the gene list was edited or damaged "
+                             "after sharding; reshard rather than train or embed genes in the wrong columns")
         self._shards: OrderedDict[int, _ShardReader] = OrderedDict()
         if not is_url(self.path):  # on object stores a missing shard is reported when first opened
             for shard_path in self.shard_paths:

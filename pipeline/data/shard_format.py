@@ -138,6 +138,13 @@ def write_csr_arrays(group, name: str, data: np.ndarray, indices: np.ndarray, in
                 array[:] = values
 
 
+def damaged_chunk(key: str, array: str, lo, hi, error) -> ValueError:
+    """The error for a chunk that cannot be read: the chunk file, its array, the entries."""
+    where = f" (entries {lo}-{hi})" if lo is not None else ""
+    return ValueError(f"{key}: a chunk of {array}{where} is damaged, truncated or corrupt ({error}); "
+                      "reshard the source (hvae-pipeline shard ... --overwrite)")
+
+
 @dataclass
 class _ChunkLayout:
     chunk: int
@@ -190,10 +197,16 @@ class CSRArrayReader:
         if stop <= start:
             return []
         if self._layout is None:
-            return [_pool().submit(lambda: out.__setitem__(slice(None), np.asarray(self._array[start:stop])))]
+            return [_pool().submit(self._read_with_zarr, start, stop, out)]
         chunk = self._layout.chunk
         return [_pool().submit(self._read_chunk, index, start, stop, out)
                 for index in range(start // chunk, (stop - 1) // chunk + 1)]
+
+    def _read_with_zarr(self, start: int, stop: int, out: np.ndarray) -> None:
+        try:
+            out[:] = np.asarray(self._array[start:stop])
+        except (RuntimeError, ValueError) as error:
+            raise damaged_chunk(self.url, self.url, start, stop, error) from None
 
     def _read_chunk(self, index: int, start: int, stop: int, out: np.ndarray) -> None:
         from numcodecs import blosc
@@ -211,11 +224,16 @@ class CSRArrayReader:
         except FileNotFoundError:  # zarr skips chunks that equal the fill value
             target[:] = self._layout.fill
             return
-        if lo == chunk_start and hi == chunk_start + chunk:
-            blosc.decompress(raw, target)  # straight into the output, no copy
-        else:
-            decoded = np.frombuffer(blosc.decompress(raw), dtype=self.dtype)
-            target[:] = decoded[lo - chunk_start : hi - chunk_start]
+        try:
+            if lo == chunk_start and hi == chunk_start + chunk:
+                blosc.decompress(raw, target)  # straight into the output, no copy
+            else:
+                decoded = np.frombuffer(blosc.decompress(raw), dtype=self.dtype)
+                if len(decoded) < hi - chunk_start:
+                    raise ValueError(f"{len(decoded)} values decoded, {hi - chunk_start} expected")
+                target[:] = decoded[lo - chunk_start : hi - chunk_start]
+        except (RuntimeError, ValueError) as error:
+            raise damaged_chunk(key, self.url, lo, hi, error) from None
 
     def _read_raw(self, key: str, offset: int, target: np.ndarray) -> None:
         """Uncompressed chunk: read only the needed byte range, into the output."""
@@ -224,8 +242,12 @@ class CSRArrayReader:
             if self.local:
                 with open(key, "rb") as handle:
                     handle.seek(offset)
-                    handle.readinto(view)
+                    read = handle.readinto(view)
             else:
-                view[:] = self.fs.cat_file(key, start=offset, end=offset + len(view))
+                raw = self.fs.cat_file(key, start=offset, end=offset + len(view))
+                read = len(raw)
+                view[: len(raw)] = raw[: len(view)]
+            if read < len(view):
+                raise damaged_chunk(key, self.url, None, None, f"{read} of {len(view)} bytes present")
         except FileNotFoundError:
             target[:] = self._layout.fill

@@ -73,6 +73,9 @@ def evaluate_embeddings(path: str, settings: EvaluateSettings, echo=print) -> di
             raise KeyError(f"{int((position < 0).sum())} cells of {path} are not in the source {source.uri} "
                            f"(e.g. {list(obs_ids[position < 0][:3])}); pass the source they were embedded from")
         columns = list(settings.labels) + ([settings.batch_key] if settings.batch_key else [])
+        if settings.batch_key and settings.batch_key in settings.labels:
+            raise ValueError(f"{settings.batch_key!r} is both a label column and the batch key: a label is what a "
+                             "representation should keep, a batch what it should mix away; pass it as one of them")
         missing = [c for c in columns if c not in obs.columns]
         if missing:
             raise KeyError(f"column(s) {missing} not in the obs of {source.uri} (columns: {list(obs.columns)})")
@@ -105,13 +108,18 @@ def evaluate_embeddings(path: str, settings: EvaluateSettings, echo=print) -> di
         results.append(result)
         echo(f"  {name}: " + ", ".join(f"kNN {l} {result['labels'][l]['knn_accuracy']:.3f}" for l in settings.labels))
 
+    n_levels = sum(1 for key in store.obsm if not key.endswith("_logvar"))
+    guidance = level_guidance(results, n_levels, settings.labels)
+    echo("which level to use:")
+    for line in guidance:
+        echo("  " + line)
     out_dir = Path(settings.out_dir or _default_out_dir(path))
     out_dir.mkdir(parents=True, exist_ok=True)
     maps = _draw_maps(representations, obs, settings, out_dir) if settings.maps else {}
     summary = {"embeddings": str(path), "model_id": attrs.get("model_id"), "checkpoint": attrs.get("checkpoint"),
                "source": source_args, "cells_evaluated": int(len(rows)), "cells_total": int(n_total),
                "labels": list(settings.labels), "labelled_cells": labelled, "batch_key": settings.batch_key, "k": settings.k, "seed": settings.seed,
-               "compare": dict(settings.compare), "scib": settings.scib, "results": results, "maps": maps,
+               "compare": dict(settings.compare), "scib": settings.scib, "results": results, "guidance": guidance, "maps": maps,
                "machine": platform.platform(), "created": datetime.now(timezone.utc).isoformat(),
                "seconds": round(time.perf_counter() - started, 1)}
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=_json_default))
@@ -142,6 +150,8 @@ def _representations(store, rows: np.ndarray, settings: EvaluateSettings, counts
         top = len(means) - 1
         tags = {top: " (top)", 0: " (finest)"} if top > 0 else {}
         own = _own_widths(adata, [m.shape[1] for m in means])
+        if top == 0 and prefix.strip():  # a one-level baseline is named by its name alone
+            return [(prefix.strip(), means[0], 0, own[0])]
         return [(f"{prefix}level {level}{tags.get(level, '')}", means[level], level, own[level])
                 for level in reversed(range(len(means)))]
 
@@ -259,6 +269,23 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value)}")
 
 
+def level_guidance(results: list[dict], n_levels: int, labels) -> list[str]:
+    """Per label column, the store's best level by kNN accuracy and the ``use_rep`` key that reads it
+    (``results`` starts with the store's levels, top first); a baseline that scores higher is named."""
+    lines = []
+    for label in labels:
+        own = max(results[:n_levels], key=lambda r: r["labels"][label]["knn_accuracy"])
+        score = own["labels"][label]["knn_accuracy"]
+        line = (f"{label}: level {own['level']} (kNN {score:.3f}): "
+                f"sc.pp.neighbors(adata, use_rep=\"X_hvae_level_{own['level']}\")")
+        better = [r for r in results[n_levels:] if r["labels"][label]["knn_accuracy"] > score + 0.005]
+        if better:
+            top = max(better, key=lambda r: r["labels"][label]["knn_accuracy"])
+            line += f"; {top['representation']} scores higher here ({top['labels'][label]['knn_accuracy']:.3f})"
+        lines.append(line)
+    return lines
+
+
 def format_report(summary: dict) -> str:
     """The Markdown report: provenance, one table per label column, batch mixing, the maps."""
     results, labels = summary["results"], summary["labels"]
@@ -267,6 +294,9 @@ def format_report(summary: dict) -> str:
              f"- labels from `{summary['source'].get('source')}`; {summary['cells_evaluated']:,} of "
              f"{summary['cells_total']:,} cells (seed {summary['seed']}), kNN k={summary['k']} (5-fold held-out accuracy)",
              f"- {summary['created']} on {summary['machine']}", ""]
+    if summary.get("guidance"):
+        lines += ["## Which level to use", "", "The level with the best kNN accuracy for each label column, and the key "
+                  "`read_embeddings` gives it in `adata.obsm`:", ""] + [f"- {line}" for line in summary["guidance"]] + [""]
     for label in labels:
         metrics = [m for m in results[0]["labels"][label] if m != "knn_accuracy"]
         header = ["representation", "dim", "kNN accuracy"] + [METRIC_NAMES.get(m, m) for m in metrics]
@@ -298,4 +328,4 @@ def _cell(value: float, best: bool = False) -> str:
     return f"**{text}**" if best and text != "-" else text
 
 
-__all__ = ["EvaluateSettings", "evaluate_embeddings", "format_report"]
+__all__ = ["EvaluateSettings", "evaluate_embeddings", "format_report", "level_guidance"]
