@@ -168,6 +168,31 @@ def test_errors_for_filters_layers_and_gene_lists(tmp_path):
         open_source(str(tmp_path / "missing.h5ad"))
 
 
+def test_normalised_compressed_and_truncated_h5ad_are_named(tmp_path):
+    counts = np.random.default_rng(0).poisson(2.0, size=(20, 6)).astype(np.float32)
+    adata = ad.AnnData(sp.csr_matrix(np.log1p(counts)), obs=pd.DataFrame(index=[f"c{i}" for i in range(20)]),
+                       var=pd.DataFrame(index=[f"G{j}" for j in range(6)]))
+    adata.layers["counts"] = sp.csr_matrix(counts)
+    adata.raw = ad.AnnData(sp.csr_matrix(counts), var=adata.var.copy())
+    adata.write_h5ad(tmp_path / "lognorm.h5ad")
+    with pytest.raises(ValueError, match=r"is not an integer.*Integer counts are in 'raw', 'counts' of this source: "
+                                         r"pass --layer raw"):
+        write_shards(open_source(str(tmp_path / "lognorm.h5ad")), str(tmp_path / "o1"), ShardSettings(progress=False))
+    assert not (tmp_path / "o1").exists()
+    write_shards(open_source(str(tmp_path / "lognorm.h5ad"), layer="counts"), str(tmp_path / "o2"),
+                 ShardSettings(progress=False))
+    assert ShardedDataset(str(tmp_path / "o2")).n_obs == 20
+    import gzip
+
+    data = (tmp_path / "lognorm.h5ad").read_bytes()
+    (tmp_path / "lognorm.h5ad.gz").write_bytes(gzip.compress(data))
+    with pytest.raises(ValueError, match=r"lognorm.h5ad.gz is a compressed file \(.gz\): decompress it first"):
+        open_source(str(tmp_path / "lognorm.h5ad.gz"))
+    (tmp_path / "cut.h5ad").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut.h5ad \([\d,]+ bytes\) cannot be opened as HDF5 .* truncated or damaged"):
+        open_source(str(tmp_path / "cut.h5ad"))
+
+
 def test_existing_output_is_kept_unless_overwrite_and_partial_runs_are_cleared(tmp_path):
     path = write_h5ad(tmp_path / "ok.h5ad", np.arange(40, dtype=np.float32).reshape(10, 4))
     out = tmp_path / "out"

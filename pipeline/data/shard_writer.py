@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .alignment import GeneAlignment, check_counts
+from .alignment import GeneAlignment
 from .background import run_ahead
 from ..storage import check_writable, is_remote, join, listdir, replace_tree
 from .shard_format import (COMPRESSIONS, FORMAT_VERSION, MANIFEST_NAME, count_dtype, feature_hash, filesystem,
@@ -69,16 +69,18 @@ def write_shards(source: Source, out: str, settings: ShardSettings | None = None
     settings = settings or ShardSettings()
     started = time.perf_counter()
     out = str(out)
-    check_writable(out)  # an unreachable store, missing credentials or permissions fail here, in words
     fs, out_path = filesystem(out)
+    existed = fs.exists(out_path)
+    check_writable(out)  # an unreachable store, missing credentials or permissions fail here, in words
     final = out
     if fs.exists(join(out_path, MANIFEST_NAME)):
         if not settings.overwrite:
             raise FileExistsError(f"{out} already holds shards (manifest.json); pass --overwrite to replace them")
         # The new set is built beside the old one, which is replaced only once the new one is complete.
         out = out.rstrip("/") + ".overwrite-partial"
-        check_writable(out)
         fs, out_path = filesystem(out)
+        existed = fs.exists(out_path)
+        check_writable(out)
     elif fs.exists(out_path):
         foreign = [n for n in listdir(out) if not _ours(n)]
         if foreign:
@@ -87,8 +89,24 @@ def write_shards(source: Source, out: str, settings: ShardSettings | None = None
     if fs.exists(out_path):
         _clear(fs, out_path)  # an unfinished run of ours (no manifest): its files only
     fs.makedirs(out_path, exist_ok=True)
-    local = not is_remote(out)
+    try:
+        manifest = _build(source, out, settings, started, echo)
+    except BaseException:
+        # Bad input found on the way (or an interrupt): nothing of ours is left behind, nothing else touched.
+        if existed:
+            _clear(fs, out_path)
+        elif fs.exists(out_path):
+            fs.rm(out_path, recursive=True)
+        raise
+    if out != final:
+        replace_tree(out, final)
+    return manifest
 
+
+def _build(source: Source, out: str, settings: ShardSettings, started: float, echo) -> dict:
+    """Both passes into the (empty) directory ``out``; the manifest is written last."""
+    fs, out_path = filesystem(out)
+    local = not is_remote(out)
     obs = source.read_obs()
     obs = _select_obs_columns(obs, settings.obs_columns, source.uri).copy()
     n_obs = len(obs)
@@ -111,60 +129,59 @@ def write_shards(source: Source, out: str, settings: ShardSettings | None = None
     destination = rng.permutation(n_obs)
     staging = os.path.join(out_path, ".staging") if local else tempfile.mkdtemp(prefix="hvae-shard-")
     os.makedirs(staging, exist_ok=True)
+    try:
+        # Pass 1: stream, validate, align, spill each row to its shard's file.
+        max_count = 0.0
+        with _progress(n_obs, "shard pass 1/2 (read)", settings.progress) as bar:
+            for offset, block in run_ahead(source.iter_blocks(settings.block_size), 2, name="shard-read-ahead"):
+                n = block.shape[0]
+                values = source.check_counts(block, obs_ids[offset : offset + n])
+                block = sp.csr_matrix((values, block.indices, block.indptr), shape=block.shape)
+                block = alignment.apply(block)
+                if block.nnz:
+                    max_count = max(max_count, float(block.data.max()))
+                _spill(staging, block, destination[offset : offset + n], shard_offsets)
+                bar.update(n)
 
-    # Pass 1: stream, validate, align, spill each row to its shard's file.
-    max_count = 0.0
-    with _progress(n_obs, "shard pass 1/2 (read)", settings.progress) as bar:
-        for offset, block in run_ahead(source.iter_blocks(settings.block_size), 2, name="shard-read-ahead"):
-            n = block.shape[0]
-            values = check_counts(block, source.uri, obs_ids[offset : offset + n], source.feature_ids)
-            block = sp.csr_matrix((values, block.indices, block.indptr), shape=block.shape)
-            block = alignment.apply(block)
-            if block.nnz:
-                max_count = max(max_count, float(block.data.max()))
-            _spill(staging, block, destination[offset : offset + n], shard_offsets)
-            bar.update(n)
-
-    data_dtype, indices_dtype = count_dtype(max_count), index_dtype(alignment.n_target)
-    source_row_of_position = np.argsort(destination)  # inverse permutation
-    del destination
-    provenance = {
-        "source": source.provenance(), "shard_seed": settings.seed, "created": datetime.now(timezone.utc).isoformat(),
-        "hvae_pipeline": _package_version(), "genes": ("given list" if settings.genes is not None else
-                                                       f"top {settings.n_top_genes} HVGs" if settings.n_top_genes else "all source genes"),
-        "n_genes_missing_zero_filled": len(alignment.missing), **settings.extra_provenance,
-    }
-    obs_meta = _categorise(obs)
-    shards = []
-    with _progress(n_obs, "shard pass 2/2 (write)", settings.progress) as bar, ThreadPoolExecutor(1) as writer:
-        pending = None  # shard k is written in the background while shard k+1 is loaded
-        for k in range(n_shards):
-            name = f"shard-{k:05d}.zarr"
-            rows = source_row_of_position[shard_offsets[k] : shard_offsets[k + 1]]
-            counts = _load_spill(staging, k, int(shard_sizes[k]), alignment.n_target, data_dtype, indices_dtype)
+        data_dtype, indices_dtype = count_dtype(max_count), index_dtype(alignment.n_target)
+        source_row_of_position = np.argsort(destination)  # inverse permutation
+        del destination
+        provenance = {
+            "source": source.provenance(), "shard_seed": settings.seed, "created": datetime.now(timezone.utc).isoformat(),
+            "hvae_pipeline": _package_version(), "genes": ("given list" if settings.genes is not None else
+                                                           f"top {settings.n_top_genes} HVGs" if settings.n_top_genes else "all source genes"),
+            "n_genes_missing_zero_filled": len(alignment.missing), **settings.extra_provenance,
+        }
+        obs_meta = _categorise(obs)
+        shards = []
+        with _progress(n_obs, "shard pass 2/2 (write)", settings.progress) as bar, ThreadPoolExecutor(1) as writer:
+            pending = None  # shard k is written in the background while shard k+1 is loaded
+            for k in range(n_shards):
+                name = f"shard-{k:05d}.zarr"
+                rows = source_row_of_position[shard_offsets[k] : shard_offsets[k + 1]]
+                counts = _load_spill(staging, k, int(shard_sizes[k]), alignment.n_target, data_dtype, indices_dtype)
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(_write_shard, out, out_path, fs, local, name, counts, obs.iloc[rows], var, provenance,
+                                        settings.compression)
+                shards.append({"path": name, "n_obs": int(shard_sizes[k]), "nnz": int(counts.nnz)})
+                bar.update(int(shard_sizes[k]))
             if pending is not None:
                 pending.result()
-            pending = writer.submit(_write_shard, out, out_path, fs, local, name, counts, obs.iloc[rows], var, provenance,
-                                    settings.compression)
-            shards.append({"path": name, "n_obs": int(shard_sizes[k]), "nnz": int(counts.nnz)})
-            bar.update(int(shard_sizes[k]))
-        if pending is not None:
-            pending.result()
-    shutil.rmtree(staging, ignore_errors=True)
 
-    manifest = {
-        "format_version": FORMAT_VERSION, "n_obs": int(n_obs), "n_vars": int(alignment.n_target),
-        "feature_ids": alignment.target_ids.tolist(), "feature_ids_hash": feature_hash(alignment.target_ids),
-        "feature_names": var["feature_name"].tolist() if "feature_name" in var.columns else None,
-        "count_dtype": data_dtype.name, "index_dtype": indices_dtype.name, "max_count": max_count,
-        "compression": settings.compression,
-        "shards": shards, "obs_columns": obs_meta, "provenance": provenance,
-        "build_seconds": round(time.perf_counter() - started, 2),
-    }
-    write_manifest(out, manifest)
-    if out != final:
-        replace_tree(out, final)
-    return manifest
+        manifest = {
+            "format_version": FORMAT_VERSION, "n_obs": int(n_obs), "n_vars": int(alignment.n_target),
+            "feature_ids": alignment.target_ids.tolist(), "feature_ids_hash": feature_hash(alignment.target_ids),
+            "feature_names": var["feature_name"].tolist() if "feature_name" in var.columns else None,
+            "count_dtype": data_dtype.name, "index_dtype": indices_dtype.name, "max_count": max_count,
+            "compression": settings.compression,
+            "shards": shards, "obs_columns": obs_meta, "provenance": provenance,
+            "build_seconds": round(time.perf_counter() - started, 2),
+        }
+        write_manifest(out, manifest)
+        return manifest
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _ours(name: str) -> bool:

@@ -54,6 +54,24 @@ class Source:
     def provenance(self) -> dict:
         raise NotImplementedError
 
+    def check_counts(self, counts: sp.csr_matrix, obs_ids) -> np.ndarray:
+        """``alignment.check_counts`` on a block of this source; the error names the other layers
+        of the source that do hold integer counts."""
+        from .alignment import check_counts
+
+        try:
+            return check_counts(counts, self.uri, obs_ids, self.feature_ids)
+        except ValueError as error:
+            layers = [name for name in self.count_layers() if name != getattr(self, "layer", None)]
+            if not layers:
+                raise
+            raise ValueError(f"{error}. Integer counts are in {', '.join(repr(n) for n in layers)} of this source: "
+                             f"pass --layer {layers[0]}") from None
+
+    def count_layers(self) -> list[str]:
+        """Other layers of the source whose first rows hold non-negative integers (for hints)."""
+        return []
+
     def close(self) -> None:
         pass
 
@@ -127,6 +145,25 @@ class AnnDataSource(Source):
             return tuple(int(v) for v in self._matrix_group.attrs["shape"])
         return tuple(int(v) for v in self._matrix_group.shape)
 
+    def count_layers(self) -> list[str]:
+        from anndata.io import sparse_dataset
+
+        candidates = [("raw", "raw/X")] if "raw/X" in self._root else []
+        if "layers" in self._root:
+            candidates += [(name, f"layers/{name}") for name in self._root["layers"].keys()]
+        found = []
+        for name, element in candidates:
+            try:
+                group = self._root[element]
+                sparse = dict(group.attrs).get("encoding-type") == "csr_matrix"
+                sample = (sparse_dataset(group) if sparse else group)[: min(200, len(self._obs))]
+                values = sample.data if sp.issparse(sample) else np.asarray(sample).ravel()
+            except Exception:  # noqa: BLE001 - an unreadable or CSC layer is not a candidate
+                continue
+            if values.size and np.all(values >= 0) and np.all(values == np.round(values)):
+                found.append(name)
+        return found
+
     def read_obs(self) -> pd.DataFrame:
         obs = self._obs.iloc[self._selected].copy()
         obs.index = obs.index.astype(str)
@@ -181,10 +218,12 @@ def _open_anndata_root(uri: str):
     if uri.endswith(".h5ad") or uri.endswith(".h5"):
         import h5py
 
-        if is_remote(uri):
-            handle = h5py.File(fs.open(path, "rb"), "r")
-        else:
-            handle = h5py.File(path, "r")
+        try:
+            handle = h5py.File(fs.open(path, "rb"), "r") if is_remote(uri) else h5py.File(path, "r")
+        except OSError as error:
+            size = fs.size(path)
+            raise ValueError(f"{uri} ({size:,} bytes) cannot be opened as HDF5 ({error}): it is truncated or "
+                             "damaged (an interrupted download or copy?) or not an h5ad file") from None
         return handle, handle
     import zarr
 
@@ -324,6 +363,9 @@ def open_census(census_version: str | None = None, census_uri: str | None = None
                       obs_filter=obs_filter, var_filter=var_filter, provenance=provenance, owner=census)
 
 
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
+
+
 def open_source(source: str, *, layer: str | None = None, obs_filter: str | None = None, var_filter: str | None = None,
                 measurement: str = "RNA", census_version: str | None = None, census_uri: str | None = None,
                 organism: str = "homo_sapiens", gene_column: str | None = None, all_cells: bool = False) -> Source:
@@ -337,6 +379,10 @@ def open_source(source: str, *, layer: str | None = None, obs_filter: str | None
     if census_version or census_uri:
         raise ValueError("--census-version / --census-uri go with the source 'census'")
     text = str(source)
+    compressed = next((suffix for suffix in COMPRESSED_SUFFIXES if text.endswith(suffix)), None)
+    if compressed:
+        raise ValueError(f"{text} is a compressed file ({compressed}): decompress it first (e.g. gunzip -k {text}); "
+                         "h5ad and Zarr compress their arrays inside and are read as they are")
     if _is_shard_directory(text):
         return ShardSource(text)
     if text.endswith((".h5ad", ".h5")):

@@ -37,7 +37,7 @@ import torch
 
 from .. import faults
 from ..train.checkpoint import fetch_checkpoint, load_model
-from ..data.alignment import GeneAlignment, check_counts, gene_id_note
+from ..data.alignment import GeneAlignment, gene_id_note
 from ..data.background import run_ahead
 from ..data.sources import open_source
 from ..storage import is_url, replace_tree
@@ -278,7 +278,7 @@ class _ChunkEmbedder:
         a chunk ahead, in a thread, while the previous chunk is encoded)."""
         rows, n_obs = self.settings.chunk_rows, self.source.n_obs
         counts = self.source.rows(chunk * rows, min(n_obs, (chunk + 1) * rows))
-        check_counts(counts, self.source.uri, obs_ids, self.source.feature_ids)
+        self.source.check_counts(counts, obs_ids)
         return self.alignment.apply(counts)
 
     def run(self, chunk: int, obs_ids: np.ndarray) -> int:
