@@ -89,6 +89,18 @@ def test_census_obs_filter_and_errors(census_uri):
         open_source("census")
 
 
+def test_unreachable_census_is_one_line_with_the_way_out(monkeypatch):
+    import cellxgene_census._release_directory as directory
+
+    # A release directory on a closed loopback port: a real connection refused, as offline.
+    monkeypatch.setattr(directory, "CELL_CENSUS_RELEASE_DIRECTORY_URL", "http://127.0.0.1:9/release.json")
+    monkeypatch.setattr(directory, "CELL_CENSUS_MIRRORS_DIRECTORY_URL", "http://127.0.0.1:9/mirrors.json")
+    with pytest.raises(ValueError, match=r"cannot reach the Census to open release 'stable' .*ConnectionError.*"
+                                         r"use a local or mirrored copy with --census-uri PATH") as error:
+        open_source("census", census_version="stable")
+    assert "\n" not in str(error.value) and len(str(error.value)) < 500
+
+
 def test_soma_written_by_tiledbsoma_io_and_zarr_sources_agree(tmp_path):
     import tiledbsoma.io
 

@@ -336,6 +336,17 @@ def census_obs_filter(obs_filter: str | None, all_cells: bool = False) -> str | 
     return DEFAULT_CENSUS_OBS_FILTER if user is None else f"({DEFAULT_CENSUS_OBS_FILTER}) and ({user})"
 
 
+CENSUS_DIRECTORY = "https://census.cellxgene.cziscience.com/cellxgene-census/v1/release.json"
+
+
+def census_unreachable(census_version: str, error: BaseException) -> ValueError:
+    """One line for a public Census that cannot be reached: the URL, the reason, the way out."""
+    reason = str(error).split("(Caused by")[0].strip().rstrip(":") or type(error).__name__
+    return ValueError(f"cannot reach the Census to open release {census_version!r} ({CENSUS_DIRECTORY}; "
+                      f"{type(error).__name__}: {reason[:200]}); without network, use a local or mirrored copy "
+                      "with --census-uri PATH")
+
+
 def open_census(census_version: str | None = None, census_uri: str | None = None, organism: str = "homo_sapiens",
                 obs_filter: str | None = DEFAULT_CENSUS_OBS_FILTER, var_filter: str | None = None,
                 layer: str = "raw") -> SomaSource:
@@ -344,7 +355,15 @@ def open_census(census_version: str | None = None, census_uri: str | None = None
 
     if (census_version is None) == (census_uri is None):
         raise ValueError("give exactly one of census_version (a public release, e.g. 'stable') or census_uri (a copy)")
-    census = cellxgene_census.open_soma(uri=census_uri) if census_uri else cellxgene_census.open_soma(census_version=census_version)
+    if census_uri:
+        census = cellxgene_census.open_soma(uri=census_uri)
+    else:
+        try:
+            census = cellxgene_census.open_soma(census_version=census_version)
+        except ValueError as error:  # the release directory has no such version
+            raise ValueError(f"Census release {census_version!r} does not exist ({error})") from None
+        except Exception as error:  # noqa: BLE001 - no network, DNS, proxy, S3 refused
+            raise census_unreachable(census_version, error) from None
     key = organism.strip().lower().replace(" ", "_")
     data = census["census_data"]
     if key not in data:

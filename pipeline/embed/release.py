@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 
 from .. import storage
 from ..train.checkpoint import fetch_checkpoint
-from ..data.sources import census_obs_filter
+from ..data.sources import census_obs_filter, census_unreachable
 from .write import EmbedSettings, embed, model_id
 
 INDEX_NAME = "index.json"
@@ -37,8 +37,7 @@ def resolve_release(census_version: str | None, census_uri: str | None, release:
         except ValueError as error:  # the directory has no such release
             raise ValueError(f"Census release {census_version!r} does not exist ({error})") from None
         except Exception as error:  # noqa: BLE001 - no network, DNS, proxy
-            raise ValueError(f"cannot read the Census release directory to resolve {census_version!r} "
-                             f"({type(error).__name__}: {error}); use --census-uri for a local copy") from None
+            raise census_unreachable(census_version, error) from None
         name = description.get("release_build") or census_version
     else:
         name = _build_date(census_uri)
