@@ -117,6 +117,25 @@ def test_checkpoints_carry_a_format_version_and_model_pt_alone_loads_the_model(s
     assert find_checkpoint(tmp_path / "hvae") == directory
 
 
+@pytest.mark.slow
+def test_a_damaged_checkpoint_is_passed_over_for_the_previous_complete_one(small_shards, tmp_path):
+    base = ["train", f"data.path={small_shards}", "train.batch_size=64", "train.progress=false",
+            f"run.storage_path={tmp_path}", "checkpoint.every_steps=2", "train.early_stopping=false"]
+    cli(*base, "train.max_steps=4")
+    newest = find_checkpoint(tmp_path / "hvae")
+    assert newest.name == "checkpoint_00000004"
+    data = (newest / "model.pt").read_bytes()
+    (newest / "model.pt").write_bytes(data[: len(data) // 3])  # truncated on disk after the run
+    resumed = cli(*base, "train.max_steps=6")
+    assert "checkpoint_00000004 cannot be read back" in resumed.stdout and "falling back" in resumed.stdout
+    assert "from checkpoint_00000002 (step 2)" in resumed.stdout
+    assert read_checkpoint(find_checkpoint(tmp_path / "hvae"))["train_state"]["step"] == 6
+    for path in (tmp_path / "hvae").glob("checkpoint_*/trainer.pt"):  # every one damaged: named, refused
+        path.write_bytes(b"not a torch file")
+    refused = cli(*base, "train.max_steps=8", check=False)
+    assert refused.returncode == 2 and "every checkpoint of" in refused.stderr and "is damaged" in refused.stderr
+
+
 def test_the_pipeline_model_section_is_hvae_config_and_is_validated_when_loaded(small_shards, tmp_path):
     """configs' `model:` section is derived from HVAEConfig (minus what the data decides), and its
     bounds are HVAEConfig's: a bad value fails when the config is loaded, before anything is written."""

@@ -68,6 +68,10 @@ def save_checkpoint(directory: str | Path, trainer, hvae_config: HVAEConfig, con
     return directory
 
 
+class CheckpointFormatError(ValueError):
+    """A readable checkpoint of another format: not damage, so no fallback to an older one."""
+
+
 def read_model_file(directory: str | Path) -> dict:
     """``model.pt`` of a checkpoint: config, weights, genes and batches, with clear errors for a
     missing, corrupt or other-version file."""
@@ -80,7 +84,7 @@ def read_model_file(directory: str | Path) -> dict:
         raise ValueError(f"{path} is corrupt or truncated ({type(error).__name__}: {error})") from None
     version = saved.get("format_version", 1) if isinstance(saved, dict) else None
     if version != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} has checkpoint format {version}; this version of hvae-pipeline reads format "
+        raise CheckpointFormatError(f"{path} has checkpoint format {version}; this version of hvae-pipeline reads format "
                          f"{CHECKPOINT_FORMAT} (its model differs): train a new model, or embed with the release that wrote it")
     return {"hvae_config": HVAEConfig.from_dict(saved["hvae_config"]), "model": saved["model"], "ema": saved["ema"],
             "genes": saved["genes"], "batches": saved["batches"], "path": str(directory)}
@@ -174,6 +178,32 @@ def find_checkpoint(path: str | Path) -> Path | str | None:
 
 def _complete(checkpoint: str) -> bool:
     return storage.exists(storage.join(checkpoint, "train_state.json"))
+
+
+def resumable_checkpoint(run_dir: str | Path, echo=print) -> Path | str | None:
+    """The newest complete checkpoint of a run that also reads back (None if the run has none).
+    A damaged one (a truncated ``model.pt`` or ``trainer.pt``) is passed over for the previous
+    complete one, saying so; when every checkpoint is damaged the error names them."""
+    newest = find_checkpoint(run_dir)
+    if newest is None:
+        return None
+    names = sorted((n for n in storage.listdir(run_dir) if n.startswith("checkpoint_")
+                    and _complete(storage.join(str(run_dir), n))), reverse=True)
+    candidates = [newest] + [storage.join(str(run_dir), n) for n in names if n != storage.basename(str(newest))]
+    damaged = []
+    for candidate in candidates:
+        try:
+            read_checkpoint(fetch_checkpoint(candidate)[0])
+        except CheckpointFormatError:
+            raise
+        except (ValueError, FileNotFoundError, OSError) as error:
+            damaged.append(f"{storage.basename(str(candidate))}: {error}")
+            echo(f"warning: {storage.basename(str(candidate))} cannot be read back ({error}); "
+                 "falling back to the previous complete checkpoint")
+            continue
+        return candidate if storage.is_url(str(candidate)) else Path(candidate)
+    raise ValueError(f"every checkpoint of {run_dir} is damaged ({'; '.join(damaged)[:600]}); move the run directory "
+                     "away or set another run.name to start again")
 
 
 def fetch_checkpoint(path: str | Path) -> tuple[Path, str] | None:

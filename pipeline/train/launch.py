@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from .. import faults, storage
-from .checkpoint import fetch_checkpoint, find_checkpoint, prune_checkpoints, read_train_state, write_latest
+from .checkpoint import (fetch_checkpoint, find_checkpoint, prune_checkpoints, read_train_state, resumable_checkpoint,
+                         write_latest)
 from ..config import PipelineConfig
 from .loop import train_worker
 
@@ -40,7 +41,7 @@ def train(config: PipelineConfig, echo=print) -> dict:
     run_dir = config.run_dir if storage.is_url(config.run_dir) else str(Path(config.run_dir).resolve())
     _check_storage(run_dir)
     _check_gpu(config)
-    previous = find_checkpoint(run_dir)
+    previous = resumable_checkpoint(run_dir, echo)
     summary_file = storage.join(run_dir, "summary.json")
     if previous is not None:
         state = read_train_state(previous)  # the driver needs the step, not the weights
@@ -55,7 +56,7 @@ def train(config: PipelineConfig, echo=print) -> dict:
     if config.scaling.num_workers == 0:
         result = _train_local(config, run_dir, previous)
     else:
-        result = _train_ray(config, run_dir)
+        result = _train_ray(config, run_dir, previous)
     latest = find_checkpoint(run_dir)
     summary = {**result, "run_dir": run_dir, "checkpoint": str(latest) if latest else None,
                "wall_seconds": round(time.time() - started, 2), "num_workers": config.scaling.num_workers}
@@ -132,7 +133,7 @@ def _train_local(config: PipelineConfig, run_dir: str, previous) -> dict:
         mirror.close()
 
 
-def _train_ray(config: PipelineConfig, run_dir: str) -> dict:
+def _train_ray(config: PipelineConfig, run_dir: str, previous) -> dict:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -145,7 +146,8 @@ def _train_ray(config: PipelineConfig, run_dir: str) -> dict:
             raise ValueError(f"scaling.use_gpu is true with {config.scaling.num_workers} workers but the Ray cluster has {gpus:g} GPUs")
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "run_dir": run_dir, "faults": faults.forwarded()},
+        train_loop_config={"config": config.model_dump(mode="json"), "run_dir": run_dir, "faults": faults.forwarded(),
+                           "previous": None if previous is None else str(previous)},
         scaling_config=ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
                                      resources_per_worker=config.scaling.resources_per_worker),
         run_config=RunConfig(name=config.run.name, storage_path=run_dir.rstrip("/").rsplit("/", 1)[0],
@@ -170,8 +172,8 @@ def _ray_worker(loop_config: dict) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and (fallback := fetch_checkpoint(run_dir)) is not None:
-        checkpoint = Checkpoint.from_directory(str(fallback[0]))  # e.g. written by the local backend
+    if checkpoint is None and loop_config.get("previous"):  # the run's checkpoint the driver chose and read back
+        checkpoint = Checkpoint.from_directory(str(fetch_checkpoint(loop_config["previous"])[0]))
     mirror = _MetricsMirror(run_dir) if rank == 0 else None
 
     def save(directory: str | None, metrics: dict) -> None:
