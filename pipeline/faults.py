@@ -6,6 +6,11 @@ Set through environment variables only, never through the user's config::
                                         (a marker file in the run directory keeps a restarted
                                         worker from failing again)
     HVAE_FAIL_AFTER_CHUNKS=<n>          embed, in one process, exits after writing <n> chunks
+    HVAE_KILL_AT=<n>                    the process SIGKILLs itself at the <n>-th kill point it
+                                        reaches (``point``: between the writes of shard, train,
+                                        checkpoints, embed and the --overwrite swap), as kill -9 would
+    HVAE_KILL_POINTS=<file>             append the name of every kill point reached to <file>
+                                        (how a test counts a run's points before choosing some)
 
 Ray Train workers do not always inherit the driver's environment, so the driver forwards these
 variables in the worker's loop config (``forwarded`` / ``install``).
@@ -14,10 +19,15 @@ variables in the worker's loop config (``forwarded`` / ``install``).
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from pathlib import Path
 
+_lock = threading.Lock()
+
 EXIT_CODE = 17
-_NAMES = ("HVAE_FAIL_AT_STEP", "HVAE_FAIL_AFTER_CHUNKS")
+_NAMES = ("HVAE_FAIL_AT_STEP", "HVAE_FAIL_AFTER_CHUNKS", "HVAE_KILL_AT", "HVAE_KILL_POINTS")
+_reached = 0
 
 
 def forwarded() -> dict[str, str]:
@@ -48,3 +58,18 @@ def maybe_fail_embedding(chunks_written: int) -> None:
     value = os.environ.get("HVAE_FAIL_AFTER_CHUNKS")
     if value and chunks_written == int(value):
         os._exit(EXIT_CODE)
+
+
+def point(name: str) -> None:
+    """A kill point: a place between two writes where a killed job would leave its output."""
+    kill_at, log = os.environ.get("HVAE_KILL_AT"), os.environ.get("HVAE_KILL_POINTS")
+    if not kill_at and not log:
+        return
+    global _reached
+    with _lock:  # points are reached from writer threads too
+        _reached += 1
+        if log:
+            with open(log, "a") as handle:
+                handle.write(f"{_reached} {name}\n")
+        if kill_at and _reached == int(kill_at):
+            os.kill(os.getpid(), signal.SIGKILL)

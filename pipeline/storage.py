@@ -12,6 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from . import faults
+
 
 def is_url(path) -> bool:
     """Whether ``path`` is a URL (``s3://``, ``gs://``, ``file://``, ...) rather than a plain path."""
@@ -123,7 +125,9 @@ def replace_tree(new, final) -> None:
             shutil.rmtree(aside)
         if Path(final).exists():
             os.replace(final, aside)
+            faults.point("replace.aside")
         os.replace(new, final)
+        faults.point("replace.swapped")
         shutil.rmtree(aside, ignore_errors=True)
         return
     fs, final_path = filesystem(final)
@@ -132,6 +136,21 @@ def replace_tree(new, final) -> None:
         fs.rm(final_path, recursive=True)
     fs.copy(new_path, final_path, recursive=True)
     fs.rm(new_path, recursive=True)
+
+
+def recover_replace(final) -> None:
+    """Finish or undo a local ``replace_tree`` that a killed job cut short: with the old output
+    moved aside and the new one not yet in place, the old one goes back (the rerun's --overwrite
+    swaps the new one in); with both done, the old copy aside is deleted."""
+    if is_remote(final):
+        return
+    aside = Path(str(final).rstrip("/") + ".replaced")
+    if not aside.exists():
+        return
+    if Path(final).exists():
+        shutil.rmtree(aside)
+    else:
+        os.replace(aside, final)
 
 
 class StorageError(ValueError):

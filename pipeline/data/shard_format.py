@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import faults
 from ..storage import StorageError, explain, filesystem, is_remote, join  # the data layer opens every URL through these
 
 FORMAT_VERSION = 1
@@ -105,6 +106,7 @@ def write_manifest(root: str, manifest: dict) -> None:
         tmp = os.path.join(path, MANIFEST_NAME + ".tmp")
         with open(tmp, "w") as handle:
             handle.write(text)
+        faults.point("manifest.tmp")
         os.replace(tmp, os.path.join(path, MANIFEST_NAME))
     else:  # object stores: a single PUT is atomic
         with fs.open(join(path, MANIFEST_NAME), "w") as handle:

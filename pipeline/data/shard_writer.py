@@ -31,8 +31,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .alignment import GeneAlignment
+from .. import faults
 from .background import run_ahead
-from ..storage import check_writable, is_remote, join, listdir, replace_tree
+from ..storage import check_writable, is_remote, join, listdir, recover_replace, replace_tree
 from .shard_format import (COMPRESSIONS, FORMAT_VERSION, MANIFEST_NAME, count_dtype, feature_hash, filesystem,
                            index_dtype, write_csr_arrays, write_manifest)
 from .sources import Source
@@ -69,6 +70,7 @@ def write_shards(source: Source, out: str, settings: ShardSettings | None = None
     settings = settings or ShardSettings()
     started = time.perf_counter()
     out = str(out)
+    recover_replace(out)
     fs, out_path = filesystem(out)
     existed = fs.exists(out_path)
     check_writable(out)  # an unreachable store, missing credentials or permissions fail here, in words
@@ -141,6 +143,7 @@ def _build(source: Source, out: str, settings: ShardSettings, started: float, ec
                 if block.nnz:
                     max_count = max(max_count, float(block.data.max()))
                 _spill(staging, block, destination[offset : offset + n], shard_offsets)
+                faults.point("shard.spill")
                 bar.update(n)
 
         data_dtype, indices_dtype = count_dtype(max_count), index_dtype(alignment.n_target)
@@ -165,6 +168,7 @@ def _build(source: Source, out: str, settings: ShardSettings, started: float, ec
                 pending = writer.submit(_write_shard, out, out_path, fs, local, name, counts, obs.iloc[rows], var, provenance,
                                         settings.compression)
                 shards.append({"path": name, "n_obs": int(shard_sizes[k]), "nnz": int(counts.nnz)})
+                faults.point("shard.shard")
                 bar.update(int(shard_sizes[k]))
             if pending is not None:
                 pending.result()
@@ -178,6 +182,7 @@ def _build(source: Source, out: str, settings: ShardSettings, started: float, ec
             "shards": shards, "obs_columns": obs_meta, "provenance": provenance,
             "build_seconds": round(time.perf_counter() - started, 2),
         }
+        faults.point("shard.manifest")
         write_manifest(out, manifest)
         return manifest
     finally:

@@ -40,7 +40,7 @@ from ..train.checkpoint import fetch_checkpoint, load_model
 from ..data.alignment import GeneAlignment, gene_id_note
 from ..data.background import run_ahead
 from ..data.sources import open_source
-from ..storage import is_url, replace_tree
+from ..storage import is_url, recover_replace, replace_tree
 from ..data import densify
 
 # 2: level_<l> holds the code from level l up (format 1: z_l alone).
@@ -138,6 +138,7 @@ def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings 
                  "latent_dims": list(model.config.latent_dims), "source": provenance,
                  "source_identity": source_identity(source, obs_ids), "source_args": json.dumps(source_args),
                  "chunk_rows": settings.chunk_rows, "ema": settings.ema, "n_genes_missing_zero_filled": len(alignment.missing)}
+        recover_replace(out)  # an --overwrite swap cut short by a kill
         final, out = out, _working_path(out, settings)
         group, existing = _open_output(out, attrs, n_obs, dims, settings, final)
         if existing == "complete":
@@ -166,6 +167,7 @@ def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings 
         done = np.asarray(zarr.open_array(f"{out}/progress/done", mode="r")[:])
         if not done.all():
             raise RuntimeError(f"{out}: {int((done == 0).sum())} chunks were not written")
+        faults.point("embed.complete")
         group.attrs.update({"complete": True, "completed": datetime.now(timezone.utc).isoformat()})
         if out != final:
             replace_tree(out, final)  # the old store is replaced only now, by a complete new one
@@ -304,8 +306,10 @@ class _ChunkEmbedder:
             self.group[f"level_{level}/mean"][lo:hi] = torch.cat([m[level] for m in means]).float().cpu().numpy()
             if self.settings.logvar:
                 self.group[f"level_{level}/logvar"][lo:hi] = torch.cat([v[level] for v in logvars]).float().cpu().numpy()
+        faults.point("embed.levels")
         self.group["obs_id"][lo:hi] = np.asarray(obs_ids, dtype=object).astype(str)
         self.group["progress/done"][chunk] = 1  # only after every row of the chunk is written
+        faults.point("embed.chunk")
         return hi - lo
 
 

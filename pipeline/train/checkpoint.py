@@ -29,7 +29,7 @@ import torch
 
 from hvae import HVAEConfig, HierarchicalVAE
 
-from .. import storage
+from .. import faults, storage
 from ..data.shard_format import feature_hash
 
 LATEST = "latest"
@@ -56,11 +56,13 @@ def save_checkpoint(directory: str | Path, trainer, hvae_config: HVAEConfig, con
         state = trainer.state_dict()
     torch.save({"format_version": CHECKPOINT_FORMAT, "hvae_config": hvae_config.to_dict(), "model": state["model"],
                 "ema": state["ema"], "genes": genes, "batches": batches}, directory / "model.pt")
+    faults.point("checkpoint.model")
     (directory / "genes.json").write_text(json.dumps(genes))
     (directory / "batches.json").write_text(json.dumps(batches))
     if "optimizer" in state:
         torch.save({**{k: state[k] for k in ("optimizer", "scaler", "step", "skipped_steps")}, **(extra_trainer_state or {})},
                    directory / "trainer.pt")
+        faults.point("checkpoint.trainer")
     if config_yaml is not None:
         (directory / "config.yaml").write_text(config_yaml)
     if train_state is not None:

@@ -31,7 +31,7 @@ from .. import faults, storage
 from .checkpoint import (fetch_checkpoint, find_checkpoint, prune_checkpoints, read_train_state, resumable_checkpoint,
                          write_latest)
 from ..config import PipelineConfig
-from .loop import train_worker
+from .loop import STAGING_PREFIX, train_worker
 
 
 def train(config: PipelineConfig, echo=print) -> dict:
@@ -41,6 +41,7 @@ def train(config: PipelineConfig, echo=print) -> dict:
     run_dir = config.run_dir if storage.is_url(config.run_dir) else str(Path(config.run_dir).resolve())
     _check_storage(run_dir)
     _check_gpu(config)
+    _clear_staging(run_dir)
     previous = resumable_checkpoint(run_dir, echo)
     summary_file = storage.join(run_dir, "summary.json")
     if previous is not None:
@@ -62,6 +63,16 @@ def train(config: PipelineConfig, echo=print) -> dict:
                "wall_seconds": round(time.time() - started, 2), "num_workers": config.scaling.num_workers}
     storage.write_text(summary_file, json.dumps(summary, indent=1))
     return summary
+
+
+def _clear_staging(run_dir: str) -> None:
+    """What a killed local run leaves in its directory: a checkpoint being written or being renamed."""
+    if storage.is_url(run_dir) or not Path(run_dir).exists():
+        return
+    for entry in Path(run_dir).iterdir():
+        if entry.is_dir() and (entry.name.startswith(STAGING_PREFIX)
+                               or (entry.name.startswith(".checkpoint_") and entry.name.endswith(".partial"))):
+            shutil.rmtree(entry)
 
 
 def _check_storage(run_dir: str) -> None:
@@ -121,14 +132,18 @@ def _train_local(config: PipelineConfig, run_dir: str, previous) -> dict:
             if target.exists():
                 shutil.rmtree(target)
             shutil.copytree(directory, Path(run_dir) / f".{name}.partial")
+            faults.point("checkpoint.copied")
             os.replace(Path(run_dir) / f".{name}.partial", target)
+        faults.point("checkpoint.renamed")
         write_latest(run_dir, name)
+        faults.point("checkpoint.latest")
         prune_checkpoints(run_dir, config.checkpoint.keep)
         mirror.sync()
 
     restore = str(fetch_checkpoint(previous)[0]) if previous is not None else None
     try:
-        return train_worker(config, 0, 1, device, restore, save, mirror.metrics_path)
+        return train_worker(config, 0, 1, device, restore, save, mirror.metrics_path,
+                            staging=None if mirror.remote else run_dir)
     finally:
         mirror.close()
 

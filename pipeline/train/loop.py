@@ -45,10 +45,15 @@ def split_datasets(config: PipelineConfig) -> tuple[ShardedDataset, ShardedDatas
             ShardedDataset(config.data.path, subset=list(range(n_shards - n_val, n_shards))))
 
 
+STAGING_PREFIX = ".hvae-ckpt-"  # a checkpoint being written (a killed run leaves it; the next run clears it)
+
+
 def train_worker(config: PipelineConfig, rank: int, world_size: int, device: torch.device | str,
-                 restore: str | None, save_hook: CheckpointHook, metrics_path: str | None = None) -> dict:
+                 restore: str | None, save_hook: CheckpointHook, metrics_path: str | None = None,
+                 staging: str | None = None) -> dict:
     """Train until ``train.max_steps``; returns a summary. ``save_hook(dir_or_None, metrics)`` is
-    called on every rank at every checkpoint (rank 0 passes the directory it wrote)."""
+    called on every rank at every checkpoint (rank 0 passes the directory it wrote, a temporary
+    directory under ``staging``, default the system's temporary directory)."""
     device = torch.device(device)
     train, validation = split_datasets(config)
     key = config.data.batch_key
@@ -82,6 +87,7 @@ def train_worker(config: PipelineConfig, rank: int, world_size: int, device: tor
             cells += batch["counts"].shape[0] * world_size
             step = trainer.step_count
             faults.maybe_fail_training(config.run_dir, rank, step)
+            faults.point("train.step")
             if bar is not None:
                 bar.update(1)
             if validation is not None and (step % config.train.validate_every == 0 or step == max_steps):
@@ -114,7 +120,7 @@ def train_worker(config: PipelineConfig, rank: int, world_size: int, device: tor
                 if stopper is not None:
                     state["best_step"] = stopper.best_step
                 _checkpoint(trainer, hvae_config, config, state, train.feature_ids, key, categories, rank, save_hook,
-                            {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, stopper)
+                            {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, stopper, staging)
                 _reseed(config.train.seed, step, rank)
             if step >= max_steps or stopped:
                 break
@@ -172,11 +178,11 @@ def _restore(trainer: Trainer, loader, restore: str, train: ShardedDataset, cate
 
 
 def _checkpoint(trainer, hvae_config, config, state, feature_ids, key, categories, rank, save_hook, metrics,
-                stopper: EarlyStopping | None) -> None:
+                stopper: EarlyStopping | None, staging: str | None) -> None:
     if rank != 0:
         save_hook(None, metrics)
         return
-    with tempfile.TemporaryDirectory(prefix="hvae-ckpt-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=staging) as tmp:
         save_checkpoint(tmp, trainer, hvae_config, config.to_yaml(), state, feature_ids, key, categories,
                         extra_trainer_state={"early_stopping": stopper.state_dict()} if stopper is not None else None)
         save_hook(tmp, metrics)
