@@ -213,6 +213,20 @@ def test_evaluate_scores_every_level_against_baselines_on_the_same_cells(trained
 
 
 @pytest.mark.slow
+def test_embed_release_records_an_unreachable_census_in_the_index(trained, tmp_path, monkeypatch):
+    import cellxgene_census._release_directory as directory
+
+    from pipeline.embed.release import embed_release, read_index
+
+    run_dir, _, _ = trained
+    monkeypatch.setattr(directory, "CELL_CENSUS_RELEASE_DIRECTORY_URL", "http://127.0.0.1:9/release.json")
+    with pytest.raises(ValueError, match="cannot reach the Census to open release 'stable'.*--census-uri"):
+        embed_release(str(run_dir), str(tmp_path / "releases"), census_version="stable", echo=lambda *_: None)
+    [entry] = read_index(str(tmp_path / "releases"))
+    assert entry["release"] == "stable" and entry["status"] == "failed" and "cannot reach the Census" in entry["error"]
+
+
+@pytest.mark.slow
 def test_embed_release_is_idempotent_resumes_and_keeps_an_index(trained, census_uri, tmp_path):
     run_dir, _, _ = trained
     root = tmp_path / "releases"
@@ -231,6 +245,11 @@ def test_embed_release_is_idempotent_resumes_and_keeps_an_index(trained, census_
     before = chunk.stat().st_mtime_ns
     again = subprocess.run([*release, "--release", "2025-01-30"], capture_output=True, text=True, env=ENV)
     assert again.returncode == 0 and "already embedded" in again.stdout and chunk.stat().st_mtime_ns == before
+    # The same release with another obs filter is not "already embedded": refused, the store untouched.
+    other = subprocess.run([*release, "--release", "2025-01-30", "--obs-filter", "cell_type == 'B'"],
+                           capture_output=True, text=True, env=ENV)
+    assert other.returncode == 2 and "with obs filter 'is_primary_data == True'" in other.stderr, other.stderr[-2000:]
+    assert "(is_primary_data == True) and (cell_type == 'B')" in other.stderr and chunk.stat().st_mtime_ns == before
     assert json.loads((root / "index.json").read_text())["runs"] == index
 
     # The job killed mid-way (after 2 of 6 chunks) resumes on the next run, to the same output.

@@ -339,10 +339,14 @@ def census_obs_filter(obs_filter: str | None, all_cells: bool = False) -> str | 
 CENSUS_DIRECTORY = "https://census.cellxgene.cziscience.com/cellxgene-census/v1/release.json"
 
 
-def census_unreachable(census_version: str, error: BaseException) -> ValueError:
+class CensusUnreachable(ValueError):
+    """The public Census cannot be reached (network, DNS, proxy)."""
+
+
+def census_unreachable(census_version: str, error: BaseException) -> CensusUnreachable:
     """One line for a public Census that cannot be reached: the URL, the reason, the way out."""
     reason = str(error).split("(Caused by")[0].strip().rstrip(":") or type(error).__name__
-    return ValueError(f"cannot reach the Census to open release {census_version!r} ({CENSUS_DIRECTORY}; "
+    return CensusUnreachable(f"cannot reach the Census to open release {census_version!r} ({CENSUS_DIRECTORY}; "
                       f"{type(error).__name__}: {reason[:200]}); without network, use a local or mirrored copy "
                       "with --census-uri PATH")
 

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 
 from .. import storage
 from ..train.checkpoint import fetch_checkpoint
-from ..data.sources import census_obs_filter, census_unreachable
+from ..data.sources import CensusUnreachable, census_obs_filter, census_unreachable
 from .write import EmbedSettings, embed, model_id
 
 INDEX_NAME = "index.json"
@@ -81,12 +81,20 @@ def embed_release(checkpoint: str, out_root: str, *, census_version: str | None 
     if census_uri is not None and not storage.is_url(census_uri) and not Path(census_uri).exists():
         raise FileNotFoundError(f"the Census copy {census_uri} does not exist")
     storage.check_writable(out_root)
-    name = resolve_release(census_version, census_uri, release)
     found = fetch_checkpoint(checkpoint)
     if found is None:
         raise FileNotFoundError(f"{checkpoint} is neither a checkpoint directory nor a run directory with one")
     directory, origin = found
     identity = model_id(directory)
+    try:
+        name = resolve_release(census_version, census_uri, release)
+    except CensusUnreachable as error:  # the scheduled job's failure is in the index too
+        now = datetime.now(timezone.utc).isoformat()
+        _write_index(out_root, _replace(read_index(out_root), {
+            "release": release or census_version or census_uri, "model_id": identity, "checkpoint": origin,
+            "census_version": census_version, "census_uri": census_uri, "started": now, "finished": now,
+            "status": "failed", "error": f"{error}"[:500]}))
+        raise
     out = storage.join(out_root, name, "embeddings.zarr")
     runs = read_index(out_root)
     effective = census_obs_filter(obs_filter, all_cells)
