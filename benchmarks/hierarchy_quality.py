@@ -181,7 +181,17 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="an HVAEConfig field for the hierarchical model (repeatable), e.g. latent_dims=[64,32,16]")
     parser.add_argument("--json", type=Path, help="write every run and the checks here")
+    parser.add_argument("--from-json", type=Path, nargs="+", metavar="FILE",
+                        help="train nothing: the tables and checks of the runs in these --json files together "
+                             "(e.g. seeds run on different days)")
     args = parser.parse_args()
+    if args.from_json:
+        reports = [json.loads(path.read_text()) for path in args.from_json]
+        runs = [run for report in reports for run in report["runs"]]
+        pcas = {dataset: pca for report in reports for dataset, pca in report["pca"].items()}
+        print(f"runs of {', '.join(map(str, args.from_json))}; model {reports[0]['model'] or 'defaults'}")
+        summarise(sorted(pcas), runs, pcas, reports[0]["model"], reports[0]["steps"], args.json, time.time())
+        return
     for dataset in args.datasets:
         if dataset not in SYNTHETIC and dataset not in ("pancreas", "pbmc3k"):
             parser.error(f"unknown dataset {dataset!r}")
@@ -202,19 +212,30 @@ def main() -> None:
         pcas = {d: pool.submit(run_pca, d) for d in args.datasets}
         runs = list(pool.map(run_model, tasks))
         pcas = {d: f.result() for d, f in pcas.items()}
-    report = {"model": model, "steps": args.steps, "runs": runs, "pca": pcas, "checks": {}}
+    summarise(args.datasets, runs, pcas, model, args.steps, args.json, started)
+
+
+def summarise(datasets, runs, pcas, model, steps, json_path, started) -> None:
+    """Per dataset: the table of medians, the finest-label kNN of each seed, the five checks."""
+    report = {"model": model, "steps": steps, "runs": runs, "pca": pcas, "checks": {}}
     failed = 0
-    for dataset in args.datasets:
+    for dataset in [d for d in dict.fromkeys(DATASETS + tuple(SYNTHETIC)) if d in datasets]:
         labels = load_labels(dataset)
         hvae = [r for r in runs if r["dataset"] == dataset and r["kind"] == "hvae"]
         flats = [r for r in runs if r["dataset"] == dataset and r["kind"] == "flat"]
         text, checks = table(dataset, labels, hvae, flats, pcas[dataset])
         print(text)
+        per_seed = {r["seed"]: r for r in hvae}
+        flat_seed = {r["seed"]: r for r in flats}
+        print(f"\n{labels[-1]} kNN by seed (level 0 / level 1 / top; flat):", "; ".join(
+            f"seed {seed}: " + " / ".join(f"{level['knn'][labels[-1]]:.3f}" for level in per_seed[seed]["levels"])
+            + (f"; {flat_seed[seed]['levels'][0]['knn'][labels[-1]]:.3f}" if seed in flat_seed else "")
+            for seed in sorted(per_seed)))
         failed += sum(not c.passed for c in checks)
         report["checks"][dataset] = [c.__dict__ for c in checks]
     print(f"\n{failed} checks failed; total {time.time() - started:.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=1))
 
 
 def load_labels(dataset: str) -> list[str]:

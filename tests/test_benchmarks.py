@@ -29,6 +29,11 @@ def test_hierarchy_quality_prints_levels_baselines_and_the_five_checks(tmp_path)
     checks = json.loads(out.read_text())["checks"]["pancreas"]
     assert [c["number"] for c in checks] == [1, 2, 3, 4]  # no donors in pancreas: check 5 does not apply
     assert all(f"{c['number']}. " in table for c in checks)
+    # Runs kept as JSON are summarised again (seeds run apart, together) without training.
+    again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hierarchy_quality.py"), "--from-json", str(out)],
+                           capture_output=True, text=True)
+    assert again.returncode == 0 and "| HVAE level 0 (finest) | 14 |" in again.stdout, again.stderr[-2000:]
+    assert "cell_type_fine kNN by seed (level 0 / level 1 / top; flat): seed 0: " in again.stdout
 
 
 @pytest.mark.slow
