@@ -71,18 +71,16 @@ def write_shards(source: Source, out: str, settings: ShardSettings | None = None
     started = time.perf_counter()
     out = str(out)
     recover_replace(out)
+    existed = _existed_before_check(out)
     fs, out_path = filesystem(out)
-    existed = fs.exists(out_path)
-    check_writable(out)  # an unreachable store, missing credentials or permissions fail here, in words
     final = out
     if fs.exists(join(out_path, MANIFEST_NAME)):
         if not settings.overwrite:
             raise FileExistsError(f"{out} already holds shards (manifest.json); pass --overwrite to replace them")
         # The new set is built beside the old one, which is replaced only once the new one is complete.
         out = out.rstrip("/") + ".overwrite-partial"
+        existed = _existed_before_check(out)
         fs, out_path = filesystem(out)
-        existed = fs.exists(out_path)
-        check_writable(out)
     elif fs.exists(out_path):
         foreign = [n for n in listdir(out) if not _ours(n)]
         if foreign:
@@ -187,6 +185,17 @@ def _build(source: Source, out: str, settings: ShardSettings, started: float, ec
         return manifest
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _existed_before_check(out: str) -> bool:
+    """Whether ``out`` existed before ``check_writable`` (which creates a local directory); an
+    unreachable store, missing credentials or permissions fail here, in words."""
+    existed = os.path.exists(out) if not is_remote(out) else None
+    check_writable(out)
+    if existed is None:
+        fs, path = filesystem(out)
+        existed = fs.exists(path)
+    return existed
 
 
 def _ours(name: str) -> bool:
