@@ -294,6 +294,15 @@ def test_embed_never_deletes_what_it_did_not_write_and_never_mixes_sources(train
     with pytest.raises(FileExistsError, match=r"embedded from another source: .*pbmc3k.*2,700 cells.*this source is .*renamed"):
         embed_quiet(run_dir, str(other), out, chunk_rows=1000)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    # A killed job rerun with another source does not resume: the partial store is one source's.
+    part = tmp_path / "part.zarr"
+    killed = subprocess.run([sys.executable, "-m", "pipeline", "embed", "--checkpoint", str(run_dir), "--source", source,
+                             "--out", str(part), "--chunk-rows", "500"], capture_output=True, text=True,
+                            env={**ENV, "HVAE_FAIL_AFTER_CHUNKS": "2"})
+    assert killed.returncode == 17, killed.stderr[-2000:]
+    with pytest.raises(FileExistsError, match=r"embedded from another source: .*this source is .*renamed"):
+        embed_quiet(run_dir, str(other), part, chunk_rows=500)
+    assert embed_quiet(run_dir, source, part, chunk_rows=500)["written_chunks"] == 4  # its own source resumes
 
     # --overwrite with a source that fails leaves the complete store as it was.
     bad = tmp_path / "bad.h5ad"
