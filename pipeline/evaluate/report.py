@@ -270,11 +270,14 @@ def _json_default(value):
 
 
 def level_guidance(results: list[dict], n_levels: int, labels) -> list[str]:
-    """Per label column, the store's best level by kNN accuracy and the ``use_rep`` key that reads it
-    (``results`` starts with the store's levels, top first); a baseline that scores higher is named."""
+    """Per label column, the store's best level by kNN accuracy (the coarsest within 0.005 of the
+    best: the most compact) and the ``use_rep`` key that reads it (``results`` starts with the
+    store's levels, top first); a baseline that scores higher is named."""
     lines = []
     for label in labels:
-        own = max(results[:n_levels], key=lambda r: r["labels"][label]["knn_accuracy"])
+        best = max(r["labels"][label]["knn_accuracy"] for r in results[:n_levels])
+        # results start with the top: the coarsest (most compact) level within 0.005 of the best
+        own = next(r for r in results[:n_levels] if r["labels"][label]["knn_accuracy"] >= best - 0.005)
         score = own["labels"][label]["knn_accuracy"]
         line = (f"{label}: level {own['level']} (kNN {score:.3f}): "
                 f"sc.pp.neighbors(adata, use_rep=\"X_hvae_level_{own['level']}\")")
