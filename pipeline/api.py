@@ -23,7 +23,7 @@ import scipy.sparse as sp
 from hvae import HVAEConfig, HierarchicalVAE
 
 from .config import TrainConfig
-from .data.alignment import GeneAlignment, gene_id_note, gene_ids_of
+from .data.alignment import GeneAlignment, gene_id_note, gene_ids_of, looks_like_counts
 from .data.genes import GeneStatistics
 from .train import batch_codes, fit_in_memory
 from .train.checkpoint import find_checkpoint, load_model, save_checkpoint
@@ -201,7 +201,7 @@ def _count_layers(adata) -> list[str]:
             sample = sample.data if sp.issparse(sample) else np.asarray(sample).ravel()
         except Exception:  # noqa: BLE001 - an unreadable layer is not a candidate
             continue
-        if sample.size and np.all(sample >= 0) and np.all(sample == np.round(sample)):
+        if looks_like_counts(sample):
             found.append(name)
     return found
 

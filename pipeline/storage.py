@@ -120,7 +120,7 @@ def replace_tree(new, final) -> None:
     built its output beside the old one). Local: renames (the old one moved aside first, deleted
     last). Object storage has no rename: the old objects are deleted, then the new ones copied."""
     if not is_remote(final):
-        aside = Path(str(final).rstrip("/") + ".replaced")
+        aside = _aside(final)
         if aside.exists():
             shutil.rmtree(aside)
         if Path(final).exists():
@@ -138,13 +138,18 @@ def replace_tree(new, final) -> None:
     fs.rm(new_path, recursive=True)
 
 
+def _aside(final) -> Path:
+    """Where ``replace_tree`` moves the old output while the new one is moved in."""
+    return Path(str(final).rstrip("/") + ".replaced")
+
+
 def recover_replace(final) -> None:
     """Finish or undo a local ``replace_tree`` that a killed job cut short: with the old output
     moved aside and the new one not yet in place, the old one goes back (the rerun's --overwrite
     swaps the new one in); with both done, the old copy aside is deleted."""
     if is_remote(final):
         return
-    aside = Path(str(final).rstrip("/") + ".replaced")
+    aside = _aside(final)
     if not aside.exists():
         return
     if Path(final).exists():

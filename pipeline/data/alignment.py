@@ -103,6 +103,12 @@ class GeneAlignment:
         return aligned
 
 
+def looks_like_counts(values: np.ndarray) -> bool:
+    """Whether a sample of a matrix's values holds raw counts (non-negative integers): how a
+    layer that holds them is found for an error's hint."""
+    return bool(values.size) and bool(np.all(values >= 0)) and bool(np.all(values == np.round(values)))
+
+
 def check_counts(counts: sp.csr_matrix, where: str, obs_ids: Sequence[str], feature_ids: Sequence[str]) -> np.ndarray:
     """The block's counts as uint32 after checking them; raise on NaN/inf, negative or
     non-integer counts (or counts >= 2**32), naming the cell and gene."""

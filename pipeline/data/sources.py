@@ -148,6 +148,8 @@ class AnnDataSource(Source):
     def count_layers(self) -> list[str]:
         from anndata.io import sparse_dataset
 
+        from .alignment import looks_like_counts
+
         candidates = [("raw", "raw/X")] if "raw/X" in self._root else []
         if "layers" in self._root:
             candidates += [(name, f"layers/{name}") for name in self._root["layers"].keys()]
@@ -160,7 +162,7 @@ class AnnDataSource(Source):
                 values = sample.data if sp.issparse(sample) else np.asarray(sample).ravel()
             except Exception:  # noqa: BLE001 - an unreadable or CSC layer is not a candidate
                 continue
-            if values.size and np.all(values >= 0) and np.all(values == np.round(values)):
+            if looks_like_counts(values):
                 found.append(name)
         return found
 
@@ -343,6 +345,17 @@ class CensusUnreachable(ValueError):
     """The public Census cannot be reached (network, DNS, proxy)."""
 
 
+def public_census(census_version: str, call):
+    """``call()``, which reads the public Census release directory, with its errors in words: a
+    release the directory does not have, or a Census that cannot be reached."""
+    try:
+        return call()
+    except ValueError as error:  # the release directory has no such version
+        raise ValueError(f"Census release {census_version!r} does not exist ({error})") from None
+    except Exception as error:  # noqa: BLE001 - no network, DNS, proxy, S3 refused
+        raise census_unreachable(census_version, error) from None
+
+
 def census_unreachable(census_version: str, error: BaseException) -> CensusUnreachable:
     """One line for a public Census that cannot be reached: the URL, the reason, the way out."""
     reason = str(error).split("(Caused by")[0].strip().rstrip(":") or type(error).__name__
@@ -362,12 +375,7 @@ def open_census(census_version: str | None = None, census_uri: str | None = None
     if census_uri:
         census = cellxgene_census.open_soma(uri=census_uri)
     else:
-        try:
-            census = cellxgene_census.open_soma(census_version=census_version)
-        except ValueError as error:  # the release directory has no such version
-            raise ValueError(f"Census release {census_version!r} does not exist ({error})") from None
-        except Exception as error:  # noqa: BLE001 - no network, DNS, proxy, S3 refused
-            raise census_unreachable(census_version, error) from None
+        census = public_census(census_version, lambda: cellxgene_census.open_soma(census_version=census_version))
     key = organism.strip().lower().replace(" ", "_")
     data = census["census_data"]
     if key not in data:

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 
 from .. import storage
 from ..train.checkpoint import fetch_checkpoint
-from ..data.sources import CensusUnreachable, census_obs_filter, census_unreachable
+from ..data.sources import CensusUnreachable, census_obs_filter, public_census
 from .write import EmbedSettings, embed, model_id
 
 INDEX_NAME = "index.json"
@@ -32,12 +32,8 @@ def resolve_release(census_version: str | None, census_uri: str | None, release:
     elif census_version:
         import cellxgene_census
 
-        try:
-            description = cellxgene_census.get_census_version_description(census_version)
-        except ValueError as error:  # the directory has no such release
-            raise ValueError(f"Census release {census_version!r} does not exist ({error})") from None
-        except Exception as error:  # noqa: BLE001 - no network, DNS, proxy
-            raise census_unreachable(census_version, error) from None
+        description = public_census(census_version,
+                                    lambda: cellxgene_census.get_census_version_description(census_version))
         name = description.get("release_build") or census_version
     else:
         name = _build_date(census_uri)

@@ -108,8 +108,7 @@ def evaluate_embeddings(path: str, settings: EvaluateSettings, echo=print) -> di
         results.append(result)
         echo(f"  {name}: " + ", ".join(f"kNN {l} {result['labels'][l]['knn_accuracy']:.3f}" for l in settings.labels))
 
-    n_levels = sum(1 for key in store.obsm if not key.endswith("_logvar"))
-    guidance = level_guidance(results, n_levels, settings.labels)
+    guidance = level_guidance(results, _n_levels(store), settings.labels)
     echo("which level to use:")
     for line in guidance:
         echo("  " + line)
@@ -177,10 +176,14 @@ def _own_widths(adata, widths: list[int]) -> list[int]:
     return list(latent) if latent else widths
 
 
+def _n_levels(adata) -> int:
+    return sum(1 for key in adata.obsm if not key.endswith("_logvar"))
+
+
 def _level_means(adata, rows: np.ndarray) -> list[np.ndarray]:
     """Every level's means at ``rows`` (any order; the lazy arrays are read in sorted order)."""
     order = np.argsort(rows)
-    n_levels = sum(1 for key in adata.obsm if not key.endswith("_logvar"))
+    n_levels = _n_levels(adata)
     means = []
     for level in range(n_levels):
         values = np.asarray(adata.obsm[f"X_hvae_level_{level}"][rows[order]])
