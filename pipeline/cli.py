@@ -35,7 +35,7 @@ def simulate(
     branching: str = typer.Option("3,3,3", help="Children per tree level, coarsest first (lineages,types,subtypes)."),
     n_donors: int = typer.Option(8, help="Number of donors (batch effects), stored contiguously."),
     seed: int = typer.Option(0, help="Random seed: the same seed gives the same atlas."),
-    block_size: int = typer.Option(4_096, help="Cells generated and written per block (memory ~ block x genes)."),
+    block_size: int = typer.Option(16_384, help="Cells per block written (counts are generated 1,024 rows at a time)."),
     format: str = typer.Option("auto", help="auto (from the suffix: .h5ad / .zarr), shards (pre-shuffled shards + "
                                "manifest, as `shard` writes) or soma (a TileDB-SOMA Experiment)."),
     shard_size: int = typer.Option(65_536, help="Cells per shard with --format shards."),

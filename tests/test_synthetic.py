@@ -97,3 +97,51 @@ def test_bad_specs_raise():
         SyntheticAtlasSpec(branching=(3, 0, 3))
     with pytest.raises(IndexError, match="out of range"):
         SyntheticAtlas(SMALL).block(99)
+
+
+@pytest.mark.parametrize("theta", [0.5, 3.0, 12.0])
+def test_sparse_nb_draw_has_the_nb_moments(theta):
+    """negative_binomial_csr against the closed form: P(0), mean, variance within 5 standard errors."""
+    from pipeline.data.synthetic import negative_binomial_csr
+
+    means = np.array([0.01, 0.3, 2.0, 9.5, 10.5, 40.0, 400.0], np.float32)
+    n = 60_000
+    counts = negative_binomial_csr(np.random.default_rng(7), np.tile(means, (n, 1)),
+                                   np.full(len(means), theta, np.float32)).toarray().astype(np.float64)
+    assert counts.min() >= 0 and np.array_equal(counts, np.round(counts))
+    variance = means + means.astype(np.float64) ** 2 / theta
+    p0 = (1 + means.astype(np.float64) / theta) ** -theta
+    assert np.all(np.abs(counts.mean(0) - means) < 5 * np.sqrt(variance / n))
+    assert np.all(np.abs((counts == 0).mean(0) - p0) < 5 * np.sqrt(p0 * (1 - p0) / n) + 1e-4)
+    assert np.all(np.abs(counts.var(0) / variance - 1) < 0.12)
+
+
+def test_counts_match_the_gamma_poisson_generator():
+    """The sparse draw (generator version 2) against version 1's Gamma-Poisson draw per entry on
+    the same means: zero fraction, library sizes, per-gene means and the mean-variance relation."""
+    from pipeline.data.synthetic import negative_binomial_csr
+
+    atlas = SyntheticAtlas(SyntheticAtlasSpec(n_cells=RNG_CHUNK * 6, n_genes=800, n_donors=3), threads=1)
+    new, old = [], []
+    for chunk in range(6):
+        rng = np.random.default_rng([0, 2, chunk])
+        mean = atlas._chunk_means(chunk, rng)[0].copy()
+        new.append(negative_binomial_csr(rng, mean, atlas.theta).toarray())
+        reference = np.random.default_rng([1, chunk])
+        old.append(reference.poisson(reference.standard_gamma(np.broadcast_to(atlas.theta, mean.shape)) * mean / atlas.theta))
+    new, old = np.concatenate(new).astype(np.float64), np.concatenate(old).astype(np.float64)
+    assert abs((new == 0).mean() - (old == 0).mean()) < 0.003
+    library_new, library_old = new.sum(1), old.sum(1)
+    assert abs(np.median(library_new) / np.median(library_old) - 1) < 0.02
+    assert abs(library_new.std() / library_old.std() - 1) < 0.05
+    expressed = old.mean(0) > 0.2
+    assert np.median(np.abs(new.mean(0)[expressed] / old.mean(0)[expressed] - 1)) < 0.03
+    # Mean-variance: the same over-dispersion gene by gene (median ratio of variances ~ 1).
+    assert abs(np.median(new.var(0)[expressed] / old.var(0)[expressed]) - 1) < 0.05
+    assert abs(np.median((new == 0).mean(0) - (old == 0).mean(0))) < 0.003
+
+
+def test_threads_do_not_change_the_cells():
+    spec = SyntheticAtlasSpec(n_cells=5_000, n_genes=300, n_donors=3)
+    one, two = SyntheticAtlas(spec, threads=1).rows(0, 5_000), SyntheticAtlas(spec, threads=2).rows(0, 5_000)
+    assert (one[0] != two[0]).nnz == 0 and one[1].equals(two[1])

@@ -71,6 +71,31 @@ def index_dtype(n_vars: int) -> np.dtype:
     return np.dtype(np.int16) if n_vars <= np.iinfo(np.int16).max + 1 else np.dtype(np.int32)
 
 
+def splitmix64(values: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser: a fixed, well-mixed hash of uint64 values (wrapping arithmetic)."""
+    values = np.asarray(values, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = values + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def count_checksum(rows: np.ndarray, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_vars: int) -> dict:
+    """A checksum of counts that does not depend on row order: the sum of counts and the sum of
+    count x hash(source row, gene) mod 2^64. Equal for the same counts at the same (source row,
+    gene); a count moved to another row or gene, lost or repeated changes it. Parts add up (mod 2^64)."""
+    lengths = np.diff(np.asarray(indptr, dtype=np.int64))
+    keys = np.repeat(np.asarray(rows, dtype=np.uint64), lengths) * np.uint64(n_vars) + np.asarray(indices, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        weighted = (splitmix64(keys) * np.asarray(data).astype(np.uint64)).sum(dtype=np.uint64)
+    return {"sum": float(np.asarray(data).sum(dtype=np.float64)), "weighted": int(weighted)}
+
+
+def add_checksums(a: dict, b: dict) -> dict:
+    return {"sum": a["sum"] + b["sum"], "weighted": (int(a["weighted"]) + int(b["weighted"])) % 2**64}
+
+
 def feature_hash(feature_ids) -> str:
     """A short stable hash of an ordered gene list; checkpoints and shards compare it."""
     digest = hashlib.sha256("\n".join(map(str, feature_ids)).encode()).hexdigest()

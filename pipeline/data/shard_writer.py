@@ -34,8 +34,8 @@ from .alignment import GeneAlignment
 from .. import faults
 from .background import run_ahead
 from ..storage import check_writable, is_remote, join, listdir, recover_replace, replace_tree
-from .shard_format import (COMPRESSIONS, FORMAT_VERSION, MANIFEST_NAME, count_dtype, feature_hash, filesystem,
-                           index_dtype, write_csr_arrays, write_manifest)
+from .shard_format import (COMPRESSIONS, FORMAT_VERSION, MANIFEST_NAME, add_checksums, count_checksum, count_dtype,
+                           feature_hash, filesystem, index_dtype, write_csr_arrays, write_manifest)
 from .sources import Source
 
 
@@ -107,63 +107,70 @@ def _build(source: Source, out: str, settings: ShardSettings, started: float, ec
     """Both passes into the (empty) directory ``out``; the manifest is written last."""
     fs, out_path = filesystem(out)
     local = not is_remote(out)
-    obs = source.read_obs()
-    obs = _select_obs_columns(obs, settings.obs_columns, source.uri).copy()
-    n_obs = len(obs)
-    obs_ids = obs.index.to_numpy(dtype=object)
-    if obs.index.has_duplicates:
-        duplicated = obs.index[obs.index.duplicated()].unique()
-        raise ValueError(f"{source.uri}: {len(duplicated):,} obs names occur more than once (e.g. {duplicated[:3].tolist()}); "
-                         "each cell needs a unique id (make them unique first, e.g. anndata's obs_names_make_unique)")
-    target = _target_genes(source, settings, obs, echo)
+    n_obs = source.n_obs
+    columns = _obs_columns(source, settings.obs_columns)
+    target = _target_genes(source, settings, echo)
     alignment = GeneAlignment(source.feature_ids, target, settings.min_gene_overlap, source_name=source.uri)
     if not alignment.identity:
         echo(f"gene alignment: {alignment.summary()}")
     var = _target_var(source, alignment)
 
-    # Destination of every cell: shards of near-equal size, rows in random order.
+    # Destination of every cell: shards of near-equal size, rows in random order (4 bytes a cell).
     n_shards = max(1, -(-n_obs // settings.shard_size))
     shard_sizes = np.diff(np.linspace(0, n_obs, n_shards + 1).round().astype(np.int64))
     shard_offsets = np.concatenate([[0], np.cumsum(shard_sizes)])
     rng = np.random.default_rng([settings.seed, 1])
-    destination = rng.permutation(n_obs)
+    destination = rng.permutation(np.arange(n_obs, dtype=np.int32 if n_obs < 2**31 else np.int64))
     staging = os.path.join(out_path, ".staging") if local else tempfile.mkdtemp(prefix="hvae-shard-")
     os.makedirs(staging, exist_ok=True)
     try:
-        # Pass 1: stream, validate, align, spill each row to its shard's file.
+        # Pass 1: stream counts and obs, validate, align, spill each row to its shard's files.
         max_count = 0.0
+        checksum = {"sum": 0.0, "weighted": 0}  # of the counts as read, keyed by source row: manifest count_checksum
+        obs_spill = _ObsSpill(staging, columns)
+        duplicates = _DuplicateIds(staging, n_obs)
+
+        def blocks():
+            for offset, block in source.iter_blocks(settings.block_size):
+                yield offset, block, source.obs_rows(offset, offset + block.shape[0])[columns]
+
         with _progress(n_obs, "shard pass 1/2 (read)", settings.progress) as bar:
-            for offset, block in run_ahead(source.iter_blocks(settings.block_size), 2, name="shard-read-ahead"):
+            for offset, block, obs in run_ahead(blocks(), 2, name="shard-read-ahead"):
                 n = block.shape[0]
-                values = source.check_counts(block, obs_ids[offset : offset + n])
+                if len(obs) != n:
+                    raise RuntimeError(f"{source.uri}: obs rows [{offset}, {offset + n}) hold {len(obs)} cells, the counts {n}")
+                values = source.check_counts(block, obs.index.to_numpy(dtype=object))
                 block = sp.csr_matrix((values, block.indices, block.indptr), shape=block.shape)
                 block = alignment.apply(block)
+                checksum = add_checksums(checksum, count_checksum(obs["source_row"].to_numpy(np.int64), block.indptr,
+                                                                  block.indices, block.data, alignment.n_target))
                 if block.nnz:
                     max_count = max(max_count, float(block.data.max()))
-                _spill(staging, block, destination[offset : offset + n], shard_offsets)
+                duplicates.add(obs.index, offset)
+                shard_of = _spill(staging, block, destination[offset : offset + n], shard_offsets)
+                obs_spill.append(obs, shard_of)
                 faults.point("shard.spill")
                 bar.update(n)
+        duplicates.check(source)
+        del destination
 
         data_dtype, indices_dtype = count_dtype(max_count), index_dtype(alignment.n_target)
-        source_row_of_position = np.argsort(destination)  # inverse permutation
-        del destination
         provenance = {
             "source": source.provenance(), "shard_seed": settings.seed, "created": datetime.now(timezone.utc).isoformat(),
             "hvae_pipeline": _package_version(), "genes": ("given list" if settings.genes is not None else
                                                            f"top {settings.n_top_genes} HVGs" if settings.n_top_genes else "all source genes"),
             "n_genes_missing_zero_filled": len(alignment.missing), **settings.extra_provenance,
         }
-        obs_meta = _categorise(obs)
         shards = []
         with _progress(n_obs, "shard pass 2/2 (write)", settings.progress) as bar, ThreadPoolExecutor(1) as writer:
             pending = None  # shard k is written in the background while shard k+1 is loaded
             for k in range(n_shards):
                 name = f"shard-{k:05d}.zarr"
-                rows = source_row_of_position[shard_offsets[k] : shard_offsets[k + 1]]
-                counts = _load_spill(staging, k, int(shard_sizes[k]), alignment.n_target, data_dtype, indices_dtype)
+                counts, order = _load_spill(staging, k, int(shard_sizes[k]), alignment.n_target, data_dtype, indices_dtype)
+                obs = obs_spill.load(k, order)
                 if pending is not None:
                     pending.result()
-                pending = writer.submit(_write_shard, out, out_path, fs, local, name, counts, obs.iloc[rows], var, provenance,
+                pending = writer.submit(_write_shard, out, out_path, fs, local, name, counts, obs, var, provenance,
                                         settings.compression)
                 shards.append({"path": name, "n_obs": int(shard_sizes[k]), "nnz": int(counts.nnz)})
                 faults.point("shard.shard")
@@ -176,8 +183,8 @@ def _build(source: Source, out: str, settings: ShardSettings, started: float, ec
             "feature_ids": alignment.target_ids.tolist(), "feature_ids_hash": feature_hash(alignment.target_ids),
             "feature_names": var["feature_name"].tolist() if "feature_name" in var.columns else None,
             "count_dtype": data_dtype.name, "index_dtype": indices_dtype.name, "max_count": max_count,
-            "compression": settings.compression,
-            "shards": shards, "obs_columns": obs_meta, "provenance": provenance,
+            "compression": settings.compression, "count_checksum": checksum,
+            "shards": shards, "obs_columns": obs_spill.meta(), "provenance": provenance,
             "build_seconds": round(time.perf_counter() - started, 2),
         }
         faults.point("shard.manifest")
@@ -209,17 +216,18 @@ def _clear(fs, path: str) -> None:
             fs.rm(entry, recursive=True)
 
 
-def _select_obs_columns(obs: pd.DataFrame, columns: Sequence[str] | None, uri: str) -> pd.DataFrame:
+def _obs_columns(source: Source, columns: Sequence[str] | None) -> list[str]:
+    """The obs columns kept in the shards (``source_row`` always), checked against the source."""
+    available = list(source.obs_rows(0, min(1, source.n_obs)).columns)
     if columns is None:
-        return obs
-    missing = [c for c in columns if c not in obs.columns]
+        return available
+    missing = [c for c in columns if c not in available]
     if missing:
-        raise ValueError(f"{uri}: obs has no column(s) {missing} (columns: {list(obs.columns)})")
-    keep = list(dict.fromkeys([*columns, "source_row"]))
-    return obs[keep]
+        raise ValueError(f"{source.uri}: obs has no column(s) {missing} (columns: {available})")
+    return list(dict.fromkeys([*columns, "source_row"]))
 
 
-def _target_genes(source: Source, settings: ShardSettings, obs: pd.DataFrame, echo) -> list[str]:
+def _target_genes(source: Source, settings: ShardSettings, echo) -> list[str]:
     if settings.genes is not None:
         return list(settings.genes)
     if settings.n_top_genes is None:
@@ -229,20 +237,21 @@ def _target_genes(source: Source, settings: ShardSettings, obs: pd.DataFrame, ec
     if settings.n_top_genes > len(source.feature_ids):
         raise ValueError(f"--n-top-genes {settings.n_top_genes} exceeds the {len(source.feature_ids)} genes of {source.uri}")
     key = settings.hvg_batch_key
-    if key is not None and key not in obs.columns:
-        raise ValueError(f"{source.uri}: HVG batch key {key!r} is not an obs column (columns: {list(obs.columns)})")
-    labels = obs[key].astype(str).to_numpy() if key else None
+    if key is not None:
+        available = list(source.obs_rows(0, min(1, source.n_obs)).columns)
+        if key not in available:
+            raise ValueError(f"{source.uri}: HVG batch key {key!r} is not an obs column (columns: {available})")
     statistics: dict[str, GeneStatistics] = {}
-    with _progress(len(obs), "highly variable genes", settings.progress) as bar:
+    with _progress(source.n_obs, "highly variable genes", settings.progress) as bar:
         for offset, block in source.iter_blocks(settings.block_size):
-            if labels is None:
+            if key is None:
                 statistics.setdefault("all", GeneStatistics(block.shape[1])).update(block)
             else:
-                block_labels = labels[offset : offset + block.shape[0]]
+                block_labels = source.obs_rows(offset, offset + block.shape[0])[key].astype(str).to_numpy()
                 for label in np.unique(block_labels):
                     statistics.setdefault(label, GeneStatistics(block.shape[1])).update(block[block_labels == label])
             bar.update(block.shape[0])
-    chosen = statistics["all"].highly_variable(settings.n_top_genes) if labels is None else \
+    chosen = statistics["all"].highly_variable(settings.n_top_genes) if key is None else \
         highly_variable_by_batch(statistics, settings.n_top_genes)
     echo(f"selected {len(chosen)} highly variable genes" + (f" across {len(statistics)} batches of {key!r}" if key else ""))
     return source.feature_ids[chosen].tolist()
@@ -256,10 +265,16 @@ def _target_var(source: Source, alignment: GeneAlignment) -> pd.DataFrame:
     return var
 
 
-def _spill(staging: str, block: sp.csr_matrix, destination: np.ndarray, shard_offsets: np.ndarray) -> None:
+def _spill(staging: str, block: sp.csr_matrix, destination: np.ndarray, shard_offsets: np.ndarray) -> np.ndarray:
     """Append each row to its shard's spill file, one record per (block, shard): header [n, nnz,
-    data itemsize, index itemsize] + positions + lengths + data + indices."""
+    data itemsize, index itemsize] + positions + lengths + data + indices; returns each row's shard."""
     shard_of = np.searchsorted(shard_offsets, destination, side="right") - 1
+    _write_records(staging, block, destination, shard_of, shard_offsets)
+    return shard_of
+
+
+def _write_records(staging: str, block: sp.csr_matrix, destination: np.ndarray, shard_of: np.ndarray,
+                   shard_offsets: np.ndarray) -> None:
     order = np.argsort(shard_of, kind="stable")
     bounds = np.searchsorted(shard_of[order], np.arange(len(shard_offsets)))
     for shard in np.unique(shard_of):
@@ -291,8 +306,9 @@ class _ShardCounts:
 
 
 def _load_spill(staging: str, shard: int, n_rows: int, n_vars: int, data_dtype: np.dtype, indices_dtype: np.dtype,
-                rows_per_gather: int = 8_192) -> _ShardCounts:
-    """The shard's rows from its spill file, in destination order, in compact dtypes.
+                rows_per_gather: int = 8_192) -> tuple[_ShardCounts, np.ndarray]:
+    """The shard's rows from its spill file, in destination order, in compact dtypes, and the
+    order (arrival index of each destination position) that puts its obs records in place.
 
     Peak memory is about two copies of the shard's entries (the spill and the ordered output)
     plus one gather index of ``rows_per_gather`` rows."""
@@ -331,7 +347,7 @@ def _load_spill(staging: str, shard: int, n_rows: int, n_vars: int, data_dtype: 
         gather = np.repeat(arrived_start[rows] - first, row_length) + np.arange(int(row_length.sum()))
         out_data[indptr[lo] : indptr[lo + len(rows)]] = data[gather]
         out_index[indptr[lo] : indptr[lo + len(rows)]] = index[gather]
-    return _ShardCounts(out_data, out_index, indptr, (n_rows, n_vars))
+    return _ShardCounts(out_data, out_index, indptr, (n_rows, n_vars)), order
 
 
 def _write_shard(out: str, out_path: str, fs, local: bool, name: str, counts: _ShardCounts, obs: pd.DataFrame,
@@ -355,20 +371,143 @@ def _write_shard(out: str, out_path: str, fs, local: bool, name: str, counts: _S
         os.replace(target, os.path.join(out_path, name))
 
 
-def _categorise(obs: pd.DataFrame) -> dict:
-    """Make string columns categorical with one global, sorted category list; describe columns."""
-    meta = {}
-    for column in obs.columns:
-        values = obs[column]
-        if values.dtype == object or isinstance(values.dtype, (pd.StringDtype, pd.CategoricalDtype)):
-            present = values.notna()  # a missing label stays missing (not a category 'nan')
-            strings = values.astype(object).where(~present, values[present].astype(str))
-            categories = sorted(pd.unique(strings[present]))
-            obs[column] = pd.Categorical(strings.where(present, None), categories=categories)
-            meta[column] = {"dtype": "category", "categories": categories, "missing": int((~present).sum())}
-        else:
-            meta[column] = {"dtype": str(values.dtype)}
-    return meta
+def _is_label(values: pd.Series) -> bool:
+    """Columns stored as one global, sorted category list: strings and categoricals (and any
+    column that is not a plain numpy number or boolean)."""
+    return not (isinstance(values.dtype, np.dtype) and values.dtype.kind in "biuf")
+
+
+class _ObsSpill:
+    """obs rows spilled beside the counts, shard by shard, as raw arrays: names (UTF-8 bytes and
+    lengths), label columns as codes into category lists grown as values appear (mapped to one
+    sorted list per column at the end), numeric columns as they are. One record per (block, shard),
+    in the same order as the count records, so the counts' order puts them in place."""
+
+    def __init__(self, staging: str, columns: list[str]) -> None:
+        self.staging, self.columns = staging, columns
+        self.kinds: dict[str, np.dtype | None] = {}      # None: a label column
+        self.seen: dict[str, dict[str, int]] = {}        # label column -> value -> first-seen code
+        self.missing: dict[str, int] = {}
+
+    def append(self, obs: pd.DataFrame, shard_of: np.ndarray) -> None:
+        encoded = [self._encode_names(obs.index)]
+        for column in self.columns:
+            values = obs[column]
+            if column not in self.kinds:
+                self.kinds[column] = None if _is_label(values) else values.dtype
+                if self.kinds[column] is None:
+                    self.seen[column], self.missing[column] = {}, 0
+            kind = self.kinds[column]
+            if kind is None:
+                encoded.append(self._encode_labels(column, values))
+            else:
+                encoded.append(values.to_numpy(dtype=kind))
+        order = np.argsort(shard_of, kind="stable")
+        bounds = np.searchsorted(shard_of[order], np.arange(shard_of.max() + 2 if len(shard_of) else 1))
+        names, lengths = encoded[0]
+        for shard in np.unique(shard_of):
+            rows = order[bounds[shard] : bounds[shard + 1]]
+            name_bytes = b"".join([names[r] for r in rows.tolist()])
+            arrays = [np.array([len(rows), len(name_bytes)], np.int64), lengths[rows].astype(np.int32),
+                      np.frombuffer(name_bytes, np.uint8)] + [array[rows] for array in encoded[1:]]
+            with open(os.path.join(self.staging, f"{shard}.obs"), "ab") as handle:
+                for array in arrays:
+                    handle.write(memoryview(np.ascontiguousarray(array)))
+
+    @staticmethod
+    def _encode_names(index: pd.Index) -> tuple[list[bytes], np.ndarray]:
+        encoded = [str(name).encode() for name in index]
+        return encoded, np.fromiter(map(len, encoded), np.int64, len(encoded))
+
+    def _encode_labels(self, column: str, values: pd.Series) -> np.ndarray:
+        seen = self.seen[column]
+        codes, uniques = pd.factorize(values, use_na_sentinel=True)  # missing -> -1
+        self.missing[column] += int((codes < 0).sum())
+        mapping = np.fromiter((seen.setdefault(str(v), len(seen)) for v in np.asarray(uniques, dtype=object)), np.int32,
+                              len(uniques))
+        return np.where(codes >= 0, mapping[np.maximum(codes, 0)] if len(mapping) else -1, -1).astype(np.int32)
+
+    def categories(self, column: str) -> list[str]:
+        return sorted(self.seen[column])
+
+    def meta(self) -> dict:
+        meta = {}
+        for column in self.columns:
+            kind = self.kinds.get(column)
+            if kind is None:
+                meta[column] = {"dtype": "category", "categories": self.categories(column), "missing": self.missing.get(column, 0)}
+            else:
+                meta[column] = {"dtype": str(kind)}
+        return meta
+
+    def load(self, shard: int, order: np.ndarray) -> pd.DataFrame:
+        """Shard ``shard``'s obs, rows in destination order (``order`` from ``_load_spill``)."""
+        path = os.path.join(self.staging, f"{shard}.obs")
+        raw = np.fromfile(path, dtype=np.uint8) if os.path.exists(path) else np.zeros(0, np.uint8)
+        names, columns = [], {c: [] for c in self.columns}
+        cursor = 0
+        while cursor < len(raw):
+            n, n_bytes = (int(v) for v in np.frombuffer(raw, np.int64, 2, cursor))
+            cursor += 16
+            lengths = np.frombuffer(raw, np.int32, n, cursor)
+            cursor += 4 * n
+            blob = raw[cursor : cursor + n_bytes].tobytes()
+            cursor += n_bytes
+            ends = np.cumsum(lengths)
+            names += [blob[e - l : e].decode() for e, l in zip(ends.tolist(), lengths.tolist())]
+            for column in self.columns:
+                dtype = np.dtype(np.int32) if self.kinds[column] is None else self.kinds[column]
+                columns[column].append(np.frombuffer(raw, dtype, n, cursor))
+                cursor += n * dtype.itemsize
+        os.remove(path) if os.path.exists(path) else None
+        frame = {}
+        for column in self.columns:
+            values = np.concatenate(columns[column]) if columns[column] else np.zeros(0, np.int32)
+            values = values[order]
+            if self.kinds[column] is None:
+                sorted_codes = np.argsort(np.argsort(np.array(list(self.seen[column]), dtype=object)))  # first-seen -> sorted
+                codes = np.where(values >= 0, sorted_codes[np.maximum(values, 0)] if len(sorted_codes) else -1, -1)
+                frame[column] = pd.Categorical.from_codes(codes, categories=self.categories(column))
+            else:
+                frame[column] = values
+        return pd.DataFrame(frame, index=pd.Index(np.asarray(names, dtype=object)[order], dtype=object))
+
+
+class _DuplicateIds:
+    """Repeated obs names found without holding them: each name's 64-bit hash and row go to one of
+    a few bucket files by hash; each bucket (about a million cells) is then checked alone."""
+
+    BUCKET_CELLS = 1_000_000
+
+    def __init__(self, staging: str, n_obs: int) -> None:
+        self.staging, self.n_buckets = staging, max(1, -(-n_obs // self.BUCKET_CELLS))
+
+    def add(self, index: pd.Index, offset: int) -> None:
+        hashes = pd.util.hash_array(index.to_numpy(dtype=object))
+        bucket = (hashes % np.uint64(self.n_buckets)).astype(np.int64)
+        rows = np.arange(offset, offset + len(index), dtype=np.int64)
+        for b in np.unique(bucket):
+            keep = bucket == b
+            with open(os.path.join(self.staging, f"{b}.ids"), "ab") as handle:
+                handle.write(memoryview(np.stack([hashes[keep].view(np.int64), rows[keep]], axis=1)))
+
+    def check(self, source: Source) -> None:
+        repeated, examples = 0, []
+        for b in range(self.n_buckets):
+            path = os.path.join(self.staging, f"{b}.ids")
+            if not os.path.exists(path):
+                continue
+            pairs = np.fromfile(path, dtype=np.int64).reshape(-1, 2)
+            os.remove(path)
+            hashes = np.sort(pairs[:, 0])
+            twice = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+            repeated += len(twice)
+            for value in twice[: max(0, 3 - len(examples))]:
+                row = int(pairs[pairs[:, 0] == value, 1][0])
+                examples.append(str(source.obs_rows(row, row + 1).index[0]))
+        if repeated:
+            raise ValueError(f"{source.uri}: {repeated:,} obs names occur more than once (e.g. {examples}); each cell needs "
+                             "a unique id (make them unique first, e.g. anndata's obs_names_make_unique)")
 
 
 class _progress:

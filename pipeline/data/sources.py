@@ -4,7 +4,9 @@ Every source exposes the same small interface, used by ``shard`` and by streamin
 
 - ``var``: DataFrame indexed by ``feature_id`` (with ``feature_name`` where known), source order;
 - ``read_obs()``: the obs frame of the selected cells (index: obs ids; column ``source_row``:
-  the row in an AnnData file, or the ``soma_joinid``);
+  the row in an AnnData file, or the ``soma_joinid``); ``obs_rows(start, stop)`` the same for the
+  selected cells ``[start, stop)`` (the synthetic atlas and shards read only those; others slice
+  ``read_obs()`` held once), so ``shard`` and ``embed`` never hold a whole atlas's obs;
 - ``iter_blocks(block_size)``: ``(offset, counts)`` pairs, ``counts`` a CSR block of the selected
   cells ``[offset, offset + n)`` over all source genes, read a block at a time.
 
@@ -46,6 +48,12 @@ class Source:
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
         """Counts of the selected cells ``[start, stop)`` (random access, for parallel readers)."""
         raise NotImplementedError
+
+    def obs_rows(self, start: int, stop: int) -> pd.DataFrame:
+        """obs of the selected cells ``[start, stop)``; here a slice of ``read_obs()`` read once."""
+        if getattr(self, "_obs_whole", None) is None:
+            self._obs_whole = self.read_obs()
+        return self._obs_whole.iloc[start:stop]
 
     def iter_blocks(self, block_size: int = 16_384) -> Iterator[tuple[int, sp.csr_matrix]]:
         for start in range(0, self.n_obs, block_size):
@@ -446,11 +454,17 @@ class SyntheticSource(Source):
     def __init__(self, atlas) -> None:
         self.atlas, self.uri = atlas, f"synthetic(seed={atlas.spec.seed})"
         self.var = atlas.var()[["feature_name"]].rename_axis("feature_id")
-        self._selected = np.arange(atlas.spec.n_cells)
+
+    @property
+    def n_obs(self) -> int:
+        return self.atlas.spec.n_cells
 
     def read_obs(self) -> pd.DataFrame:
-        obs = self.atlas.obs_rows(0, self.atlas.spec.n_cells)
-        obs["source_row"] = np.arange(len(obs), dtype=np.int64)
+        return self.obs_rows(0, self.atlas.spec.n_cells)
+
+    def obs_rows(self, start: int, stop: int) -> pd.DataFrame:
+        obs = self.atlas.obs_rows(start, stop)
+        obs["source_row"] = np.arange(start, start + len(obs), dtype=np.int64)
         return obs
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
@@ -471,12 +485,34 @@ class ShardSource(Source):
         self.var = pd.DataFrame(index=pd.Index(self.dataset.feature_ids, name="feature_id", dtype=object))
         if names:
             self.var["feature_name"] = names
-        self._selected = np.arange(self.dataset.n_obs)
+
+    @property
+    def n_obs(self) -> int:
+        return self.dataset.n_obs
 
     def read_obs(self) -> pd.DataFrame:
+        return pd.concat([self._shard_obs(k) for k in range(len(self.dataset.shard_paths))])
+
+    def obs_rows(self, start: int, stop: int) -> pd.DataFrame:
+        dataset, parts = self.dataset, []
+        first = int(np.searchsorted(dataset.shard_offsets, start, side="right") - 1)
+        for k in range(max(first, 0), len(dataset.shard_paths)):
+            lo, hi = max(start, int(dataset.shard_offsets[k])), min(stop, int(dataset.shard_offsets[k + 1]))
+            if lo >= hi:
+                break
+            offset = int(dataset.shard_offsets[k])
+            parts.append(self._shard_obs(k).iloc[lo - offset : hi - offset])
+        if not parts:
+            return self._shard_obs(0).iloc[0:0]
+        return pd.concat(parts) if len(parts) > 1 else parts[0]
+
+    def _shard_obs(self, k: int) -> pd.DataFrame:
+        """obs of shard k (the last one read is kept: reads go shard by shard)."""
         from anndata.io import read_elem
 
-        return pd.concat([read_elem(self.dataset.shard(k).group["obs"]) for k in range(len(self.dataset.shard_paths))])
+        if getattr(self, "_obs_cache", (None,))[0] != k:
+            self._obs_cache = (k, read_elem(self.dataset.shard(k).group["obs"]))
+        return self._obs_cache[1]
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
         dataset, parts = self.dataset, []

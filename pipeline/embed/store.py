@@ -40,6 +40,42 @@ def read_embeddings(path: str, as_: str = "anndata", lazy: bool = True):
     raise ValueError(f"as_ must be 'anndata' or 'xarray', got {as_!r}")
 
 
+class EmbeddingsView:
+    """An embeddings store read lazily and without its obs ids in memory (an atlas has tens of
+    millions): ``n_obs``, ``uns["hvae_embeddings"]``, ``obsm`` (dask arrays, as in the AnnData of
+    :func:`read_embeddings`), ``obs_ids_at(rows)`` and ``positions_of(ids)`` (read in blocks)."""
+
+    def __init__(self, path: str, block_rows: int = 1_000_000) -> None:
+        import dask.array as da
+        import zarr
+
+        self.path, self.block_rows = path, block_rows
+        self.group = zarr.open_group(path, mode="r")
+        attrs = dict(self.group.attrs)
+        if not attrs.get("complete"):
+            raise ValueError(f"{path} is incomplete (embedding was interrupted); rerun `hvae-pipeline embed` to finish it")
+        self.uns = {"hvae_embeddings": {k: (v if isinstance(v, (str, int, float, bool)) else str(v)) for k, v in attrs.items()}}
+        self.n_obs = int(self.group["obs_id"].shape[0])
+        self.obsm = {f"X_hvae_level_{level}": da.from_zarr(self.group[f"level_{level}/mean"])
+                     for level in range(len(attrs["level_dims"]))}
+
+    def obs_ids_at(self, rows: np.ndarray) -> np.ndarray:
+        """The obs ids at ``rows`` (sorted row numbers), as Python strings."""
+        return np.asarray(self.group["obs_id"].get_orthogonal_selection(np.asarray(rows, dtype=np.int64))).astype(object)
+
+    def positions_of(self, ids) -> np.ndarray:
+        """Row of each id in this store (-1 where absent), reading the ids a block at a time."""
+        wanted = pd.Index(np.asarray(ids, dtype=object))
+        positions = np.full(len(wanted), -1, np.int64)
+        array = self.group["obs_id"]
+        for lo in range(0, self.n_obs, self.block_rows):
+            block = np.asarray(array[lo : lo + self.block_rows]).astype(object)
+            where = wanted.get_indexer(block)
+            hit = where >= 0
+            positions[where[hit]] = lo + np.flatnonzero(hit)
+        return positions
+
+
 def attach_embeddings(adata, path: str) -> None:
     """Copy every level's means into ``adata.obsm`` for the cells of ``adata`` (matched by obs name)."""
     embeddings = read_embeddings(path, lazy=False)

@@ -69,21 +69,41 @@ class EmbedSettings:
                              "gene it knows gives every cell the same embedding")
 
 
-def source_identity(source, obs_ids: np.ndarray) -> dict:
+def source_identity(source, block_rows: int = 1_000_000) -> dict:
     """What the embeddings were made from: the source (URI, layer, filters), its number of cells
-    and a hash of its obs ids. A store resumes, or counts as complete, only for the same identity."""
+    and a hash of its obs ids. A store resumes, or counts as complete, only for the same identity.
+
+    The obs ids are read ``block_rows`` at a time (never all at once) and checked to be unique
+    through their 64-bit hashes (8 bytes a cell)."""
     provenance = source.provenance()
-    digest = hashlib.sha256("\n".join(map(str, obs_ids)).encode()).hexdigest()[:16]
-    return {"uri": source.uri, "layer": provenance.get("layer"), "obs_filter": provenance.get("obs_filter"),
-            "var_filter": provenance.get("var_filter"), "n_obs": int(len(obs_ids)), "obs_ids_hash": f"sha256:{digest}"}
-
-
-def _check_unique(obs_ids: np.ndarray, where: str) -> None:
-    index = pd.Index(obs_ids)
-    if index.has_duplicates:
-        duplicated = index[index.duplicated()].unique()
-        raise ValueError(f"{where}: {len(duplicated):,} obs names occur more than once (e.g. {duplicated[:3].tolist()}); "
+    digest, hashes = hashlib.sha256(), []
+    for lo in range(0, source.n_obs, block_rows):
+        names = source.obs_rows(lo, min(source.n_obs, lo + block_rows)).index.astype(str)
+        digest.update((("\n" if lo else "") + "\n".join(names)).encode())
+        hashes.append(pd.util.hash_array(names.to_numpy(dtype=object)))
+    hashes = np.sort(np.concatenate(hashes)) if hashes else np.zeros(0, np.uint64)
+    repeated = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+    del hashes
+    if len(repeated):
+        examples = _names_with_hashes(source, repeated[:3], block_rows)
+        raise ValueError(f"{source.uri}: {len(repeated):,} obs names occur more than once (e.g. {examples}); "
                          "each cell needs a unique id to be embedded and read back (make them unique first)")
+    return {"uri": source.uri, "layer": provenance.get("layer"), "obs_filter": provenance.get("obs_filter"),
+            "var_filter": provenance.get("var_filter"), "n_obs": int(source.n_obs),
+            "obs_ids_hash": f"sha256:{digest.hexdigest()[:16]}"}
+
+
+def _names_with_hashes(source, wanted: np.ndarray, block_rows: int) -> list[str]:
+    found: list[str] = []
+    for lo in range(0, source.n_obs, block_rows):
+        names = source.obs_rows(lo, min(source.n_obs, lo + block_rows)).index.astype(str)
+        hit = np.isin(pd.util.hash_array(names.to_numpy(dtype=object)), wanted)
+        for name in names[hit]:
+            if name not in found:
+                found.append(name)
+        if len(found) >= len(wanted):
+            break
+    return found
 
 
 def model_id(checkpoint_dir: Path) -> str:
@@ -128,15 +148,13 @@ def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings 
         echo(f"genes: {alignment.summary()}")
         if source_args.get("source") == "census":
             echo(f"Census cells: obs filter {source.obs_filter!r} ({source.n_obs:,} cells)")
-        obs = source.read_obs()
-        obs_ids = obs.index.astype(str).to_numpy()
-        _check_unique(obs_ids, source.uri)
+        identity_of_source = source_identity(source)  # also refuses repeated obs names
         n_obs, provenance, identity = source.n_obs, source.provenance(), model_id(directory)
         dims = list(model.config.representation_dims)
         attrs = {"format_version": FORMAT_VERSION, "model_id": identity, "checkpoint": origin,
                  "feature_ids_hash": parts["genes"]["feature_ids_hash"], "level_dims": dims,
                  "latent_dims": list(model.config.latent_dims), "source": provenance,
-                 "source_identity": source_identity(source, obs_ids), "source_args": json.dumps(source_args),
+                 "source_identity": identity_of_source, "source_args": json.dumps(source_args),
                  "chunk_rows": settings.chunk_rows, "ema": settings.ema, "n_genes_missing_zero_filled": len(alignment.missing)}
         recover_replace(out)  # an --overwrite swap cut short by a kill
         final, out = out, _working_path(out, settings)
@@ -155,14 +173,12 @@ def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings 
         if settings.workers == 0:
             worker = _ChunkEmbedder(model, source, alignment, out, settings)  # the model and source already open
             rows = settings.chunk_rows
-            reads = run_ahead(todo, 1, lambda chunk: (chunk, worker.read(chunk, obs_ids[chunk * rows : (chunk + 1) * rows])),
-                              name="embed-read-ahead")
-            for count, (chunk, counts) in enumerate(reads):
+            reads = run_ahead(todo, 1, lambda chunk: (chunk, *worker.read(chunk)), name="embed-read-ahead")
+            for count, (chunk, counts, obs_ids) in enumerate(reads):
                 faults.maybe_fail_embedding(count)  # tests only: a killed job
-                part = slice(chunk * rows, (chunk + 1) * rows)
-                bar.update(worker.write(chunk, counts, obs_ids[part]))
+                bar.update(worker.write(chunk, counts, obs_ids))
         else:
-            _embed_with_ray(origin, source_args, out, genes, settings, todo, obs_ids, bar)
+            _embed_with_ray(origin, source_args, out, genes, settings, todo, bar)
         bar.close()
         done = np.asarray(zarr.open_array(f"{out}/progress/done", mode="r")[:])
         if not done.all():
@@ -275,16 +291,18 @@ class _ChunkEmbedder:
         self.source, self.alignment, self.settings = source, alignment, settings
         self.group = zarr.open_group(out, mode="r+")
 
-    def read(self, chunk: int, obs_ids: np.ndarray) -> sp.csr_matrix:
-        """The chunk's counts, checked and aligned to the model's genes (the local path runs this
-        a chunk ahead, in a thread, while the previous chunk is encoded)."""
+    def read(self, chunk: int) -> tuple[sp.csr_matrix, np.ndarray]:
+        """The chunk's counts, checked and aligned to the model's genes, and its obs ids (the local
+        path runs this a chunk ahead, in a thread, while the previous chunk is encoded)."""
         rows, n_obs = self.settings.chunk_rows, self.source.n_obs
-        counts = self.source.rows(chunk * rows, min(n_obs, (chunk + 1) * rows))
+        lo, hi = chunk * rows, min(n_obs, (chunk + 1) * rows)
+        counts = self.source.rows(lo, hi)
+        obs_ids = self.source.obs_rows(lo, hi).index.astype(str).to_numpy(dtype=object)
         self.source.check_counts(counts, obs_ids)
-        return self.alignment.apply(counts)
+        return self.alignment.apply(counts), obs_ids
 
-    def run(self, chunk: int, obs_ids: np.ndarray) -> int:
-        return self.write(chunk, self.read(chunk, obs_ids), obs_ids)
+    def run(self, chunk: int) -> int:
+        return self.write(chunk, *self.read(chunk))
 
     @torch.no_grad()
     def write(self, chunk: int, counts: sp.csr_matrix, obs_ids: np.ndarray) -> int:
@@ -323,7 +341,7 @@ class _RemoteEmbedder(_ChunkEmbedder):
         super().__init__(model, source, alignment, out, settings)
 
 
-def _embed_with_ray(checkpoint_dir, source_args, out, genes, settings, todo, obs_ids, bar) -> None:
+def _embed_with_ray(checkpoint_dir, source_args, out, genes, settings, todo, bar) -> None:
     import ray
     from ray.util import ActorPool
 
@@ -332,13 +350,8 @@ def _embed_with_ray(checkpoint_dir, source_args, out, genes, settings, todo, obs
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= settings.workers else 0
     actor = ray.remote(num_cpus=1, num_gpus=gpus)(_RemoteEmbedder)
     actors = [actor.remote(checkpoint_dir, source_args, out, genes, settings) for _ in range(settings.workers)]
-    rows = settings.chunk_rows
     pool = ActorPool(actors)
-    def submit(actor, chunk):
-        part = slice(chunk * rows, (chunk + 1) * rows)
-        return actor.run.remote(chunk, obs_ids[part])
-
-    for written in pool.map_unordered(submit, todo):
+    for written in pool.map_unordered(lambda actor, chunk: actor.run.remote(chunk), todo):
         bar.update(written)
     for a in actors:
         ray.kill(a)

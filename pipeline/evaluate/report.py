@@ -23,6 +23,7 @@ import torch
 
 from hvae import active_units
 
+from ..embed.store import EmbeddingsView
 from .metrics import batch_mixing, cluster_agreement, knn_accuracy, pca_embedding, scib_scores, silhouette_label
 
 MAP_METHODS = ("auto", "umap", "pca")
@@ -51,24 +52,22 @@ class EvaluateSettings:
 
 def evaluate_embeddings(path: str, settings: EvaluateSettings, echo=print) -> dict:
     from ..data import open_source
-    from ..embed import read_embeddings
 
     started = time.perf_counter()
     if settings.map_method not in MAP_METHODS:
         raise ValueError(f"map method must be one of {MAP_METHODS}, got {settings.map_method!r}")
     if not settings.labels:
         raise ValueError("give at least one label column (--labels COL[,COL...])")
-    store = read_embeddings(path)
+    store = EmbeddingsView(path)
     attrs = store.uns["hvae_embeddings"]
     source_args = settings.source or _recorded_source(attrs, path)
     rng = np.random.default_rng(settings.seed)
     n_total = store.n_obs
     rows = np.sort(rng.choice(n_total, size=min(settings.max_cells, n_total), replace=False))
-    obs_ids = store.obs_names[rows]
+    obs_ids = store.obs_ids_at(rows)
 
     with open_source(**source_args) as source:
-        obs = source.read_obs()
-        position = obs.index.astype(str).get_indexer(obs_ids)
+        obs, position = _obs_at(source, obs_ids)
         if (position < 0).any():
             raise KeyError(f"{int((position < 0).sum())} cells of {path} are not in the source {source.uri} "
                            f"(e.g. {list(obs_ids[position < 0][:3])}); pass the source they were embedded from")
@@ -79,7 +78,7 @@ def evaluate_embeddings(path: str, settings: EvaluateSettings, echo=print) -> di
         missing = [c for c in columns if c not in obs.columns]
         if missing:
             raise KeyError(f"column(s) {missing} not in the obs of {source.uri} (columns: {list(obs.columns)})")
-        obs = obs.iloc[position][columns]
+        obs = obs[columns]
         counts = _rows_at(source, position) if settings.pca else None
 
     representations = _representations(store, rows, settings, counts)
@@ -142,8 +141,6 @@ def _default_out_dir(path: str) -> str:
 def _representations(store, rows: np.ndarray, settings: EvaluateSettings, counts) -> list:
     """(name, values, level, own units) for every level of the store (top first), each compared store, PCA.
     A level's values are the code from that level up; its own units are the first ``own``."""
-    from ..embed import read_embeddings
-
     def levels(adata, rows: np.ndarray, prefix: str) -> list:
         means = _level_means(adata, rows)
         top = len(means) - 1
@@ -156,8 +153,8 @@ def _representations(store, rows: np.ndarray, settings: EvaluateSettings, counts
 
     representations = levels(store, rows, "HVAE " if settings.compare or settings.pca else "")
     for name, other_path in settings.compare.items():
-        other = read_embeddings(other_path)
-        position = other.obs_names.get_indexer(store.obs_names[rows])
+        other = EmbeddingsView(other_path)
+        position = other.positions_of(store.obs_ids_at(rows))
         if (position < 0).any():
             raise KeyError(f"{int((position < 0).sum())} evaluated cells are missing from {other_path} ({name})")
         representations += levels(other, position, f"{name} ")
@@ -191,6 +188,29 @@ def _level_means(adata, rows: np.ndarray) -> list[np.ndarray]:
         restored[order] = values
         means.append(restored)
     return means
+
+
+def _obs_at(source, obs_ids: np.ndarray, block: int = 1_000_000) -> tuple[pd.DataFrame, np.ndarray]:
+    """The source's obs rows for ``obs_ids`` (in that order) and their positions in the source
+    (-1 where absent), reading the obs a block at a time (never a whole atlas's obs at once)."""
+    wanted = pd.Index(np.asarray(obs_ids, dtype=object))
+    position = np.full(len(wanted), -1, np.int64)
+    frames, at = [], []
+    for lo in range(0, source.n_obs, block):
+        part = source.obs_rows(lo, min(source.n_obs, lo + block))
+        where = wanted.get_indexer(part.index.astype(str))
+        hit = np.flatnonzero(where >= 0)
+        position[where[hit]] = lo + hit
+        frames.append(part.iloc[hit])
+        at.append(where[hit])
+    if not frames:
+        return source.obs_rows(0, 0), position
+    found = pd.concat(frames) if len(frames) > 1 else frames[0]
+    if (position < 0).any():
+        return found, position  # the caller names the missing cells
+    order = np.empty(len(wanted), np.int64)
+    order[np.concatenate(at)] = np.arange(len(found))
+    return found.iloc[order], position
 
 
 def _rows_at(source, positions: np.ndarray, block: int = 16_384) -> sp.csr_matrix:
