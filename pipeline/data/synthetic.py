@@ -9,7 +9,12 @@ Generative story (all in log space, then negative binomial counts, like 10x UMI 
                          + donor effect (low rank, shared genes shift together)
                          + continuous within-type variation (low rank, e.g. cycling)
     expression share = softmax over genes;  library ~ log-normal (donor-shifted)
-    counts ~ NB(mean = library * share, theta[gene])  (Gamma-Poisson)
+    counts ~ NB(mean = library * share, theta[gene])
+
+The NB draw is sparse (``negative_binomial_csr``): P(0) for every entry in one vectorised pass,
+then a compiled pass (numba) that keeps the ~20% non-zero entries and inverts their CDF, so the
+cost is the entries plus the UMIs, not a Gamma and a Poisson draw per entry (version 1). Chunks of
+1,024 rows are generated on up to two threads; about 40k cells/s at 2,000 genes on 2 cores.
 
 Cells are generated in blocks, each from its own seeded stream, so any block can be
 regenerated alone, the output is identical for a given seed whatever the block size used to
