@@ -116,7 +116,7 @@ def shard_checksum(shards: Path) -> dict:
     from anndata.io import read_elem
 
     from pipeline.data.loader import ShardedDataset
-    from pipeline.data.shard_format import count_checksum
+    from pipeline.data.shard_format import add_checksums, count_checksum
 
     dataset = ShardedDataset(str(shards))
     total = {"sum": 0.0, "weighted": 0}
@@ -124,9 +124,7 @@ def shard_checksum(shards: Path) -> dict:
         reader = dataset.shard(k)
         source_row = np.asarray(read_elem(reader.group["obs"]["source_row"]), dtype=np.int64)
         indptr, indices, data = reader.read(0, len(source_row))
-        part = count_checksum(source_row, indptr, indices, data, dataset.n_vars)
-        total["sum"] += part["sum"]
-        total["weighted"] = (total["weighted"] + part["weighted"]) % 2**64
+        total = add_checksums(total, count_checksum(source_row, indptr, indices, data, dataset.n_vars))
     return total
 
 

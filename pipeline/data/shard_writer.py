@@ -154,11 +154,13 @@ def _build(source: Source, out: str, settings: ShardSettings, started: float, ec
                 if block.nnz:
                     max_count = max(max_count, float(block.data.max()))
                 duplicates.add(obs.index, offset)
-                shard_of = _spill(staging, block, destination[offset : offset + n], shard_offsets)
-                obs_spill.append(obs, shard_of)
+                groups = _shard_groups(destination[offset : offset + n], shard_offsets)
+                _spill(staging, block, destination[offset : offset + n], shard_offsets, groups)
+                obs_spill.append(obs, groups)
                 faults.point("shard.spill")
                 bar.update(n)
         duplicates.check(source)
+        obs_spill.finish()
         del destination
 
         data_dtype, indices_dtype = count_dtype(max_count), index_dtype(alignment.n_target)
@@ -223,9 +225,13 @@ def _clear(fs, path: str) -> None:
             fs.rm(entry, recursive=True)
 
 
+def _available_columns(source: Source) -> list[str]:
+    return list(source.obs_rows(0, min(1, source.n_obs)).columns)
+
+
 def _obs_columns(source: Source, columns: Sequence[str] | None) -> list[str]:
     """The obs columns kept in the shards (``source_row`` always), checked against the source."""
-    available = list(source.obs_rows(0, min(1, source.n_obs)).columns)
+    available = _available_columns(source)
     if columns is None:
         return available
     missing = [c for c in columns if c not in available]
@@ -245,7 +251,7 @@ def _target_genes(source: Source, settings: ShardSettings, echo) -> list[str]:
         raise ValueError(f"--n-top-genes {settings.n_top_genes} exceeds the {len(source.feature_ids)} genes of {source.uri}")
     key = settings.hvg_batch_key
     if key is not None:
-        available = list(source.obs_rows(0, min(1, source.n_obs)).columns)
+        available = _available_columns(source)
         if key not in available:
             raise ValueError(f"{source.uri}: HVG batch key {key!r} is not an obs column (columns: {available})")
     statistics: dict[str, GeneStatistics] = {}
@@ -272,20 +278,20 @@ def _target_var(source: Source, alignment: GeneAlignment) -> pd.DataFrame:
     return var
 
 
-def _spill(staging: str, block: sp.csr_matrix, destination: np.ndarray, shard_offsets: np.ndarray) -> np.ndarray:
-    """Append each row to its shard's spill file, one record per (block, shard): header [n, nnz,
-    data itemsize, index itemsize] + positions + lengths + data + indices; returns each row's shard."""
+def _shard_groups(destination: np.ndarray, shard_offsets: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(shard, the block's rows bound for it) for every shard the block's rows go to, rows in
+    block order: one grouping for both spills (counts and obs), so their records line up."""
     shard_of = np.searchsorted(shard_offsets, destination, side="right") - 1
-    _write_records(staging, block, destination, shard_of, shard_offsets)
-    return shard_of
-
-
-def _write_records(staging: str, block: sp.csr_matrix, destination: np.ndarray, shard_of: np.ndarray,
-                   shard_offsets: np.ndarray) -> None:
     order = np.argsort(shard_of, kind="stable")
     bounds = np.searchsorted(shard_of[order], np.arange(len(shard_offsets)))
-    for shard in np.unique(shard_of):
-        rows = order[bounds[shard] : bounds[shard + 1]]
+    return [(int(shard), order[bounds[shard] : bounds[shard + 1]]) for shard in np.unique(shard_of)]
+
+
+def _spill(staging: str, block: sp.csr_matrix, destination: np.ndarray, shard_offsets: np.ndarray,
+           groups: list[tuple[int, np.ndarray]]) -> None:
+    """Append each row to its shard's spill file, one record per (block, shard): header [n, nnz,
+    data itemsize, index itemsize] + positions + lengths + data + indices."""
+    for shard, rows in groups:
         part = block[rows]
         positions = (destination[rows] - shard_offsets[shard]).astype(np.int64)
         # Compact spill records: uint16 counts when the record's largest count fits, int16 gene ids
@@ -396,7 +402,8 @@ class _ObsSpill:
         self.seen: dict[str, dict[str, int]] = {}        # label column -> value -> first-seen code
         self.missing: dict[str, int] = {}
 
-    def append(self, obs: pd.DataFrame, shard_of: np.ndarray) -> None:
+    def append(self, obs: pd.DataFrame, groups: list[tuple[int, np.ndarray]]) -> None:
+        """Spill a block's obs, one record per (shard, rows) of ``groups`` (as ``_spill`` was given)."""
         encoded = [self._encode_names(obs.index)]
         for column in self.columns:
             values = obs[column]
@@ -409,11 +416,8 @@ class _ObsSpill:
                 encoded.append(self._encode_labels(column, values))
             else:
                 encoded.append(values.to_numpy(dtype=kind))
-        order = np.argsort(shard_of, kind="stable")
-        bounds = np.searchsorted(shard_of[order], np.arange(shard_of.max() + 2 if len(shard_of) else 1))
         names, lengths = encoded[0]
-        for shard in np.unique(shard_of):
-            rows = order[bounds[shard] : bounds[shard + 1]]
+        for shard, rows in groups:
             name_bytes = b"".join([names[r] for r in rows.tolist()])
             arrays = [np.array([len(rows), len(name_bytes)], np.int64), lengths[rows].astype(np.int32),
                       np.frombuffer(name_bytes, np.uint8)] + [array[rows] for array in encoded[1:]]
@@ -434,15 +438,22 @@ class _ObsSpill:
                               len(uniques))
         return np.where(codes >= 0, mapping[np.maximum(codes, 0)] if len(mapping) else -1, -1).astype(np.int32)
 
-    def categories(self, column: str) -> list[str]:
-        return sorted(self.seen[column])
+    def finish(self) -> None:
+        """After pass 1: each label column's sorted category list and the map from first-seen
+        codes to it, once for every shard."""
+        self.categories, self.sorted_code = {}, {}
+        for column, seen in self.seen.items():
+            first_seen = np.array(list(seen), dtype=object)
+            self.categories[column] = sorted(seen)
+            self.sorted_code[column] = np.argsort(np.argsort(first_seen)) if len(first_seen) else np.zeros(0, np.int64)
 
     def meta(self) -> dict:
         meta = {}
         for column in self.columns:
             kind = self.kinds.get(column)
             if kind is None:
-                meta[column] = {"dtype": "category", "categories": self.categories(column), "missing": self.missing.get(column, 0)}
+                meta[column] = {"dtype": "category", "categories": self.categories.get(column, []),
+                                "missing": self.missing.get(column, 0)}
             else:
                 meta[column] = {"dtype": str(kind)}
         return meta
@@ -466,15 +477,16 @@ class _ObsSpill:
                 dtype = np.dtype(np.int32) if self.kinds[column] is None else self.kinds[column]
                 columns[column].append(np.frombuffer(raw, dtype, n, cursor))
                 cursor += n * dtype.itemsize
-        os.remove(path) if os.path.exists(path) else None
+        if os.path.exists(path):
+            os.remove(path)
         frame = {}
         for column in self.columns:
             values = np.concatenate(columns[column]) if columns[column] else np.zeros(0, np.int32)
             values = values[order]
             if self.kinds[column] is None:
-                sorted_codes = np.argsort(np.argsort(np.array(list(self.seen[column]), dtype=object)))  # first-seen -> sorted
-                codes = np.where(values >= 0, sorted_codes[np.maximum(values, 0)] if len(sorted_codes) else -1, -1)
-                frame[column] = pd.Categorical.from_codes(codes, categories=self.categories(column))
+                sorted_code = self.sorted_code[column]
+                codes = np.where(values >= 0, sorted_code[np.maximum(values, 0)] if len(sorted_code) else -1, -1)
+                frame[column] = pd.Categorical.from_codes(codes, categories=self.categories[column])
             else:
                 frame[column] = values
         return pd.DataFrame(frame, index=pd.Index(np.asarray(names, dtype=object)[order], dtype=object))

@@ -331,7 +331,7 @@ def negative_binomial_csr(rng: np.random.Generator, mean: np.ndarray, theta: np.
     np.exp(p0, out=p0)
     row_nnz = np.empty(n, np.int64)
     key = np.uint64(rng.integers(0, 2**63, dtype=np.int64))
-    nnz = _nb_invert(mean, theta, p0, key, _RECIPROCALS, work.data, work.indices, row_nnz)
+    nnz = _nb_invert(mean, theta, p0, key, work.data, work.indices, row_nnz)
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(row_nnz, out=indptr[1:])
     return sp.csr_matrix((work.data[:nnz].copy(), work.indices[:nnz].copy(), indptr), shape=(n, genes))
@@ -348,7 +348,6 @@ class _Workspace:
 
 
 _THREAD_STATE = threading.local()
-_RECIPROCALS = 1.0 / np.arange(1, 4097, dtype=np.float64)  # 1 / (k + 1) for the CDF walk
 
 
 def _workspace(genes: int) -> _Workspace:
@@ -392,10 +391,9 @@ def _uniform(key, entry):  # pragma: no cover (compiled)
 
 
 @numba.njit(nogil=True, cache=True)
-def _nb_invert(mean, theta, p0, key, reciprocals, data, indices, row_nnz):  # pragma: no cover (compiled)
+def _nb_invert(mean, theta, p0, key, data, indices, row_nnz):  # pragma: no cover (compiled)
     """Compiled core of :func:`negative_binomial_csr`; returns the number of non-zero entries."""
     n, genes = mean.shape
-    table = len(reciprocals)
     nnz = 0
     for i in range(n):
         start = nnz
@@ -412,12 +410,12 @@ def _nb_invert(mean, theta, p0, key, reciprocals, data, indices, row_nnz):  # pr
             q = m / (m + t)
             c = (t - 1.0) * q
             cdf, k = p, 0
-            # P(k + 1) / P(k) = q + c / (k + 1): reciprocals from a table, no division per step.
+            # P(k + 1) / P(k) = q + c / (k + 1).
             # The limit of cdf is 1 up to P(0)'s float32 rounding: the bound ends the rare walk
             # whose uniform lies in that sliver (probability ~1e-7 an entry).
             limit = 50.0 * m + 1000.0
             while True:
-                p *= q + c * (reciprocals[k] if k < table else 1.0 / (k + 1.0))
+                p *= q + c * (1.0 / (k + 1.0))
                 k += 1
                 cdf += p
                 if x < cdf or k >= limit:

@@ -172,7 +172,6 @@ def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings 
         bar = _bar(n_obs, n_obs - sum(_chunk_size(c, n_obs, settings.chunk_rows) for c in todo), settings.progress)
         if settings.workers == 0:
             worker = _ChunkEmbedder(model, source, alignment, out, settings)  # the model and source already open
-            rows = settings.chunk_rows
             reads = run_ahead(todo, 1, lambda chunk: (chunk, *worker.read(chunk)), name="embed-read-ahead")
             for count, (chunk, counts, obs_ids) in enumerate(reads):
                 faults.maybe_fail_embedding(count)  # tests only: a killed job
