@@ -97,7 +97,7 @@ class TrainConfig(_Section):
     early_stopping_tolerance: float = Field(0.03, gt=0, description=(
         "The rise (a fraction of the best held-out -ELBO) that stops training. Small data overfit fast (pancreas: "
         "+3% 500 steps after its best); on the 10k-cell synthetic atlas the held-out -ELBO drifts up 1.3% over the "
-        "2,000 steps after its best while level-0 subtype kNN climbs 0.92 -> 0.97, so a 1% rule stopped it at the "
+        "2,000 steps after its best while level-0 subtype kNN climbs 0.92 -> 0.97, so a 1% rule would stop it at the "
         "wrong place (benchmarks/RESULTS.md)."))
     progress: bool = True
     compile: bool = Field(False, description="torch.compile the model's forward and loss (first steps compile).")
