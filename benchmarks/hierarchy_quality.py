@@ -4,6 +4,9 @@ flat model, on real data and two synthetic generator settings, with the five che
     python benchmarks/hierarchy_quality.py                                   # 4 datasets x 3 seeds
     python benchmarks/hierarchy_quality.py --datasets pbmc3k --seeds 0 --set dropout=0.2
     python benchmarks/hierarchy_quality.py --datasets synthetic_200k --seeds 0   # the scale check
+    python benchmarks/hierarchy_quality.py --save-models runs/ --json q.json    # keep the trained models
+    python benchmarks/hierarchy_quality.py --rescore runs/                       # score them again, no training
+    python benchmarks/hierarchy_quality.py --datasets pancreas pbmc3k --scvi-python scvi-venv/bin/python
 
 Datasets (labels coarsest -> finest):
 - `synthetic`: the project's atlas as the demo and tests draw it (3x3x3 tree, 10k cells,
@@ -18,8 +21,15 @@ Datasets (labels coarsest -> finest):
 Every run trains the model defaults (plus `--set` overrides) and the flat model of level 0's
 width through `pipeline.train.fit_in_memory`, one thread per run, `--jobs` runs at a time. Medians
 over seeds are printed per dataset: kNN accuracy (15 neighbours, 5-fold) per label, NMI / ARI
-(k-means) on the finest labels, label silhouette on the coarsest, donor mixing, KL per level
-and active units; then the five checks of `pipeline.evaluate.hierarchy`. `--json` keeps every run.
+(k-means) on the finest labels, label silhouette on the coarsest, donor mixing (globally and, in
+brackets, within the finest labels: check 5 reads the latter), KL per level and active units;
+then the five checks of `pipeline.evaluate.hierarchy`. `--json` keeps every run.
+
+`--save-models DIR` keeps each trained model; `--rescore DIR` scores those models again with the
+current code (a change to what the levels export, or to a metric, measured on the same weights).
+`--scvi-python PY` adds scvi-tools' SCVI with its defaults, trained in the Python ``PY`` (one with
+scvi-tools installed) by `peers/scvi_embed_peer.py` on the same cells and genes, as a reference row
+that is not part of the checks.
 """
 
 from __future__ import annotations
@@ -84,7 +94,9 @@ def score(embedding: np.ndarray, obs, labels: list[str], batch_key: str | None, 
               "silhouette": silhouette_label(embedding, obs[labels[0]].to_numpy()),
               **cluster_agreement(embedding, obs[labels[-1]].to_numpy())}
     if batch_key:
-        result["mixing"] = batch_mixing(embedding, obs[batch_key].to_numpy())
+        batches = obs[batch_key].to_numpy()
+        result["mixing"] = batch_mixing(embedding, batches)
+        result["mixing_within"] = batch_mixing(embedding, batches, within=obs[labels[-1]].to_numpy())
     return result
 
 
@@ -108,9 +120,60 @@ def run_model(task: dict) -> dict:
     train = TrainConfig(max_steps=task["steps"], batch_size=task["batch_size"], seed=task["seed"], log_every=task["steps"])
     result = fit_in_memory(adata.X, config, train, batch_index)
     rows = eval_rows(adata.n_obs)
-    return {**task, "seconds": round(result.seconds, 1), "kl": [round(v, 3) for v in result.kl_per_level],
-            "active_units": result.active_units, "dims": [int(m.shape[1]) for m in result.level_means],
+    run = {**task, "seconds": round(result.seconds, 1), "kl": [round(v, 3) for v in result.kl_per_level],
+           "active_units": result.active_units, "steps_taken": result.steps, "best_step": result.best_step}
+    run.pop("save_models", None)
+    if task.get("save_models"):
+        path = Path(task["save_models"]) / f"{task['dataset']}_{task['kind']}_seed{task['seed']}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"run": run, "model_config": config.to_dict(), "state": result.model.state_dict()}, path)
+    return {**run, "dims": [int(m.shape[1]) for m in result.level_means],
             "levels": [score(m, adata.obs, labels, batch_key, rows) for m in result.level_means]}
+
+
+def rescore_model(path: str) -> dict:
+    """Score a model kept by ``--save-models`` with the current export (``model.encode``):
+    the same weights, no training (a pool job)."""
+    import torch
+
+    torch.set_num_threads(1)
+    from hvae import HierarchicalVAE, HVAEConfig
+    from pipeline.train import encode_in_batches
+
+    saved = torch.load(path, weights_only=True)
+    model = HierarchicalVAE(HVAEConfig.from_dict(saved["model_config"]))
+    model.load_state_dict(saved["state"])
+    adata, labels, batch_key = load(saved["run"]["dataset"])
+    means = encode_in_batches(model, adata.X)
+    rows = eval_rows(adata.n_obs)
+    return {**saved["run"], "dims": [int(m.shape[1]) for m in means],
+            "levels": [score(m, adata.obs, labels, batch_key, rows) for m in means]}
+
+
+def run_scvi(task: dict) -> dict:
+    """scvi-tools SCVI with its defaults on the same cells and genes (a pool job): the peer row,
+    trained by ``peers/scvi_embed_peer.py`` in the Python of ``--scvi-python``."""
+    import subprocess
+    import tempfile
+
+    adata, labels, batch_key = load(task["dataset"])
+    with tempfile.TemporaryDirectory() as tmp:
+        h5ad, out = Path(tmp) / "cells.h5ad", Path(tmp) / "latent.npy"
+        keep = [batch_key] if batch_key else []
+        ad_copy = adata.copy()
+        ad_copy.obs = ad_copy.obs[keep].copy()
+        ad_copy.write_h5ad(h5ad)
+        command = [task["python"], str(ROOT / "benchmarks" / "peers" / "scvi_embed_peer.py"), "--h5ad", str(h5ad),
+                   "--out", str(out), "--seed", str(task["seed"])] + (["--batch-key", batch_key] if batch_key else [])
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"scvi-tools peer failed on {task['dataset']} seed {task['seed']}:\n{done.stderr[-2000:]}")
+        info = json.loads(done.stdout.strip().splitlines()[-1])
+        latent = np.load(out)
+    rows = eval_rows(adata.n_obs)
+    return {"dataset": task["dataset"], "kind": "scvi", "seed": task["seed"], "version": info["version"],
+            "seconds": info["seconds"], "epochs": info["epochs"], "dims": [int(latent.shape[1])],
+            "levels": [score(latent, adata.obs, labels, batch_key, rows)]}
 
 
 def run_pca(dataset: str) -> dict:
@@ -126,13 +189,14 @@ def median_of(runs: list[dict], level: int) -> dict:
     """The median over seeds of every metric of one level."""
     first = runs[0]["levels"][level]
     out = {"knn": {label: statistics.median(r["levels"][level]["knn"][label] for r in runs) for label in first["knn"]}}
-    for key in ("silhouette", "nmi", "ari", "mixing"):
+    for key in ("silhouette", "nmi", "ari", "mixing", "mixing_within"):
         if key in first:
             out[key] = statistics.median(r["levels"][level][key] for r in runs)
     return out
 
 
-def table(dataset: str, labels: list[str], hvae: list[dict], flat: list[dict], pca: dict) -> tuple[str, list]:
+def table(dataset: str, labels: list[str], hvae: list[dict], flat: list[dict], pca: dict,
+          scvi: list[dict] = ()) -> tuple[str, list]:
     from pipeline.evaluate.hierarchy import hierarchy_checks
 
     n_levels = len(hvae[0]["levels"])
@@ -140,13 +204,14 @@ def table(dataset: str, labels: list[str], hvae: list[dict], flat: list[dict], p
     flat_median, pca_scores = median_of(flat, 0), pca["levels"][0]
     mixing = "mixing" in levels[0]
     header = (["representation", "dim", "KL (nats)", "active units"] + [f"kNN {label}" for label in labels]
-              + [f"NMI / ARI {labels[-1]}", f"silhouette {labels[0]}"] + (["donor mixing"] if mixing else []))
+              + [f"NMI / ARI {labels[-1]}", f"silhouette {labels[0]}"]
+              + ([f"donor mixing (within {labels[-1]})"] if mixing else []))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def row(name, dim, kl, units, scores):
         cells = [name, dim, kl, units] + [f"{scores['knn'][label]:.3f}" for label in labels]
         cells += [f"{scores['nmi']:.3f} / {scores['ari']:.3f}", f"{scores['silhouette']:.3f}"]
-        cells += [f"{scores['mixing']:.3f}"] if mixing else []
+        cells += [f"{scores['mixing']:.3f} ({scores['mixing_within']:.3f})"] if mixing else []
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
 
     for level in reversed(range(n_levels)):
@@ -157,6 +222,9 @@ def table(dataset: str, labels: list[str], hvae: list[dict], flat: list[dict], p
     row(f"flat VAE {flat[0]['dims'][0]}-d", flat[0]["dims"][0], f"{statistics.median(r['kl'][0] for r in flat):.2f}",
         f"{statistics.median(r['active_units'][0] for r in flat):g}", flat_median)
     row("PCA (50 comps)", 50, "-", "-", pca_scores)
+    if scvi:  # the peer, for reference: not part of the checks
+        row(f"scVI {scvi[0]['dims'][0]}-d (scvi-tools {scvi[0]['version']}, defaults; {len(scvi)} seeds)",
+            scvi[0]["dims"][0], "-", "-", median_of(list(scvi), 0))
     checks = hierarchy_checks(levels, flat_median, pca_scores, labels)
     seeds = sorted(r["seed"] for r in hvae)
     seconds = statistics.median(r["seconds"] for r in hvae)
@@ -181,6 +249,14 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="an HVAEConfig field for the hierarchical model (repeatable), e.g. latent_dims=[64,32,16]")
     parser.add_argument("--json", type=Path, help="write every run and the checks here")
+    parser.add_argument("--save-models", type=Path, metavar="DIR",
+                        help="keep every trained model here (DATASET_KIND_seedN.pt) for --rescore")
+    parser.add_argument("--scvi-python", metavar="PY",
+                        help="also train scvi-tools SCVI (its defaults) on every dataset and seed, in this Python "
+                             "(one with scvi-tools installed): a reference row, not part of the checks")
+    parser.add_argument("--rescore", type=Path, metavar="DIR",
+                        help="train nothing: score the models kept in DIR by --save-models with the current "
+                             "code's export (a change to what the levels export, measured on the same weights)")
     parser.add_argument("--from-json", type=Path, nargs="+", metavar="FILE",
                         help="train nothing: the tables and checks of the runs in these --json files together "
                              "(e.g. seeds run on different days)")
@@ -191,6 +267,19 @@ def main() -> None:
         pcas = {dataset: pca for report in reports for dataset, pca in report["pca"].items()}
         print(f"runs of {', '.join(map(str, args.from_json))}; model {reports[0]['model'] or 'defaults'}")
         summarise(sorted(pcas), runs, pcas, reports[0]["model"], reports[0]["steps"], args.json, time.time())
+        return
+    if args.rescore:
+        paths = sorted(str(p) for p in args.rescore.glob("*.pt"))
+        if not paths:
+            parser.error(f"--rescore: no saved models (*.pt) in {args.rescore}")
+        started = time.time()
+        with ProcessPoolExecutor(args.jobs) as pool:
+            runs = list(pool.map(rescore_model, paths))
+            datasets = sorted({r["dataset"] for r in runs})
+            pcas = dict(zip(datasets, pool.map(run_pca, datasets)))
+            runs += scvi_runs(pool, args, datasets, sorted({r["seed"] for r in runs}))
+        print(f"rescored {len(runs)} models of {args.rescore} with the current export")
+        summarise(datasets, runs, pcas, runs[0]["model"], runs[0]["steps"], args.json, started)
         return
     for dataset in args.datasets:
         if dataset not in SYNTHETIC and dataset not in ("pancreas", "pbmc3k"):
@@ -203,7 +292,9 @@ def main() -> None:
     reference = HVAEConfig(n_genes=1, **model)
     flat_width = reference.representation_dims[0] if hasattr(reference, "representation_dims") else hvae_dims[0]
     flat = {**{k: v for k, v in model.items() if k != "latent_dims"}, "latent_dims": [flat_width]}
-    tasks = [{"dataset": d, "seed": s, "kind": kind, "model": m, "steps": args.steps, "batch_size": args.batch_size}
+    save = str(args.save_models) if args.save_models else None
+    tasks = [{"dataset": d, "seed": s, "kind": kind, "model": m, "steps": args.steps, "batch_size": args.batch_size,
+              "save_models": save}
              for d in args.datasets for s in args.seeds for kind, m in (("hvae", model), ("flat", flat))]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.jobs} runs at a time, one thread each; "
           f"model {model or 'defaults'}")
@@ -212,7 +303,14 @@ def main() -> None:
         pcas = {d: pool.submit(run_pca, d) for d in args.datasets}
         runs = list(pool.map(run_model, tasks))
         pcas = {d: f.result() for d, f in pcas.items()}
+        runs += scvi_runs(pool, args, args.datasets, args.seeds)
     summarise(args.datasets, runs, pcas, model, args.steps, args.json, started)
+
+
+def scvi_runs(pool, args, datasets, seeds) -> list[dict]:
+    if not args.scvi_python:
+        return []
+    return list(pool.map(run_scvi, [{"dataset": d, "seed": s, "python": args.scvi_python} for d in datasets for s in seeds]))
 
 
 def summarise(datasets, runs, pcas, model, steps, json_path, started) -> None:
@@ -223,7 +321,8 @@ def summarise(datasets, runs, pcas, model, steps, json_path, started) -> None:
         labels = load_labels(dataset)
         hvae = [r for r in runs if r["dataset"] == dataset and r["kind"] == "hvae"]
         flats = [r for r in runs if r["dataset"] == dataset and r["kind"] == "flat"]
-        text, checks = table(dataset, labels, hvae, flats, pcas[dataset])
+        scvi = [r for r in runs if r["dataset"] == dataset and r["kind"] == "scvi"]
+        text, checks = table(dataset, labels, hvae, flats, pcas[dataset], scvi)
         print(text)
         per_seed = {r["seed"]: r for r in hvae}
         flat_seed = {r["seed"]: r for r in flats}

@@ -19,7 +19,8 @@ def test_hierarchy_quality_prints_levels_baselines_and_the_five_checks(tmp_path)
     out = tmp_path / "quality.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hierarchy_quality.py"), "--datasets", "pancreas",
                              "--seeds", "0", "--steps", "20", "--batch-size", "64", "--jobs", "1",
-                             "--set", "latent_dims=[8,4,2]", "--json", str(out)], capture_output=True, text=True)
+                             "--set", "latent_dims=[8,4,2]", "--json", str(out), "--save-models", str(tmp_path / "models")],
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout
     for row in ("| HVAE level 2 (top) | 2 |", "| HVAE level 1 | 6 |", "| HVAE level 0 (finest) | 14 |",
@@ -34,6 +35,14 @@ def test_hierarchy_quality_prints_levels_baselines_and_the_five_checks(tmp_path)
                            capture_output=True, text=True)
     assert again.returncode == 0 and "| HVAE level 0 (finest) | 14 |" in again.stdout, again.stderr[-2000:]
     assert "cell_type_fine kNN by seed (level 0 / level 1 / top; flat): seed 0: " in again.stdout
+    # The kept models are scored again with the current export, without training: the same figures.
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["pancreas_flat_seed0.pt", "pancreas_hvae_seed0.pt"]
+    rescored = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hierarchy_quality.py"), "--rescore",
+                               str(tmp_path / "models"), "--jobs", "1"], capture_output=True, text=True)
+    assert rescored.returncode == 0, rescored.stderr[-2000:]
+    assert "rescored 2 models" in rescored.stdout
+    first = [line for line in table.splitlines() if line.startswith("| HVAE level 0")]
+    assert first and first == [line for line in rescored.stdout.splitlines() if line.startswith("| HVAE level 0")]
 
 
 @pytest.mark.slow

@@ -40,6 +40,22 @@ def test_batch_mixing_tells_mixed_from_separated_batches(separated):
     assert np.isnan(batch_mixing(embedding, np.full(len(labels), "one donor")))
 
 
+def test_batch_mixing_within_labels_tells_composition_from_batch_signal(separated):
+    """Donors that differ only in composition (donor1 has most of a and b) mix poorly overall but
+    fully inside each label; donors that split every cluster in two mix poorly inside labels too."""
+    embedding, labels, batches = separated
+    rng = np.random.default_rng(1)
+    mostly = np.where(np.isin(labels, ["a", "b"]), 0.9, 0.1)
+    composition = np.where(rng.random(len(labels)) < mostly, "donor1", "donor2")
+    assert batch_mixing(embedding, composition) < 0.75
+    assert batch_mixing(embedding, composition, within=labels) > 0.95
+    split = embedding.copy()
+    split[batches == "donor1"] += 6.0  # every cluster in two, one half per donor
+    assert batch_mixing(split, batches, within=labels) < 0.05
+    with pytest.raises(ValueError, match="within 3"):
+        batch_mixing(embedding, composition, within=labels[:3])
+
+
 def test_missing_labels_are_left_out():
     embedding = np.repeat(np.eye(3, dtype=np.float32) * 10, 20, axis=0)
     labels = np.repeat(np.array(["x", "y", None], dtype=object), 20)
@@ -73,3 +89,19 @@ def test_level_table_has_a_donor_column_only_when_the_rows_have_one():
     with_mixing = format_table([{**row, "batch_mixing": 0.9}], ["subtype"]).splitlines()
     assert with_mixing[0].endswith("| kNN subtype | donor mixing |")
     assert with_mixing[2] == "| HVAE level 0 | 32 | 1.2 | - | 0.8 | 0.9 |"
+
+
+def test_check_five_compares_donor_mixing_within_the_finest_labels():
+    """Check 5 reads the mixing within labels where it is given (the global score is reported beside it)."""
+    from pipeline.evaluate.hierarchy import hierarchy_checks
+
+    def rep(mixing, within):
+        return {"knn": {"coarse": 1.0, "fine": 0.9}, "silhouette": 0.6, "mixing": mixing, "mixing_within": within}
+
+    levels, pca = [rep(0.90, 0.97), rep(0.93, 0.97)], rep(0.5, 0.6)
+    fifth = hierarchy_checks(levels, rep(0.95, 0.96), pca, ["coarse", "fine"])[-1]
+    assert fifth.number == 5 and fifth.passed and "within fine" in fifth.name and "global: worst level 0 0.900" in fifth.detail
+    assert not hierarchy_checks(levels, rep(0.95, 0.98), pca, ["coarse", "fine"])[-1].passed
+    no_within = [{k: v for k, v in r.items() if k != "mixing_within"} for r in levels]
+    flat = {k: v for k, v in rep(0.95, 0).items() if k != "mixing_within"}
+    assert not hierarchy_checks(no_within, flat, pca, ["coarse", "fine"])[-1].passed  # the global score alone

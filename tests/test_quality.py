@@ -4,7 +4,7 @@ pipeline.evaluate.hierarchy hold with 0.01 of slack (one seed, two threads): lev
 representation of the subtypes (against the other levels, the flat model as wide as level 0
 and PCA), the top holds the lineages, and detail grows downward.
 
-Measured with the defaults (seed 0, one thread; benchmarks/RESULTS.md): subtype kNN 0.94 /
+Measured with the defaults but a 1% early-stopping rise (seed 0, one thread; benchmarks/RESULTS.md): subtype kNN 0.94 /
 0.93 / 0.90 from level 0 to the top, PCA 0.912; lineage kNN 1.0 at the top.
 """
 

@@ -8,7 +8,12 @@ width and PCA on the same genes (kNN accuracy with 15 neighbours, 5-fold; median
 2. coarsest labels: the top >= PCA - 0.01, and every level >= 0.98 x PCA (no level mixes lineages)
 3. detail grows downward: on the finest labels, level l >= level l+1 - 0.01 for every l
 4. every level separates the coarsest labels as PCA does: label silhouette >= PCA's
-5. with batches (donors): every level mixes them at least as well as the flat model
+5. with batches (donors): every level mixes them at least as well as the flat model, inside
+   the finest labels (``batch_mixing(..., within=finest)``, key ``mixing_within``; the global
+   score, key ``mixing``, where that is all there is). Donors differ in composition (in the
+   synthetic atlases as in real cohorts), so a representation that resolves the finest types
+   better has purer neighbourhoods and a lower *global* score with no more donor signal in it;
+   the score within labels is what is left of the donor beyond the biology.
 
 ``slack`` loosens every bound by that much (a test on one seed asserts the checks with some).
 """
@@ -60,11 +65,16 @@ def hierarchy_checks(levels: list[dict], flat: dict, pca: dict, labels: list[str
     checks.append(Check(4, f"every level separates {coarse} as PCA does", ok,
                         f"silhouette: worst level {worst} {levels[worst]['silhouette']:.3f}, PCA {pca['silhouette']:.3f}"))
 
-    if flat.get("mixing") is not None and all(level.get("mixing") is not None for level in levels):
-        worst = min(range(len(levels)), key=lambda l: levels[l]["mixing"])
-        ok = levels[worst]["mixing"] >= flat["mixing"] - slack
-        checks.append(Check(5, "donors mix at least as in the flat model", ok,
-                            f"worst level {worst} {levels[worst]['mixing']:.3f}, flat {flat['mixing']:.3f}"))
+    key = "mixing_within" if flat.get("mixing_within") is not None else "mixing"
+    if flat.get(key) is not None and all(level.get(key) is not None for level in levels):
+        worst = min(range(len(levels)), key=lambda l: levels[l][key])
+        ok = levels[worst][key] >= flat[key] - slack
+        detail = f"worst level {worst} {levels[worst][key]:.3f}, flat {flat[key]:.3f}"
+        if key == "mixing_within" and flat.get("mixing") is not None:
+            globally = min(range(len(levels)), key=lambda l: levels[l]["mixing"])
+            detail += f" (global: worst level {globally} {levels[globally]['mixing']:.3f}, flat {flat['mixing']:.3f})"
+        where = f" within {fine}" if key == "mixing_within" else ""
+        checks.append(Check(5, f"donors mix{where} at least as in the flat model", ok, detail))
     return checks
 
 

@@ -71,8 +71,14 @@ def _clear_staging(run_dir: str) -> None:
         return
     for entry in Path(run_dir).iterdir():
         if entry.is_dir() and (entry.name.startswith(STAGING_PREFIX)
-                               or (entry.name.startswith(".checkpoint_") and entry.name.endswith(".partial"))):
+                               or (entry.name.startswith(".checkpoint_")
+                                   and entry.name == _partial_name(entry.name[1:-len(".partial")]))):
             shutil.rmtree(entry)
+
+
+def _partial_name(checkpoint_name: str) -> str:
+    """A local checkpoint copied under this name, then renamed: what a killed copy leaves."""
+    return f".{checkpoint_name}.partial"
 
 
 def _check_storage(run_dir: str) -> None:
@@ -128,12 +134,12 @@ def _train_local(config: PipelineConfig, run_dir: str, previous) -> dict:
         if mirror.remote:
             storage.upload(Path(directory), storage.join(run_dir, name), last="train_state.json")
         else:
-            target = Path(run_dir) / name
-            if target.exists():
-                shutil.rmtree(target)
-            shutil.copytree(directory, Path(run_dir) / f".{name}.partial")
+            target, partial = Path(run_dir) / name, Path(run_dir) / _partial_name(name)
+            shutil.copytree(directory, partial)
             faults.point("checkpoint.copied")
-            os.replace(Path(run_dir) / f".{name}.partial", target)
+            if target.exists():  # the same step saved again (a rerun): replaced once the copy is complete
+                shutil.rmtree(target)
+            os.replace(partial, target)
         faults.point("checkpoint.renamed")
         write_latest(run_dir, name)
         faults.point("checkpoint.latest")
