@@ -49,5 +49,8 @@ def test_demo_runs_end_to_end_and_writes_every_level(tmp_path):
     assert (out / "shards" / "manifest.json").exists()
     report = (out / "report" / "report.md").read_text()
     assert "## `subtype`" in report and "| flat VAE | 56 |" in report and "## Which level to use" in report and "batch mixing" in report
+    assert "batch mixing within `subtype` |" in report
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert all(0 < r["batch_mixing_within"] <= 1 for r in metrics["results"]), metrics["results"]
     assert len(list((out / "report" / "maps").glob("*.png"))) == 5  # 3 levels, the flat model, PCA
 

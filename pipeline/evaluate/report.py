@@ -103,7 +103,11 @@ def evaluate_embeddings(path: str, settings: EvaluateSettings, echo=print) -> di
                     values, truth, obs[settings.batch_key].to_numpy() if settings.batch_key else None, seed=settings.seed,
                     graphs=graphs))
         if settings.batch_key:
-            result["batch_mixing"] = batch_mixing(values, obs[settings.batch_key].to_numpy(), seed=settings.seed)
+            batches = obs[settings.batch_key].to_numpy()
+            result["batch_mixing"] = batch_mixing(values, batches, seed=settings.seed)
+            if settings.labels:  # inside the last (finest) label column: the batch signal beyond composition
+                result["batch_mixing_within"] = batch_mixing(values, batches, seed=settings.seed,
+                                                             within=obs[settings.labels[-1]].to_numpy())
         results.append(result)
         echo(f"  {name}: " + ", ".join(f"kNN {l} {result['labels'][l]['knn_accuracy']:.3f}" for l in settings.labels))
 
@@ -336,14 +340,22 @@ def format_report(summary: dict) -> str:
             cells = [_cell(scores[m], scores[m] == best[m]) for m in ["knn_accuracy"] + metrics]
             lines.append("| " + " | ".join([r["representation"], str(r["dim"])] + cells) + " |")
         lines.append("")
+    within = bool(summary["batch_key"]) and all("batch_mixing_within" in r for r in results)
+    finest = summary["labels"][-1] if within else None
     lines += ["## Levels and batches", "", "| representation | dim | active units |"
-              + (" batch mixing |" if summary["batch_key"] else ""), "|---|---|---|" + ("---|" if summary["batch_key"] else "")]
+              + (" batch mixing |" if summary["batch_key"] else "") + (f" batch mixing within `{finest}` |" if within else ""),
+              "|---|---|---|" + ("---|" if summary["batch_key"] else "") + ("---|" if within else "")]
     for r in results:
         lines.append(f"| {r['representation']} | {r['dim']} | {r['active_units']} |"
-                     + (f" {_cell(r['batch_mixing'])} |" if summary["batch_key"] else ""))
+                     + (f" {_cell(r['batch_mixing'])} |" if summary["batch_key"] else "")
+                     + (f" {_cell(r['batch_mixing_within'])} |" if within else ""))
     if summary["batch_key"]:
         lines += ["", f"Batch mixing: entropy of `{summary['batch_key']}` among 50 nearest neighbours over its global "
-                      "entropy (1 = fully mixed). Best value per column in bold."]
+                      "entropy (1 = fully mixed)."
+                  + (f" Within `{finest}`: the same among the cells of each `{finest}` label, over that label's own "
+                     f"`{summary['batch_key']}` entropy, averaged by label size; batches that differ in composition "
+                     "lower the global score of a representation that resolves the labels well, not this one."
+                     if within else "")]
     if summary["maps"]:
         lines += ["", "## Maps", ""] + [f"![{name}]({file})" for name, file in summary["maps"].items()]
     return "\n".join(lines) + "\n"
