@@ -279,7 +279,8 @@ def main() -> None:
             pcas = dict(zip(datasets, pool.map(run_pca, datasets)))
             runs += scvi_runs(pool, args, datasets, sorted({r["seed"] for r in runs}))
         print(f"rescored {len(runs)} models of {args.rescore} with the current export")
-        summarise(datasets, runs, pcas, runs[0]["model"], runs[0]["steps"], args.json, started)
+        hvae = next((r for r in runs if r["kind"] == "hvae"), runs[0])
+        summarise(datasets, runs, pcas, hvae["model"], hvae["steps"], args.json, started)
         return
     for dataset in args.datasets:
         if dataset not in SYNTHETIC and dataset not in ("pancreas", "pbmc3k"):
