@@ -119,7 +119,6 @@ def run_model(task: dict) -> dict:
     config = HVAEConfig(n_genes=adata.n_vars, n_batches=len(batch_names), **model)
     train = TrainConfig(max_steps=task["steps"], batch_size=task["batch_size"], seed=task["seed"], log_every=task["steps"])
     result = fit_in_memory(adata.X, config, train, batch_index)
-    rows = eval_rows(adata.n_obs)
     run = {**task, "seconds": round(result.seconds, 1), "kl": [round(v, 3) for v in result.kl_per_level],
            "active_units": result.active_units, "steps_taken": result.steps, "best_step": result.best_step}
     run.pop("save_models", None)
@@ -127,8 +126,14 @@ def run_model(task: dict) -> dict:
         path = Path(task["save_models"]) / f"{task['dataset']}_{task['kind']}_seed{task['seed']}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"run": run, "model_config": config.to_dict(), "state": result.model.state_dict()}, path)
-    return {**run, "dims": [int(m.shape[1]) for m in result.level_means],
-            "levels": [score(m, adata.obs, labels, batch_key, rows) for m in result.level_means]}
+    return scored(run, result.level_means, adata, labels, batch_key)
+
+
+def scored(run: dict, level_means: list[np.ndarray], adata, labels: list[str], batch_key: str | None) -> dict:
+    """A run with the width and the scores of each representation it exports (on ``eval_rows``)."""
+    rows = eval_rows(adata.n_obs)
+    return {**run, "dims": [int(m.shape[1]) for m in level_means],
+            "levels": [score(m, adata.obs, labels, batch_key, rows) for m in level_means]}
 
 
 def rescore_model(path: str) -> dict:
@@ -144,10 +149,7 @@ def rescore_model(path: str) -> dict:
     model = HierarchicalVAE(HVAEConfig.from_dict(saved["model_config"]))
     model.load_state_dict(saved["state"])
     adata, labels, batch_key = load(saved["run"]["dataset"])
-    means = encode_in_batches(model, adata.X)
-    rows = eval_rows(adata.n_obs)
-    return {**saved["run"], "dims": [int(m.shape[1]) for m in means],
-            "levels": [score(m, adata.obs, labels, batch_key, rows) for m in means]}
+    return scored(saved["run"], encode_in_batches(model, adata.X), adata, labels, batch_key)
 
 
 def run_scvi(task: dict) -> dict:
@@ -170,10 +172,9 @@ def run_scvi(task: dict) -> dict:
             raise RuntimeError(f"scvi-tools peer failed on {task['dataset']} seed {task['seed']}:\n{done.stderr[-2000:]}")
         info = json.loads(done.stdout.strip().splitlines()[-1])
         latent = np.load(out)
-    rows = eval_rows(adata.n_obs)
-    return {"dataset": task["dataset"], "kind": "scvi", "seed": task["seed"], "version": info["version"],
-            "seconds": info["seconds"], "epochs": info["epochs"], "dims": [int(latent.shape[1])],
-            "levels": [score(latent, adata.obs, labels, batch_key, rows)]}
+    run = {"dataset": task["dataset"], "kind": "scvi", "seed": task["seed"], "version": info["version"],
+           "seconds": info["seconds"], "epochs": info["epochs"]}
+    return scored(run, [latent], adata, labels, batch_key)
 
 
 def run_pca(dataset: str) -> dict:

@@ -71,8 +71,7 @@ def _clear_staging(run_dir: str) -> None:
         return
     for entry in Path(run_dir).iterdir():
         if entry.is_dir() and (entry.name.startswith(STAGING_PREFIX)
-                               or (entry.name.startswith(".checkpoint_")
-                                   and entry.name == _partial_name(entry.name[1:-len(".partial")]))):
+                               or (entry.name.startswith(".checkpoint_") and entry.name.endswith(".partial"))):
             shutil.rmtree(entry)
 
 
