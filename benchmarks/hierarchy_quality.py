@@ -147,7 +147,11 @@ def rescore_model(path: str) -> dict:
 
     saved = torch.load(path, weights_only=True)
     model = HierarchicalVAE(HVAEConfig.from_dict(saved["model_config"]))
-    model.load_state_dict(saved["state"])
+    try:
+        model.load_state_dict(saved["state"])
+    except RuntimeError as error:  # a state-dict change since the model was saved
+        raise ValueError(f"{path}: saved by a model of another layout; --rescore reads models of the current "
+                         f"code only, retrain it ({str(error).splitlines()[0]} ...)") from None
     adata, labels, batch_key = load(saved["run"]["dataset"])
     return scored(saved["run"], encode_in_batches(model, adata.X), adata, labels, batch_key)
 
@@ -264,6 +268,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.from_json:
         reports = [json.loads(path.read_text()) for path in args.from_json]
+        for path, report in zip(args.from_json, reports):
+            missing = [key for key in ("model", "steps", "runs", "pca") if key not in report]
+            if missing:
+                parser.error(f"--from-json: {path} is not a --json report of this benchmark (no {', '.join(missing)})")
         runs = [run for report in reports for run in report["runs"]]
         pcas = {dataset: pca for report in reports for dataset, pca in report["pca"].items()}
         print(f"runs of {', '.join(map(str, args.from_json))}; model {reports[0]['model'] or 'defaults'}")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import shared_file
 
@@ -43,6 +44,19 @@ def test_hierarchy_quality_prints_levels_baselines_and_the_five_checks(tmp_path)
     assert "rescored 2 models" in rescored.stdout
     first = [line for line in table.splitlines() if line.startswith("| HVAE level 0")]
     assert first and first == [line for line in rescored.stdout.splitlines() if line.startswith("| HVAE level 0")]
+    # A model of another layout and a file that is not a report are named, not a raw traceback.
+    saved = torch.load(tmp_path / "models" / "pancreas_hvae_seed0.pt", weights_only=True)
+    saved["state"].pop(next(iter(saved["state"])))
+    (tmp_path / "old").mkdir()
+    torch.save(saved, tmp_path / "old" / "pancreas_hvae_seed0.pt")
+    old = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hierarchy_quality.py"), "--rescore",
+                          str(tmp_path / "old"), "--jobs", "1"], capture_output=True, text=True)
+    assert old.returncode != 0 and "pancreas_hvae_seed0.pt: saved by a model of another layout" in old.stderr, old.stderr
+    (tmp_path / "screen.json").write_text(json.dumps({"runs": []}))
+    wrong = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hierarchy_quality.py"), "--from-json",
+                            str(tmp_path / "screen.json")], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "screen.json is not a --json report of this benchmark (no model, steps, pca)" \
+        in wrong.stderr, wrong.stderr
 
 
 @pytest.mark.slow
