@@ -283,7 +283,10 @@ def main() -> None:
             parser.error(f"--rescore: no saved models (*.pt) in {args.rescore}")
         started = time.time()
         with ProcessPoolExecutor(args.jobs) as pool:
-            runs = list(pool.map(rescore_model, paths))
+            try:
+                runs = list(pool.map(rescore_model, paths))
+            except ValueError as error:  # a model of another layout, named by rescore_model
+                parser.error(f"--rescore: {error}")
             datasets = sorted({r["dataset"] for r in runs})
             pcas = dict(zip(datasets, pool.map(run_pca, datasets)))
             runs += scvi_runs(pool, args, datasets, sorted({r["seed"] for r in runs}))

@@ -51,7 +51,7 @@ def test_hierarchy_quality_prints_levels_baselines_and_the_five_checks(tmp_path)
     torch.save(saved, tmp_path / "old" / "pancreas_hvae_seed0.pt")
     old = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hierarchy_quality.py"), "--rescore",
                           str(tmp_path / "old"), "--jobs", "1"], capture_output=True, text=True)
-    assert old.returncode != 0 and "pancreas_hvae_seed0.pt: saved by a model of another layout" in old.stderr, old.stderr
+    assert old.returncode == 2 and "pancreas_hvae_seed0.pt: saved by a model of another layout" in old.stderr, old.stderr
     (tmp_path / "screen.json").write_text(json.dumps({"runs": []}))
     wrong = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hierarchy_quality.py"), "--from-json",
                             str(tmp_path / "screen.json")], capture_output=True, text=True)
