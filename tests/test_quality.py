@@ -7,8 +7,9 @@ and PCA), the top holds the lineages, and detail grows downward.
 Measured as the fixture runs (the defaults but a 1% early-stopping rise, seed 0, two threads,
 2026-12-04): subtype kNN 0.778 / 0.764 / 0.737 from level 0 to the top, PCA 0.743; lineage kNN
 0.999 at the top; checks 1-4 pass with no slack. Half the genes of the benchmark's atlas keep the
-subtypes hard (PCA 0.743, against 0.904 at 2,000 genes) and halve the fixture's time (both fits
-170 s; the 2,000-gene fixture took 275-322 s in earlier suites).
+subtypes hard (PCA 0.743, against 0.904 at 2,000 genes) and cut the fixture's time (both fits
+170 s on this machine; the 2,000-gene fixture took 275-322 s in earlier suites on other machines,
+not re-timed here).
 """
 
 import pytest
