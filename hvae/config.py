@@ -53,6 +53,12 @@ class HVAEConfig:
     log_scale_clamp: float = 6.0
     # Counts are normalised to this total before log1p for the encoder input.
     input_target_sum: float = 1e4
+    # Molecule thinning in training: the encoder reads each cell with a binomial share of its
+    # molecules, the share drawn per cell and step from U(1 - molecule_thinning, 1), while the
+    # likelihood scores every molecule (a denoising encoder). A code cannot then rest on one
+    # draw of a cell's sampling noise (benchmarks/RESULTS.md, "Molecule thinning").
+    # Evaluation and `encode` read every molecule; 0 turns it off.
+    molecule_thinning: float = 0.5
     validate_inputs: bool = True
 
     def __post_init__(self) -> None:
@@ -90,6 +96,9 @@ class HVAEConfig:
             fail("top_kl_weight", "must be a number > 0")
         if not _is_number(self.coarse_reconstruction_weight) or self.coarse_reconstruction_weight < 0:
             fail("coarse_reconstruction_weight", "must be a number >= 0")
+        if not _is_number(self.molecule_thinning) or not (0.0 <= self.molecule_thinning < 1.0):
+            fail("molecule_thinning", "must be in [0, 1) (the largest share of a cell's molecules the encoder "
+                                      "may miss in training; 0: none)")
         if not _is_number(self.log_scale_clamp) or self.log_scale_clamp <= 0:
             fail("log_scale_clamp", "must be a number > 0")
         if not _is_number(self.input_target_sum) or self.input_target_sum <= 0:

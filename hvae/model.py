@@ -3,6 +3,8 @@
 Notation (L levels, level 0 next to the data, level L-1 the top):
 
     bottom-up   r_l = block_l(stem(log1p(x / library * target)))   every level one block from the data
+                (in training x is thinned: a binomial share of each cell's molecules, drawn per
+                cell from U(1 - molecule_thinning, 1); the likelihood scores every molecule)
     top         q(z_{L-1} | x) = N(head(r_{L-1})),   p(z_{L-1}) = N(0, I)
     top-down    h_{L-1} = W_{L-1} z_{L-1}
                 s_l = block(h_{l+1})                         (shared by prior and posterior)
@@ -234,13 +236,23 @@ class HierarchicalVAE(nn.Module):
         return batch_index.long()
 
     # ------------------------------------------------------------------ building blocks
-    def _bottom_up(self, counts: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Returns r_l for every level (each one block from the shared stem) and the (cells,)
-        library size. One block, not a deep ladder: depth cost the top its active units."""
+    def _bottom_up(self, counts: torch.Tensor) -> list[torch.Tensor]:
+        """Returns r_l for every level, each one block from the shared stem. One block, not a
+        deep ladder: depth cost the top its active units."""
         library = counts.sum(dim=1)
         x = torch.log1p(counts * (self.config.input_target_sum / library.clamp(min=1.0)).unsqueeze(1))
         r = self.stem(x)
-        return [block(r) for block in self.bottom_up], library
+        return [block(r) for block in self.bottom_up]
+
+    def _thin(self, counts: torch.Tensor) -> torch.Tensor:
+        """What the encoder reads: in training each cell keeps a binomial share of its
+        molecules, the share drawn per cell from U(1 - ``HVAEConfig.molecule_thinning``, 1);
+        otherwise the counts."""
+        thinning = self.config.molecule_thinning
+        if not self.training or thinning == 0:
+            return counts
+        share = 1.0 - thinning * torch.rand(counts.shape[0], 1, device=counts.device)
+        return torch.binomial(counts, share.expand_as(counts).contiguous())
 
     def _log_likelihood(self, counts: torch.Tensor, params) -> torch.Tensor:
         """(cells,) log-likelihood of the counts, summed over genes, in fp32."""
@@ -302,7 +314,8 @@ class HierarchicalVAE(nn.Module):
         """
         batch_index = self._check_inputs(counts, batch_index, check_values)
         counts = counts.float()
-        states, library = self._bottom_up(counts)
+        states = self._bottom_up(self._thin(counts))
+        library = counts.sum(dim=1)
         n_levels = self.config.n_levels
 
         # Top-down pass with posterior samples; keep the state after each level for the coarse pass.
@@ -407,7 +420,7 @@ class HierarchicalVAE(nn.Module):
             self.train(was_training)
 
     def _encode(self, counts: torch.Tensor, return_logvar: bool):
-        states, _ = self._bottom_up(counts)
+        states = self._bottom_up(counts)
         logvars: list[torch.Tensor] = [None] * self.config.n_levels  # type: ignore[list-item]
         top_mean, logvars[-1] = self.top_posterior(states[-1])
 

@@ -103,6 +103,8 @@ def test_zinb_and_gene_batch_dispersion_run():
         ({"dispersion": "gene-batch"}, "dispersion"),
         ({"free_bits_per_dimension": -0.1}, "free_bits_per_dimension"),
         ({"top_kl_weight": 0.0}, "top_kl_weight"),
+        ({"molecule_thinning": 1.0}, "molecule_thinning"),
+        ({"molecule_thinning": -0.1}, "molecule_thinning"),
         ({"dropout": 1.5}, "dropout"),
         ({"hidden_dim": 2.5}, "hidden_dim"),
     ],
@@ -110,6 +112,39 @@ def test_zinb_and_gene_batch_dispersion_run():
 def test_config_rejects_bad_values_naming_the_field(values, match):
     with pytest.raises(ValueError, match=f"HVAEConfig.{match}"):
         HVAEConfig(**{"n_genes": 10, **values})
+
+
+def test_training_thins_what_the_encoder_reads_and_scores_every_molecule():
+    torch.manual_seed(0)
+    config = HVAEConfig(n_genes=N_GENES, latent_dims=(8, 4), hidden_dim=32, molecule_thinning=0.5)
+    model = HierarchicalVAE(config)
+    counts = torch.poisson(torch.rand(512, N_GENES) * 30)
+    seen, scored = [], []
+    bottom_up, log_likelihood = model._bottom_up, model._log_likelihood
+    model._bottom_up = lambda x: seen.append(x) or bottom_up(x)
+    model._log_likelihood = lambda x, params: scored.append(x) or log_likelihood(x, params)
+
+    out = model.train()(counts)
+    # The encoder reads a binomial thinning of each cell, kept shares spread over U(0.5, 1);
+    # both likelihood terms (the full and the coarse reconstruction) score every molecule.
+    assert len(seen) == 1 and len(scored) == 2 and all(torch.equal(x, counts) for x in scored)
+    thinned = seen[0]
+    assert bool((thinned == torch.round(thinned)).all()) and bool((thinned >= 0).all())
+    assert bool((thinned <= counts).all())
+    share = thinned.sum(dim=1) / counts.sum(dim=1)
+    assert 0.45 < float(share.min()) and float(share.max()) <= 1.0
+    assert 0.70 < float(share.mean()) < 0.80 and float(share.std()) > 0.1
+    torch.testing.assert_close(out.library, counts.sum(dim=1))
+    model(counts)  # a fresh draw every step
+    assert not torch.equal(seen[1], thinned)
+
+    # Evaluation, encode, and a model with thinning off read every molecule.
+    seen.clear()
+    model.eval()(counts)
+    model.encode(counts)
+    model.config = config.replace(molecule_thinning=0.0)
+    model.train()(counts)
+    assert len(seen) == 3 and all(torch.equal(x, counts) for x in seen)
 
 
 def test_config_round_trip_and_unknown_keys():
@@ -213,7 +248,7 @@ def test_every_level_is_one_block_from_the_data():
     config = HVAEConfig(n_genes=N_GENES, latent_dims=(8, 6, 4), hidden_dim=32)
     model = HierarchicalVAE(config).eval()
     x = counts_batch()
-    states, library = model._bottom_up(x.float())
+    states, library = model._bottom_up(x.float()), x.float().sum(dim=1)
     stem = model.stem(torch.log1p(x.float() * (config.input_target_sum / library.clamp(min=1.0)).unsqueeze(1)))
     for block, state in zip(model.bottom_up, states, strict=True):
         torch.testing.assert_close(state, block(stem))

@@ -106,11 +106,19 @@ def test_checkpoints_carry_a_format_version_and_model_pt_alone_loads_the_model(s
     assert model.config == load_model(directory)[0].config and parts["batches"]["batch_key"] is None
     assert find_checkpoint(alone) == alone
 
+    # A format-2 model.pt (before molecule thinning) is read as the model it was trained as.
+    old = {**saved, "format_version": 2,
+           "hvae_config": {k: v for k, v in saved["hvae_config"].items() if k != "molecule_thinning"}}
+    torch.save(old, alone / "model.pt")
+    old_model, _ = load_model(alone)
+    assert old_model.config == model.config.replace(molecule_thinning=0.0)
+    torch.testing.assert_close(old_model.state_dict(), model.state_dict())
+
     # A checkpoint of another format (here: written before versions existed) is refused in words,
     # and continuing the run from it too; nothing is written over it.
     del saved["format_version"]
     torch.save(saved, directory / "model.pt")
-    with pytest.raises(ValueError, match="has checkpoint format 1; this version of hvae-pipeline reads format 2"):
+    with pytest.raises(ValueError, match="has checkpoint format 1; this version of hvae-pipeline reads formats 2, 3"):
         load_model(directory)
     refused = cli(*base, "train.max_steps=4", check=False)
     assert refused.returncode != 0 and "checkpoint format 1" in refused.stderr, refused.stderr

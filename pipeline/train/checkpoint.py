@@ -33,9 +33,15 @@ from .. import faults, storage
 from ..data.shard_format import feature_hash
 
 LATEST = "latest"
+# 3: HVAEConfig.molecule_thinning (training thins what the encoder reads). The weights and the
+#    encoder are as in 2, so a format-2 model.pt is read as the model it was trained as: the same
+#    config with molecule_thinning 0 (FORMAT_2_CONFIG).
 # 2: the model of issue 15 (one bottom-up path, decoder on every level, no pre-field defaults);
 #    genes and batches inside model.pt. 1 (no "format_version" key): the models before it.
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
+READABLE_FORMATS = (2, 3)
+# What a format-2 config meant for the fields format 3 added.
+FORMAT_2_CONFIG = {"molecule_thinning": 0.0}
 
 
 def save_checkpoint(directory: str | Path, trainer, hvae_config: HVAEConfig, config_yaml: str | None, train_state: dict | None,
@@ -85,10 +91,14 @@ def read_model_file(directory: str | Path) -> dict:
     except Exception as error:  # truncated or not a torch file
         raise ValueError(f"{path} is corrupt or truncated ({type(error).__name__}: {error})") from None
     version = saved.get("format_version", 1) if isinstance(saved, dict) else None
-    if version != CHECKPOINT_FORMAT:
-        raise CheckpointFormatError(f"{path} has checkpoint format {version}; this version of hvae-pipeline reads format "
-                         f"{CHECKPOINT_FORMAT} (its model differs): train a new model, or embed with the release that wrote it")
-    return {"hvae_config": HVAEConfig.from_dict(saved["hvae_config"]), "model": saved["model"], "ema": saved["ema"],
+    if version not in READABLE_FORMATS:
+        raise CheckpointFormatError(f"{path} has checkpoint format {version}; this version of hvae-pipeline reads formats "
+                         f"{', '.join(map(str, READABLE_FORMATS))} (its model differs): train a new model, or embed with the "
+                         "release that wrote it")
+    values = saved["hvae_config"]
+    if version == 2:
+        values = {**FORMAT_2_CONFIG, **values}
+    return {"hvae_config": HVAEConfig.from_dict(values), "model": saved["model"], "ema": saved["ema"],
             "genes": saved["genes"], "batches": saved["batches"], "path": str(directory)}
 
 
