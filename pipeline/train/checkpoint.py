@@ -34,14 +34,13 @@ from ..data.shard_format import feature_hash
 
 LATEST = "latest"
 # 3: HVAEConfig.molecule_thinning (training thins what the encoder reads). The weights and the
-#    encoder are as in 2, so a format-2 model.pt is read as the model it was trained as: the same
-#    config with molecule_thinning 0 (FORMAT_2_CONFIG).
+#    encoder are as in 2, so a format-2 model.pt is read as the model it was trained as.
 # 2: the model of issue 15 (one bottom-up path, decoder on every level, no pre-field defaults);
 #    genes and batches inside model.pt. 1 (no "format_version" key): the models before it.
 CHECKPOINT_FORMAT = 3
-READABLE_FORMATS = (2, 3)
-# What a format-2 config meant for the fields format 3 added.
-FORMAT_2_CONFIG = {"molecule_thinning": 0.0}
+# The earlier formats still read, each with what its config meant for the fields added since.
+EARLIER_FORMAT_CONFIG = {2: {"molecule_thinning": 0.0}}
+READABLE_FORMATS = (*sorted(EARLIER_FORMAT_CONFIG), CHECKPOINT_FORMAT)
 
 
 def save_checkpoint(directory: str | Path, trainer, hvae_config: HVAEConfig, config_yaml: str | None, train_state: dict | None,
@@ -95,9 +94,7 @@ def read_model_file(directory: str | Path) -> dict:
         raise CheckpointFormatError(f"{path} has checkpoint format {version}; this version of hvae-pipeline reads formats "
                          f"{', '.join(map(str, READABLE_FORMATS))} (its model differs): train a new model, or embed with the "
                          "release that wrote it")
-    values = saved["hvae_config"]
-    if version == 2:
-        values = {**FORMAT_2_CONFIG, **values}
+    values = {**EARLIER_FORMAT_CONFIG.get(version, {}), **saved["hvae_config"]}
     return {"hvae_config": HVAEConfig.from_dict(values), "model": saved["model"], "ema": saved["ema"],
             "genes": saved["genes"], "batches": saved["batches"], "path": str(directory)}
 
