@@ -31,6 +31,9 @@ def test_hierarchy_quality_prints_levels_baselines_and_the_five_checks(tmp_path)
     checks = json.loads(out.read_text())["checks"]["pancreas"]
     assert [c["number"] for c in checks] == [1, 2, 3, 4]  # no donors in pancreas: check 5 does not apply
     assert all(f"{c['number']}. " in table for c in checks)
+    # Each verdict says on how many seeds the check passes alone, and which.
+    assert all(c["seeds_passing"] in ([], [0]) and c["passed"] == (c["seeds_passing"] == [0]) for c in checks), checks
+    assert table.count(" of 1 seeds pass]") == 4
     # Runs kept as JSON are summarised again (seeds run apart, together) without training.
     again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hierarchy_quality.py"), "--from-json", str(out)],
                            capture_output=True, text=True)
