@@ -59,6 +59,12 @@ class HVAEConfig:
     # draw of a cell's sampling noise (benchmarks/RESULTS.md, "Molecule thinning").
     # Evaluation and `encode` read every molecule; 0 turns it off.
     molecule_thinning: float = 0.5
+    # Weight of the read-out: a linear map of the whole code predicts every gene's standardised
+    # log expression (each gene counting alike, as in PCA), beside a per-batch gain and shift of
+    # each gene. The NB likelihood alone lets a few abundant genes decide the code:
+    # level 0 of pbmc3k stayed below PCA on the fine types (benchmarks/RESULTS.md, "Linear
+    # read-out"). The -ELBO reported leaves it out; 0 turns it off.
+    readout_weight: float = 1.0
     validate_inputs: bool = True
 
     def __post_init__(self) -> None:
@@ -99,6 +105,8 @@ class HVAEConfig:
         if not _is_number(self.molecule_thinning) or not (0.0 <= self.molecule_thinning < 1.0):
             fail("molecule_thinning", "must be in [0, 1) (the largest share of a cell's molecules the encoder "
                                       "may miss in training; 0: none)")
+        if not _is_number(self.readout_weight) or self.readout_weight < 0:
+            fail("readout_weight", "must be a number >= 0 (0: no read-out)")
         if not _is_number(self.log_scale_clamp) or self.log_scale_clamp <= 0:
             fail("log_scale_clamp", "must be a number > 0")
         if not _is_number(self.input_target_sum) or self.input_target_sum <= 0:

@@ -12,12 +12,21 @@ Notation (L levels, level 0 next to the data, level L-1 the top):
                 q(z_l | z_{>l}, x) = N(mu_p + dmu(s_l, r_l), sigma_p * dsigma(s_l, r_l))
                 h_l = s_l + W_l z_l
     decoder     x ~ NB(library * softmax(f([z_0, ..., z_{L-1}], batch)), theta)   (ZINB optional)
+    read-out    standardise(log1p(x / library * target)) ~ N(g_batch * W [z_0, ..., z_{L-1}] + b_batch, I)
+                (an auxiliary loss, weight ``readout_weight``)
 
 The decoder reads every level's sample directly (LVAE/BIVA-style skip paths): fed only the
 top-down residual stream, a lower level's contribution starts out drowned by the upper
 levels' and collapses to its free-bits floor. Upper levels are made to carry the coarse
 structure by an auxiliary *coarse reconstruction*: x is also decoded with the levels below
 some k replaced by their prior means, so the levels >= k must explain x on their own.
+
+The NB likelihood weighs genes by their counts: a few abundant genes dominate it, and a code
+can score well while the many modest genes that tell fine types apart (what PCA on standardised
+genes reads) stay unresolved. The *read-out* asks the code to predict every gene's standardised
+log expression with a linear map, each gene counting alike; per batch a gain and a shift of each
+gene stand beside the map, so that donor effects need not enter the code to be read out
+(``Readout``; benchmarks/RESULTS.md, "Linear read-out").
 
 What a level exports (``encode``) is the code from that level up, [z_l, ..., z_{L-1}] at their
 posterior means: level 0 the whole code (the finest), the top its coarse summary alone. z_l
@@ -47,12 +56,14 @@ class HVAEOutput:
     Attributes:
         loss: scalar training objective: mean over cells of the negative ELBO with the
             KL weighted (warm-up, balancing, free bits) plus the weighted coarse
-            reconstruction.
+            reconstruction and read-out.
         reconstruction: (cells,) negative log-likelihood of the counts under the full
             posterior sample.
         kl: (n_levels,) mean KL per cell of each level, level 0 first (unweighted).
         coarse_reconstruction: scalar mean negative log-likelihood of the counts decoded
             from the upper levels alone (0 for a flat model or a zero weight).
+        readout: scalar mean over cells of the read-out's squared error, half the sum over
+            genes in units of each gene's standard deviation (0 for a zero weight).
         library: (cells,) observed library sizes (for :meth:`HierarchicalVAE.record_library_sizes`).
     """
 
@@ -60,6 +71,7 @@ class HVAEOutput:
     reconstruction: torch.Tensor
     kl: torch.Tensor
     coarse_reconstruction: torch.Tensor
+    readout: torch.Tensor
     library: torch.Tensor
 
     @property
@@ -109,6 +121,46 @@ class GaussianHead(nn.Module):
         x = torch.cat([norm(t) for norm, t in zip(self.norms, inputs)], dim=-1)
         mean, logvar = self.out(self.hidden(x)).chunk(2, dim=-1)
         return mean, soft_clamp(logvar, self.log_scale_clamp)
+
+
+class Readout(nn.Module):
+    """The read-out: a linear map of every level's sample to each gene's standardised log
+    expression, scored by squared error in units of the gene's standard deviation.
+
+    Per batch a gain (log scale) and a shift of each gene stand beside the map: a donor's shift
+    of a gene's log rate shows in log1p of normalised counts as a shift of abundant genes and a
+    gain on sparse ones. With a shift alone the code carried the donors (synthetic_wide). Training
+    standardises with the minibatch's moments and adds them to running sums; evaluation uses the
+    running moments.
+    """
+
+    def __init__(self, config: HVAEConfig) -> None:
+        super().__init__()
+        n_genes = config.n_genes
+        self.head = nn.Linear(sum(config.latent_dims), n_genes)
+        self.batch_gain = nn.Embedding(config.n_batches, n_genes) if config.n_batches else None
+        self.batch_shift = nn.Embedding(config.n_batches, n_genes) if config.n_batches else None
+        for embedding in (self.batch_gain, self.batch_shift):
+            if embedding is not None:
+                nn.init.zeros_(embedding.weight)
+        # Running (count, sum, sum of squares) of each gene's log expression.
+        self.register_buffer("moments", torch.zeros(3, n_genes, dtype=torch.float64))
+
+    def forward(self, code: torch.Tensor, expression: torch.Tensor, batch_index: torch.Tensor | None) -> torch.Tensor:
+        if self.training:
+            mean, var = expression.mean(dim=0), expression.var(dim=0, unbiased=False)
+            self.moments += torch.stack([torch.full_like(mean, expression.shape[0]), expression.sum(dim=0),
+                                         (expression**2).sum(dim=0)]).detach().double()
+        else:
+            count = self.moments[0].clamp(min=1.0)
+            mean = self.moments[1] / count
+            var = (self.moments[2] / count - mean**2).clamp(min=0.0)
+            mean, var = mean.float(), var.float()
+        target = ((expression - mean) * torch.rsqrt(var + 1e-5)).clamp(-10.0, 10.0)
+        prediction = self.head(code).float()
+        if self.batch_gain is not None:
+            prediction = prediction * torch.exp(self.batch_gain(batch_index).float()) + self.batch_shift(batch_index).float()
+        return 0.5 * ((prediction - target) ** 2).sum(dim=-1).mean()
 
 
 class Decoder(nn.Module):
@@ -183,6 +235,7 @@ class HierarchicalVAE(nn.Module):
         self.latent_in = nn.ModuleList(nn.Linear(d, hidden) for d in dims[1:])
 
         self.decoder = Decoder(config)
+        self.readout = Readout(config) if config.readout_weight > 0 else None
 
         self.register_buffer("kl_level_weights", torch.tensor(config.kl_weights_per_level(), dtype=torch.float32))
         self.register_buffer("level_sizes", torch.tensor(dims, dtype=torch.float32))
@@ -338,9 +391,17 @@ class HierarchicalVAE(nn.Module):
         coarse = self._coarse_reconstruction(counts, library, batch_index, h_after, samples, coarse_level)
         loss = reconstruction.mean() + self._weighted_kl(kl, kl_weight, kl_levels)
         loss = loss + self.config.coarse_reconstruction_weight * coarse
-        return HVAEOutput(
-            loss=loss, reconstruction=reconstruction, kl=kl, coarse_reconstruction=coarse, library=library
-        )
+        readout = self._readout(counts, library, batch_index, samples)
+        loss = loss + self.config.readout_weight * readout
+        return HVAEOutput(loss=loss, reconstruction=reconstruction, kl=kl, coarse_reconstruction=coarse,
+                          readout=readout, library=library)
+
+    def _readout(self, counts, library, batch_index, samples: list) -> torch.Tensor:
+        """The read-out's loss on every molecule of the cells (not the encoder's thinned input)."""
+        if self.readout is None:
+            return counts.new_zeros(())
+        expression = torch.log1p(counts * (self.config.input_target_sum / library.clamp(min=1.0)).unsqueeze(1))
+        return self.readout(torch.cat(samples, dim=-1), expression, batch_index)
 
     def _weighted_kl(self, kl: torch.Tensor, kl_weight: float, kl_levels: list[torch.Tensor]) -> torch.Tensor:
         """Free bits per unit and level weights, then KL balancing during warm-up, then the

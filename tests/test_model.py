@@ -105,6 +105,7 @@ def test_zinb_and_gene_batch_dispersion_run():
         ({"top_kl_weight": 0.0}, "top_kl_weight"),
         ({"molecule_thinning": 1.0}, "molecule_thinning"),
         ({"molecule_thinning": -0.1}, "molecule_thinning"),
+        ({"readout_weight": -0.1}, "readout_weight"),
         ({"dropout": 1.5}, "dropout"),
         ({"hidden_dim": 2.5}, "hidden_dim"),
     ],
@@ -145,6 +146,54 @@ def test_training_thins_what_the_encoder_reads_and_scores_every_molecule():
     model.config = config.replace(molecule_thinning=0.0)
     model.train()(counts)
     assert len(seen) == 3 and all(torch.equal(x, counts) for x in seen)
+
+
+def test_readout_scores_standardised_log_expression_of_every_molecule():
+    torch.manual_seed(0)
+    config = HVAEConfig(n_genes=N_GENES, latent_dims=(8, 4), hidden_dim=32, n_batches=3, molecule_thinning=0.5)
+    model = HierarchicalVAE(config).train()
+    counts, batches = torch.poisson(torch.rand(64, N_GENES) * 30), torch.arange(64) % 3
+    seen = []
+    model.readout.register_forward_hook(lambda module, args, out: seen.append(args))
+    torch.manual_seed(1)
+    out = model(counts, batches)
+
+    # It reads the cells' normalised log expression with every molecule (the encoder's input is
+    # thinned), and the code is every level's sample.
+    code, expression, batch_index = seen[0]
+    library = counts.sum(dim=1)
+    torch.testing.assert_close(expression, torch.log1p(counts / library.unsqueeze(1) * config.input_target_sum))
+    assert code.shape == (64, 12) and torch.equal(batch_index, batches)
+    # The running moments hold what it saw; evaluation standardises with them.
+    torch.testing.assert_close(model.readout.moments[0], torch.full((N_GENES,), 64.0, dtype=torch.float64))
+    torch.testing.assert_close(model.readout.moments[1].float(), expression.sum(dim=0))
+    # Zero-initialised, the prediction is the head alone: the loss is half the squared error
+    # between the head and the standardised expression, summed over genes.
+    standardised = (expression - expression.mean(0)) / torch.sqrt(expression.var(0, unbiased=False) + 1e-5)
+    expected = 0.5 * ((model.readout.head(code) - standardised.clamp(-10, 10)) ** 2).sum(dim=1).mean()
+    torch.testing.assert_close(out.readout, expected)
+
+    # The loss is the rest plus readout_weight x the read-out, and the rest is unchanged by it.
+    off = HierarchicalVAE(config.replace(readout_weight=0.0)).train()
+    assert off.readout is None
+    off.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("readout.")})
+    torch.manual_seed(1)
+    rest = off(counts, batches)
+    assert float(rest.readout) == 0.0
+    torch.testing.assert_close(out.loss, rest.loss + out.readout)
+    torch.testing.assert_close(out.negative_elbo, rest.negative_elbo)
+
+    # Its gradient reaches the encoder and every part of the read-out, the per-batch gain and
+    # shift of the batches present only.
+    out.readout.backward()
+    assert model.stem[0].weight.grad.abs().sum() > 0
+    for name in ("head.weight", "batch_gain.weight", "batch_shift.weight"):
+        assert model.readout.get_parameter(name).grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in model.decoder.parameters())  # the decoder learns from the counts alone
+    model.zero_grad()
+    model(counts[batches == 0], batches[batches == 0]).readout.backward()
+    assert model.readout.batch_shift.weight.grad[1:].abs().sum() == 0
+    assert model.readout.batch_shift.weight.grad[0].abs().sum() > 0
 
 
 def test_config_round_trip_and_unknown_keys():

@@ -4,11 +4,12 @@ pipeline.evaluate.hierarchy hold with 0.01 of slack (one seed, two threads): lev
 representation of the subtypes (against the other levels, the flat model as wide as level 0
 and PCA), the top holds the lineages, and detail grows downward.
 
-Measured as the fixture runs (the defaults, molecule thinning included, but a 1% early-stopping
-rise; seed 0, two threads, 2026-12-04, session 10): subtype kNN 0.841 / 0.836 / 0.793 from level 0
-to the top, the flat model 0.777, PCA 0.743; lineage kNN 0.997 at the top; checks 1-3 pass with no
-slack (check 4 does not: the top's lineage silhouette is 0.558, PCA's 0.563). Before thinning:
-0.778 / 0.764 / 0.737, checks 1-4 passing. Half the genes of the benchmark's atlas keep the
+Measured as the fixture runs (the defaults, molecule thinning and the read-out included, but a 1%
+early-stopping rise; seed 0, two threads, 2026-12-05, session 13): subtype kNN 0.909 / 0.892 /
+0.883 from level 0 to the top, the flat model below level 1, PCA 0.743; lineage kNN 1.000 at the
+top; KL 3.5 / 2.6 / 16.9 nats; checks 1-4 pass with no slack (lineage silhouette: worst level
+0.566, PCA 0.563). Before the read-out (session 10): 0.841 / 0.836 / 0.793, the flat model 0.777,
+check 4 failing (0.558); before thinning: 0.778 / 0.764 / 0.737. Half the genes of the benchmark's atlas keep the
 subtypes hard (PCA 0.743, against 0.904 at 2,000 genes) and cut the fixture's time (both fits
 188 s with thinning, 170 s before, on this machine; the 2,000-gene fixture took 275-322 s in
 earlier suites on other machines, not re-timed here).

@@ -106,19 +106,26 @@ def test_checkpoints_carry_a_format_version_and_model_pt_alone_loads_the_model(s
     assert model.config == load_model(directory)[0].config and parts["batches"]["batch_key"] is None
     assert find_checkpoint(alone) == alone
 
-    # A format-2 model.pt (before molecule thinning) is read as the model it was trained as.
-    old = {**saved, "format_version": 2,
-           "hvae_config": {k: v for k, v in saved["hvae_config"].items() if k != "molecule_thinning"}}
-    torch.save(old, alone / "model.pt")
-    old_model, _ = load_model(alone)
-    assert old_model.config == model.config.replace(molecule_thinning=0.0)
-    torch.testing.assert_close(old_model.state_dict(), model.state_dict())
+    # A format-2 model.pt (before molecule thinning and the read-out) and a format-3 one (before
+    # the read-out) are read as the models they were trained as.
+    def without_readout(weights):
+        return {k: v for k, v in weights.items() if not k.removeprefix("module.").startswith("readout.")}
+
+    assert len(without_readout(saved["ema"])) < len(saved["ema"])
+    for version, added in ((2, {"molecule_thinning": 0.0, "readout_weight": 0.0}), (3, {"readout_weight": 0.0})):
+        old = {**saved, "format_version": version, "model": without_readout(saved["model"]),
+               "ema": without_readout(saved["ema"]),
+               "hvae_config": {k: v for k, v in saved["hvae_config"].items() if k not in added}}
+        torch.save(old, alone / "model.pt")
+        old_model, _ = load_model(alone)
+        assert old_model.config == model.config.replace(**added) and old_model.readout is None
+        torch.testing.assert_close(old_model.state_dict(), without_readout(model.state_dict()))
 
     # A checkpoint of another format (here: written before versions existed) is refused in words,
     # and continuing the run from it too; nothing is written over it.
     del saved["format_version"]
     torch.save(saved, directory / "model.pt")
-    with pytest.raises(ValueError, match="has checkpoint format 1; this version of hvae-pipeline reads formats 2, 3"):
+    with pytest.raises(ValueError, match="has checkpoint format 1; this version of hvae-pipeline reads formats 2, 3, 4"):
         load_model(directory)
     refused = cli(*base, "train.max_steps=4", check=False)
     assert refused.returncode != 0 and "checkpoint format 1" in refused.stderr, refused.stderr

@@ -33,13 +33,15 @@ from .. import faults, storage
 from ..data.shard_format import feature_hash
 
 LATEST = "latest"
+# 4: HVAEConfig.readout_weight (the read-out's weights and running moments in model.pt). A
+#    format-2 or 3 model.pt has none: it is read as trained, with the read-out off.
 # 3: HVAEConfig.molecule_thinning (training thins what the encoder reads). The weights and the
 #    encoder are as in 2, so a format-2 model.pt is read as the model it was trained as.
 # 2: the model of issue 15 (one bottom-up path, decoder on every level, no pre-field defaults);
 #    genes and batches inside model.pt. 1 (no "format_version" key): the models before it.
-CHECKPOINT_FORMAT = 3
+CHECKPOINT_FORMAT = 4
 # The earlier formats still read, each with what its config meant for the fields added since.
-EARLIER_FORMAT_CONFIG = {2: {"molecule_thinning": 0.0}}
+EARLIER_FORMAT_CONFIG = {2: {"molecule_thinning": 0.0, "readout_weight": 0.0}, 3: {"readout_weight": 0.0}}
 READABLE_FORMATS = (*sorted(EARLIER_FORMAT_CONFIG), CHECKPOINT_FORMAT)
 
 

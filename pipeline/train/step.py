@@ -30,7 +30,7 @@ from hvae import HierarchicalVAE, kl_warmup
 from ..config import TrainConfig
 from ..data.loader import check_batch_counts, densify
 
-METRICS = ("loss", "negative_elbo", "reconstruction", "coarse_reconstruction", "grad_norm")
+METRICS = ("loss", "negative_elbo", "reconstruction", "coarse_reconstruction", "readout", "grad_norm")
 
 
 def autocast_context(precision: str, device: torch.device):
@@ -112,7 +112,8 @@ class Trainer:
         model.record_library_sizes(out.library, weight=finite)
         self._update_ema(finite)
         values = torch.stack([out.loss.detach(), out.negative_elbo.detach(), out.reconstruction.detach().mean(),
-                              out.coarse_reconstruction.detach(), grad_norm.detach(), *out.kl.detach()]).float()
+                              out.coarse_reconstruction.detach(), out.readout.detach(), grad_norm.detach(),
+                              *out.kl.detach()]).float()
         self._sums += torch.where(keep, values, torch.zeros_like(values))
         self._applied += finite
         self._skipped += 1 - finite
