@@ -64,7 +64,11 @@ class HVAEOutput:
             from the upper levels alone (0 for a flat model or a zero weight).
         readout: scalar mean over cells of the read-out's squared error, half the sum over
             genes in units of each gene's standard deviation (0 for a zero weight).
-        library: (cells,) observed library sizes (for :meth:`HierarchicalVAE.record_library_sizes`).
+        library: (cells,) observed library sizes.
+        readout_moments: (3, genes) count, sum and sum of squares of the cells' log expression
+            that the read-out standardised (None without a read-out). Library sizes and these
+            moments enter the model's running statistics through
+            :meth:`HierarchicalVAE.record_statistics`, after the step.
     """
 
     loss: torch.Tensor
@@ -73,6 +77,7 @@ class HVAEOutput:
     coarse_reconstruction: torch.Tensor
     readout: torch.Tensor
     library: torch.Tensor
+    readout_moments: torch.Tensor | None = None
 
     @property
     def negative_elbo(self) -> torch.Tensor:
@@ -130,8 +135,8 @@ class Readout(nn.Module):
     Per batch a gain (log scale) and a shift of each gene stand beside the map: a donor's shift
     of a gene's log rate shows in log1p of normalised counts as a shift of abundant genes and a
     gain on sparse ones. With a shift alone the code carried the donors (synthetic_wide). Training
-    standardises with the minibatch's moments and adds them to running sums; evaluation uses the
-    running moments.
+    standardises with the minibatch's moments and returns them (the training loop adds them to
+    ``moments`` after the step, not for a skipped one); evaluation uses the running moments.
     """
 
     def __init__(self, config: HVAEConfig) -> None:
@@ -146,11 +151,13 @@ class Readout(nn.Module):
         # Running (count, sum, sum of squares) of each gene's log expression.
         self.register_buffer("moments", torch.zeros(3, n_genes, dtype=torch.float64))
 
-    def forward(self, code: torch.Tensor, expression: torch.Tensor, batch_index: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, code: torch.Tensor, expression: torch.Tensor,
+                batch_index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scalar loss, (3, genes) count, sum and sum of squares of ``expression``)."""
+        moments = torch.stack([torch.full_like(expression[0], expression.shape[0]), expression.sum(dim=0),
+                               (expression**2).sum(dim=0)]).detach().double()
         if self.training:
             mean, var = expression.mean(dim=0), expression.var(dim=0, unbiased=False)
-            self.moments += torch.stack([torch.full_like(mean, expression.shape[0]), expression.sum(dim=0),
-                                         (expression**2).sum(dim=0)]).detach().double()
         else:
             count = self.moments[0].clamp(min=1.0)
             mean = self.moments[1] / count
@@ -160,7 +167,7 @@ class Readout(nn.Module):
         prediction = self.head(code).float()
         if self.batch_gain is not None:
             prediction = prediction * torch.exp(self.batch_gain(batch_index).float()) + self.batch_shift(batch_index).float()
-        return 0.5 * ((prediction - target) ** 2).sum(dim=-1).mean()
+        return 0.5 * ((prediction - target) ** 2).sum(dim=-1).mean(), moments
 
 
 class Decoder(nn.Module):
@@ -391,15 +398,16 @@ class HierarchicalVAE(nn.Module):
         coarse = self._coarse_reconstruction(counts, library, batch_index, h_after, samples, coarse_level)
         loss = reconstruction.mean() + self._weighted_kl(kl, kl_weight, kl_levels)
         loss = loss + self.config.coarse_reconstruction_weight * coarse
-        readout = self._readout(counts, library, batch_index, samples)
+        readout, readout_moments = self._readout(counts, library, batch_index, samples)
         loss = loss + self.config.readout_weight * readout
         return HVAEOutput(loss=loss, reconstruction=reconstruction, kl=kl, coarse_reconstruction=coarse,
-                          readout=readout, library=library)
+                          readout=readout, library=library, readout_moments=readout_moments)
 
-    def _readout(self, counts, library, batch_index, samples: list) -> torch.Tensor:
-        """The read-out's loss on every molecule of the cells (not the encoder's thinned input)."""
+    def _readout(self, counts, library, batch_index, samples: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The read-out's loss on every molecule of the cells (not the encoder's thinned input),
+        and the moments it saw."""
         if self.readout is None:
-            return counts.new_zeros(())
+            return counts.new_zeros(()), None
         expression = torch.log1p(counts * (self.config.input_target_sum / library.clamp(min=1.0)).unsqueeze(1))
         return self.readout(torch.cat(samples, dim=-1), expression, batch_index)
 
@@ -507,7 +515,7 @@ class HierarchicalVAE(nn.Module):
         """Draw ``n`` cells of counts from the generative model: (n, genes) float tensor.
 
         ``library_size`` defaults to draws from the log-normal fitted to the library sizes
-        recorded in training (:meth:`record_library_sizes`). ``batch_index`` (n,) is required
+        recorded in training (:meth:`record_statistics`). ``batch_index`` (n,) is required
         iff the model has batches.
         """
         device = self.decoder.log_theta.device
@@ -526,7 +534,7 @@ class HierarchicalVAE(nn.Module):
         if library_size is None:
             count, total, total_sq = self.library_moments.tolist()
             if count == 0:
-                raise ValueError("no library sizes were recorded (record_library_sizes): pass library_size")
+                raise ValueError("no library sizes were recorded (record_statistics): pass library_size")
             loc = total / count
             scale = math.sqrt(max(total_sq / count - loc**2, 1e-8))
             library_size = torch.exp(loc + scale * randn(n))
@@ -540,15 +548,19 @@ class HierarchicalVAE(nn.Module):
         return counts
 
     @torch.no_grad()
-    def record_library_sizes(self, library: torch.Tensor, weight: torch.Tensor | float = 1.0) -> None:
-        """Add (cells,) library sizes to the running log-normal fit that ``sample`` draws from.
+    def record_statistics(self, out: HVAEOutput, weight: torch.Tensor | float = 1.0) -> None:
+        """Add a training step's statistics to the running ones: its library sizes to the
+        log-normal fit that ``sample`` draws from, and the read-out's gene moments to those that
+        standardise its target outside training.
 
         Called by the training loop after each step, not inside ``forward``; ``weight`` (a 0-d
         tensor: 0 for a skipped step) keeps the update on the device, with no host branch.
         """
-        log_library = torch.log(library.detach().double().clamp(min=1.0))
+        log_library = torch.log(out.library.detach().double().clamp(min=1.0))
         moments = torch.stack([torch.ones_like(log_library).sum(), log_library.sum(), (log_library**2).sum()])
         self.library_moments += moments * weight
+        if self.readout is not None and out.readout_moments is not None:
+            self.readout.moments += out.readout_moments * weight
 
 def _check_count_values(counts: torch.Tensor) -> None:
     """Raise a ValueError naming the first bad entry (row, gene) of a counts matrix."""

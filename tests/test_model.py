@@ -69,7 +69,7 @@ def test_encode_exports_the_code_from_each_level_up(model):
 
 
 def test_sample_draws_integer_counts(model):
-    model.record_library_sizes(model(counts_batch(), torch.zeros(16, dtype=torch.long)).library)
+    model.record_statistics(model(counts_batch(), torch.zeros(16, dtype=torch.long)))
     draws = model.sample(10, batch_index=torch.arange(10) % 3, generator=torch.Generator().manual_seed(1))
     assert draws.shape == (10, N_GENES)
     assert (draws >= 0).all() and torch.equal(draws, draws.round())
@@ -164,9 +164,22 @@ def test_readout_scores_standardised_log_expression_of_every_molecule():
     library = counts.sum(dim=1)
     torch.testing.assert_close(expression, torch.log1p(counts / library.unsqueeze(1) * config.input_target_sum))
     assert code.shape == (64, 12) and torch.equal(batch_index, batches)
-    # The running moments hold what it saw; evaluation standardises with them.
-    torch.testing.assert_close(model.readout.moments[0], torch.full((N_GENES,), 64.0, dtype=torch.float64))
-    torch.testing.assert_close(model.readout.moments[1].float(), expression.sum(dim=0))
+    # It returns the moments it saw; the running ones take them after the step (not in forward:
+    # a skipped step changes nothing), and evaluation standardises with those.
+    torch.testing.assert_close(out.readout_moments[0], torch.full((N_GENES,), 64.0, dtype=torch.float64))
+    torch.testing.assert_close(out.readout_moments[1].float(), expression.sum(dim=0))
+    assert not model.readout.moments.any()
+    model.record_statistics(out, weight=torch.tensor(0.0))
+    assert not model.readout.moments.any()
+    model.record_statistics(out)
+    torch.testing.assert_close(model.readout.moments, out.readout_moments)
+    model.eval()
+    seen.clear()
+    evaluated = model(counts, batches)
+    mean, var = expression.mean(0), expression.var(0, unbiased=False)
+    torch.testing.assert_close(evaluated.readout, 0.5 * ((model.readout.head(seen[0][0]) - ((expression - mean) / torch.sqrt(
+        var + 1e-5)).clamp(-10, 10)) ** 2).sum(dim=1).mean(), rtol=1e-4, atol=1e-3)
+    model.train()
     # Zero-initialised, the prediction is the head alone: the loss is half the squared error
     # between the head and the standardised expression, summed over genes.
     standardised = (expression - expression.mean(0)) / torch.sqrt(expression.var(0, unbiased=False) + 1e-5)

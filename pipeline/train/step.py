@@ -109,7 +109,7 @@ class Trainer:
         self.step_count += 1
         self.scaler.update()
         keep = finite.bool()
-        model.record_library_sizes(out.library, weight=finite)
+        model.record_statistics(out, weight=finite)
         self._update_ema(finite)
         values = torch.stack([out.loss.detach(), out.negative_elbo.detach(), out.reconstruction.detach().mean(),
                               out.coarse_reconstruction.detach(), out.readout.detach(), grad_norm.detach(),
