@@ -156,13 +156,11 @@ class Readout(nn.Module):
         """(scalar loss, (3, genes) count, sum and sum of squares of ``expression``)."""
         moments = torch.stack([torch.full_like(expression[0], expression.shape[0]), expression.sum(dim=0),
                                (expression**2).sum(dim=0)]).detach().double()
-        if self.training:
-            mean, var = expression.mean(dim=0), expression.var(dim=0, unbiased=False)
-        else:
-            count = self.moments[0].clamp(min=1.0)
-            mean = self.moments[1] / count
-            var = (self.moments[2] / count - mean**2).clamp(min=0.0)
-            mean, var = mean.float(), var.float()
+        count, total, total_sq = moments if self.training else self.moments
+        count = count.clamp(min=1.0)
+        mean = total / count
+        var = (total_sq / count - mean**2).clamp(min=0.0)
+        mean, var = mean.float(), var.float()
         target = ((expression - mean) * torch.rsqrt(var + 1e-5)).clamp(-10.0, 10.0)
         prediction = self.head(code).float()
         if self.batch_gain is not None:
@@ -299,10 +297,13 @@ class HierarchicalVAE(nn.Module):
     def _bottom_up(self, counts: torch.Tensor) -> list[torch.Tensor]:
         """Returns r_l for every level, each one block from the shared stem. One block, not a
         deep ladder: depth cost the top its active units."""
-        library = counts.sum(dim=1)
-        x = torch.log1p(counts * (self.config.input_target_sum / library.clamp(min=1.0)).unsqueeze(1))
-        r = self.stem(x)
+        r = self.stem(self._log_normalised(counts, counts.sum(dim=1)))
         return [block(r) for block in self.bottom_up]
+
+    def _log_normalised(self, counts: torch.Tensor, library: torch.Tensor) -> torch.Tensor:
+        """log1p of counts normalised to ``input_target_sum`` per cell: what the encoder reads
+        and what the read-out predicts."""
+        return torch.log1p(counts * (self.config.input_target_sum / library.clamp(min=1.0)).unsqueeze(1))
 
     def _thin(self, counts: torch.Tensor) -> torch.Tensor:
         """What the encoder reads: in training each cell keeps a binomial share of its
@@ -408,8 +409,7 @@ class HierarchicalVAE(nn.Module):
         and the moments it saw."""
         if self.readout is None:
             return counts.new_zeros(()), None
-        expression = torch.log1p(counts * (self.config.input_target_sum / library.clamp(min=1.0)).unsqueeze(1))
-        return self.readout(torch.cat(samples, dim=-1), expression, batch_index)
+        return self.readout(torch.cat(samples, dim=-1), self._log_normalised(counts, library), batch_index)
 
     def _weighted_kl(self, kl: torch.Tensor, kl_weight: float, kl_levels: list[torch.Tensor]) -> torch.Tensor:
         """Free bits per unit and level weights, then KL balancing during warm-up, then the
@@ -559,7 +559,7 @@ class HierarchicalVAE(nn.Module):
         log_library = torch.log(out.library.detach().double().clamp(min=1.0))
         moments = torch.stack([torch.ones_like(log_library).sum(), log_library.sum(), (log_library**2).sum()])
         self.library_moments += moments * weight
-        if self.readout is not None and out.readout_moments is not None:
+        if out.readout_moments is not None:
             self.readout.moments += out.readout_moments * weight
 
 def _check_count_values(counts: torch.Tensor) -> None:
