@@ -21,7 +21,8 @@ class HVAEConfig:
     Levels are ordered bottom (level 0, finest, next to the data) to top (coarsest):
     ``latent_dims[0]`` is level 0 and ``latent_dims[-1]`` is the top level. A single entry
     gives the flat (one-level) baseline of the same model. What the model exports for level l
-    is the code from level l up (``representation_dims``); see ``HierarchicalVAE.encode``.
+    is what levels l..top predict through the read-out (``representation_dims``); see
+    ``HierarchicalVAE.encode``.
     """
 
     n_genes: int
@@ -121,7 +122,10 @@ class HVAEConfig:
 
     @property
     def representation_dims(self) -> tuple[int, ...]:
-        """Width of what is exported for each level: the code from that level up."""
+        """Width of what is exported for each level: the whole code's width with the read-out
+        (what levels l..top predict, in the read-out's coordinates), else the code from level l up."""
+        if self.readout_weight > 0:
+            return (sum(self.latent_dims),) * self.n_levels
         return tuple(sum(self.latent_dims[level:]) for level in range(self.n_levels))
 
     def kl_weights_per_level(self) -> tuple[float, ...]:

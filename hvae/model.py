@@ -28,11 +28,13 @@ log expression with a linear map, each gene counting alike; per batch a gain and
 gene stand beside the map, so that donor effects need not enter the code to be read out
 (``Readout``; benchmarks/RESULTS.md, "Linear read-out").
 
-What a level exports (``encode``) is the code from that level up, [z_l, ..., z_{L-1}] at their
-posterior means: level 0 the whole code (the finest), the top its coarse summary alone. z_l
-alone is a residual given the levels above it; its neighbourhoods need those levels to mean
-anything (on pbmc3k z_0 alone scores 0.81 kNN on the fine types, [z_0, z_1, z_2] 0.85,
-benchmarks/RESULTS.md).
+What a level exports (``encode``) is what levels l..top say about the cell's expression:
+z_l..z_{L-1} at their posterior means, the levels below at their prior means given them (what
+the coarse reconstruction decodes), read through the read-out's map, in coordinates where the
+Euclidean distance of two cells is that of their predicted standardised expression. Level 0
+reads the whole code (the finest), the top its coarse summary alone. The posterior means
+themselves are whitened by the N(0, I) prior: a lineage split of many genes and a subtype split
+of a few end up at like distances (benchmarks/RESULTS.md, "Session 14").
 """
 
 from __future__ import annotations
@@ -458,19 +460,86 @@ class HierarchicalVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, counts: torch.Tensor, *, return_logvar: bool = False, check_values: bool | None = None):
-        """What each level exports, level 0 first: a list of (cells, representation_dims[l]),
-        the posterior means of [z_l, ..., z_top] concatenated (level l's own units first).
+        """What each level exports, level 0 first: a list of (cells, representation_dims[l]).
 
-        Level 0 is the whole code, the top its coarse summary alone: detail grows downward and
-        no level loses the coarse structure above it. ``encode_latents`` gives each z_l alone.
-        With ``return_logvar=True`` returns ``(means, logvars)`` laid out alike. The encoder does
-        not read batches: no batch index is needed. ``check_values`` as in :meth:`forward`.
+        With the read-out (the default), level l exports what levels l..top say about the cell's
+        expression: z_l..z_top at their posterior means, the levels below at their prior means
+        given them (the path the coarse reconstruction decodes), read by the read-out's map, in
+        the coordinates of :meth:`readout_basis`. The distance of two cells' exports is the
+        distance of the standardised log expression the read-out predicts for them, every gene
+        counting alike as in PCA; a code's units, pulled to N(0, 1) by the prior, are not (they
+        draw the lineages in as tight as the subtypes inside them). Level 0 reads the whole
+        code, the top its coarse summary alone; every level is as wide as the code.
+
+        Without the read-out (``readout_weight=0``, checkpoints of format 3 and earlier) level l
+        exports the posterior means of [z_l, ..., z_top] concatenated.
+
+        With ``return_logvar=True`` returns ``(means, logvars)`` laid out alike: the posterior's
+        variance of each export coordinate, carried through the export to first order (the
+        posterior read as independent units at their means). The encoder does not read batches:
+        no batch index is needed. ``check_values`` as in :meth:`forward`.
         """
         means, logvars = self.encode_latents(counts, return_logvar=True, check_values=check_values)
-        means = [torch.cat(means[level:], dim=-1) for level in range(len(means))]
-        if return_logvar:
-            return means, [torch.cat(logvars[level:], dim=-1) for level in range(len(logvars))]
-        return means
+        n_levels = self.config.n_levels
+        if self.readout is None:
+            codes = [torch.cat(means[level:], dim=-1) for level in range(n_levels)]
+            if not return_logvar:
+                return codes
+            return codes, [torch.cat(logvars[level:], dim=-1) for level in range(n_levels)]
+        basis = self.readout_basis()
+        was_training = self.training
+        self.eval()
+        try:
+            exports = [self._export(level, means, basis) for level in range(n_levels)]
+            if not return_logvar:
+                return exports
+            return exports, [self._export_logvar(level, means, logvars, basis) for level in range(n_levels)]
+        finally:
+            self.train(was_training)
+
+    @property
+    def export_kind(self) -> str:
+        """What :meth:`encode` exports: ``"readout"`` (what levels l..top predict through the
+        read-out) or ``"code"`` (posterior means of z_l..z_top; a model without the read-out)."""
+        return "code" if self.readout is None else "readout"
+
+    def readout_basis(self) -> torch.Tensor:
+        """(D, D) for a code of D units: ``S V^T`` of the read-out's map ``W = U S V^T`` (genes
+        x D), so that ``|basis (a - b)| = |W (a - b)|`` for any two codes. An export's first
+        coordinate is the direction that moves the predicted expression most."""
+        weight = self.readout.head.weight.detach()
+        _, singular, vh = torch.linalg.svd(weight.cpu().double(), full_matrices=False)  # float64: not on MPS
+        return (singular[:, None] * vh).to(weight.device, torch.float32)
+
+    def _export(self, level: int, values: list[torch.Tensor], basis: torch.Tensor) -> torch.Tensor:
+        """Level ``level``'s export: ``values`` of levels >= ``level`` (level 0 first; the rest
+        unused), the levels below at their prior means given them."""
+        code, _ = self._descend(values[-1], lambda below, s, mean, logvar: values[below] if below >= level else mean)
+        return torch.cat(code, dim=-1).float() @ basis.T
+
+    def _export_logvar(self, level: int, means: list[torch.Tensor], logvars: list[torch.Tensor],
+                       basis: torch.Tensor) -> torch.Tensor:
+        """log of sum_j (d export / d z_j)^2 var_j over the units j of levels >= ``level``: one
+        forward-mode derivative a unit, a few units at a time as extra rows (level 0's export is
+        linear). A derivative costs about one top-down walk: --logvar costs several encodings."""
+        scales = torch.cat([torch.exp(0.5 * v) for v in logvars[level:]], dim=-1)
+        if level == 0:
+            return torch.log(((scales**2) @ (basis**2).T).clamp(min=1e-30))
+        cells, units = means[0].shape[0], scales.shape[1]
+        dims = [m.shape[1] for m in means[level:]]
+        per_pass = max(1, 32_768 // cells)  # rows of one pass: units x cells
+        variance = torch.zeros(cells, basis.shape[0], device=basis.device)
+        for first in range(0, units, per_pass):
+            chosen = torch.arange(first, min(first + per_pass, units), device=basis.device)
+            directions = torch.zeros(len(chosen), cells, units, device=basis.device)
+            directions[torch.arange(len(chosen)), :, chosen] = 1.0
+            directions = (directions * scales).reshape(-1, units).split(dims, dim=1)
+            primals = [m.repeat(len(chosen), 1) for m in means]
+            tangents = [torch.zeros_like(p) for p in primals[:level]] + list(directions)
+            _, changes = torch.func.jvp(lambda *values: self._export(level, list(values), basis), tuple(primals),
+                                        tuple(tangents))
+            variance = variance + (changes.float() ** 2).reshape(len(chosen), cells, -1).sum(dim=0)
+        return torch.log(variance.clamp(min=1e-30))
 
     @torch.no_grad()
     def encode_latents(self, counts: torch.Tensor, *, return_logvar: bool = False, check_values: bool | None = None):

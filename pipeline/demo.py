@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
+from hvae import active_units
 
 from .train.checkpoint import find_checkpoint, load_model
 from .config import load_config
@@ -22,6 +22,7 @@ from .data import ShardSettings, write_shards
 from .data.sources import ShardSource, SyntheticSource
 from .embed import EmbedSettings, embed
 from .train.in_memory import diagnostic_kl
+from .train.step import encode_in_batches
 from .train.launch import train
 from .evaluate.report import EvaluateSettings, evaluate_embeddings
 from .data.synthetic import SyntheticAtlas, SyntheticAtlasSpec
@@ -89,12 +90,14 @@ def run_demo(settings: DemoSettings, echo=print) -> dict:
     source = ShardSource(str(shards))
     obs, counts = source.read_obs(), source.rows(0, source.n_obs)
     donors = obs["donor_id"].cat.codes.to_numpy(np.int64)
-    kl = {}
+    kl, units = {}, {}
     for name, run in (("HVAE", hierarchical_run), (FLAT, flat_run)):
         if run is not None:
             model = load_model(find_checkpoint(run))[0]
             kl[name] = diagnostic_kl(model, counts, donors if model.config.n_batches else None)
-    rows = [_row(result, labels, kl) for result in report["results"]]
+            # Each z_l's own units (the exports' columns are not units), on every cell.
+            units[name] = active_units([torch.from_numpy(m) for m in encode_in_batches(model, counts, latents=True)])
+    rows = [_row(result, labels, kl, units) for result in report["results"]]
     summary = {"shards": str(shards), "run": str(hierarchical_run), "checkpoint": str(find_checkpoint(hierarchical_run)),
                "embeddings": str(embeddings), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
                "report": report["report"], "workers": settings.workers, "rows": rows}
@@ -109,13 +112,13 @@ def run_demo(settings: DemoSettings, echo=print) -> dict:
     return summary
 
 
-def _row(result: dict, labels: list[str], kl: dict) -> dict:
+def _row(result: dict, labels: list[str], kl: dict, units: dict) -> dict:
     """One table row from an evaluate result, named as `evaluate` names it."""
     name, level = result["representation"], result["level"]
     model = FLAT if name.startswith(FLAT) else "HVAE" if level is not None else None
     return {"representation": name, "dim": result["dim"],
             "kl": None if model is None else round(kl[model][level], 2),
-            "active_units": None if model is None else result["active_units"],
+            "active_units": None if model is None else units[model][level],
             "batch_mixing": round(result["batch_mixing"], 3),
             **{label: round(result["labels"][label]["knn_accuracy"], 3) for label in labels}}
 

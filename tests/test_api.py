@@ -33,7 +33,7 @@ def test_the_readme_example_runs(pbmc, tmp_path):
     # ---
     assert adata.obsm["X_hvae"].shape == (600, 14)
     levels = model.get_latent_representation(level="all")
-    assert sorted(levels) == [0, 1, 2] and levels[2].shape == (600, 2)
+    assert sorted(levels) == [0, 1, 2] and levels[2].shape == (600, 14)  # every level as wide as the code
     np.testing.assert_allclose(levels[0], adata.obsm["X_hvae"])
     assert model.feature_ids[0].startswith("ENSG") and not model.feature_names[0].startswith("ENSG")
 

@@ -62,9 +62,10 @@ def test_embeddings_equal_encode_and_read_everywhere(trained, tmp_path):
     for level, (mean, logvar) in enumerate(zip(means, logvars, strict=True)):
         np.testing.assert_allclose(group[f"level_{level}/mean"][:], mean.numpy(), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(group[f"level_{level}/logvar"][:], logvar.numpy(), rtol=1e-4, atol=1e-5)
-    assert group.attrs["model_id"].startswith("sha256:") and group.attrs["level_dims"] == [56, 24, 8] and group.attrs["latent_dims"] == [32, 16, 8]
+    assert group.attrs["model_id"].startswith("sha256:") and group.attrs["level_dims"] == [56, 56, 56] and group.attrs["latent_dims"] == [32, 16, 8]
+    assert group.attrs["export"] == "readout"
     embedded = read_embeddings(str(out))
-    assert embedded.obsm["X_hvae_level_2"].shape == (2700, 8)
+    assert embedded.obsm["X_hvae_level_2"].shape == (2700, 56)
     dataset = read_embeddings(str(out), as_="xarray")
     np.testing.assert_allclose(dataset["level_1_mean"].values, means[1].numpy(), rtol=1e-4, atol=1e-5)
     import xarray as xr
@@ -135,6 +136,14 @@ def test_embed_errors(trained, tmp_path):
     torch.save(state, other / "model.pt")
     with pytest.raises(FileExistsError, match="holds embeddings of another model"):
         embed_quiet(other, source, out, chunk_rows=1000)
+    # A store an earlier version wrote (no export attribute: the code's posterior means) is not
+    # resumed or taken as complete with today's export, and is left as it was.
+    group = zarr.open_group(str(out), mode="r+")
+    del group.attrs["export"]
+    before = group["level_0/mean"][:]
+    with pytest.raises(FileExistsError, match=r"another kind of level export \(code, not readout"):
+        embed_quiet(run_dir, source, out, chunk_rows=1000)
+    np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["level_0/mean"][:], before)
     assert embed_quiet(other, source, out, chunk_rows=1000, overwrite=True)["written_chunks"] == 3
     broken = tmp_path / "broken"
     shutil.copytree(find_checkpoint(run_dir), broken)
@@ -198,7 +207,8 @@ def test_evaluate_scores_every_level_against_baselines_on_the_same_cells(trained
                 assert theirs["labels"][label][metric] == pytest.approx(value, abs=0.01), (ours["representation"], metric)
     assert pca["labels"]["lineage"]["knn_accuracy"] > 0.95
     assert max(r["labels"]["lineage"]["knn_accuracy"] for r in hvae) > 0.8
-    assert all(r["active_units"] <= r["dim"] for r in summary["results"])
+    # A read-out export's columns are not units: its active units are the training log's, not the report's.
+    assert all(r["active_units"] is None for r in hvae + reversed_) and pca["active_units"] <= pca["dim"]
     report = (tmp_path / "report" / "report.md").read_text()
     assert "## `lineage`" in report and "| HVAE level 0 (finest) | 56 |" in report and "| PCA (50 comps) | 50 |" in report
     assert all((tmp_path / "report" / file).stat().st_size > 10_000 for file in summary["maps"].values())

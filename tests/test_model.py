@@ -49,23 +49,58 @@ def test_gradients_reach_every_level(model):
         assert sum(float(g.abs().sum()) for g in grads) > 0, f"no gradient reaches {name}"
 
 
-def test_encode_exports_the_code_from_each_level_up(model):
+def test_encode_exports_what_each_level_predicts_through_the_read_out(model):
     x = counts_batch()
+    model.eval()
     latents, latent_logvars = model.encode_latents(x, return_logvar=True)
     assert [m.shape for m in latents] == [(16, 8), (16, 6), (16, 4)]
     assert [v.shape for v in latent_logvars] == [(16, 8), (16, 6), (16, 4)]
+    means, logvars = model.encode(x, return_logvar=True)
+    assert [m.shape for m in means] == [(16, 18)] * 3 and model.config.representation_dims == (18, 18, 18)
+    assert [v.shape for v in logvars] == [(16, 18)] * 3
+    for a, c in zip(means, model.encode(x), strict=True):
+        torch.testing.assert_close(a, c)
+    # Distances are those of the predicted standardised expression: |e(a) - e(b)| = |W (z_a - z_b)|.
+    weight = model.readout.head.weight.detach()
+    code = torch.cat(latents, dim=-1)
+    torch.testing.assert_close(torch.cdist(means[0], means[0]), torch.cdist(code @ weight.T, code @ weight.T),
+                               rtol=1e-4, atol=1e-4)
+    # Level l reads z_l..z_top alone: the levels below enter at their prior means given them.
+    for level in (1, 2):
+        changed = [z.clone() for z in latents]
+        for below in range(level):
+            changed[below] += 5.0
+        torch.testing.assert_close(model._export(level, changed, model.readout_basis()), means[level])
+        assert not torch.allclose(model._export(0, changed, model.readout_basis()), means[0])
+    # logvar: the posterior's variance carried through the export to first order (central differences).
+    eps = 1e-2
+    for level in range(3):
+        variance = torch.zeros(16, 18)
+        for above in range(level, 3):
+            for unit in range(latents[above].shape[1]):
+                step = eps * torch.exp(0.5 * latent_logvars[above][:, unit])
+                up, down = [z.clone() for z in latents], [z.clone() for z in latents]
+                up[above][:, unit] += step
+                down[above][:, unit] -= step
+                basis = model.readout_basis()
+                variance += ((model._export(level, up, basis) - model._export(level, down, basis)) / (2 * eps)) ** 2
+        torch.testing.assert_close(logvars[level], torch.log(variance), rtol=1e-3, atol=1e-3)
+    # Encoding is deterministic and independent of the other cells in the batch.
+    torch.testing.assert_close(model.encode(x[:4])[0], means[0][:4], rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError):
+        model.encode(x, torch.zeros(16, dtype=torch.long))  # the encoder reads no batch index
+
+
+def test_without_the_read_out_encode_exports_the_code_from_each_level_up():
+    torch.manual_seed(0)
+    model = HierarchicalVAE(HVAEConfig(n_genes=N_GENES, latent_dims=(8, 6, 4), hidden_dim=32, readout_weight=0.0))
+    x = counts_batch()
+    latents, latent_logvars = model.encode_latents(x, return_logvar=True)
     means, logvars = model.encode(x, return_logvar=True)
     assert [m.shape for m in means] == [(16, 18), (16, 10), (16, 4)] and model.config.representation_dims == (18, 10, 4)
     for level in range(3):  # level l: its own units first, then the levels above it
         torch.testing.assert_close(means[level], torch.cat(latents[level:], dim=-1))
         torch.testing.assert_close(logvars[level], torch.cat(latent_logvars[level:], dim=-1))
-    for a, c in zip(means, model.encode(x), strict=True):
-        torch.testing.assert_close(a, c)
-    model.eval()
-    # Encoding is deterministic and independent of the other cells in the batch.
-    torch.testing.assert_close(model.encode(x[:4])[0], means[0][:4], rtol=1e-5, atol=1e-5)
-    with pytest.raises(TypeError):
-        model.encode(x, torch.zeros(16, dtype=torch.long))  # the encoder reads no batch index
 
 
 def test_sample_draws_integer_counts(model):

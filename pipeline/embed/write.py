@@ -3,14 +3,19 @@
 Output (DESIGN.md "Storage contracts"), a Zarr v3 group readable with zarr, xarray and dask::
 
     obs_id            (cells,)        the source's cell ids, in source order
-    level_<l>/mean    (cells, D_l)    float32: what level l exports, the posterior means of
-                                      [z_l, ..., z_top] (level 0 = finest = the whole code;
-                                      D_l = d_l + ... + d_top, level l's own d_l units first)
-    level_<l>/logvar  (cells, D_l)    with --logvar, laid out alike
+    level_<l>/mean    (cells, D_l)    float32: what level l exports (``HierarchicalVAE.encode``):
+                                      with the read-out, what levels l..top predict of the cell's
+                                      standardised expression, in the read-out's coordinates
+                                      (D_l = the code's width, d_0 + ... + d_top, at every level;
+                                      Euclidean distances are those of the predicted expression);
+                                      without it, the posterior means of [z_l, ..., z_top]
+                                      (D_l = d_l + ... + d_top)
+    level_<l>/logvar  (cells, D_l)    with --logvar, laid out alike (the posterior's variance carried
+                                      through the export to first order)
     progress/done     (chunks,)       1 once a chunk of rows is written (one Zarr chunk each)
     attrs             format_version, model_id (hash of the checkpoint's model.pt), checkpoint,
-                      feature_ids_hash, level_dims (D_l), latent_dims (d_l), source, chunk_rows,
-                      ema, created, complete
+                      feature_ids_hash, level_dims (D_l), latent_dims (d_l), export ("readout" or
+                      "code", as above), source, chunk_rows, ema, created, complete
 
 Rows are processed in chunks aligned with the Zarr chunks, so writers never share a chunk; a
 chunk is marked done only after its rows are written. A killed job rerun skips the done chunks;
@@ -153,7 +158,7 @@ def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings 
         dims = list(model.config.representation_dims)
         attrs = {"format_version": FORMAT_VERSION, "model_id": identity, "checkpoint": origin,
                  "feature_ids_hash": parts["genes"]["feature_ids_hash"], "level_dims": dims,
-                 "latent_dims": list(model.config.latent_dims), "source": provenance,
+                 "latent_dims": list(model.config.latent_dims), "export": model.export_kind, "source": provenance,
                  "source_identity": identity_of_source, "source_args": json.dumps(source_args),
                  "chunk_rows": settings.chunk_rows, "ema": settings.ema, "n_genes_missing_zero_filled": len(alignment.missing)}
         recover_replace(out)  # an --overwrite swap cut short by a kill
@@ -241,7 +246,8 @@ def _open_output(out: str, attrs: dict, n_obs: int, dims: list[int], settings: E
         scratch = out != final  # our own --overwrite sibling: replaced freely
         same_source = old.get("source_identity") == attrs["source_identity"]
         same = (old.get("model_id") == attrs["model_id"] and old.get("chunk_rows") == attrs["chunk_rows"]
-                and old.get("ema") == attrs["ema"] and int(group["obs_id"].shape[0]) == n_obs
+                and old.get("ema") == attrs["ema"] and old.get("export", "code") == attrs["export"]
+                and int(group["obs_id"].shape[0]) == n_obs
                 and ("level_0/logvar" in group) == settings.logvar and same_source)
         if same:
             return group, "complete" if old.get("complete") else "partial"
@@ -253,6 +259,10 @@ def _open_output(out: str, attrs: dict, n_obs: int, dims: list[int], settings: E
                 raise FileExistsError(
                     f"{out} was embedded from another source: {_describe(old.get('source_identity'))}; this source is "
                     f"{_describe(attrs['source_identity'])}. Pass --overwrite to replace it, or choose another --out")
+            if old.get("export", "code") != attrs["export"]:  # stores before the attribute hold the code
+                raise FileExistsError(f"{out} holds another kind of level export ({old.get('export', 'code')}, not "
+                                      f"{attrs['export']}: written by an earlier hvae-pipeline); pass --overwrite to "
+                                      "replace it")
             raise FileExistsError(f"{out} was written with other settings (chunk rows, EMA or logvar); "
                                   "pass --overwrite to replace it")
     elif [n for n in listdir(out) if n != ".hvae-write-test"]:

@@ -91,7 +91,8 @@ def evaluate_embeddings(path: str, settings: EvaluateSettings, echo=print) -> di
     results = []
     for name, values, level, own in representations:
         result = {"representation": name, "level": level, "dim": int(values.shape[1]),
-                  "active_units": active_units([torch.from_numpy(values[:, :own])])[0], "labels": {}}
+                  "active_units": None if own is None else active_units([torch.from_numpy(values[:, :own])])[0],
+                  "labels": {}}
         graphs: dict = {}  # the scib neighbour graph, computed once per representation and set of labelled cells
         for label in settings.labels:
             truth = obs[label].to_numpy()
@@ -144,7 +145,9 @@ def _default_out_dir(path: str) -> str:
 
 def _representations(store, rows: np.ndarray, settings: EvaluateSettings, counts) -> list:
     """(name, values, level, own units) for every level of the store (top first), each compared store, PCA.
-    A level's values are the code from that level up; its own units are the first ``own``."""
+    A level of a store with the code export holds the code from that level up, its own units the
+    first ``own``; one of the read-out export (``HierarchicalVAE.encode``) holds no units (``own``
+    None: active units are in the training log)."""
     def levels(adata, rows: np.ndarray, prefix: str) -> list:
         means = _level_means(adata, rows)
         top = len(means) - 1
@@ -168,9 +171,12 @@ def _representations(store, rows: np.ndarray, settings: EvaluateSettings, counts
     return representations
 
 
-def _own_widths(adata, widths: list[int]) -> list[int]:
-    """Each level's own units (z_l's), from the store's ``latent_dims``."""
+def _own_widths(adata, widths: list[int]) -> list:
+    """Each level's own units (z_l's), from the store's ``latent_dims``; None for each level of a
+    read-out export (its columns are not units)."""
     attrs = adata.uns.get("hvae_embeddings", {})
+    if attrs.get("export", "code") != "code":
+        return [None] * len(widths)
     latent = attrs.get("latent_dims")
     if isinstance(latent, str):
         latent = json.loads(latent)
@@ -346,7 +352,7 @@ def format_report(summary: dict) -> str:
               + (" batch mixing |" if summary["batch_key"] else "") + (f" batch mixing within `{finest}` |" if within else ""),
               "|---|---|---|" + ("---|" if summary["batch_key"] else "") + ("---|" if within else "")]
     for r in results:
-        lines.append(f"| {r['representation']} | {r['dim']} | {r['active_units']} |"
+        lines.append(f"| {r['representation']} | {r['dim']} | {'-' if r['active_units'] is None else r['active_units']} |"
                      + (f" {_cell(r['batch_mixing'])} |" if summary["batch_key"] else "")
                      + (f" {_cell(r['batch_mixing_within'])} |" if within else ""))
     if summary["batch_key"]:
