@@ -507,9 +507,12 @@ class HierarchicalVAE(nn.Module):
         """(D, D) for a code of D units: ``S V^T`` of the read-out's map ``W = U S V^T`` (genes
         x D), so that ``|basis (a - b)| = |W (a - b)|`` for any two codes. An export's first
         coordinate is the direction that moves the predicted expression most."""
-        weight = self.readout.head.weight.detach()
-        _, singular, vh = torch.linalg.svd(weight.cpu().double(), full_matrices=False)  # float64: not on MPS
-        return (singular[:, None] * vh).to(weight.device, torch.float32)
+        weight = self.readout.head.weight
+        key = (weight.data_ptr(), weight._version, weight.device)  # any in-place update bumps _version
+        if getattr(self, "_basis_key", None) != key:  # computed once per set of weights, not per batch
+            _, singular, vh = torch.linalg.svd(weight.detach().cpu().double(), full_matrices=False)  # float64: not on MPS
+            self._basis, self._basis_key = (singular[:, None] * vh).to(weight.device, torch.float32), key
+        return self._basis
 
     def _export(self, level: int, values: list[torch.Tensor], basis: torch.Tensor) -> torch.Tensor:
         """Level ``level``'s export: ``values`` of levels >= ``level`` (level 0 first; the rest

@@ -89,6 +89,11 @@ def test_encode_exports_what_each_level_predicts_through_the_read_out(model):
     torch.testing.assert_close(model.encode(x[:4])[0], means[0][:4], rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError):
         model.encode(x, torch.zeros(16, dtype=torch.long))  # the encoder reads no batch index
+    # The basis is computed once per set of weights, and again after they change in place.
+    assert model.readout_basis() is model.readout_basis()
+    with torch.no_grad():
+        model.readout.head.weight.mul_(2.0)
+    torch.testing.assert_close(model.encode(x)[0], 2.0 * means[0], rtol=1e-4, atol=1e-4)
 
 
 def test_without_the_read_out_encode_exports_the_code_from_each_level_up():
