@@ -24,7 +24,7 @@ def test_hierarchy_quality_prints_levels_baselines_and_the_five_checks(tmp_path)
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout
-    for row in ("| HVAE level 2 (top) | 2 |", "| HVAE level 1 | 6 |", "| HVAE level 0 (finest) | 14 |",
+    for row in ("| HVAE level 2 (top) | 14 |", "| HVAE level 1 | 14 |", "| HVAE level 0 (finest) | 14 |",
                 "| flat VAE 14-d | 14 |", "| PCA (50 comps) | 50 |"):
         assert row in table, table
     assert "kNN cell_type_fine" in table and "silhouette cell_type_coarse" in table
