@@ -486,16 +486,11 @@ class HierarchicalVAE(nn.Module):
             if not return_logvar:
                 return codes
             return codes, [torch.cat(logvars[level:], dim=-1) for level in range(n_levels)]
-        basis = self.readout_basis()
-        was_training = self.training
-        self.eval()
-        try:
-            exports = [self._export(level, means, basis) for level in range(n_levels)]
-            if not return_logvar:
-                return exports
-            return exports, [self._export_logvar(level, means, logvars, basis) for level in range(n_levels)]
-        finally:
-            self.train(was_training)
+        basis = self.readout_basis()  # the top-down path has no dropout: the walks below need no eval mode
+        exports = [self._export(level, means, basis) for level in range(n_levels)]
+        if not return_logvar:
+            return exports
+        return exports, [self._export_logvar(level, means, logvars, basis) for level in range(n_levels)]
 
     @property
     def export_kind(self) -> str:
@@ -517,7 +512,10 @@ class HierarchicalVAE(nn.Module):
     def _export(self, level: int, values: list[torch.Tensor], basis: torch.Tensor) -> torch.Tensor:
         """Level ``level``'s export: ``values`` of levels >= ``level`` (level 0 first; the rest
         unused), the levels below at their prior means given them."""
-        code, _ = self._descend(values[-1], lambda below, s, mean, logvar: values[below] if below >= level else mean)
+        if level == 0:  # every level given: no walk
+            code = values
+        else:
+            code, _ = self._descend(values[-1], lambda below, s, mean, logvar: values[below] if below >= level else mean)
         return torch.cat(code, dim=-1).float() @ basis.T
 
     def _export_logvar(self, level: int, means: list[torch.Tensor], logvars: list[torch.Tensor],

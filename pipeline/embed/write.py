@@ -245,8 +245,9 @@ def _open_output(out: str, attrs: dict, n_obs: int, dims: list[int], settings: E
                                   "choose another --out (nothing was changed)")
         scratch = out != final  # our own --overwrite sibling: replaced freely
         same_source = old.get("source_identity") == attrs["source_identity"]
+        old_export = old.get("export", "code")  # stores written before the attribute hold the code
         same = (old.get("model_id") == attrs["model_id"] and old.get("chunk_rows") == attrs["chunk_rows"]
-                and old.get("ema") == attrs["ema"] and old.get("export", "code") == attrs["export"]
+                and old.get("ema") == attrs["ema"] and old_export == attrs["export"]
                 and int(group["obs_id"].shape[0]) == n_obs
                 and ("level_0/logvar" in group) == settings.logvar and same_source)
         if same:
@@ -259,8 +260,8 @@ def _open_output(out: str, attrs: dict, n_obs: int, dims: list[int], settings: E
                 raise FileExistsError(
                     f"{out} was embedded from another source: {_describe(old.get('source_identity'))}; this source is "
                     f"{_describe(attrs['source_identity'])}. Pass --overwrite to replace it, or choose another --out")
-            if old.get("export", "code") != attrs["export"]:  # stores before the attribute hold the code
-                raise FileExistsError(f"{out} holds another kind of level export ({old.get('export', 'code')}, not "
+            if old_export != attrs["export"]:
+                raise FileExistsError(f"{out} holds another kind of level export ({old_export}, not "
                                       f"{attrs['export']}: written by an earlier hvae-pipeline); pass --overwrite to "
                                       "replace it")
             raise FileExistsError(f"{out} was written with other settings (chunk rows, EMA or logvar); "
