@@ -50,6 +50,10 @@ from .config import HVAEConfig
 from .distributions import gaussian_kl, nb_log_prob, soft_clamp, zinb_log_prob
 from .schedules import balanced_kl_coefficients
 
+# Tangent rows (units x cells) that --logvar's vectorised Jacobian takes in one pass: on a CPU the
+# passes stay in cache (16k rows ran 1.5-2x faster than 256k on 2 cores); a GPU takes more at once.
+_LOGVAR_ROWS = {"cpu": 16_384, "other": 262_144}
+
 
 @dataclass
 class HVAEOutput:
@@ -520,26 +524,35 @@ class HierarchicalVAE(nn.Module):
 
     def _export_logvar(self, level: int, means: list[torch.Tensor], logvars: list[torch.Tensor],
                        basis: torch.Tensor) -> torch.Tensor:
-        """log of sum_j (d export / d z_j)^2 var_j over the units j of levels >= ``level``: one
-        forward-mode derivative a unit, a few units at a time as extra rows (level 0's export is
-        linear). A derivative costs about one top-down walk: --logvar costs several encodings."""
+        """log of sum_j (d export / d z_j)^2 var_j over the units j of levels >= ``level``.
+
+        Level 0's export is linear in the code: closed form. Above it, the Jacobian's columns are
+        forward-mode derivatives, one per unit, taken in one vectorised pass (``vmap`` over the
+        units' tangents: the walk's primal runs once, each unit adds a tangent row); at most
+        ``_LOGVAR_ROWS`` tangent rows (units x cells) are held at once.
+        """
         scales = torch.cat([torch.exp(0.5 * v) for v in logvars[level:]], dim=-1)
         if level == 0:
             return torch.log(((scales**2) @ (basis**2).T).clamp(min=1e-30))
-        cells, units = means[0].shape[0], scales.shape[1]
+        cells, units = scales.shape
         dims = [m.shape[1] for m in means[level:]]
-        per_pass = max(1, 32_768 // cells)  # rows of one pass: units x cells
+        below = means[:level]
+
+        def export(*upper: torch.Tensor) -> torch.Tensor:
+            return self._export(level, below + list(upper), basis)
+
+        def derivative(*tangents: torch.Tensor) -> torch.Tensor:
+            return torch.func.jvp(export, tuple(means[level:]), tangents)[1]
+
+        rows = _LOGVAR_ROWS["cpu" if scales.device.type == "cpu" else "other"]
+        per_pass = max(1, rows // max(cells, 1))
+        eye = torch.eye(units, device=scales.device, dtype=scales.dtype)
         variance = torch.zeros(cells, basis.shape[0], device=basis.device)
         for first in range(0, units, per_pass):
-            chosen = torch.arange(first, min(first + per_pass, units), device=basis.device)
-            directions = torch.zeros(len(chosen), cells, units, device=basis.device)
-            directions[torch.arange(len(chosen)), :, chosen] = 1.0
-            directions = (directions * scales).reshape(-1, units).split(dims, dim=1)
-            primals = [m.repeat(len(chosen), 1) for m in means]
-            tangents = [torch.zeros_like(p) for p in primals[:level]] + list(directions)
-            _, changes = torch.func.jvp(lambda *values: self._export(level, list(values), basis), tuple(primals),
-                                        tuple(tangents))
-            variance = variance + (changes.float() ** 2).reshape(len(chosen), cells, -1).sum(dim=0)
+            chosen = eye[first : first + per_pass]  # (k, units): one tangent per unit
+            tangents = (chosen[:, None, :] * scales[None]).split(dims, dim=-1)  # (k, cells, d_l) each
+            changes = torch.func.vmap(derivative)(*tangents)  # (k, cells, D)
+            variance = variance + (changes.float() ** 2).sum(dim=0)
         return torch.log(variance.clamp(min=1e-30))
 
     @torch.no_grad()

@@ -76,12 +76,14 @@ class CSRBatch:
 def densify(counts, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A (cells, genes) counts batch as a dense ``dtype`` tensor on ``device``.
 
-    Accepts a :class:`CSRBatch` or a scipy sparse matrix (moved sparse, non-blocking from pinned
-    memory: a tenth of the bytes at 90% zeros, then scattered on the device with no host read),
-    or a dense tensor.
+    Accepts a :class:`CSRBatch` or a scipy sparse matrix (for an accelerator moved sparse,
+    non-blocking from pinned memory: a tenth of the bytes at 90% zeros, then scattered on the
+    device with no host read; for the CPU densified by scipy), or a dense tensor.
     """
     device = torch.device(device)
     if isinstance(counts, sp.spmatrix | sp.sparray):
+        if device.type == "cpu":  # scipy's own densify: ~10x the scatter's speed on a CPU
+            return torch.from_numpy(sp.csr_matrix(counts).toarray()).to(dtype)
         counts = CSRBatch.from_scipy(counts)
     if isinstance(counts, CSRBatch):
         return counts.to(device, non_blocking=True).to_dense(dtype)

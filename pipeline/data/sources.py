@@ -55,6 +55,10 @@ class Source:
             self._obs_whole = self.read_obs()
         return self._obs_whole.iloc[start:stop]
 
+    def obs_names(self, start: int, stop: int) -> np.ndarray:
+        """The ids (obs names, as str objects) of the selected cells ``[start, stop)``."""
+        return self.obs_rows(start, stop).index.astype(str).to_numpy(dtype=object)
+
     def iter_blocks(self, block_size: int = 16_384) -> Iterator[tuple[int, sp.csr_matrix]]:
         for start in range(0, self.n_obs, block_size):
             yield start, self.rows(start, min(start + block_size, self.n_obs))
@@ -493,18 +497,30 @@ class ShardSource(Source):
     def read_obs(self) -> pd.DataFrame:
         return pd.concat([self._shard_obs(k) for k in range(len(self.dataset.shard_paths))])
 
-    def obs_rows(self, start: int, stop: int) -> pd.DataFrame:
-        dataset, parts = self.dataset, []
-        first = int(np.searchsorted(dataset.shard_offsets, start, side="right") - 1)
-        for k in range(max(first, 0), len(dataset.shard_paths)):
-            lo, hi = max(start, int(dataset.shard_offsets[k])), min(stop, int(dataset.shard_offsets[k + 1]))
+    def _spans(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+        """(shard k, first row, end row) within each shard that rows ``[start, stop)`` cross."""
+        offsets = self.dataset.shard_offsets
+        first = int(np.searchsorted(offsets, start, side="right") - 1)
+        for k in range(max(first, 0), len(self.dataset.shard_paths)):
+            lo, hi = max(start, int(offsets[k])), min(stop, int(offsets[k + 1]))
             if lo >= hi:
                 break
-            offset = int(dataset.shard_offsets[k])
-            parts.append(self._shard_obs(k).iloc[lo - offset : hi - offset])
+            yield k, lo - int(offsets[k]), hi - int(offsets[k])
+
+    def obs_rows(self, start: int, stop: int) -> pd.DataFrame:
+        parts = [self._shard_obs(k).iloc[lo:hi] for k, lo, hi in self._spans(start, stop)]
         if not parts:
             return self._shard_obs(0).iloc[0:0]
         return pd.concat(parts) if len(parts) > 1 else parts[0]
+
+    def obs_names(self, start: int, stop: int) -> np.ndarray:
+        """The ids alone, read from each shard's obs index array (not the whole obs frame)."""
+        parts = []
+        for k, lo, hi in self._spans(start, stop):
+            obs = self.dataset.shard(k).group["obs"]
+            names = np.asarray(obs[obs.attrs["_index"]][lo:hi])
+            parts.append(np.char.decode(names) if names.dtype.kind == "S" else names.astype(object))
+        return np.concatenate(parts).astype(object) if parts else np.zeros(0, dtype=object)
 
     def _shard_obs(self, k: int) -> pd.DataFrame:
         """obs of shard k (the last one read is kept: reads go shard by shard)."""
@@ -515,17 +531,13 @@ class ShardSource(Source):
         return self._obs_cache[1]
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
-        dataset, parts = self.dataset, []
-        first = int(np.searchsorted(dataset.shard_offsets, start, side="right") - 1)
-        for k in range(first, len(dataset.shard_paths)):
-            lo, hi = max(start, int(dataset.shard_offsets[k])), min(stop, int(dataset.shard_offsets[k + 1]))
-            if lo >= hi:
-                break
-            offset = int(dataset.shard_offsets[k])
-            indptr, indices, data = dataset.shard(k).read(lo - offset, hi - offset)
-            parts.append(sp.csr_matrix((data.astype(np.float32), indices.astype(np.int32), indptr), shape=(hi - lo, dataset.n_vars)))
+        parts = []
+        for k, lo, hi in self._spans(start, stop):
+            indptr, indices, data = self.dataset.shard(k).read(lo, hi)
+            parts.append(sp.csr_matrix((data.astype(np.float32), indices.astype(np.int32), indptr),
+                                       shape=(hi - lo, self.dataset.n_vars)))
         if not parts:
-            return sp.csr_matrix((0, dataset.n_vars), dtype=np.float32)
+            return sp.csr_matrix((0, self.dataset.n_vars), dtype=np.float32)
         return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
 
     def provenance(self) -> dict:

@@ -83,9 +83,9 @@ def source_identity(source, block_rows: int = 1_000_000) -> dict:
     provenance = source.provenance()
     digest, hashes = hashlib.sha256(), []
     for lo in range(0, source.n_obs, block_rows):
-        names = source.obs_rows(lo, min(source.n_obs, lo + block_rows)).index.astype(str)
+        names = source.obs_names(lo, min(source.n_obs, lo + block_rows))
         digest.update((("\n" if lo else "") + "\n".join(names)).encode())
-        hashes.append(pd.util.hash_array(names.to_numpy(dtype=object)))
+        hashes.append(pd.util.hash_array(names))
     hashes = np.sort(np.concatenate(hashes)) if hashes else np.zeros(0, np.uint64)
     repeated = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
     del hashes
@@ -101,8 +101,8 @@ def source_identity(source, block_rows: int = 1_000_000) -> dict:
 def _names_with_hashes(source, wanted: np.ndarray, block_rows: int) -> list[str]:
     found: list[str] = []
     for lo in range(0, source.n_obs, block_rows):
-        names = source.obs_rows(lo, min(source.n_obs, lo + block_rows)).index.astype(str)
-        hit = np.isin(pd.util.hash_array(names.to_numpy(dtype=object)), wanted)
+        names = source.obs_names(lo, min(source.n_obs, lo + block_rows))
+        hit = np.isin(pd.util.hash_array(names), wanted)
         for name in names[hit]:
             if name not in found:
                 found.append(name)
@@ -174,6 +174,9 @@ def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings 
         todo = [c for c in range(n_chunks) if not done[c]]
         if existing == "partial":
             echo(f"resuming {out}: {n_chunks - len(todo)} of {n_chunks} chunks already written")
+        if settings.logvar and todo:
+            echo(f"--logvar: about {logvar_cost(model, settings.batch_size, settings.device):.0f}x the time of the means "
+                 "(measured on one batch here)")
         bar = _bar(n_obs, n_obs - sum(_chunk_size(c, n_obs, settings.chunk_rows) for c in todo), settings.progress)
         if settings.workers == 0:
             worker = _ChunkEmbedder(model, source, alignment, out, settings)  # the model and source already open
@@ -274,9 +277,9 @@ def _open_output(out: str, attrs: dict, n_obs: int, dims: list[int], settings: E
     group.create_array("obs_id", shape=(n_obs,), chunks=(rows,), dtype=str, dimension_names=["cell"])
     for level, dim in enumerate(dims):
         names = ["cell", f"latent_{level}"]
-        group.create_array(f"level_{level}/mean", shape=(n_obs, dim), chunks=(rows, dim), dtype="float32", dimension_names=names)
+        group.create_array(f"level_{level}/mean", shape=(n_obs, dim), chunks=(rows, dim), dtype="float32", dimension_names=names, compressors=None)
         if settings.logvar:
-            group.create_array(f"level_{level}/logvar", shape=(n_obs, dim), chunks=(rows, dim), dtype="float32", dimension_names=names)
+            group.create_array(f"level_{level}/logvar", shape=(n_obs, dim), chunks=(rows, dim), dtype="float32", dimension_names=names, compressors=None)
     n_chunks = -(-n_obs // rows)
     group.create_array("progress/done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0)
     group.attrs.update({**attrs, "created": datetime.now(timezone.utc).isoformat(), "complete": False})
@@ -307,7 +310,7 @@ class _ChunkEmbedder:
         rows, n_obs = self.settings.chunk_rows, self.source.n_obs
         lo, hi = chunk * rows, min(n_obs, (chunk + 1) * rows)
         counts = self.source.rows(lo, hi)
-        obs_ids = self.source.obs_rows(lo, hi).index.astype(str).to_numpy(dtype=object)
+        obs_ids = self.source.obs_names(lo, hi)
         self.source.check_counts(counts, obs_ids)
         return self.alignment.apply(counts), obs_ids
 
@@ -322,23 +325,51 @@ class _ChunkEmbedder:
         and the chunk's results come back in one copy per array."""
         lo = chunk * self.settings.chunk_rows
         hi = lo + counts.shape[0]
-        means, logvars = [], []
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        kinds = ("mean", "logvar") if self.settings.logvar else ("mean",)
+        parts: dict[str, list] = {kind: [] for kind in kinds}
         for start in range(0, hi - lo, self.settings.batch_size):
             dense = densify(counts[start : start + self.settings.batch_size], self.device)
-            with autocast:
-                mean, logvar = self.model.encode(dense, return_logvar=True, check_values=False)
-            means.append(mean)
-            logvars.append(logvar)
-        for level in range(len(means[0])):
-            self.group[f"level_{level}/mean"][lo:hi] = torch.cat([m[level] for m in means]).float().cpu().numpy()
-            if self.settings.logvar:
-                self.group[f"level_{level}/logvar"][lo:hi] = torch.cat([v[level] for v in logvars]).float().cpu().numpy()
+            for kind, levels in zip(kinds, _encode(self.model, dense, self.settings.logvar), strict=True):
+                parts[kind].append(levels)
+        for kind, batches in parts.items():
+            for level in range(len(batches[0])):
+                self.group[f"level_{level}/{kind}"][lo:hi] = torch.cat([b[level] for b in batches]).float().cpu().numpy()
         faults.point("embed.levels")
         self.group["obs_id"][lo:hi] = np.asarray(obs_ids, dtype=object).astype(str)
         self.group["progress/done"][chunk] = 1  # only after every row of the chunk is written
         faults.point("embed.chunk")
         return hi - lo
+
+
+def _encode(model, dense: torch.Tensor, logvar: bool) -> tuple:
+    """(means,) or (means, logvars) of one batch: the variances, a forward-mode Jacobian of every
+    upper level's export, only when asked for (they cost several times the means)."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dense.device.type == "cuda" else contextlib.nullcontext()
+    with autocast:
+        if logvar:
+            return model.encode(dense, return_logvar=True, check_values=False)
+        return (model.encode(dense, check_values=False),)
+
+
+def logvar_cost(model, batch_size: int, device: str | None = None, repeats: int = 2) -> float:
+    """How many times the time of the means an encoding with variances takes, measured on one batch
+    of ``min(batch_size, 2048)`` cells of random counts (the cost does not depend on the values)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(device)
+    generator = torch.Generator().manual_seed(0)
+    dense = torch.poisson(torch.rand(min(batch_size, 2048), model.config.n_genes, generator=generator)).to(device)
+    seconds = {}
+    for logvar in (False, True):
+        _encode(model, dense, logvar)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            _encode(model, dense, logvar)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds[logvar] = time.perf_counter() - started
+    return seconds[True] / max(seconds[False], 1e-9)
 
 
 class _RemoteEmbedder(_ChunkEmbedder):
