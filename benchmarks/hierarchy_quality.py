@@ -89,10 +89,12 @@ def load(name: str):
 
 def score(embedding: np.ndarray, obs, labels: list[str], batch_key: str | None, rows: np.ndarray) -> dict:
     """kNN per label, NMI/ARI on the finest, silhouette on the coarsest, batch mixing: on ``rows``."""
-    from pipeline.evaluate import batch_mixing, cluster_agreement, knn_accuracy, silhouette_label
+    from pipeline.evaluate import batch_mixing, cluster_agreement, knn_accuracy, knn_within, silhouette_label
 
     embedding, obs = embedding[rows], obs.iloc[rows]
     result = {"knn": {label: knn_accuracy(embedding, obs[label].to_numpy()) for label in labels},
+              "knn_within": {label: knn_within(embedding, obs[label].to_numpy(), obs[parent].to_numpy())
+                             for parent, label in zip(labels, labels[1:])},
               "silhouette": silhouette_label(embedding, obs[labels[0]].to_numpy()),
               **cluster_agreement(embedding, obs[labels[-1]].to_numpy())}
     if batch_key:
@@ -195,7 +197,10 @@ def run_pca(dataset: str) -> dict:
 def median_of(runs: list[dict], level: int) -> dict:
     """The median over seeds of every metric of one level."""
     first = runs[0]["levels"][level]
-    out = {"knn": {label: statistics.median(r["levels"][level]["knn"][label] for r in runs) for label in first["knn"]}}
+    out = {key: {label: statistics.median(r["levels"][level][key][label] for r in runs) for label in first[key]}
+           for key in ("knn", "knn_within") if key in first}
+    if "kl" in runs[0]:
+        out["kl"] = statistics.median(r["kl"][level] for r in runs)
     for key in ("silhouette", "nmi", "ari", "mixing", "mixing_within"):
         if key in first:
             out[key] = statistics.median(r["levels"][level][key] for r in runs)
@@ -210,13 +215,16 @@ def table(dataset: str, labels: list[str], hvae: list[dict], flat: list[dict], p
     levels = [median_of(hvae, level) for level in range(n_levels)]
     flat_median, pca_scores = median_of(flat, 0), pca["levels"][0]
     mixing = "mixing" in levels[0]
+    pairs = list(zip(labels, labels[1:]))
     header = (["representation", "dim", "KL (nats)", "active units"] + [f"kNN {label}" for label in labels]
+              + [f"kNN {label} within {parent}" for parent, label in pairs]
               + [f"NMI / ARI {labels[-1]}", f"silhouette {labels[0]}"]
               + ([f"donor mixing (within {labels[-1]})"] if mixing else []))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def row(name, dim, kl, units, scores):
         cells = [name, dim, kl, units] + [f"{scores['knn'][label]:.3f}" for label in labels]
+        cells += [f"{scores['knn_within'][label]:.3f}" if "knn_within" in scores else "-" for _, label in pairs]
         cells += [f"{scores['nmi']:.3f} / {scores['ari']:.3f}", f"{scores['silhouette']:.3f}"]
         cells += [f"{scores['mixing']:.3f} ({scores['mixing_within']:.3f})"] if mixing else []
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -232,8 +240,9 @@ def table(dataset: str, labels: list[str], hvae: list[dict], flat: list[dict], p
     if scvi:  # the peer, for reference: not part of the checks
         row(f"scVI {scvi[0]['dims'][0]}-d (scvi-tools {scvi[0]['version']}, defaults; {len(scvi)} seeds)",
             scvi[0]["dims"][0], "-", "-", median_of(list(scvi), 0))
-    checks = hierarchy_checks(levels, flat_median, pca_scores, labels)
-    alone = seeds_passing(hvae, flat, flat_median, pca_scores, labels)
+    kind = "synthetic" if dataset in SYNTHETIC else "real"
+    checks = hierarchy_checks(levels, flat_median, pca_scores, labels, kind=kind)
+    alone = seeds_passing(hvae, flat, flat_median, pca_scores, labels, kind)
     seeds = sorted(r["seed"] for r in hvae)
     seconds = statistics.median(r["seconds"] for r in hvae)
     verdicts = [f"{c.line()}  [alone: {len(alone[c.number])} of {len(seeds)} seeds pass]" for c in checks]
@@ -242,7 +251,8 @@ def table(dataset: str, labels: list[str], hvae: list[dict], flat: list[dict], p
     return text, [{**c.__dict__, "seeds_passing": alone[c.number]} for c in checks]
 
 
-def seeds_passing(hvae: list[dict], flat: list[dict], flat_median: dict, pca: dict, labels: list[str]) -> dict:
+def seeds_passing(hvae: list[dict], flat: list[dict], flat_median: dict, pca: dict, labels: list[str],
+                  kind: str = "synthetic") -> dict:
     """{check number: the seeds on which that check passes alone}: each seed's levels against the flat
     model of the same seed (the flats' median where that seed has none). How far a median's verdict
     is the seeds': a check that passes on the medians but on one seed of three is not settled."""
@@ -251,7 +261,8 @@ def seeds_passing(hvae: list[dict], flat: list[dict], flat_median: dict, pca: di
     flat_by_seed = {r["seed"]: r["levels"][0] for r in flat}
     passing: dict[int, list[int]] = {}
     for run in sorted(hvae, key=lambda r: r["seed"]):
-        for check in hierarchy_checks(run["levels"], flat_by_seed.get(run["seed"], flat_median), pca, labels):
+        levels = [{**scores, "kl": kl} for scores, kl in zip(run["levels"], run["kl"], strict=True)]
+        for check in hierarchy_checks(levels, flat_by_seed.get(run["seed"], flat_median), pca, labels, kind=kind):
             passing.setdefault(check.number, [])
             if check.passed:
                 passing[check.number].append(run["seed"])
@@ -324,7 +335,7 @@ def main() -> None:
     # The flat model as wide as level 0's exported representation.
     reference = HVAEConfig(n_genes=1, **model)
     flat_width = reference.representation_dims[0] if hasattr(reference, "representation_dims") else hvae_dims[0]
-    flat = {**{k: v for k, v in model.items() if k != "latent_dims"}, "latent_dims": [flat_width]}
+    flat = {**{k: v for k, v in model.items() if k not in ("latent_dims", "kl_capacity")}, "latent_dims": [flat_width]}
     save = str(args.save_models) if args.save_models else None
     tasks = [{"dataset": d, "seed": s, "kind": kind, "model": m, "steps": args.steps, "batch_size": args.batch_size,
               "save_models": save}

@@ -66,6 +66,16 @@ class HVAEConfig:
     # level 0 of pbmc3k stayed below PCA on the fine types (benchmarks/RESULTS.md, "Linear
     # read-out"). The -ELBO reported leaves it out; 0 turns it off.
     readout_weight: float = 1.0
+    # A ceiling on each level's KL (nats per cell, level 0 first; 0 or an empty tuple: none),
+    # held by a Lagrange multiplier per level that rises while the level's KL is above its
+    # ceiling and falls back to 0 below it (``capacity_rate`` nats^-1 a step). A level that can
+    # hold only a few nats keeps what earns it the most per nat: with the coarse reconstruction,
+    # the structure that moves the most genes.
+    kl_capacity: tuple[float, ...] = ()
+    # The KL weight (price of a nat) of each level, level 0 first; empty: 1 at every level but the
+    # top, ``top_kl_weight`` there.
+    kl_weights: tuple[float, ...] = ()
+    capacity_rate: float = 0.01
     validate_inputs: bool = True
 
     def __post_init__(self) -> None:
@@ -108,6 +118,21 @@ class HVAEConfig:
                                       "may miss in training; 0: none)")
         if not _is_number(self.readout_weight) or self.readout_weight < 0:
             fail("readout_weight", "must be a number >= 0 (0: no read-out)")
+        if isinstance(self.kl_capacity, (int, float)) and not isinstance(self.kl_capacity, bool):
+            fail("kl_capacity", "must be a sequence of nats, one per level (level 0 first)")
+        object.__setattr__(self, "kl_capacity", tuple(self.kl_capacity))
+        if self.kl_capacity and (len(self.kl_capacity) != len(self.latent_dims)
+                                 or not all(_is_number(c) and c >= 0 for c in self.kl_capacity)):
+            fail("kl_capacity", f"must be empty or {len(self.latent_dims)} numbers >= 0 (nats per cell, level 0 "
+                                "first; 0: no ceiling on that level)")
+        if isinstance(self.kl_weights, (int, float)) and not isinstance(self.kl_weights, bool):
+            fail("kl_weights", "must be a sequence, one weight per level (level 0 first)")
+        object.__setattr__(self, "kl_weights", tuple(self.kl_weights))
+        if self.kl_weights and (len(self.kl_weights) != len(self.latent_dims)
+                                or not all(_is_number(w) and w > 0 for w in self.kl_weights)):
+            fail("kl_weights", f"must be empty or {len(self.latent_dims)} numbers > 0 (level 0 first)")
+        if not _is_number(self.capacity_rate) or self.capacity_rate <= 0:
+            fail("capacity_rate", "must be a number > 0")
         if not _is_number(self.log_scale_clamp) or self.log_scale_clamp <= 0:
             fail("log_scale_clamp", "must be a number > 0")
         if not _is_number(self.input_target_sum) or self.input_target_sum <= 0:
@@ -129,6 +154,8 @@ class HVAEConfig:
         return tuple(sum(self.latent_dims[level:]) for level in range(self.n_levels))
 
     def kl_weights_per_level(self) -> tuple[float, ...]:
+        if self.kl_weights:
+            return tuple(float(w) for w in self.kl_weights)
         if self.n_levels == 1:
             return (1.0,)
         return (1.0,) * (self.n_levels - 1) + (float(self.top_kl_weight),)
@@ -136,6 +163,8 @@ class HVAEConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["latent_dims"] = list(self.latent_dims)
+        out["kl_capacity"] = list(self.kl_capacity)
+        out["kl_weights"] = list(self.kl_weights)
         return out
 
     @classmethod

@@ -250,6 +250,11 @@ class HierarchicalVAE(nn.Module):
 
         self.register_buffer("kl_level_weights", torch.tensor(config.kl_weights_per_level(), dtype=torch.float32))
         self.register_buffer("level_sizes", torch.tensor(dims, dtype=torch.float32))
+        if any(c > 0 for c in config.kl_capacity):  # the ceilings and their Lagrange multipliers
+            self.register_buffer("kl_capacity", torch.tensor(config.kl_capacity, dtype=torch.float32))
+            self.register_buffer("capacity_multipliers", torch.zeros(n_levels))
+        else:
+            self.kl_capacity = self.capacity_multipliers = None
         # Running moments of log library size (count, sum, sum of squares), for `sample`.
         self.register_buffer("library_moments", torch.zeros(3, dtype=torch.float64))
 
@@ -427,10 +432,13 @@ class HierarchicalVAE(nn.Module):
         else:
             kl_free = kl
         kl_free = kl_free * self.kl_level_weights
+        # The ceilings' Lagrangian term, at full weight from the first step (not warmed up): a capped
+        # level is held to its nats while the others fill.
+        ceiling = 0.0 if self.kl_capacity is None else (self.capacity_multipliers * kl).sum()
         if self.config.kl_balance and kl_weight < 1.0 and self.config.n_levels > 1:
             coefficients = balanced_kl_coefficients(kl.detach(), self.level_sizes)
-            return kl_weight * (coefficients * kl_free).sum()
-        return kl_weight * kl_free.sum()
+            return kl_weight * (coefficients * kl_free).sum() + ceiling
+        return kl_weight * kl_free.sum() + ceiling
 
     def _coarse_reconstruction(self, counts, library, batch_index, h_after: dict, samples: list,
                                coarse_level: int | None = None) -> torch.Tensor:
@@ -644,6 +652,10 @@ class HierarchicalVAE(nn.Module):
         self.library_moments += moments * weight
         if out.readout_moments is not None:
             self.readout.moments += out.readout_moments * weight
+        if self.kl_capacity is not None:  # dual ascent on each capped level's KL ceiling
+            capped = self.kl_capacity > 0
+            step = self.config.capacity_rate * weight * (out.kl.detach().float() - self.kl_capacity)
+            self.capacity_multipliers.copy_((self.capacity_multipliers + step).clamp(min=0.0) * capped)
 
 def _check_count_values(counts: torch.Tensor) -> None:
     """Raise a ValueError naming the first bad entry (row, gene) of a counts matrix."""

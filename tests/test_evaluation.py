@@ -99,9 +99,52 @@ def test_check_five_compares_donor_mixing_within_the_finest_labels():
         return {"knn": {"coarse": 1.0, "fine": 0.9}, "silhouette": 0.6, "mixing": mixing, "mixing_within": within}
 
     levels, pca = [rep(0.90, 0.97), rep(0.93, 0.97)], rep(0.5, 0.6)
-    fifth = hierarchy_checks(levels, rep(0.95, 0.96), pca, ["coarse", "fine"])[-1]
+    fifth = hierarchy_checks(levels, rep(0.95, 0.96), pca, ["coarse", "fine"])[4]
     assert fifth.number == 5 and fifth.passed and "within fine" in fifth.name and "global: worst level 0 0.900" in fifth.detail
-    assert not hierarchy_checks(levels, rep(0.95, 0.98), pca, ["coarse", "fine"])[-1].passed
+    assert not hierarchy_checks(levels, rep(0.95, 0.98), pca, ["coarse", "fine"])[4].passed
     no_within = [{k: v for k, v in r.items() if k != "mixing_within"} for r in levels]
     flat = {k: v for k, v in rep(0.95, 0).items() if k != "mixing_within"}
-    assert not hierarchy_checks(no_within, flat, pca, ["coarse", "fine"])[-1].passed  # the global score alone
+    assert not hierarchy_checks(no_within, flat, pca, ["coarse", "fine"])[4].passed  # the global score alone
+
+
+def test_checks_six_to_nine_fail_when_every_level_is_the_same_representation():
+    """Checks 6-9 read what each level lets go: a flat hierarchy (three copies of one map) fails
+    them all, and a coarse-to-fine one passes them."""
+    from pipeline.evaluate.hierarchy import hierarchy_checks
+
+    labels = ["lineage", "cell_type", "subtype"]
+
+    def rep(knn, within_type, within_lineage, silhouette, kl):
+        return {"knn": {"lineage": 1.0, "cell_type": knn, "subtype": knn}, "silhouette": silhouette, "kl": kl,
+                "knn_within": {"subtype": within_type, "cell_type": within_lineage}}
+
+    pca = rep(0.9, 0.6, 0.8, 0.55, None)
+    same = [rep(0.97, 0.95, 0.98, 0.60, kl) for kl in (2.3, 1.2, 18.9)]
+    verdicts = {c.number: c.passed for c in hierarchy_checks(same, same[0], pca, labels)}
+    assert verdicts[1] and verdicts[3]  # the old checks pass on three copies of one map ...
+    assert not any(verdicts[n] for n in (6, 7, 8, 9)), verdicts  # ... the new ones do not
+    graded = [rep(0.97, 0.95, 0.98, 0.60, 10.0), rep(0.90, 0.70, 0.97, 0.68, 4.0), rep(0.60, 0.40, 0.60, 0.75, 3.0)]
+    checks = hierarchy_checks(graded, graded[0], pca, labels)
+    assert all(c.passed for c in checks if c.number in (6, 7, 8, 9)), "\n".join(c.line() for c in checks)
+    # Real data: smaller margins, and level 1 need only beat the top on one grain.
+    real = [rep(0.90, 0.80, 0.90, 0.60, 10.0), rep(0.88, 0.78, 0.85, 0.64, 4.0), rep(0.85, 0.74, 0.80, 0.66, 3.0)]
+    assert all(c.passed for c in hierarchy_checks(real, real[0], pca, labels, kind="real") if c.number in (6, 7, 8, 9))
+    assert not any(c.passed for c in hierarchy_checks(real, real[0], pca, labels) if c.number in (6, 7))
+
+
+def test_knn_within_scores_a_label_inside_each_parent():
+    from pipeline.evaluate import knn_accuracy, knn_within
+
+    rng = np.random.default_rng(0)
+    parents = np.repeat(["a", "b"], 200)
+    children = np.tile(np.repeat(["x", "y"], 100), 2)
+    # The embedding separates the parents widely and the children inside them not at all ...
+    blind = np.c_[np.where(parents == "a", 0.0, 50.0), np.zeros(400)] + rng.normal(size=(400, 2))
+    # ... or by a small shift that a kNN fitted inside each parent finds.
+    seeing = blind + np.c_[np.zeros(400), np.where(children == "x", 0.0, 6.0)]
+    assert knn_within(blind, children, parents) < 0.65 and knn_within(seeing, children, parents) > 0.95
+    labels = np.char.add(parents.astype(str), children.astype(str))
+    assert knn_accuracy(seeing, labels) > 0.95
+    # A parent with one child label has nothing to resolve and is left out.
+    single = np.where(parents == "a", "x", children)
+    assert knn_within(seeing, single, parents) == pytest.approx(knn_within(seeing[200:], children[200:], parents[200:]))

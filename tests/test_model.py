@@ -375,3 +375,36 @@ def test_free_bits_per_dimension_leave_units_below_the_floor_unpenalised():
     assert torch.isclose(off._weighted_kl(kl, 1.0, per_dimension), kl.sum())
     with pytest.raises(ValueError, match="HVAEConfig.free_bits_per_dimension"):
         config.replace(free_bits_per_dimension=-1.0)
+
+
+def test_kl_capacity_holds_a_level_to_its_nats_by_dual_ascent():
+    torch.manual_seed(0)
+    config = HVAEConfig(n_genes=N_GENES, latent_dims=(8, 6, 4), hidden_dim=32, kl_capacity=(0, 0, 0.5),
+                        capacity_rate=0.1)
+    model = HierarchicalVAE(config)
+    x = counts_batch()
+    out = model(x)
+    assert model.capacity_multipliers.tolist() == [0.0, 0.0, 0.0]
+    # Above its ceiling the top's multiplier rises by rate x excess; uncapped levels stay at 0.
+    fake = HVAEOutput(loss=out.loss, reconstruction=out.reconstruction, kl=torch.tensor([5.0, 5.0, 2.5]),
+                      coarse_reconstruction=out.coarse_reconstruction, readout=out.readout, library=out.library)
+    model.record_statistics(fake)
+    torch.testing.assert_close(model.capacity_multipliers, torch.tensor([0.0, 0.0, 0.2]))
+    model.record_statistics(fake, weight=torch.tensor(0.0))  # a skipped step changes nothing
+    torch.testing.assert_close(model.capacity_multipliers, torch.tensor([0.0, 0.0, 0.2]))
+    # The Lagrangian term adds multiplier x KL of the capped level to the loss, warm-up or not.
+    torch.manual_seed(1)
+    with_term = model(x, kl_weight=0.0, coarse_level=1).loss
+    model.capacity_multipliers.zero_()
+    torch.manual_seed(1)
+    without = model(x, kl_weight=0.0, coarse_level=1)
+    torch.testing.assert_close(with_term - without.loss, 0.2 * without.kl[2])
+    # Below its ceiling the multiplier falls back, never under 0.
+    model.capacity_multipliers.fill_(0.05)
+    fake.kl = torch.tensor([5.0, 5.0, 0.0])
+    model.record_statistics(fake)
+    assert model.capacity_multipliers.tolist() == [0.0, 0.0, 0.0]
+    # A model without ceilings has no multipliers (its state dict is unchanged).
+    assert "capacity_multipliers" not in HierarchicalVAE(config.replace(kl_capacity=())).state_dict()
+    with pytest.raises(ValueError, match="kl_capacity"):
+        HVAEConfig(n_genes=N_GENES, latent_dims=(8, 6, 4), kl_capacity=(1.0, 2.0))

@@ -44,6 +44,31 @@ def knn_accuracy(embedding: np.ndarray, labels, k: int = 15, n_folds: int = 5, s
     return float(np.mean(scores))
 
 
+def knn_within(embedding: np.ndarray, labels, parents, k: int = 15, n_folds: int = 5, seed: int = 0,
+               min_cells: int = 10) -> float:
+    """kNN accuracy of ``labels`` *within* each parent label: a classifier fitted inside each parent
+    group (:func:`knn_accuracy` on its cells alone), averaged weighted by cells.
+
+    What a representation resolves at a label's grain beyond its parent's: a representation that
+    holds the lineages and lets the subtypes inside a cell type go scores near chance here, however
+    well its overall kNN reads. Parent groups with a single child label (nothing to resolve) or
+    fewer than ``min_cells`` labelled cells are left out; NaN if none is left.
+    """
+    if not (np.shape(embedding)[0] == len(labels) == len(parents)):
+        raise ValueError(f"embedding has {np.shape(embedding)[0]} rows, labels {len(labels)}, parents {len(parents)}")
+    labels, parents = np.asarray(labels, dtype=object), np.asarray(parents, dtype=object)
+    keep = _has_label(labels) & _has_label(parents)
+    embedding, labels, parents = np.asarray(embedding, dtype=np.float32)[keep], labels[keep].astype(str), parents[keep].astype(str)
+    total, weight = 0.0, 0
+    for parent in np.unique(parents):
+        rows = np.flatnonzero(parents == parent)
+        if len(rows) < min_cells or len(np.unique(labels[rows])) < 2:
+            continue
+        total += knn_accuracy(embedding[rows], labels[rows], k=k, n_folds=n_folds, seed=seed) * len(rows)
+        weight += len(rows)
+    return total / weight if weight else float("nan")
+
+
 def _has_label(labels) -> np.ndarray:
     """True where a cell has a label (not None / NaN)."""
     return np.array([not (label is None or (isinstance(label, float) and np.isnan(label))) for label in labels], dtype=bool)

@@ -28,7 +28,7 @@ from .. import faults
 from ..config import PipelineConfig
 from ..data import ShardedDataset
 from ..data import densify
-from .step import EarlyStopping, Trainer
+from .step import EarlyStopping, Trainer, format_kl
 
 CheckpointHook = Callable[[str | None, dict], None]
 
@@ -105,7 +105,7 @@ def train_worker(config: PipelineConfig, rank: int, world_size: int, device: tor
             if logging:
                 rate = cells / max(time.perf_counter() - started, 1e-9)
                 logger.write({**metrics, "split": "train", "epoch": epoch, "cells_per_s": rate})
-                kl = "/".join(f"{metrics[f'kl_level_{l}']:.1f}" for l in range(hvae_config.n_levels))
+                kl = format_kl(metrics)
                 if bar is not None:
                     bar.set_postfix_str(f"{rate:,.0f} cells/s  -ELBO {metrics['negative_elbo']:.1f}  KL {kl}")
                 elif rank == 0 and config.train.progress:

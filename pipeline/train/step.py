@@ -45,6 +45,21 @@ def fused_adamw_supported(device: torch.device) -> bool:
     return device.type in ("cuda", "cpu", "mps", "xpu")
 
 
+def kl_shares(metrics: dict) -> dict[str, float]:
+    """``kl_share_level_<l>``: each level's share of the total KL in ``metrics`` (``kl_level_<l>``, nats)."""
+    kl = {int(k.rsplit("_", 1)[1]): v for k, v in metrics.items() if k.startswith("kl_level_")}
+    total = sum(kl.values())
+    return {f"kl_share_level_{level}": (v / total if total > 0 else 0.0) for level, v in sorted(kl.items())}
+
+
+def format_kl(metrics: dict) -> str:
+    """Each level's KL in nats and its share, level 0 first: ``2.3/1.2/18.9 nats (10%/5%/84%)``."""
+    shares = kl_shares(metrics)
+    levels = range(len(shares))
+    return ("/".join(f"{metrics[f'kl_level_{l}']:.1f}" for l in levels) + " nats ("
+            + "/".join(f"{shares[f'kl_share_level_{l}']:.0%}" for l in levels) + ")")
+
+
 class Trainer:
     """Owns the model, its EMA copy, the optimizer and the grad scaler; ``step`` does one update.
 
@@ -153,6 +168,7 @@ class Trainer:
         metrics = {"step": self.step_count, **dict(zip(METRICS, values[:n], strict=True)), "kl_weight": self.last_kl_weight,
                    **{f"kl_level_{level}": v for level, v in enumerate(values[n:-2])},
                    "applied_steps": int(values[-2])}
+        metrics.update(kl_shares(metrics))
         self._skipped_before += int(values[-1])
         self._skipped.zero_()
         metrics["skipped_steps"] = self._skipped_before
@@ -189,9 +205,8 @@ class Trainer:
                     history.append(metrics)
                     if progress:
                         rate = bar.format_dict["rate"] or 0.0
-                        kl = "/".join(f"{v:.1f}" for k, v in metrics.items() if k.startswith("kl_level_"))
                         bar.set_postfix_str(f"{rate * batch['counts'].shape[0]:,.0f} cells/s  "
-                                            f"-ELBO {metrics['negative_elbo']:.1f}  KL {kl}")
+                                            f"-ELBO {metrics['negative_elbo']:.1f}  KL {format_kl(metrics)}")
                 if stopper is not None and validate_every and (step % validate_every == 0 or step == max_steps):
                     value = validate(self.ema_model)
                     if history and history[-1]["step"] == step:
