@@ -51,7 +51,7 @@ class HVAEModel:
                  genes: list[str] | None = None, gene_column: str | None = None, **model_options) -> None:
         if n_top_genes is not None and genes is not None:
             raise ValueError("give n_top_genes or genes, not both")
-        self.layer, self.batch_key, self.gene_column = layer, batch_key, gene_column
+        self.layer, self.batch_key, self.gene_column, self.n_top_genes = layer, batch_key, gene_column, n_top_genes
         counts = _counts(adata, layer)
         ids, self._ids_from = _var_ids(adata, layer, gene_column)
         names = _var_names(adata, layer)
@@ -133,23 +133,55 @@ class HVAEModel:
             if not overwrite:
                 raise FileExistsError(f"{directory} already holds a checkpoint; pass overwrite=True to replace it")
         steps = self.result.steps if self.result is not None else 0
+        setup = {"layer": self.layer, "gene_column": self.gene_column, "n_top_genes": self.n_top_genes,
+                 "batch_key": self.batch_key}
         return save_checkpoint(directory, self.module, self.config, None, {"step": steps, "finished": True},
-                               self.feature_ids, self.batch_key, self.batch_categories, feature_names=self.feature_names)
+                               self.feature_ids, self.batch_key, self.batch_categories, feature_names=self.feature_names,
+                               setup=setup)
 
     @classmethod
-    def load(cls, directory: str | Path) -> "HVAEModel":
-        """A model from any checkpoint ``train`` or ``save`` wrote (a checkpoint or run directory)."""
+    def load(cls, directory: str | Path, adata=None) -> "HVAEModel":
+        """A model from any checkpoint ``train`` or ``save`` wrote (a checkpoint or run directory).
+
+        The AnnData setup that ``save`` recorded (the counts layer, the gene id column, the genes,
+        the batch key and its categories) comes back with it: ``get_latent_representation(adata)``
+        reads an AnnData laid out as the training one without being told again. ``adata``: cells
+        to bind now (``get_latent_representation()`` then encodes them); batches unseen in
+        training are reported (the representations do not read batches)."""
         found = find_checkpoint(directory)
         if found is None:
             raise FileNotFoundError(f"{directory} is neither a checkpoint directory nor a run directory with one")
         module, parts = load_model(found)
+        setup = parts.get("setup") or {}
         self = cls.__new__(cls)
-        self.layer, self.gene_column, self.result = None, None, None
+        self.layer, self.gene_column, self.result = setup.get("layer"), setup.get("gene_column"), None
+        self.n_top_genes = setup.get("n_top_genes")
         self.batch_key, self.batch_categories = parts["batches"]["batch_key"], list(parts["batches"]["categories"])
         self.feature_ids = list(parts["genes"]["feature_ids"])
         self.feature_names = list(parts["genes"].get("feature_names", self.feature_ids))
         self.config, self.module, self._counts, self._batch_index = module.config, module, None, None
+        if adata is not None:
+            self._counts = self._aligned(adata, self.layer)
+            self._batch_index = self._known_batches(adata)
         return self
+
+    def _known_batches(self, adata) -> np.ndarray | None:
+        """The recorded batch codes of ``adata``'s cells, or None (with a note) where it has no batch
+        column or batches unseen in training: such cells are embedded, not trained on."""
+        if self.batch_key is None:
+            return None
+        if self.batch_key not in adata.obs.columns:
+            print(f"note: obs has no batch column {self.batch_key!r}: the cells are embedded (the encoder reads no "
+                  "batch) but cannot be trained on")
+            return None
+        values = adata.obs[self.batch_key].astype(str).to_numpy()
+        codes = pd.Categorical(values, categories=self.batch_categories).codes
+        if (codes < 0).any():
+            unseen = pd.unique(values[codes < 0])
+            print(f"note: {int((codes < 0).sum()):,} cells of {len(unseen)} {self.batch_key} value(s) unseen in training "
+                  f"(e.g. {list(unseen[:3])}): embedded as any other cell (the encoder reads no batch); not trained on")
+            return None
+        return codes.astype(np.int64)
 
     def __repr__(self) -> str:
         trained = f"trained {self.result.steps} steps" if self.result is not None else "untrained or loaded"

@@ -92,3 +92,42 @@ def test_a_short_run_says_what_it_did_and_warns(pbmc, capsys):
         model.train(max_steps=6, batch_size=64, kl_warmup_steps=100)
     out = capsys.readouterr().out
     assert "training on cpu: 270 cells (30 held out for early stopping) x 300 genes" in out and "KL warm-up 100 steps" in out
+
+
+def test_a_saved_model_remembers_its_anndata_setup(pbmc, tmp_path, capsys):
+    """Trained on a layer: loaded the next day, it reads the same AnnData (and the command line the
+    same file) without being told the layer again; batches unseen in training are reported."""
+    from pipeline import HVAEModel
+
+    adata = pbmc[:300].copy()
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = sp.csr_matrix(np.log1p(adata.X.toarray()))  # as after sc.pp.log1p: X no longer counts
+    adata.obs["donor"] = np.where(np.arange(300) % 2, "d1", "d2")
+    model = HVAEModel(adata, layer="counts", batch_key="donor", n_top_genes=200, latent_dims=(4, 2), hidden_dim=16)
+    model.train(max_steps=5, batch_size=64, progress=False)
+    expected = model.get_latent_representation(level="all")
+    model.save(tmp_path / "m")
+
+    loaded = HVAEModel.load(tmp_path / "m")
+    assert (loaded.layer, loaded.batch_key, loaded.batch_categories, loaded.n_top_genes) == ("counts", "donor", ["d1", "d2"], 200)
+    np.testing.assert_allclose(loaded.get_latent_representation(adata), expected[0], rtol=1e-5, atol=1e-6)
+    bound = HVAEModel.load(tmp_path / "m", adata=adata)  # bound now: encodes these cells with no argument
+    np.testing.assert_allclose(bound.get_latent_representation(level=1), expected[1], rtol=1e-5, atol=1e-6)
+    assert bound._batch_index is not None
+
+    new_donor = adata[:50].copy()
+    new_donor.obs["donor"] = "d9"
+    capsys.readouterr()
+    unseen = HVAEModel.load(tmp_path / "m", adata=new_donor)
+    assert "50 cells of 1 donor value(s) unseen in training (e.g. ['d9'])" in capsys.readouterr().out
+    np.testing.assert_allclose(unseen.get_latent_representation(), expected[0][:50], rtol=1e-5, atol=1e-6)
+
+    source, out = tmp_path / "cells.h5ad", tmp_path / "e.zarr"
+    adata.write_h5ad(source)
+    done = subprocess.run([sys.executable, "-m", "pipeline", "embed", "--checkpoint", str(tmp_path / "m"),
+                           "--source", str(source), "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "layer 'counts' (recorded with the model" in done.stdout
+    from pipeline.embed import read_embeddings
+    np.testing.assert_allclose(read_embeddings(str(out), lazy=False).obsm["X_hvae_level_0"], expected[0],
+                               rtol=1e-4, atol=1e-5)

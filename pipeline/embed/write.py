@@ -146,6 +146,7 @@ def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings 
     out = _absolute(str(out))
     directory, origin, model, parts = _load(checkpoint, settings.ema)
     genes = parts["genes"]["feature_ids"]
+    source_args = _with_recorded_setup(source_args, parts.get("setup"), echo)
     source = open_source(**source_args)  # open for the whole run: the local path reads from it
     try:
         alignment = GeneAlignment(source.feature_ids, genes, settings.min_gene_overlap, source_name=source.uri,
@@ -200,6 +201,27 @@ def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings 
                 "cells_per_s": round(rows / max(seconds, 1e-9))}
     finally:
         source.close()
+
+
+def _with_recorded_setup(source_args: dict, setup: dict | None, echo) -> dict:
+    """An AnnData source read as the model's AnnData was (the layer and gene id column that
+    ``HVAEModel.save`` recorded), where the command line does not say otherwise."""
+    from ..data.sources import AnnDataSource
+
+    recorded = {key: (setup or {}).get(key) for key in ("layer", "gene_column")}
+    recorded = {key: value for key, value in recorded.items() if value and not source_args.get(key)}
+    if not recorded:
+        return source_args
+    probe = open_source(**source_args)
+    try:
+        if not isinstance(probe, AnnDataSource):  # shards hold counts; SOMA and the Census name their own layers
+            return source_args
+    finally:
+        probe.close()
+    echo("reading the source as the model's cells were read: "
+         + ", ".join(f"{key.replace('_', ' ')} {value!r}" for key, value in recorded.items())
+         + " (recorded with the model; --layer / --gene-column override)")
+    return {**source_args, **recorded}
 
 
 def _id_note(source) -> str | None:

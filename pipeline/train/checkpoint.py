@@ -47,9 +47,12 @@ READABLE_FORMATS = (*sorted(EARLIER_FORMAT_CONFIG), CHECKPOINT_FORMAT)
 
 def save_checkpoint(directory: str | Path, trainer, hvae_config: HVAEConfig, config_yaml: str | None, train_state: dict | None,
                     feature_ids: list[str], batch_key: str | None, batch_categories: list[str],
-                    feature_names: list[str] | None = None, extra_trainer_state: dict | None = None) -> Path:
+                    feature_names: list[str] | None = None, extra_trainer_state: dict | None = None,
+                    setup: dict | None = None) -> Path:
     """Write a checkpoint. ``trainer`` is a ``Trainer`` (everything, resumable) or a bare model
-    (``model.pt`` alone: weights as both the model and its EMA, for inference)."""
+    (``model.pt`` alone: weights as both the model and its EMA, for inference). ``setup``: how the
+    cells were read (the notebook API's AnnData setup: layer, gene id column, gene selection),
+    kept in ``model.pt`` and ``setup.json`` so that a loaded model reads new cells the same way."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     genes = {"feature_ids": list(feature_ids), "feature_ids_hash": feature_hash(feature_ids)}
@@ -62,10 +65,12 @@ def save_checkpoint(directory: str | Path, trainer, hvae_config: HVAEConfig, con
     else:
         state = trainer.state_dict()
     torch.save({"format_version": CHECKPOINT_FORMAT, "hvae_config": hvae_config.to_dict(), "model": state["model"],
-                "ema": state["ema"], "genes": genes, "batches": batches}, directory / "model.pt")
+                "ema": state["ema"], "genes": genes, "batches": batches, "setup": setup}, directory / "model.pt")
     faults.point("checkpoint.model")
     (directory / "genes.json").write_text(json.dumps(genes))
     (directory / "batches.json").write_text(json.dumps(batches))
+    if setup is not None:
+        (directory / "setup.json").write_text(json.dumps(setup, indent=1))
     if "optimizer" in state:
         torch.save({**{k: state[k] for k in ("optimizer", "scaler", "step", "skipped_steps")}, **(extra_trainer_state or {})},
                    directory / "trainer.pt")
@@ -98,7 +103,7 @@ def read_model_file(directory: str | Path) -> dict:
                          "release that wrote it")
     values = {**EARLIER_FORMAT_CONFIG.get(version, {}), **saved["hvae_config"]}
     return {"hvae_config": HVAEConfig.from_dict(values), "model": saved["model"], "ema": saved["ema"],
-            "genes": saved["genes"], "batches": saved["batches"], "path": str(directory)}
+            "genes": saved["genes"], "batches": saved["batches"], "setup": saved.get("setup"), "path": str(directory)}
 
 
 def read_checkpoint(directory: str | Path) -> dict:
