@@ -39,6 +39,7 @@ import scipy.sparse as sp
 
 from .alignment import GeneAlignment
 from .. import faults
+from ..progress import Progress
 from .background import run_ahead
 from ..storage import check_writable, is_remote, join, listdir, recover_replace, replace_tree
 from .shard_format import (COMPRESSIONS, FORMAT_VERSION, MANIFEST_NAME, add_checksums, count_checksum, count_dtype,
@@ -141,7 +142,7 @@ def _build(source: Source, out: str, settings: ShardSettings, started: float, ec
             for offset, block in source.iter_blocks(settings.block_size):
                 yield offset, block, source.obs_rows(offset, offset + block.shape[0])[columns]
 
-        with _progress(n_obs, "shard pass 1/2 (read)", settings.progress) as bar:
+        with Progress(n_obs, "shard pass 1/2 (read)", enabled=settings.progress) as bar:
             for offset, block, obs in run_ahead(blocks(), 2, name="shard-read-ahead"):
                 n = block.shape[0]
                 if len(obs) != n:
@@ -171,7 +172,7 @@ def _build(source: Source, out: str, settings: ShardSettings, started: float, ec
             "n_genes_missing_zero_filled": len(alignment.missing), **settings.extra_provenance,
         }
         shards = []
-        with _progress(n_obs, "shard pass 2/2 (write)", settings.progress) as bar, ThreadPoolExecutor(1) as writer:
+        with Progress(n_obs, "shard pass 2/2 (write)", enabled=settings.progress) as bar, ThreadPoolExecutor(1) as writer:
             pending = None  # shard k is written in the background while shard k+1 is loaded
             for k in range(n_shards):
                 name = f"shard-{k:05d}.zarr"
@@ -255,7 +256,7 @@ def _target_genes(source: Source, settings: ShardSettings, echo) -> list[str]:
         if key not in available:
             raise ValueError(f"{source.uri}: HVG batch key {key!r} is not an obs column (columns: {available})")
     statistics: dict[str, GeneStatistics] = {}
-    with _progress(source.n_obs, "highly variable genes", settings.progress) as bar:
+    with Progress(source.n_obs, "highly variable genes", enabled=settings.progress) as bar:
         for offset, block in source.iter_blocks(settings.block_size):
             if key is None:
                 statistics.setdefault("all", GeneStatistics(block.shape[1])).update(block)
@@ -527,28 +528,6 @@ class _DuplicateIds:
         if repeated:
             raise ValueError(f"{source.uri}: {repeated:,} obs names occur more than once (e.g. {examples}); each cell needs "
                              "a unique id (make them unique first, e.g. anndata's obs_names_make_unique)")
-
-
-class _progress:
-    """tqdm with cells/s and ETA, or nothing."""
-
-    def __init__(self, total: int, description: str, enabled: bool) -> None:
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=description, unit="cells", unit_scale=True, dynamic_ncols=True)
-
-    def __enter__(self):
-        return self
-
-    def update(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _package_version() -> str:

@@ -437,13 +437,12 @@ def _natural_key(name: str) -> list:
 
 def write_synthetic_atlas(spec: SyntheticAtlasSpec, path: str | Path, progress: bool = True) -> Path:
     """Stream a synthetic atlas to ``path`` (.h5ad or .zarr) block by block; returns the path."""
-    from tqdm.auto import tqdm
-
+    from ..progress import Progress
     from .anndata_stream import AnnDataStreamWriter
 
     atlas = SyntheticAtlas(spec)
     with AnnDataStreamWriter(path, atlas.var(), uns={"provenance": atlas.provenance()}) as writer:
-        with tqdm(total=spec.n_cells, unit="cells", unit_scale=True, disable=not progress, desc="synthetic atlas") as bar:
+        with Progress(spec.n_cells, "synthetic atlas", enabled=progress) as bar:
             for counts, obs in atlas.iter_blocks():
                 writer.append(counts, obs)
                 bar.update(counts.shape[0])

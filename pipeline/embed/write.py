@@ -421,6 +421,6 @@ def _embed_with_ray(checkpoint_dir, source_args, out, genes, settings, todo, bar
 
 
 def _bar(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
+    from ..progress import Progress
 
-    return tqdm(total=total, initial=initial, unit="cells", unit_scale=True, desc="embed", disable=not enabled, dynamic_ncols=True)
+    return Progress(total, "embed", enabled=enabled, initial=initial)

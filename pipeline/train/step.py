@@ -189,11 +189,11 @@ class Trainer:
         early stopping (:class:`EarlyStopping` with ``tolerance``; None: never stop): the EMA
         model ends with the best validation's weights, ``self.early_stopping`` says where.
         """
-        from tqdm.auto import tqdm
+        from ..progress import Progress
 
         history = []
         self.early_stopping = stopper = EarlyStopping(tolerance) if validate is not None and tolerance is not None else None
-        with tqdm(total=max_steps, initial=self.step_count, unit="step", disable=not progress, desc="training") as bar:
+        with Progress(max_steps, "training", unit="step", enabled=progress, initial=self.step_count) as bar:
             for batch in batches:
                 if self.step_count >= max_steps:
                     break
@@ -204,9 +204,8 @@ class Trainer:
                     metrics = self.read_metrics()
                     history.append(metrics)
                     if progress:
-                        rate = bar.format_dict["rate"] or 0.0
-                        bar.set_postfix_str(f"{rate * batch['counts'].shape[0]:,.0f} cells/s  "
-                                            f"-ELBO {metrics['negative_elbo']:.1f}  KL {format_kl(metrics)}")
+                        bar.postfix(f"{bar.rate * batch['counts'].shape[0]:,.0f} cells/s  "
+                                    f"-ELBO {metrics['negative_elbo']:.1f}  KL {format_kl(metrics)}")
                 if stopper is not None and validate_every and (step % validate_every == 0 or step == max_steps):
                     value = validate(self.ema_model)
                     if history and history[-1]["step"] == step:
