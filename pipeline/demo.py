@@ -120,18 +120,24 @@ def _row(result: dict, labels: list[str], kl: dict, units: dict) -> dict:
             "kl": None if model is None else round(kl[model][level], 2),
             "active_units": None if model is None else units[model][level],
             "batch_mixing": round(result["batch_mixing"], 3),
-            **{label: round(result["labels"][label]["knn_accuracy"], 3) for label in labels}}
+            **{label: round(result["labels"][label]["knn_accuracy"], 3) for label in labels},
+            **{f"{label} within {parent}": round(result["labels"][label]["knn_within_parent"], 3)
+               for parent, label in zip(labels, labels[1:])}}
 
 
 def format_table(rows: list[dict], labels: list[str]) -> str:
-    """A Markdown table: representation, dim, KL, active units, kNN accuracy per label, and
-    donor mixing when the rows have it (benchmarks without donors leave it out)."""
+    """A Markdown table: representation, dim, KL, active units, kNN accuracy per label and within
+    each label's parent (where the rows have it), and donor mixing when the rows have it
+    (benchmarks without donors leave it out)."""
     mixing = any("batch_mixing" in row for row in rows)
-    header = ["representation", "dim", "KL (nats)", "active units"] + [f"kNN {label}" for label in labels]
+    within = [f"{label} within {parent}" for parent, label in zip(labels, labels[1:])]
+    within = [column for column in within if any(column in row for row in rows)]
+    header = ["representation", "dim", "KL (nats)", "active units"] + [f"kNN {label}" for label in labels + within]
     header += ["donor mixing"] if mixing else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        values = [row["representation"], row["dim"], row["kl"], row["active_units"]] + [row[label] for label in labels]
+        values = ([row["representation"], row["dim"], row["kl"], row["active_units"]] + [row[label] for label in labels]
+                  + [row.get(column) for column in within])
         values += [row.get("batch_mixing")] if mixing else []
         lines.append("| " + " | ".join("-" if v is None else str(v) for v in values) + " |")
     return "\n".join(lines)

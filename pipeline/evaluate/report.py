@@ -24,7 +24,8 @@ import torch
 from hvae import active_units
 
 from ..embed.store import EmbeddingsView
-from .metrics import batch_mixing, cluster_agreement, knn_accuracy, pca_embedding, scib_scores, silhouette_label
+from .metrics import (batch_mixing, cluster_agreement, knn_accuracy, knn_within, pca_embedding, scib_scores,
+                      silhouette_label)
 
 MAP_METHODS = ("auto", "umap", "pca")
 METRIC_NAMES = {"nmi": "NMI (k-means)", "ari": "ARI (k-means)", "silhouette": "silhouette (ASW)",
@@ -94,11 +95,15 @@ def evaluate_embeddings(path: str, settings: EvaluateSettings, echo=print) -> di
                   "active_units": None if own is None else active_units([torch.from_numpy(values[:, :own])])[0],
                   "labels": {}}
         graphs: dict = {}  # the scib neighbour graph, computed once per representation and set of labelled cells
-        for label in settings.labels:
+        for index, label in enumerate(settings.labels):
             truth = obs[label].to_numpy()
             result["labels"][label] = {"knn_accuracy": knn_accuracy(values, truth, k=settings.k, seed=settings.seed),
                                        **cluster_agreement(values, truth, seed=settings.seed),
                                        "silhouette": silhouette_label(values, truth, seed=settings.seed)}
+            if index:  # labels run coarsest -> finest: what this one adds inside the label before it
+                parent = obs[settings.labels[index - 1]].to_numpy()
+                result["labels"][label]["knn_within_parent"] = knn_within(values, truth, parent, k=settings.k,
+                                                                          seed=settings.seed)
             if settings.scib:
                 result["labels"][label].update(scib_scores(
                     values, truth, obs[settings.batch_key].to_numpy() if settings.batch_key else None, seed=settings.seed,
