@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from hvae import HVAEConfig, HierarchicalVAE  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
-from pipeline.data import ShardedDataset, ShardSettings, densify, write_shards  # noqa: E402
+from pipeline.data import ShardedDataset, ShardSettings, write_shards  # noqa: E402
 from pipeline.data.sources import Source  # noqa: E402
 from pipeline.data.synthetic import RNG_CHUNK, SyntheticAtlas, SyntheticAtlasSpec  # noqa: E402
 from pipeline.train.step import Trainer  # noqa: E402

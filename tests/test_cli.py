@@ -6,9 +6,7 @@ import subprocess
 import sys
 
 import anndata as ad
-import torch
 
-from hvae import HVAEConfig, HierarchicalVAE
 
 
 def run_cli(*args, check=True):

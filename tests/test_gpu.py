@@ -28,7 +28,6 @@ def test_bf16_training_on_cuda_matches_cpu_encoding(atlas):
     assert history[-1]["negative_elbo"] < history[0]["negative_elbo"]
     model = trainer.ema_model
     counts = densify(atlas.X[:256], "cuda")
-    index = torch.from_numpy(donors[:256].astype(np.int64))
     on_gpu = model.encode(counts)
     on_cpu = model.to("cpu").encode(counts.cpu())
     for gpu_level, cpu_level in zip(on_gpu, on_cpu, strict=True):

@@ -261,7 +261,7 @@ def test_config_round_trip_and_unknown_keys():
 
 def test_checkpoint_rebuilds_the_same_model(model):
     model.eval()
-    x, b = counts_batch(), torch.zeros(16, dtype=torch.long)
+    x = counts_batch()
     saved = {"model_config": model.config.to_dict(), "state_dict": model.state_dict()}
     rebuilt = HierarchicalVAE(HVAEConfig.from_dict(saved["model_config"]))
     rebuilt.load_state_dict(saved["state_dict"])

@@ -58,7 +58,7 @@ def _load_x_and_donor(group):
     return ad.AnnData(X=ad.io.sparse_dataset(group["X"]), obs=obs)
 
 
-def _codes(column) -> "np.ndarray":
+def _codes(column):
     import pandas as pd
 
     if isinstance(column.dtype, pd.CategoricalDtype):

@@ -37,7 +37,7 @@ def build(args: argparse.Namespace) -> None:
     emit({"tool": "tiledbsoma-ml", "step": "build", "build_s": round(time.perf_counter() - start, 2)})
 
 
-def _codes(column) -> "np.ndarray":
+def _codes(column):
     import pandas as pd
 
     if isinstance(column.dtype, pd.CategoricalDtype):

@@ -29,7 +29,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone

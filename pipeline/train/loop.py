@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from hvae import HVAEConfig, HierarchicalVAE, active_units
+from hvae import HierarchicalVAE, active_units
 
 from .checkpoint import check_genes, check_model_config, read_checkpoint, save_checkpoint
 from .. import faults
