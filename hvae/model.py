@@ -34,7 +34,8 @@ the coarse reconstruction decodes), read through the read-out's map, in coordina
 Euclidean distance of two cells is that of their predicted standardised expression. Level 0
 reads the whole code (the finest), the top its coarse summary alone. The posterior means
 themselves are whitened by the N(0, I) prior: a lineage split of many genes and a subtype split
-of a few end up at like distances (benchmarks/RESULTS.md, "Session 14").
+of a few end up at like distances (benchmarks/RESULTS.md, "Each level exports what it predicts
+through the read-out").
 """
 
 from __future__ import annotations

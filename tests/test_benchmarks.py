@@ -1,5 +1,5 @@
-"""The benchmarks run end to end (a few steps): they must not rot between the sessions that run
-them in full."""
+"""The benchmarks run end to end (a few steps): they must not rot between the full runs
+"""
 
 import json
 import subprocess

@@ -6,14 +6,14 @@ and PCA), the top holds the lineages, detail grows downward, and every level sep
 lineages as PCA does.
 
 Measured as the fixture runs (the defaults, with the read-out's export, but a 1% early-stopping
-rise; seed 0, two threads, 2026-12-05, session 14): subtype kNN 0.897 / 0.896 / 0.897 from
+rise; seed 0, two threads, 2026-12-05): subtype kNN 0.897 / 0.896 / 0.897 from
 level 0 to the top (every level within 0.001: the top's 8 units hold the subtypes), PCA 0.743;
 lineage kNN 1.000 at every level; lineage silhouette worst level 0.621, PCA 0.563; KL 3.5 / 2.3
 / 16.9 nats. The same weights with the earlier export (posterior means of z_l..z_top): 0.906 /
-0.896 / 0.881 and check 4 failing (0.561). Before the read-out (session 10): 0.841 / 0.836 /
+0.896 / 0.881 and check 4 failing (0.561). Before the read-out (2026-12-04): 0.841 / 0.836 /
 0.793, the flat model 0.777; before thinning: 0.778 / 0.764 / 0.737. Half the genes of the
 benchmark's atlas keep the subtypes hard (PCA 0.743, against 0.904 at 2,000 genes) and cut the
-fixture's time (both fits 188 s on this machine in session 13, alone).
+fixture's time (both fits 188 s on this machine on 2026-12-05, alone).
 """
 
 import pytest
