@@ -1,5 +1,4 @@
-"""The benchmarks run end to end (a few steps): they must not rot between the full runs
-"""
+"""The benchmarks run end to end (a few steps): they must not rot between their full runs."""
 
 import json
 import subprocess
