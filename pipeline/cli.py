@@ -5,6 +5,8 @@ Subcommands: ``simulate``, ``shard``, ``train``, ``embed``, ``embed-release``, `
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import typer
@@ -39,11 +41,15 @@ def simulate(
     format: str = typer.Option("auto", help="auto (from the suffix: .h5ad / .zarr), shards (pre-shuffled shards + "
                                "manifest, as `shard` writes) or soma (a TileDB-SOMA Experiment)."),
     shard_size: int = typer.Option(65_536, help="Cells per shard with --format shards."),
+    overwrite: bool = typer.Option(False, help="Replace an existing atlas at OUT (only once the new one is complete)."),
 ) -> None:
     """Write a synthetic atlas with a known cell-type tree and donor effects, streamed in blocks."""
     from .data.synthetic import SyntheticAtlas, SyntheticAtlasSpec, write_synthetic_atlas
 
+    final = out
     try:
+        if format != "shards":  # `shard`'s writer refuses and stages on its own
+            out = _simulate_target(out, overwrite, format)
         spec = SyntheticAtlasSpec(
             n_cells=n_cells, n_genes=n_genes, branching=_parse_ints(branching, "--branching"),
             n_donors=n_donors, seed=seed, block_size=block_size,
@@ -63,13 +69,50 @@ def simulate(
             else:
                 from .data import ShardSettings, write_shards
 
-                write_shards(source, str(out), ShardSettings(shard_size=shard_size, seed=seed, block_size=block_size), echo=typer.echo)
+                write_shards(source, str(out), ShardSettings(shard_size=shard_size, seed=seed, block_size=block_size,
+                                                             overwrite=overwrite), echo=typer.echo)
                 path = out
         else:
             raise ValueError(f"--format must be auto, shards or soma, got {format!r}")
+        if out != final:  # the new atlas is complete: only now does it replace the old one
+            _swap_in(out, final)
+            path = final
     except (ValueError, FileExistsError) as error:
         raise typer.BadParameter(str(error)) from None
     typer.echo(f"wrote {n_cells:,} cells x {n_genes:,} genes to {path}")
+
+
+def _simulate_target(out: Path, overwrite: bool, format: str) -> Path:
+    """Where ``simulate`` writes: ``out``, or with --overwrite over an atlas it can recognise, a
+    sibling that replaces it once complete. An existing file or non-empty folder is refused without
+    --overwrite, and a folder that is not an AnnData-Zarr or SOMA store is refused even with it (it
+    may hold the user's other files)."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return out
+    if not overwrite:
+        what = "a file" if out.is_file() else f"a folder holding {sorted(p.name for p in out.iterdir())[:5]}"
+        raise FileExistsError(f"{out} exists ({what}); pass --overwrite to replace it, or choose another path "
+                              "(nothing was changed)")
+    if out.is_dir() and not any((out / marker).exists() for marker in ("zarr.json", ".zgroup", "__tiledb_group.tdb")):
+        raise FileExistsError(f"{out} is a folder but not an AnnData-Zarr or SOMA store; --overwrite replaces only an "
+                              "atlas, never other files: choose another path (nothing was changed)")
+    staged = out.with_name(f"{out.stem}.overwrite-partial{out.suffix}")
+    if staged.is_dir():
+        import shutil
+
+        shutil.rmtree(staged)
+    elif staged.exists():
+        staged.unlink()
+    return staged
+
+
+def _swap_in(staged: Path, final: Path) -> None:
+    if staged.is_file():
+        os.replace(staged, final)  # atomic for a file
+    else:
+        from .storage import replace_tree
+
+        replace_tree(str(staged), str(final))
 
 
 @app.command()

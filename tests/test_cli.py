@@ -30,6 +30,38 @@ def test_simulate_refuses_a_bad_output_path(tmp_path):
 
 
 @pytest.mark.slow
+def test_simulate_never_replaces_what_is_there_without_overwrite(tmp_path):
+    small = ["--n-cells", "200", "--n-genes", "40", "--branching", "2,2"]
+    h5ad = tmp_path / "atlas.h5ad"
+    run_cli("simulate", str(h5ad), *small)
+    before = h5ad.read_bytes()
+    refused = run_cli("simulate", str(h5ad), *small, "--seed", "1", check=False)
+    assert refused.returncode != 0 and "exists (a file); pass --overwrite" in refused.stderr
+    assert h5ad.read_bytes() == before
+    run_cli("simulate", str(h5ad), *small, "--seed", "1", "--overwrite")
+    assert h5ad.read_bytes() != before and ad.read_h5ad(h5ad).shape == (200, 40)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atlas.h5ad"]  # nothing staged is left
+    # A folder with the user's files in it: refused, with --overwrite too, and left as it was.
+    mine = tmp_path / "mine.zarr"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        refused = run_cli("simulate", str(mine), *small, *extra, check=False)
+        assert refused.returncode != 0 and "mine.zarr" in refused.stderr
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    soma = tmp_path / "soma"
+    soma.mkdir()
+    (soma / "notes.txt").write_text("mine")
+    refused = run_cli("simulate", str(soma), *small, "--format", "soma", check=False)
+    assert refused.returncode != 0 and "pass --overwrite" in refused.stderr and (soma / "notes.txt").exists()
+    # An AnnData-Zarr atlas is replaced with --overwrite, once the new one is complete.
+    atlas = tmp_path / "atlas.zarr"
+    run_cli("simulate", str(atlas), *small)
+    run_cli("simulate", str(atlas), *small, "--n-cells", "300", "--overwrite")
+    assert ad.read_zarr(atlas).shape == (300, 40)
+
+
+@pytest.mark.slow
 def test_demo_runs_end_to_end_and_writes_every_level(tmp_path):
     out = tmp_path / "demo"
     result = run_cli("demo", "--out-dir", str(out), "--n-cells", "2000", "--max-steps", "60", "--workers", "0")
