@@ -300,7 +300,7 @@ def evaluate(
                                     out_dir=out, source=source_args, compare=named, pca=pca, max_cells=max_cells, k=k,
                                     seed=seed, maps=maps, map_method=map_method, scib=scib)
         summary = evaluate_embeddings(embeddings, settings, echo=typer.echo)
-    except (ValueError, FileNotFoundError, KeyError, ImportError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, KeyError, ImportError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"report: {summary['report']}")

@@ -220,6 +220,16 @@ def test_evaluate_scores_every_level_against_baselines_on_the_same_cells(trained
     assert wrong.returncode == 2 and "column(s) ['celltype'] not in the obs" in wrong.stderr
     same = subprocess.run([*command, "--batch-key", "lineage"], capture_output=True, text=True, env=ENV)
     assert same.returncode == 2 and "'lineage' is both a label column and the batch key" in same.stderr
+    # --out never writes into a folder of other files; scores no kNN cannot give are refused, by name.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my notes")
+    foreign = subprocess.run([*command[:-1], str(mine)], capture_output=True, text=True, env=ENV)
+    assert foreign.returncode == 2 and "not an evaluate report" in foreign.stderr
+    assert (mine / "report.md").read_text() == "my notes"
+    for extra, said in ((["--k", "5000"], "--k 5000 is not below"), (["--max-cells", "0"], "--max-cells must be")):
+        refused = subprocess.run([*command, *extra], capture_output=True, text=True, env=ENV)
+        assert refused.returncode == 2 and said in refused.stderr, refused.stderr[-1000:]
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ labels come from the source the embeddings were made from (recorded in their att
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -50,6 +51,12 @@ class EvaluateSettings:
     map_cells: int = 10_000
     scib: bool = False                    # add the scib-metrics suite (the `eval` extra)
 
+    def __post_init__(self) -> None:
+        for name in ("max_cells", "k", "map_cells"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+
 
 def evaluate_embeddings(path: str, settings: EvaluateSettings, echo=print) -> dict:
     from ..data import open_source
@@ -59,6 +66,7 @@ def evaluate_embeddings(path: str, settings: EvaluateSettings, echo=print) -> di
         raise ValueError(f"map method must be one of {MAP_METHODS}, got {settings.map_method!r}")
     if not settings.labels:
         raise ValueError("give at least one label column (--labels COL[,COL...])")
+    out_dir = _report_dir(Path(settings.out_dir or _default_out_dir(path)))  # refused before the work, not after
     store = EmbeddingsView(path)
     attrs = store.uns["hvae_embeddings"]
     source_args = settings.source or _recorded_source(attrs, path)
@@ -80,6 +88,7 @@ def evaluate_embeddings(path: str, settings: EvaluateSettings, echo=print) -> di
         if missing:
             raise KeyError(f"column(s) {missing} not in the obs of {source.uri} (columns: {list(obs.columns)})")
         obs = obs[columns]
+        _check_labels(obs, settings, source.uri)
         counts = _rows_at(source, position) if settings.pca else None
 
     representations = _representations(store, rows, settings, counts)
@@ -121,7 +130,6 @@ def evaluate_embeddings(path: str, settings: EvaluateSettings, echo=print) -> di
     echo("which level to use:")
     for line in guidance:
         echo("  " + line)
-    out_dir = Path(settings.out_dir or _default_out_dir(path))
     out_dir.mkdir(parents=True, exist_ok=True)
     maps = _draw_maps(representations, obs, settings, out_dir) if settings.maps else {}
     summary = {"embeddings": str(path), "model_id": attrs.get("model_id"), "checkpoint": attrs.get("checkpoint"),
@@ -130,10 +138,60 @@ def evaluate_embeddings(path: str, settings: EvaluateSettings, echo=print) -> di
                "compare": dict(settings.compare), "scib": settings.scib, "results": results, "guidance": guidance, "maps": maps,
                "machine": platform.platform(), "created": datetime.now(timezone.utc).isoformat(),
                "seconds": round(time.perf_counter() - started, 1)}
-    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=_json_default))
-    (out_dir / "report.md").write_text(format_report(summary))
+    for name, text in (("metrics.json", json.dumps(summary, indent=2, default=_json_default)),
+                       ("report.md", format_report(summary))):
+        staged = out_dir / f".{name}.partial"
+        staged.write_text(text)
+        os.replace(staged, out_dir / name)  # a report replaced whole, never half-written
     summary["report"] = str(out_dir / "report.md")
     return summary
+
+
+REPORT_FILES = {"metrics.json", "report.md", "maps"}
+
+
+def _report_dir(out_dir: Path) -> Path:
+    """``out_dir`` if ``evaluate`` may write its report there: absent, empty, or a report it wrote
+    before (which it replaces). A folder holding anything else is refused, and an unwritable one
+    is named, before any work is done."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"--out {out_dir} is a file, not a folder; choose another --out (nothing was changed)")
+    if out_dir.is_dir():
+        present = {p.name for p in out_dir.iterdir() if not p.name.startswith(".")}
+        ours = present <= REPORT_FILES and (not present or (out_dir / "metrics.json").exists()
+                                            and "embeddings" in _json_or_empty(out_dir / "metrics.json"))
+        if not ours:
+            raise FileExistsError(f"--out {out_dir} holds files that are not an evaluate report ({sorted(present)[:5]}); "
+                                  "choose an empty or new folder (nothing was changed)")
+    probe = out_dir if out_dir.is_dir() else next(p for p in out_dir.parents if p.exists())
+    if not os.access(probe, os.W_OK):
+        raise PermissionError(f"--out {out_dir}: {probe} is not writable; choose another --out")
+    return out_dir
+
+
+def _json_or_empty(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _check_labels(obs: pd.DataFrame, settings: EvaluateSettings, uri: str) -> None:
+    """Refuse labels that no kNN can score: one class, a continuous column, or fewer labelled cells
+    than the neighbours a 5-fold kNN needs (every level would score the majority vote)."""
+    for label in settings.labels:
+        column = obs[label].dropna()
+        classes = column.nunique()
+        if classes < 2:
+            raise ValueError(f"label column {label!r} of {uri} has {classes} class(es) among the evaluated cells: there is "
+                             "nothing to tell apart; pass a column with at least two labels")
+        if pd.api.types.is_float_dtype(column) and classes > max(50, len(column) // 10):
+            raise ValueError(f"label column {label!r} of {uri} looks continuous ({classes:,} distinct values over "
+                             f"{len(column):,} cells): kNN accuracy scores categories; bin it or pass a categorical column")
+        if settings.k >= int(0.8 * len(column)):
+            raise ValueError(f"--k {settings.k} is not below the {int(0.8 * len(column)):,} labelled cells a 5-fold kNN "
+                             f"trains on for {label!r}: every representation would score the majority vote; lower --k")
 
 
 def _recorded_source(attrs: dict, path: str) -> dict:
