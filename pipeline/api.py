@@ -51,12 +51,18 @@ class HVAEModel:
                  genes: list[str] | None = None, gene_column: str | None = None, **model_options) -> None:
         if n_top_genes is not None and genes is not None:
             raise ValueError("give n_top_genes or genes, not both")
+        if n_top_genes is not None and (isinstance(n_top_genes, bool) or not isinstance(n_top_genes, (int, np.integer))
+                                        or n_top_genes < 1):
+            raise ValueError(f"n_top_genes must be a positive integer, got {n_top_genes!r}")
+        if adata.n_obs == 0:
+            raise ValueError("the AnnData has 0 cells: nothing to train on")
         self.layer, self.batch_key, self.gene_column, self.n_top_genes = layer, batch_key, gene_column, n_top_genes
         counts = _counts(adata, layer)
         ids, self._ids_from = _var_ids(adata, layer, gene_column)
         names = _var_names(adata, layer)
         if genes is not None:
             alignment = GeneAlignment(ids, genes, source_name="adata", id_note=gene_id_note(self._ids_from))
+            print(f"genes: {alignment.summary()}")
             counts, self.feature_ids = alignment.apply(counts), list(alignment.target_ids)
             lookup = dict(zip(ids, names, strict=True))
             self.feature_names = [lookup.get(g, g) for g in self.feature_ids]
@@ -68,6 +74,7 @@ class HVAEModel:
         else:
             self.feature_ids, self.feature_names = list(ids), list(names)
         self._counts = sp.csr_matrix(counts, dtype=np.float32)
+        _check_batch_column(adata.obs, batch_key)
         self._batch_index, self.batch_categories = batch_codes(adata.obs, batch_key)
         self.config = HVAEConfig(n_genes=len(self.feature_ids), n_batches=len(self.batch_categories), **model_options)
         self.module = HierarchicalVAE(self.config)
@@ -112,7 +119,7 @@ class HVAEModel:
         levels = encode_in_batches(self.module.to(device), counts, batch_size=batch_size, device=device)
         if level == "all":
             return dict(enumerate(levels))
-        if not isinstance(level, int) or not -len(levels) <= level < len(levels):
+        if isinstance(level, bool) or not isinstance(level, int) or not -len(levels) <= level < len(levels):
             raise ValueError(f"level must be 0..{len(levels) - 1} or 'all', got {level!r}")
         return levels[level]
 
@@ -133,6 +140,9 @@ class HVAEModel:
             if not overwrite:
                 raise FileExistsError(f"{directory} already holds a checkpoint; pass overwrite=True to replace it")
         steps = self.result.steps if self.result is not None else 0
+        if self.result is None and not getattr(self, "_loaded", False):
+            warnings.warn("saving a model that was never trained: its representations are those of random weights "
+                          "(call .train() first)", stacklevel=2)
         setup = {"layer": self.layer, "gene_column": self.gene_column, "n_top_genes": self.n_top_genes,
                  "batch_key": self.batch_key}
         return save_checkpoint(directory, self.module, self.config, None, {"step": steps, "finished": True},
@@ -160,6 +170,7 @@ class HVAEModel:
         self.feature_ids = list(parts["genes"]["feature_ids"])
         self.feature_names = list(parts["genes"].get("feature_names", self.feature_ids))
         self.config, self.module, self._counts, self._batch_index = module.config, module, None, None
+        self._loaded = True
         if adata is not None:
             self._counts = self._aligned(adata, self.layer)
             self._batch_index = self._known_batches(adata)
@@ -187,6 +198,21 @@ class HVAEModel:
         trained = f"trained {self.result.steps} steps" if self.result is not None else "untrained or loaded"
         return (f"HVAEModel({self.config.n_genes} genes, levels {self.config.latent_dims} "
                 f"(exported {self.config.representation_dims}), {len(self.batch_categories)} batches, {trained})")
+
+
+def _check_batch_column(obs: pd.DataFrame, batch_key: str | None) -> None:
+    """A batch column names batches: missing values and continuous numbers (one batch per cell)
+    are refused here, not inside ``train()``."""
+    if batch_key is None or batch_key not in obs.columns:
+        return  # batch_codes names a missing column
+    column = obs[batch_key]
+    if column.isna().any():
+        rows = list(obs.index[column.isna()][:3])
+        raise ValueError(f"batch_key {batch_key!r} is missing for {int(column.isna().sum()):,} cells (e.g. {rows}); fill "
+                         "them (e.g. 'unknown') or drop those cells")
+    if pd.api.types.is_float_dtype(column) and column.nunique() > max(50, len(column) // 10):
+        raise ValueError(f"batch_key {batch_key!r} holds continuous numbers ({column.nunique():,} distinct values over "
+                         f"{len(column):,} cells): each would be its own batch; pass a categorical column (donor, sample)")
 
 
 def _matrix(adata, layer):

@@ -6,6 +6,7 @@ import sys
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 
@@ -131,3 +132,27 @@ def test_a_saved_model_remembers_its_anndata_setup(pbmc, tmp_path, capsys):
     from pipeline.embed import read_embeddings
     np.testing.assert_allclose(read_embeddings(str(out), lazy=False).obsm["X_hvae_level_0"], expected[0],
                                rtol=1e-4, atol=1e-5)
+
+
+def test_careless_input_is_refused_by_name(pbmc, tmp_path, capsys):
+    from pipeline import HVAEModel
+
+    adata = pbmc[:200].copy()
+    for bad in (-5, 2.5, True):
+        with pytest.raises(ValueError, match="n_top_genes must be a positive integer"):
+            HVAEModel(adata, n_top_genes=bad)
+    with pytest.raises(ValueError, match="0 cells"):
+        HVAEModel(adata[:0].copy())
+    adata.obs["depth"] = np.random.default_rng(0).normal(size=200)
+    with pytest.raises(ValueError, match="batch_key 'depth' holds continuous numbers"):
+        HVAEModel(adata, batch_key="depth")
+    adata.obs["donor"] = pd.Series(["a", None] * 100, index=adata.obs_names, dtype=object)
+    with pytest.raises(ValueError, match="batch_key 'donor' is missing for 100 cells"):
+        HVAEModel(adata, batch_key="donor")
+    half = list(adata.var["gene_ids"][:100]) + [f"ENSG_NOT_HERE_{i}" for i in range(100)]
+    model = HVAEModel(adata, genes=half, latent_dims=(4, 2), hidden_dim=16)
+    assert "100/200 genes found" in capsys.readouterr().out  # zero-filled genes are said, not silent
+    with pytest.raises(ValueError, match="level must be"):
+        model.get_latent_representation(level=True)
+    with pytest.warns(UserWarning, match="never trained"):
+        model.save(tmp_path / "untrained")
