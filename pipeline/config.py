@@ -155,7 +155,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         source = str(path)
         if not Path(path).exists():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise ConfigError(f"config file {path} is not YAML ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         values = _merge(values, loaded)

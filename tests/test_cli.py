@@ -87,3 +87,23 @@ def test_demo_runs_end_to_end_and_writes_every_level(tmp_path):
     assert all(0 < r["batch_mixing_within"] <= 1 for r in metrics["results"]), metrics["results"]
     assert len(list((out / "report" / "maps").glob("*.png"))) == 5  # 3 levels, the flat model, PCA
 
+
+
+def test_bad_files_and_paths_get_named_errors_not_tracebacks(tmp_path):
+    from pipeline.config import ConfigError, load_config
+    from pipeline.data import open_source
+    from pipeline.embed.release import read_index
+
+    config = tmp_path / "run.yaml"
+    config.write_text("train: [1, 2\n  x: {")
+    with pytest.raises(ConfigError, match="is not YAML"):
+        load_config(str(config))
+    h5ad = tmp_path / "cells.h5ad"
+    h5ad.write_bytes(b"not a census")
+    for uri, said in ((h5ad, "is not a Census"), (tmp_path, "is not a Census"), (tmp_path / "gone", "does not exist")):
+        with pytest.raises(ValueError, match=said):
+            open_source("census", census_uri=str(uri))
+    for content in ("[1, 2]", '{"runs": 5}', '{"runs": [1]}'):
+        (tmp_path / "index.json").write_text(content)
+        with pytest.raises(ValueError, match="is not an embed-release index"):
+            read_index(str(tmp_path))

@@ -57,9 +57,12 @@ def read_index(out_root: str) -> list[dict]:
     if not storage.exists(path):
         return []
     try:
-        return json.loads(storage.read_text(path))["runs"]
-    except (json.JSONDecodeError, KeyError) as error:
-        raise ValueError(f"{path} is not an embed-release index ({error}); move it aside") from None
+        runs = json.loads(storage.read_text(path))["runs"]
+        if not isinstance(runs, list) or not all(isinstance(run, dict) for run in runs):
+            raise TypeError("'runs' is not a list of records")
+        return runs
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not an embed-release index ({type(error).__name__}: {error}); move it aside") from None
 
 
 def _write_index(out_root: str, runs: list[dict]) -> None:
