@@ -56,3 +56,23 @@ def test_embed_computes_variances_only_when_asked(small, monkeypatch):
     for level in range(3):  # the means do not depend on whether the variances were asked for
         np.testing.assert_array_equal(means[f"level_{level}/mean"][:], both[f"level_{level}/mean"][:])
     assert np.isfinite(both["level_1/logvar"][:]).all()
+
+
+def test_a_source_rewritten_in_place_is_not_taken_for_the_one_embedded(small):
+    """Same ids, same genes, other values: a rerun neither resumes nor calls the old store complete."""
+    import os
+    import time
+
+    settings = EmbedSettings(chunk_rows=128, batch_size=64, progress=False)
+    source, out = small / "cells.h5ad", small / "e.zarr"
+    embed(str(small / "checkpoint"), {"source": str(source)}, str(out), settings, echo=lambda *_: None)
+    again = []
+    embed(str(small / "checkpoint"), {"source": str(source)}, str(out), settings, echo=again.append)
+    assert any("already complete" in line for line in again)
+    adata = ad.read_h5ad(source)
+    adata.X = sp.csr_matrix(adata.X.toarray()[::-1])  # other counts under the same ids and genes
+    time.sleep(0.01)
+    adata.write_h5ad(source)
+    os.utime(source, (time.time() + 5, time.time() + 5))  # a later write, whatever the clock's resolution
+    with pytest.raises(FileExistsError, match="embedded from another source.*files written"):
+        embed(str(small / "checkpoint"), {"source": str(source)}, str(out), settings, echo=lambda *_: None)

@@ -55,6 +55,11 @@ class Source:
             self._obs_whole = self.read_obs()
         return self._obs_whole.iloc[start:stop]
 
+    def content_stamp(self) -> dict | None:
+        """What changes when the source's files are rewritten in place (size and modification time),
+        or None where nothing cheap tells (a SOMA array, the Census, a generator)."""
+        return None
+
     def obs_names(self, start: int, stop: int) -> np.ndarray:
         """The ids (obs names, as str objects) of the selected cells ``[start, stop)``."""
         return self.obs_rows(start, stop).index.astype(str).to_numpy(dtype=object)
@@ -215,6 +220,22 @@ class AnnDataSource(Source):
 
     def provenance(self) -> dict:
         return {"kind": "anndata", "uri": self.uri, "layer": self.layer, "obs_filter": self.obs_filter}
+
+    def content_stamp(self) -> dict | None:
+        """Size and modification time of the h5ad file, or of the store's counts and obs (AnnData-Zarr)."""
+        from .shard_format import filesystem
+
+        fs, path = filesystem(self.uri)
+        stamp = {}
+        for part in (("",) if fs.isfile(path) else ("X", "obs", "layers", "raw")):
+            target = f"{path}/{part}" if part else path
+            if not fs.exists(target):
+                continue
+            files = [target] if fs.isfile(target) else fs.find(target)
+            infos = [fs.info(f) for f in files]
+            stamp[part or "file"] = [sum(int(i.get("size") or 0) for i in infos),
+                                     max((_mtime(i) for i in infos), default=0.0)]
+        return stamp or None
 
     def close(self) -> None:
         if self._handle is not None:
@@ -450,6 +471,12 @@ def _is_shard_directory(uri: str) -> bool:
 
     fs, path = filesystem(uri)
     return fs.exists(f"{path}/{MANIFEST_NAME}")
+
+
+def _mtime(info: dict) -> float:
+    """Modification time from an fsspec ``info`` (local: ``mtime``; object stores: ``LastModified``)."""
+    value = info.get("mtime", info.get("LastModified", info.get("last_modified", 0.0)))
+    return float(value.timestamp()) if hasattr(value, "timestamp") else float(value or 0.0)
 
 
 def _is_soma(uri: str) -> bool:

@@ -92,9 +92,22 @@ def source_identity(source, block_rows: int = 1_000_000) -> dict:
         examples = _names_with_hashes(source, repeated[:3], block_rows)
         raise ValueError(f"{source.uri}: {len(repeated):,} obs names occur more than once (e.g. {examples}); "
                          "each cell needs a unique id to be embedded and read back (make them unique first)")
-    return {"uri": source.uri, "layer": provenance.get("layer"), "obs_filter": provenance.get("obs_filter"),
-            "var_filter": provenance.get("var_filter"), "n_obs": int(source.n_obs),
-            "obs_ids_hash": f"sha256:{digest.hexdigest()[:16]}"}
+    identity = {"uri": source.uri, "layer": provenance.get("layer"), "obs_filter": provenance.get("obs_filter"),
+                "var_filter": provenance.get("var_filter"), "n_obs": int(source.n_obs),
+                "obs_ids_hash": f"sha256:{digest.hexdigest()[:16]}"}
+    stamp = source.content_stamp()
+    if stamp is not None:  # a file rewritten in place, same ids, other values: not the same source
+        identity["content"] = stamp
+    return identity
+
+
+def _same_source(old: dict | None, new: dict) -> bool:
+    """Whether a store's recorded source identity is this source's (a store written before the
+    content stamp was recorded is compared on the rest)."""
+    if not old:
+        return False
+    keys = set(new) if "content" in old else set(new) - {"content"}
+    return all(old.get(key) == new.get(key) for key in keys)
 
 
 def _names_with_hashes(source, wanted: np.ndarray, block_rows: int) -> list[str]:
@@ -268,7 +281,7 @@ def _open_output(out: str, attrs: dict, n_obs: int, dims: list[int], settings: E
             raise FileExistsError(f"{out} is a Zarr group but not an embeddings store written by hvae-pipeline; "
                                   "choose another --out (nothing was changed)")
         scratch = out != final  # our own --overwrite sibling: replaced freely
-        same_source = old.get("source_identity") == attrs["source_identity"]
+        same_source = _same_source(old.get("source_identity"), attrs["source_identity"])
         old_export = old.get("export", "code")  # stores written before the attribute hold the code
         same = (old.get("model_id") == attrs["model_id"] and old.get("chunk_rows") == attrs["chunk_rows"]
                 and old.get("ema") == attrs["ema"] and old_export == attrs["export"]
@@ -311,6 +324,9 @@ def _describe(identity: dict | None) -> str:
     if not identity:
         return "an unrecorded source"
     filters = ", ".join(f"{k} {identity[k]!r}" for k in ("layer", "obs_filter", "var_filter") if identity.get(k))
+    if identity.get("content"):
+        latest = max(mtime for _, mtime in identity["content"].values())
+        filters += (", " if filters else "") + f"files written {datetime.fromtimestamp(latest, timezone.utc):%Y-%m-%d %H:%M:%S} UTC"
     return f"{identity['uri']} ({identity['n_obs']:,} cells, obs ids {identity['obs_ids_hash']}{', ' + filters if filters else ''})"
 
 
