@@ -197,6 +197,9 @@ def test_evaluate_scores_every_level_against_baselines_on_the_same_cells(trained
     assert [r["representation"] for r in summary["results"]] == [f"HVAE {l}" for l in levels] + [
         f"reversed {l}" for l in levels] + ["PCA (50 comps)"]
     assert summary["cells_evaluated"] == 2000 and summary["cells_total"] == 2700
+    kl = summary["level_kl"]  # each level's KL from the store's checkpoint, and its share
+    assert len(kl["nats"]) == 3 and all(v > 0 for v in kl["nats"]) and sum(kl["share"]) == pytest.approx(1.0)
+    assert "KL per level (nats per cell on 2,000 cells" in (tmp_path / "report" / "report.md").read_text()
     # The labels came from the source the store records (made absolute and resolved, so a
     # checkout under a symlink records the real path).
     assert Path(summary["source"]["source"]).resolve() == Path(source).resolve()

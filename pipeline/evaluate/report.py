@@ -90,6 +90,7 @@ def evaluate_embeddings(path: str, settings: EvaluateSettings, echo=print) -> di
         obs = obs[columns]
         _check_labels(obs, settings, source.uri)
         counts = _rows_at(source, position) if settings.pca else None
+        level_kl = _level_kl(attrs, source, position, echo)
 
     representations = _representations(store, rows, settings, counts)
     echo(f"evaluating {len(representations)} representations on {len(rows):,} of {n_total:,} cells "
@@ -126,6 +127,9 @@ def evaluate_embeddings(path: str, settings: EvaluateSettings, echo=print) -> di
         results.append(result)
         echo(f"  {name}: " + ", ".join(f"kNN {l} {result['labels'][l]['knn_accuracy']:.3f}" for l in settings.labels))
 
+    if level_kl is not None:
+        echo("KL per level (nats per cell, level 0 first): " + " / ".join(f"{v:.2f}" for v in level_kl["nats"])
+             + "; shares " + " / ".join(f"{v:.0%}" for v in level_kl["share"]))
     guidance = level_guidance(results, _n_levels(store), settings.labels)
     echo("which level to use:")
     for line in guidance:
@@ -136,6 +140,7 @@ def evaluate_embeddings(path: str, settings: EvaluateSettings, echo=print) -> di
                "source": source_args, "cells_evaluated": int(len(rows)), "cells_total": int(n_total),
                "labels": list(settings.labels), "labelled_cells": labelled, "batch_key": settings.batch_key, "k": settings.k, "seed": settings.seed,
                "compare": dict(settings.compare), "scib": settings.scib, "results": results, "guidance": guidance, "maps": maps,
+               "level_kl": level_kl,
                "machine": platform.platform(), "created": datetime.now(timezone.utc).isoformat(),
                "seconds": round(time.perf_counter() - started, 1)}
     for name, text in (("metrics.json", json.dumps(summary, indent=2, default=_json_default)),
@@ -175,6 +180,34 @@ def _json_or_empty(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def _level_kl(attrs: dict, source, position: np.ndarray, echo, n_cells: int = 4096) -> dict | None:
+    """Each level's KL (nats per cell) and its share of the total, from the store's checkpoint on up
+    to ``n_cells`` of the evaluated cells; None (said) where the checkpoint cannot be read. The
+    KL does not read batches (the encoder reads none), so no batch labels are needed."""
+    import torch
+
+    from ..data import GeneAlignment, densify
+    from ..train.checkpoint import fetch_checkpoint, load_model
+
+    try:
+        found = fetch_checkpoint(attrs.get("checkpoint") or "")
+        if found is None:
+            raise FileNotFoundError(attrs.get("checkpoint"))
+        model, parts = load_model(found[0])
+    except Exception as error:  # noqa: BLE001 - the KL is a diagnostic: the scores stand without it
+        echo(f"  (KL per level left out: the checkpoint {attrs.get('checkpoint')!r} cannot be read: {type(error).__name__})")
+        return None
+    chosen = np.sort(position[:n_cells])
+    alignment = GeneAlignment(source.feature_ids, parts["genes"]["feature_ids"])
+    counts = alignment.apply(_rows_at(source, chosen))
+    batches = torch.zeros(len(chosen), dtype=torch.long) if model.config.n_batches else None
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)
+        kl = [float(v) for v in model.eval()(densify(counts, "cpu"), batches).kl]
+    total = sum(kl)
+    return {"nats": kl, "share": [v / total if total > 0 else 0.0 for v in kl], "cells": int(len(chosen))}
 
 
 def _check_labels(obs: pd.DataFrame, settings: EvaluateSettings, uri: str) -> None:
@@ -392,7 +425,13 @@ def format_report(summary: dict) -> str:
              f"- model `{summary['model_id']}` ({summary['checkpoint']})",
              f"- labels from `{summary['source'].get('source')}`; {summary['cells_evaluated']:,} of "
              f"{summary['cells_total']:,} cells (seed {summary['seed']}), kNN k={summary['k']} (5-fold held-out accuracy)",
-             f"- {summary['created']} on {summary['machine']}", ""]
+             f"- {summary['created']} on {summary['machine']}"]
+    if summary.get("level_kl"):
+        kl = summary["level_kl"]
+        lines.append(f"- KL per level (nats per cell on {kl['cells']:,} cells, level 0 first): "
+                     + " / ".join(f"{v:.2f}" for v in kl["nats"]) + " (shares "
+                     + " / ".join(f"{v:.0%}" for v in kl["share"]) + ")")
+    lines.append("")
     if summary.get("guidance"):
         lines += ["## Which level to use", "", "The level with the best kNN accuracy for each label column, and the key "
                   "`read_embeddings` gives it in `adata.obsm`:", ""] + [f"- {line}" for line in summary["guidance"]] + [""]
