@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_hierarchy_quality_prints_levels_baselines_and_the_five_checks(tmp_path):
+def test_hierarchy_quality_prints_levels_baselines_and_the_checks(tmp_path):
     shared_file("mouse_pancreas_sub1000_raw.h5ad")
     out = tmp_path / "quality.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hierarchy_quality.py"), "--datasets", "pancreas",
@@ -27,12 +27,14 @@ def test_hierarchy_quality_prints_levels_baselines_and_the_five_checks(tmp_path)
                 "| flat VAE 14-d | 14 |", "| PCA (50 comps) | 50 |"):
         assert row in table, table
     assert "kNN cell_type_fine" in table and "silhouette cell_type_coarse" in table
+    assert "kNN cell_type_fine within cell_type_coarse" in table
     checks = json.loads(out.read_text())["checks"]["pancreas"]
-    assert [c["number"] for c in checks] == [1, 2, 3, 4]  # no donors in pancreas: check 5 does not apply
+    # No donors in pancreas: check 5 does not apply; two label levels: neither does check 7.
+    assert [c["number"] for c in checks] == [1, 2, 3, 4, 6, 8, 9]
     assert all(f"{c['number']}. " in table for c in checks)
     # Each verdict says on how many seeds the check passes alone, and which.
     assert all(c["seeds_passing"] in ([], [0]) and c["passed"] == (c["seeds_passing"] == [0]) for c in checks), checks
-    assert table.count(" of 1 seeds pass]") == 4
+    assert table.count(" of 1 seeds pass]") == 7
     # Runs kept as JSON are summarised again (seeds run apart, together) without training.
     again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hierarchy_quality.py"), "--from-json", str(out)],
                            capture_output=True, text=True)
