@@ -158,8 +158,8 @@ def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings 
     out = _absolute(str(out))
     directory, origin, model, parts = _load(checkpoint, settings.ema)
     genes = parts["genes"]["feature_ids"]
-    source_args = _with_recorded_setup(source_args, parts.get("setup"), echo)
-    source = open_source(**source_args)  # open for the whole run: the local path reads from it
+    # open for the whole run: the local path reads from it
+    source_args, source = _open_as_recorded(source_args, parts.get("setup"), echo)
     try:
         alignment = GeneAlignment(source.feature_ids, genes, settings.min_gene_overlap, source_name=source.uri,
                                   id_note=_id_note(source))
@@ -215,25 +215,24 @@ def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings 
         source.close()
 
 
-def _with_recorded_setup(source_args: dict, setup: dict | None, echo) -> dict:
-    """An AnnData source read as the model's AnnData was (the layer and gene id column that
-    ``HVAEModel.save`` recorded), where the command line does not say otherwise."""
+def _open_as_recorded(source_args: dict, setup: dict | None, echo):
+    """(source arguments, the opened source): an AnnData source is read as the model's AnnData was
+    (the layer and gene id column that ``HVAEModel.save`` recorded), where the command line does
+    not say otherwise; any other source as given (shards hold counts; SOMA and the Census name
+    their own layers)."""
     from ..data.sources import AnnDataSource
 
+    source = open_source(**source_args)
     recorded = {key: (setup or {}).get(key) for key in ("layer", "gene_column")}
     recorded = {key: value for key, value in recorded.items() if value and not source_args.get(key)}
-    if not recorded:
-        return source_args
-    probe = open_source(**source_args)
-    try:
-        if not isinstance(probe, AnnDataSource):  # shards hold counts; SOMA and the Census name their own layers
-            return source_args
-    finally:
-        probe.close()
+    if not recorded or not isinstance(source, AnnDataSource):
+        return source_args, source
+    source.close()
     echo("reading the source as the model's cells were read: "
          + ", ".join(f"{key.replace('_', ' ')} {value!r}" for key, value in recorded.items())
          + " (recorded with the model; --layer / --gene-column override)")
-    return {**source_args, **recorded}
+    source_args = {**source_args, **recorded}
+    return source_args, open_source(**source_args)
 
 
 def _id_note(source) -> str | None:

@@ -90,7 +90,7 @@ def evaluate_embeddings(path: str, settings: EvaluateSettings, echo=print) -> di
         obs = obs[columns]
         _check_labels(obs, settings, source.uri)
         counts = _rows_at(source, position) if settings.pca else None
-        level_kl = _level_kl(attrs, source, position, echo)
+        level_kl = _level_kl(attrs, source, position, counts, echo)
 
     representations = _representations(store, rows, settings, counts)
     echo(f"evaluating {len(representations)} representations on {len(rows):,} of {n_total:,} cells "
@@ -182,10 +182,14 @@ def _json_or_empty(path: Path) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _level_kl(attrs: dict, source, position: np.ndarray, echo, n_cells: int = 4096) -> dict | None:
+def _level_kl(attrs: dict, source, position: np.ndarray, counts: sp.csr_matrix | None, echo,
+              n_cells: int = 4096, block: int = 16_384) -> dict | None:
     """Each level's KL (nats per cell) and its share of the total, from the store's checkpoint on up
     to ``n_cells`` of the evaluated cells; None (said) where the checkpoint cannot be read. The
-    KL does not read batches (the encoder reads none), so no batch labels are needed."""
+    KL does not read batches (the encoder reads none), so no batch labels are needed.
+
+    ``counts``: the evaluated cells' rows where they were read already (``--pca``); otherwise the
+    cells come from a few source blocks drawn at random, not from a pass over the whole source."""
     import torch
 
     from ..data import GeneAlignment, densify
@@ -199,15 +203,20 @@ def _level_kl(attrs: dict, source, position: np.ndarray, echo, n_cells: int = 40
     except Exception as error:  # noqa: BLE001 - the KL is a diagnostic: the scores stand without it
         echo(f"  (KL per level left out: the checkpoint {attrs.get('checkpoint')!r} cannot be read: {type(error).__name__})")
         return None
-    chosen = np.sort(position[:n_cells])
-    alignment = GeneAlignment(source.feature_ids, parts["genes"]["feature_ids"])
-    counts = alignment.apply(_rows_at(source, chosen))
-    batches = torch.zeros(len(chosen), dtype=torch.long) if model.config.n_batches else None
+    if counts is not None:
+        counts = counts[:n_cells]
+    else:
+        blocks = np.random.default_rng(0).permutation(np.unique(position // block))
+        per_block = np.bincount(position // block)[blocks]
+        taken = blocks[: int(np.searchsorted(np.cumsum(per_block), n_cells)) + 1]
+        counts = _rows_at(source, position[np.isin(position // block, taken)][:n_cells], block)
+    counts = GeneAlignment(source.feature_ids, parts["genes"]["feature_ids"]).apply(counts)
+    batches = torch.zeros(counts.shape[0], dtype=torch.long) if model.config.n_batches else None
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(0)
         kl = [float(v) for v in model.eval()(densify(counts, "cpu"), batches).kl]
     total = sum(kl)
-    return {"nats": kl, "share": [v / total if total > 0 else 0.0 for v in kl], "cells": int(len(chosen))}
+    return {"nats": kl, "share": [v / total if total > 0 else 0.0 for v in kl], "cells": int(counts.shape[0])}
 
 
 def _check_labels(obs: pd.DataFrame, settings: EvaluateSettings, uri: str) -> None:
