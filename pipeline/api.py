@@ -29,6 +29,7 @@ from .train import batch_codes, fit_in_memory
 from .train.checkpoint import find_checkpoint, load_model, save_checkpoint
 from .train.loop import end_of_run_warnings
 from .train.step import encode_in_batches
+from .embed.write import model_id
 
 
 class HVAEModel:
@@ -79,6 +80,7 @@ class HVAEModel:
         self.config = HVAEConfig(n_genes=len(self.feature_ids), n_batches=len(self.batch_categories), **model_options)
         self.module = HierarchicalVAE(self.config)
         self.result = None
+        self.model_id = None  # set by save and load: which checkpoint these weights are
 
     # ------------------------------------------------------------------ training
     def train(self, max_steps: int = 3000, batch_size: int = 256, precision: str = "fp32", device: str = "cpu",
@@ -98,6 +100,7 @@ class HVAEModel:
                   f"KL warm-up {train.warmup_steps:,} steps")
         self.result = fit_in_memory(self._counts, self.config, train, self._batch_index, device=device, progress=progress)
         self.module = self.result.model
+        self.model_id = None  # new weights: the checkpoint they came from no longer describes them
         if progress and self.result.best_step is not None:
             print(f"stopped early at step {self.result.steps:,} (held-out -ELBO rising); kept step {self.result.best_step:,}")
         for line in end_of_run_warnings(self.result.steps, train.warmup_steps, self.result.kl_per_level,
@@ -123,6 +126,36 @@ class HVAEModel:
             raise ValueError(f"level must be 0..{len(levels) - 1} or 'all', got {level!r}")
         return levels[level]
 
+    def map_query(self, adata, index, labels=(), k: int = 15, levels=None, atlas_obs: str | None = None,
+                  layer: str | None = None, batch_size: int = 4096):
+        """Map the cells of ``adata`` to an embedded atlas (``index``: an index built by
+        ``hvae-pipeline index``, or the store it sits beside) at every level: in ``adata.obs`` each
+        atlas label column transferred by the vote of the ``k`` nearest atlas cells
+        (``<label>_level_<l>``, ``<label>_level_<l>_confidence``) and ``unlike_level_<l>``; in
+        ``adata.obsm`` the representations and the neighbours (store rows) and their distances.
+        The atlas must have been embedded by this model (the one saved or loaded). Returns ``adata``."""
+        from .query import AtlasIndex, AtlasLabels, IndexMismatch, map_levels, resolve_index
+        from .query.transfer import attach
+
+        index_path = resolve_index(str(index))
+        atlas = AtlasIndex(index_path)
+        embedded_by = atlas.manifest["store"]["model_id"]
+        if getattr(self, "model_id", None) is None:
+            raise IndexMismatch("this model's weights are not those of a saved checkpoint: save it (HVAEModel.save) and "
+                                "embed the atlas with it, or load the model that embedded the atlas (HVAEModel.load)")
+        if self.model_id != embedded_by:
+            raise IndexMismatch(f"the atlas {atlas.store} was embedded by model {embedded_by}, this is model "
+                                f"{self.model_id}: map a query with the atlas's own model")
+        wanted = list(range(atlas.n_levels)) if levels is None else [levels] if isinstance(levels, int) else list(levels)
+        for level in wanted:
+            atlas.level(level)
+        atlas_labels = AtlasLabels(atlas, list(labels), atlas_obs) if labels else None
+        representations = self.get_latent_representation(adata, level="all", batch_size=batch_size, layer=layer)
+        mapped = map_levels(atlas, {level: representations[level] for level in wanted}, atlas_labels, k)
+        attach(adata, mapped, {"index": index_path, "store": atlas.store, "model_id": self.model_id, "k": k,
+                               "labels": list(labels), "levels": wanted})
+        return adata
+
     def _aligned(self, adata, layer):
         ids, used = _var_ids(adata, layer, self.gene_column)
         alignment = GeneAlignment(ids, self.feature_ids, source_name="adata", id_note=gene_id_note(used))
@@ -145,9 +178,11 @@ class HVAEModel:
                           "(call .train() first)", stacklevel=2)
         setup = {"layer": self.layer, "gene_column": self.gene_column, "n_top_genes": self.n_top_genes,
                  "batch_key": self.batch_key}
-        return save_checkpoint(directory, self.module, self.config, None, {"step": steps, "finished": True},
-                               self.feature_ids, self.batch_key, self.batch_categories, feature_names=self.feature_names,
-                               setup=setup)
+        written = save_checkpoint(directory, self.module, self.config, None, {"step": steps, "finished": True},
+                                  self.feature_ids, self.batch_key, self.batch_categories,
+                                  feature_names=self.feature_names, setup=setup)
+        self.model_id = model_id(Path(written))
+        return written
 
     @classmethod
     def load(cls, directory: str | Path, adata=None) -> "HVAEModel":
@@ -171,6 +206,7 @@ class HVAEModel:
         self.feature_names = list(parts["genes"].get("feature_names", self.feature_ids))
         self.config, self.module, self._counts, self._batch_index = module.config, module, None, None
         self._loaded = True
+        self.model_id = model_id(Path(found)) if not isinstance(found, str) else None
         if adata is not None:
             self._counts = self._aligned(adata, self.layer)
             self._batch_index = self._known_batches(adata)

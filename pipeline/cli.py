@@ -1,11 +1,13 @@
 """The ``hvae-pipeline`` command line (also ``python -m pipeline``).
 
-Subcommands: ``simulate``, ``shard``, ``train``, ``embed``, ``embed-release``, ``evaluate`` and ``demo``.
+Subcommands: ``simulate``, ``shard``, ``train``, ``embed``, ``embed-release``, ``index``, ``query``, ``evaluate``
+and ``demo``.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 from pathlib import Path
 
@@ -19,6 +21,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+
+@contextmanager
+def _named_errors():
+    """Bad input ends the command with its message and exit status 2, not a traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _parse_ints(text: str, option: str) -> tuple[int, ...]:
@@ -145,7 +157,7 @@ def shard(
     """Write globally pre-shuffled AnnData-Zarr shards plus manifest.json, out of core."""
     from .data import ShardSettings, open_source, read_gene_list, write_shards
 
-    try:
+    with _named_errors():
         settings = ShardSettings(
             shard_size=shard_size, seed=seed, genes=read_gene_list(genes) if genes else None, n_top_genes=n_top_genes,
             hvg_batch_key=hvg_batch_key, min_gene_overlap=min_gene_overlap,
@@ -157,9 +169,6 @@ def shard(
                          gene_column=gene_column, all_cells=all_cells) as opened:
             _echo_census_filter(source, opened)
             manifest = write_shards(opened, out, settings, echo=typer.echo)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
     typer.echo(f"wrote {manifest['n_obs']:,} cells x {manifest['n_vars']:,} genes in {len(manifest['shards'])} shards "
                f"to {out} ({manifest['build_seconds']:.1f} s)")
 
@@ -218,13 +227,10 @@ def embed(
     source_args = {"source": source, "layer": layer, "obs_filter": obs_filter, "census_version": census_version,
                    "census_uri": census_uri, "organism": organism, "gene_column": gene_column,
                    "all_cells": all_cells}
-    try:
+    with _named_errors():
         settings = EmbedSettings(batch_size=batch_size, chunk_rows=chunk_rows, ema=not no_ema, logvar=logvar,
                                  workers=workers, overwrite=overwrite, min_gene_overlap=min_gene_overlap)
         result = run_embed(checkpoint, source_args, out, settings, echo=typer.echo)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
     typer.echo(f"embedded {result['cells']:,} cells -> {out}" + (f" ({result['cells_per_s']:,} cells/s)" if "cells_per_s" in result else ""))
 
 
@@ -245,24 +251,71 @@ def embed_release(
     chunk_rows: int = typer.Option(16_384, help="Rows per Zarr chunk and per unit of work/progress."),
     logvar: bool = typer.Option(False, "--logvar", help="Also write posterior log-variances."),
     min_gene_overlap: float = typer.Option(0.5, help="Refuse a release with less of the model's genes than this."),
+    index: bool = typer.Option(True, "--index/--no-index", help="Also build the release's nearest-neighbour index "
+                               "(<store>.index) for `query`."),
 ) -> None:
     """The scheduled job: embed a Census release into <out-root>/<release>/embeddings.zarr unless a
-    complete output of this model is there (safe to run nightly); resume a partial one; record the
-    run in <out-root>/index.json."""
+    complete output of this model is there (safe to run nightly); resume a partial one; build its
+    index for `query`; record the run in <out-root>/index.json."""
     from .embed import EmbedSettings
     from .embed.release import embed_release as run_release
 
-    try:
+    with _named_errors():
         settings = EmbedSettings(batch_size=batch_size, chunk_rows=chunk_rows, logvar=logvar, workers=workers,
                                  min_gene_overlap=min_gene_overlap)
         entry = run_release(checkpoint, out_root, census_version=census_version, census_uri=census_uri, release=release,
                             organism=organism, obs_filter=obs_filter, all_cells=all_cells, settings=settings,
-                            echo=typer.echo)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
+                            index=index, echo=typer.echo)
     typer.echo(f"{entry['action']}: release {entry['release']} ({entry.get('n_cells', '?'):,} cells) -> {entry['out']}"
                if entry["action"] == "embedded" else f"skipped: release {entry['release']} -> {entry['out']}")
+
+
+@app.command()
+def index(
+    embeddings: str = typer.Option(..., help="An embeddings store written by `embed` (complete)."),
+    out: str | None = typer.Option(None, help="Where to write the index (default: beside the store, <store>.index)."),
+    shard_cells: int = typer.Option(2_000_000, help="Cells per index shard (what building holds in memory per level)."),
+    target_recall: float = typer.Option(0.97, help="Recall@10 each level's search must reach on a sample of atlas cells."),
+    overwrite: bool = typer.Option(False, help="Replace an index of another store or built with other settings."),
+) -> None:
+    """Build a nearest-neighbour index of every level of an embeddings store (out of core; staged;
+    a rerun on the same store does nothing)."""
+    from .query import IndexSettings, build_index
+
+    with _named_errors():
+        settings = IndexSettings(shard_cells=shard_cells, target_recall=target_recall, overwrite=overwrite)
+        manifest = build_index(embeddings, out, settings, echo=typer.echo)
+    typer.echo(f"index of {manifest['store']['n_obs']:,} cells x {len(manifest['levels'])} levels -> "
+               f"{out or embeddings.rstrip('/') + '.index'}")
+
+
+@app.command()
+def query(
+    checkpoint: str = typer.Option(..., help="The model that embedded the atlas (checkpoint or run directory)."),
+    index: str = typer.Option(..., "--index", help="An index built by `index`, or the embeddings store it sits beside."),
+    source: str = typer.Option(..., help="The query cells: h5ad, AnnData-Zarr, shards or SOMA Experiment."),
+    labels: list[str] = typer.Option([], "--labels", help="An atlas obs column to transfer (repeat for several)."),
+    out: str = typer.Option(..., help="q.h5ad (the query AnnData with the results) or q.parquet (the obs columns)."),
+    k: int = typer.Option(15, help="Neighbours per cell and level."),
+    atlas_obs: str | None = typer.Option(None, help="The atlas labels as a table (Parquet/CSV/TSV keyed by obs id) "
+                                         "instead of the source the store records."),
+    level: list[int] = typer.Option([], "--level", help="Map at this level only (repeat; default: every level)."),
+    layer: str | None = typer.Option(None, help="Count layer of the query."),
+    gene_column: str | None = typer.Option(None, help="AnnData var column of the query holding gene ids."),
+    min_gene_overlap: float = typer.Option(0.5, help="Refuse a query with less of the model's genes than this."),
+    overwrite: bool = typer.Option(False, help="Replace --out (only once the new file is written)."),
+) -> None:
+    """Map query cells to an embedded atlas: the k nearest atlas cells at every level, the atlas's
+    labels transferred by their vote (with its share as confidence), and cells unlike the atlas flagged."""
+    from .query import query as run_query
+
+    source_args = {"source": source, "layer": layer, "gene_column": gene_column}
+    with _named_errors():
+        result = run_query(checkpoint, index, source_args, list(labels), out, k=k, atlas_obs=atlas_obs,
+                           levels=list(level) or None, min_gene_overlap=min_gene_overlap, overwrite=overwrite,
+                           echo=typer.echo)
+    unlike = ", ".join(f"level {level} {n:,}" for level, n in result["unlike"].items())
+    typer.echo(f"mapped {result['cells']:,} cells at levels {result['levels']} -> {out} (unlike the atlas: {unlike})")
 
 
 @app.command()

@@ -264,6 +264,8 @@ def test_embed_release_is_idempotent_resumes_and_keeps_an_index(trained, census_
     assert read_embeddings(str(store)).n_obs == 2638  # the fixture's primary cells
     index = json.loads((root / "index.json").read_text())["runs"]
     assert [(r["release"], r["status"], r["n_cells"]) for r in index] == [("2025-01-30", "complete", 2638)]
+    manifest = json.loads((root / "2025-01-30" / "embeddings.zarr.index" / "index.json").read_text())
+    assert manifest["store"]["n_obs"] == 2638 and index[0]["index"].endswith("embeddings.zarr.index")  # for `query`
     chunk = store / "level_0" / "mean" / "c" / "0" / "0"
     before = chunk.stat().st_mtime_ns
     again = subprocess.run([*release, "--release", "2025-01-30"], capture_output=True, text=True, env=ENV)

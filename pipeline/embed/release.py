@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from .. import storage
 from ..train.checkpoint import fetch_checkpoint
 from ..data.sources import CensusUnreachable, census_obs_filter, public_census
+from ..query.index import default_index_path
 from .write import EmbedSettings, embed, model_id
 
 INDEX_NAME = "index.json"
@@ -72,8 +73,11 @@ def _write_index(out_root: str, runs: list[dict]) -> None:
 
 def embed_release(checkpoint: str, out_root: str, *, census_version: str | None = None, census_uri: str | None = None,
                   release: str | None = None, organism: str = "homo_sapiens", obs_filter: str | None = None,
-                  all_cells: bool = False, settings: EmbedSettings | None = None, echo=print) -> dict:
-    """Embed one Census release under ``out_root`` (idempotent, resumable) and record it in the index."""
+                  all_cells: bool = False, settings: EmbedSettings | None = None, index: bool = True,
+                  echo=print) -> dict:
+    """Embed one Census release under ``out_root`` (idempotent, resumable) and record it in the
+    runs file; with ``index`` (the default) also build the release's nearest-neighbour index beside
+    its store (``embeddings.zarr.index``, for ``hvae-pipeline query``)."""
     if (census_version is None) == (census_uri is None):
         raise ValueError("give exactly one of --census-version (a public release or 'latest'/'stable') or --census-uri")
     settings = settings or EmbedSettings()
@@ -104,6 +108,9 @@ def embed_release(checkpoint: str, out_root: str, *, census_version: str | None 
                                       f"{entry.get('obs_filter')!r}, this run asks for {effective!r}: use another --out-root "
                                       "(or --release name) for another selection of cells")
             echo(f"release {name} is already embedded by model {identity} at {out}; nothing to do")
+            if index and not storage.exists(storage.join(default_index_path(out), "index.json")):
+                entry = {**entry, "index": _index(out, echo)}
+                _write_index(out_root, _replace(read_index(out_root), entry))
             return {**entry, "action": "skipped"}
     source_args = {"source": "census", "census_version": census_version, "census_uri": census_uri,
                    "organism": organism, "obs_filter": obs_filter, "all_cells": all_cells}
@@ -115,6 +122,8 @@ def embed_release(checkpoint: str, out_root: str, *, census_version: str | None 
     started = time.perf_counter()
     try:
         result = embed(origin, source_args, out, replace(settings, overwrite=False), echo=echo)
+        if index:
+            entry["index"] = _index(out, echo)
     except BaseException as error:
         _write_index(out_root, _replace(read_index(out_root), {
             **entry, "status": "failed", "error": f"{type(error).__name__}: {error}"[:500],
@@ -124,6 +133,14 @@ def embed_release(checkpoint: str, out_root: str, *, census_version: str | None 
                   "seconds": round(time.perf_counter() - started, 1), "cells_per_s": result.get("cells_per_s")})
     _write_index(out_root, _replace(read_index(out_root), entry))
     return {**entry, "action": "embedded"}
+
+
+def _index(out: str, echo) -> str:
+    """Build the release's index beside its store (a no-op where it is already built)."""
+    from ..query.index import build_index
+
+    build_index(out, echo=echo)
+    return default_index_path(out)
 
 
 def _replace(runs: list[dict], entry: dict) -> list[dict]:
