@@ -76,6 +76,11 @@ class HVAEConfig:
     # top, ``top_kl_weight`` there.
     kl_weights: tuple[float, ...] = ()
     capacity_rate: float = 0.01
+    # Resolution in gene space: the module (0..M-1) of each gene. When given, the top decodes
+    # only each cell's counts pooled over the M modules (a coarse target), and neither the gene
+    # decoder nor the read-out reads the top's sample: what the top knows reaches the genes
+    # through the lower levels' priors. Empty: the top feeds the decoder as every level does.
+    gene_modules: tuple[int, ...] = ()
     validate_inputs: bool = True
 
     def __post_init__(self) -> None:
@@ -131,6 +136,10 @@ class HVAEConfig:
         if self.kl_weights and (len(self.kl_weights) != len(self.latent_dims)
                                 or not all(_is_number(w) and w > 0 for w in self.kl_weights)):
             fail("kl_weights", f"must be empty or {len(self.latent_dims)} numbers > 0 (level 0 first)")
+        object.__setattr__(self, "gene_modules", tuple(self.gene_modules))
+        if self.gene_modules and (len(self.gene_modules) != self.n_genes or self.n_levels < 2
+                                  or not all(_is_int(m) and m >= 0 for m in self.gene_modules)):
+            fail("gene_modules", f"must be empty or one module number >= 0 per gene ({self.n_genes}), with 2 or more levels")
         if not _is_number(self.capacity_rate) or self.capacity_rate <= 0:
             fail("capacity_rate", "must be a number > 0")
         if not _is_number(self.log_scale_clamp) or self.log_scale_clamp <= 0:
@@ -150,8 +159,14 @@ class HVAEConfig:
         """Width of what is exported for each level: the whole code's width with the read-out
         (what levels l..top predict, in the read-out's coordinates), else the code from level l up."""
         if self.readout_weight > 0:
-            return (sum(self.latent_dims),) * self.n_levels
+            return (sum(self.direct_dims),) * self.n_levels
         return tuple(sum(self.latent_dims[level:]) for level in range(self.n_levels))
+
+    @property
+    def direct_dims(self) -> tuple[int, ...]:
+        """The latent widths the decoder and the read-out read: every level's, or all but the
+        top's when the top decodes gene modules."""
+        return self.latent_dims[:-1] if self.gene_modules else self.latent_dims
 
     def kl_weights_per_level(self) -> tuple[float, ...]:
         if self.kl_weights:
@@ -165,6 +180,7 @@ class HVAEConfig:
         out["latent_dims"] = list(self.latent_dims)
         out["kl_capacity"] = list(self.kl_capacity)
         out["kl_weights"] = list(self.kl_weights)
+        out["gene_modules"] = list(self.gene_modules)
         return out
 
     @classmethod

@@ -149,7 +149,7 @@ class Readout(nn.Module):
     def __init__(self, config: HVAEConfig) -> None:
         super().__init__()
         n_genes = config.n_genes
-        self.head = nn.Linear(sum(config.latent_dims), n_genes)
+        self.head = nn.Linear(sum(config.direct_dims), n_genes)
         self.batch_gain = nn.Embedding(config.n_batches, n_genes) if config.n_batches else None
         self.batch_shift = nn.Embedding(config.n_batches, n_genes) if config.n_batches else None
         for embedding in (self.batch_gain, self.batch_shift):
@@ -191,7 +191,7 @@ class Decoder(nn.Module):
         self.batch_embedding = nn.Embedding(config.n_batches, n_embed) if config.n_batches else None
         # Every level has its own direct path into the decoder (LVAE/BIVA skip connections):
         # a lower level's signal is not drowned in the top-down residual stream.
-        self.levels_in = nn.Linear(sum(config.latent_dims), hidden)
+        self.levels_in = nn.Linear(sum(config.direct_dims), hidden)
         self.norm = nn.LayerNorm(hidden)
         self.fc1 = nn.Linear(hidden + n_embed, hidden)
         self.fc2 = nn.Linear(hidden + n_embed, hidden)
@@ -248,6 +248,13 @@ class HierarchicalVAE(nn.Module):
 
         self.decoder = Decoder(config)
         self.readout = Readout(config) if config.readout_weight > 0 else None
+        if config.gene_modules:  # the top's own, coarse target: counts pooled over gene modules
+            n_modules = max(config.gene_modules) + 1
+            self.register_buffer("gene_module", torch.tensor(config.gene_modules, dtype=torch.long))
+            self.module_head = nn.Sequential(nn.Linear(dims[-1], hidden), nn.SiLU(), nn.Linear(hidden, n_modules))
+            self.module_log_theta = nn.Parameter(torch.full((n_modules,), math.log(5.0)))
+        else:
+            self.module_head = None
 
         self.register_buffer("kl_level_weights", torch.tensor(config.kl_weights_per_level(), dtype=torch.float32))
         self.register_buffer("level_sizes", torch.tensor(dims, dtype=torch.float32))
@@ -363,9 +370,22 @@ class HierarchicalVAE(nn.Module):
                 states_after[level] = h
         return values, states_after
 
+    def _direct(self, values: list[torch.Tensor]) -> torch.Tensor:
+        """The levels' values that the decoder and the read-out read, concatenated (level 0 first)."""
+        return torch.cat(values if self.module_head is None else values[:-1], dim=-1)
+
     def _decode(self, values: list[torch.Tensor], library, batch_index, decoder=None):
         """Decoder output for every level's value (level 0 first)."""
-        return (decoder or self.decoder)(torch.cat(values, dim=-1), library, batch_index)
+        return (decoder or self.decoder)(self._direct(values), library, batch_index)
+
+    def _module_reconstruction(self, counts: torch.Tensor, library: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        """Mean NB NLL of the counts pooled over gene modules, decoded from the top alone."""
+        if self.module_head is None:
+            return counts.new_zeros(())
+        pooled = counts.new_zeros(counts.shape[0], self.module_log_theta.shape[0]).index_add_(1, self.gene_module, counts)
+        mean = torch.softmax(self.module_head(top).float(), dim=-1) * library.float().unsqueeze(1)
+        theta = torch.exp(soft_clamp(self.module_log_theta, 12.0))
+        return -nb_log_prob(pooled, mean, theta).sum(dim=-1).mean()
 
     # ------------------------------------------------------------------ public API
     def forward(
@@ -411,6 +431,8 @@ class HierarchicalVAE(nn.Module):
         coarse = self._coarse_reconstruction(counts, library, batch_index, h_after, samples, coarse_level)
         loss = reconstruction.mean() + self._weighted_kl(kl, kl_weight, kl_levels)
         loss = loss + self.config.coarse_reconstruction_weight * coarse
+        modules = self._module_reconstruction(counts, library, samples[-1])
+        loss, coarse = loss + modules, coarse + modules
         readout, readout_moments = self._readout(counts, library, batch_index, samples)
         loss = loss + self.config.readout_weight * readout
         return HVAEOutput(loss=loss, reconstruction=reconstruction, kl=kl, coarse_reconstruction=coarse,
@@ -421,7 +443,7 @@ class HierarchicalVAE(nn.Module):
         and the moments it saw."""
         if self.readout is None:
             return counts.new_zeros(()), None
-        return self.readout(torch.cat(samples, dim=-1), self._log_normalised(counts, library), batch_index)
+        return self.readout(self._direct(samples), self._log_normalised(counts, library), batch_index)
 
     def _weighted_kl(self, kl: torch.Tensor, kl_weight: float, kl_levels: list[torch.Tensor]) -> torch.Tensor:
         """Free bits per unit and level weights, then KL balancing during warm-up, then the
@@ -529,7 +551,7 @@ class HierarchicalVAE(nn.Module):
             code = values
         else:
             code, _ = self._descend(values[-1], lambda below, s, mean, logvar: values[below] if below >= level else mean)
-        return torch.cat(code, dim=-1).float() @ basis.T
+        return self._direct(code).float() @ basis.T
 
     def _export_logvar(self, level: int, means: list[torch.Tensor], logvars: list[torch.Tensor],
                        basis: torch.Tensor) -> torch.Tensor:
@@ -540,9 +562,11 @@ class HierarchicalVAE(nn.Module):
         units' tangents: the walk's primal runs once, each unit adds a tangent row); at most
         ``_LOGVAR_ROWS`` tangent rows (units x cells) are held at once.
         """
-        scales = torch.cat([torch.exp(0.5 * v) for v in logvars[level:]], dim=-1)
-        if level == 0:
+        if level == 0:  # linear in the levels read directly
+            direct = logvars if self.module_head is None else logvars[:-1]
+            scales = torch.cat([torch.exp(0.5 * v) for v in direct], dim=-1)
             return torch.log(((scales**2) @ (basis**2).T).clamp(min=1e-30))
+        scales = torch.cat([torch.exp(0.5 * v) for v in logvars[level:]], dim=-1)
         cells, units = scales.shape
         dims = [m.shape[1] for m in means[level:]]
         below = means[:level]

@@ -408,3 +408,27 @@ def test_kl_capacity_holds_a_level_to_its_nats_by_dual_ascent():
     assert "capacity_multipliers" not in HierarchicalVAE(config.replace(kl_capacity=())).state_dict()
     with pytest.raises(ValueError, match="kl_capacity"):
         HVAEConfig(n_genes=N_GENES, latent_dims=(8, 6, 4), kl_capacity=(1.0, 2.0))
+
+
+def test_gene_modules_give_the_top_a_coarse_target_and_no_direct_path():
+    """With gene modules the top decodes pooled counts alone: the gene decoder and the read-out
+    read levels 0..L-2, so the top reaches the genes only through the lower levels' priors."""
+    modules = [g % 4 for g in range(N_GENES)]
+    config = HVAEConfig(n_genes=N_GENES, latent_dims=(8, 6, 4), hidden_dim=32, gene_modules=modules)
+    model = HierarchicalVAE(config)
+    assert config.representation_dims == (14, 14, 14) and model.decoder.levels_in.in_features == 14
+    counts = torch.poisson(torch.rand(16, N_GENES) * 4)
+    out = model(counts)
+    assert out.coarse_reconstruction > 0  # the pooled counts' NLL (coarse_reconstruction_weight applies to the rest)
+    values = [torch.randn(16, d) for d in config.latent_dims]
+    library = counts.sum(dim=1)
+    first = model._decode(values, library, None)[0]
+    values[-1] = values[-1] + 5.0  # another top, the levels below the same
+    torch.testing.assert_close(model._decode(values, library, None)[0], first)
+    out.loss.backward()
+    assert model.module_head[0].weight.grad.abs().sum() > 0 and model.top_posterior.out.weight.grad.abs().sum() > 0
+    model.eval()
+    exports = model.encode(counts)
+    assert [e.shape[1] for e in exports] == [14, 14, 14] and not torch.allclose(exports[0], exports[2])
+    with pytest.raises(ValueError, match="gene_modules"):
+        HVAEConfig(n_genes=N_GENES, latent_dims=(8, 6, 4), gene_modules=[0, 1])
