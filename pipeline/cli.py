@@ -53,6 +53,7 @@ def simulate(
     format: str = typer.Option("auto", help="auto (from the suffix: .h5ad / .zarr), shards (pre-shuffled shards + "
                                "manifest, as `shard` writes) or soma (a TileDB-SOMA Experiment)."),
     shard_size: int = typer.Option(65_536, help="Cells per shard with --format shards."),
+    workers: int = typer.Option(0, help="--format shards: generate and write on N Ray tasks at a time (as `shard --workers`)."),
     overwrite: bool = typer.Option(False, help="Replace an existing atlas at OUT (only once the new one is complete)."),
 ) -> None:
     """Write a synthetic atlas with a known cell-type tree and donor effects, streamed in blocks."""
@@ -81,8 +82,11 @@ def simulate(
             else:
                 from .data import ShardSettings, write_shards
 
+                from functools import partial
+
                 write_shards(source, str(out), ShardSettings(shard_size=shard_size, seed=seed, block_size=block_size,
-                                                             overwrite=overwrite), echo=typer.echo)
+                                                             overwrite=overwrite, workers=workers), echo=typer.echo,
+                             reopen=partial(_synthetic_source, spec))
                 path = out
         else:
             raise ValueError(f"--format must be auto, shards or soma, got {format!r}")
@@ -92,6 +96,14 @@ def simulate(
     except (ValueError, FileExistsError) as error:
         raise typer.BadParameter(str(error)) from None
     typer.echo(f"wrote {n_cells:,} cells x {n_genes:,} genes to {path}")
+
+
+def _synthetic_source(spec):
+    """The synthetic atlas of ``spec`` as a source (what a Ray task of `simulate --workers` opens)."""
+    from .data.sources import SyntheticSource
+    from .data.synthetic import SyntheticAtlas
+
+    return SyntheticSource(SyntheticAtlas(spec))
 
 
 def _simulate_target(out: Path, overwrite: bool, format: str) -> Path:
@@ -153,8 +165,12 @@ def shard(
     block_size: int = typer.Option(8_192, help="Source rows read at a time (memory ~ block x genes x nnz)."),
     overwrite: bool = typer.Option(False, help="Replace existing shards in --out."),
     compression: str = typer.Option("lz4", help="X codec: lz4 (fast), zstd (smaller, for object storage) or none (fastest reads)."),
+    workers: int = typer.Option(0, help="0: this process; N: read and write on N Ray tasks at a time (RAY_ADDRESS or a "
+                                "local cluster; --out on a local or shared filesystem). The shards are the same."),
 ) -> None:
     """Write globally pre-shuffled AnnData-Zarr shards plus manifest.json, out of core."""
+    from functools import partial
+
     from .data import ShardSettings, open_source, read_gene_list, write_shards
 
     with _named_errors():
@@ -162,13 +178,16 @@ def shard(
             shard_size=shard_size, seed=seed, genes=read_gene_list(genes) if genes else None, n_top_genes=n_top_genes,
             hvg_batch_key=hvg_batch_key, min_gene_overlap=min_gene_overlap,
             obs_columns=[c.strip() for c in obs_columns.split(",") if c.strip()] if obs_columns else None,
-            block_size=block_size, overwrite=overwrite, compression=compression,
+            block_size=block_size, overwrite=overwrite, compression=compression, workers=workers,
         )
-        with open_source(source, layer=layer, obs_filter=obs_filter, var_filter=var_filter, measurement=measurement,
-                         census_version=census_version, census_uri=census_uri, organism=organism,
-                         gene_column=gene_column, all_cells=all_cells) as opened:
+        source_args = dict(layer=layer, obs_filter=obs_filter, var_filter=var_filter, measurement=measurement,
+                           census_version=census_version, census_uri=census_uri, organism=organism,
+                           gene_column=gene_column, all_cells=all_cells)
+        if source != "census" and "://" not in source:
+            source = str(Path(source).resolve())  # Ray tasks do not run in this directory
+        with open_source(source, **source_args) as opened:
             _echo_census_filter(source, opened)
-            manifest = write_shards(opened, out, settings, echo=typer.echo)
+            manifest = write_shards(opened, out, settings, echo=typer.echo, reopen=partial(open_source, source, **source_args))
     typer.echo(f"wrote {manifest['n_obs']:,} cells x {manifest['n_vars']:,} genes in {len(manifest['shards'])} shards "
                f"to {out} ({manifest['build_seconds']:.1f} s)")
 

@@ -9,6 +9,9 @@ Set through environment variables only, never through the user's config::
     HVAE_KILL_AT=<n>                    the process SIGKILLs itself at the <n>-th kill point it
                                         reaches (``point``: between the writes of shard, train,
                                         checkpoints, embed and the --overwrite swap), as kill -9 would
+    HVAE_KILL_SHARD_PART=<p>            shard --workers: the Ray task of pass-1 part <p> SIGKILLs itself
+                                        once, mid-way (a marker in the staging directory keeps its
+                                        retry alive)
     HVAE_KILL_POINTS=<file>             append the name of every kill point reached to <file>
                                         (how a test counts a run's points before choosing some)
 
@@ -26,7 +29,7 @@ from pathlib import Path
 _lock = threading.Lock()
 
 EXIT_CODE = 17
-_NAMES = ("HVAE_FAIL_AT_STEP", "HVAE_FAIL_AFTER_CHUNKS", "HVAE_KILL_AT", "HVAE_KILL_POINTS")
+_NAMES = ("HVAE_FAIL_AT_STEP", "HVAE_FAIL_AFTER_CHUNKS", "HVAE_KILL_AT", "HVAE_KILL_POINTS", "HVAE_KILL_SHARD_PART")
 _reached = 0
 
 
@@ -52,6 +55,20 @@ def maybe_fail_training(run_dir: str, rank: int, step: int) -> None:
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(str(os.getpid()))
     os._exit(EXIT_CODE)
+
+
+def maybe_kill_shard_part(staging: str, part: int) -> None:
+    """Arm a SIGKILL of this pass-1 task after it has spilled some rows (tests only)."""
+    value = os.environ.get("HVAE_KILL_SHARD_PART")
+    if not value or int(value) != part:
+        return
+    marker = Path(staging) / f".killed_part_{part}"
+    if marker.exists():
+        return
+    marker.write_text(str(os.getpid()))
+    global _reached
+    _reached = 0  # a reused worker process has counted other tasks' points
+    os.environ["HVAE_KILL_AT"] = "2"  # the second spill of this task: some rows already written
 
 
 def maybe_fail_embedding(chunks_written: int) -> None:

@@ -1,5 +1,5 @@
 """The layout: one folder per stage, imports pointing only downward
-(top: api, cli, demo -> evaluate -> embed -> train -> data -> config, storage, faults, progress), and ``hvae/``
+(top: api, cli, demo -> evaluate -> embed, query -> train -> data -> config, storage, faults, progress), and ``hvae/``
 pure PyTorch. A test, so that a convenient import from a layer above cannot land unnoticed."""
 
 import ast
@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Lower numbers are lower layers; a module may import from its own layer and below.
-LAYERS = {"config": 0, "storage": 0, "faults": 0, "progress": 0, "data": 1, "train": 2, "embed": 3, "evaluate": 4,
+LAYERS = {"config": 0, "storage": 0, "faults": 0, "progress": 0, "data": 1, "train": 2, "embed": 3, "query": 3, "evaluate": 4,
           "api": 5, "cli": 5, "demo": 5, "__main__": 5, "__init__": 5}
 
 

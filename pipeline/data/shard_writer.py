@@ -58,6 +58,7 @@ class ShardSettings:
     compression: str = "lz4"                    # lz4 | zstd | none (see shard_format.write_csr_arrays)
     obs_columns: Sequence[str] | None = None    # None: every obs column
     block_size: int = 8_192                     # source rows per read
+    workers: int = 0                            # 0: this process; N: pass 1 and pass 2 on N Ray tasks at a time
     overwrite: bool = False
     progress: bool = True
     extra_provenance: dict = field(default_factory=dict)
@@ -65,6 +66,8 @@ class ShardSettings:
     def __post_init__(self) -> None:
         if self.shard_size < 1 or self.block_size < 1:
             raise ValueError("shard_size and block_size must be >= 1")
+        if not isinstance(self.workers, int) or self.workers < 0:
+            raise ValueError(f"workers must be an integer >= 0, got {self.workers!r}")
         if self.genes is not None and self.n_top_genes is not None:
             raise ValueError("give a gene list or --n-top-genes, not both")
         if self.compression not in COMPRESSIONS:
@@ -73,9 +76,20 @@ class ShardSettings:
             raise ValueError("n_top_genes must be >= 1")
 
 
-def write_shards(source: Source, out: str, settings: ShardSettings | None = None, echo=print) -> dict:
-    """Shard ``source`` into the directory ``out`` (local path or fsspec URL); returns the manifest."""
+def write_shards(source: Source, out: str, settings: ShardSettings | None = None, echo=print, reopen=None) -> dict:
+    """Shard ``source`` into the directory ``out`` (local path or fsspec URL); returns the manifest.
+
+    With ``settings.workers`` > 0 both passes run as Ray tasks (``RAY_ADDRESS`` or a local
+    cluster): ``reopen`` (a picklable callable returning the source, e.g. a ``functools.partial``
+    of ``open_source``) opens the source in each task; the output must be a local or shared path.
+    The shards are the same whatever the number of workers (a cell's destination is drawn from the
+    seed alone; each shard's rows are put in destination order)."""
     settings = settings or ShardSettings()
+    if settings.workers and reopen is None:
+        raise ValueError("shard --workers needs a source that workers can open (a path, a SOMA Experiment or the Census)")
+    if settings.workers and is_remote(out):
+        raise ValueError(f"shard --workers writes its spill files beside the output: give a local or shared path, "
+                         f"not {out} (or --workers 0)")
     started = time.perf_counter()
     out = str(out)
     recover_replace(out)
@@ -98,7 +112,7 @@ def write_shards(source: Source, out: str, settings: ShardSettings | None = None
         _clear(fs, out_path)  # an unfinished run of ours (no manifest): its files only
     fs.makedirs(out_path, exist_ok=True)
     try:
-        manifest = _build(source, out, settings, started, echo)
+        manifest = _build(source, out, settings, started, echo, reopen)
     except BaseException:
         # Bad input found on the way (or an interrupt): nothing of ours is left behind, nothing else touched.
         if existed:
@@ -111,7 +125,7 @@ def write_shards(source: Source, out: str, settings: ShardSettings | None = None
     return manifest
 
 
-def _build(source: Source, out: str, settings: ShardSettings, started: float, echo) -> dict:
+def _build(source: Source, out: str, settings: ShardSettings, started: float, echo, reopen=None) -> dict:
     """Both passes into the (empty) directory ``out``; the manifest is written last."""
     fs, out_path = filesystem(out)
     local = not is_remote(out)
@@ -127,42 +141,23 @@ def _build(source: Source, out: str, settings: ShardSettings, started: float, ec
     n_shards = max(1, -(-n_obs // settings.shard_size))
     shard_sizes = np.diff(np.linspace(0, n_obs, n_shards + 1).round().astype(np.int64))
     shard_offsets = np.concatenate([[0], np.cumsum(shard_sizes)])
-    rng = np.random.default_rng([settings.seed, 1])
-    destination = rng.permutation(np.arange(n_obs, dtype=np.int32 if n_obs < 2**31 else np.int64))
     staging = os.path.join(out_path, ".staging") if local else tempfile.mkdtemp(prefix="hvae-shard-")
     os.makedirs(staging, exist_ok=True)
+    plan = _Plan(n_obs, settings.seed, shard_offsets, columns, alignment, settings.block_size, staging)
     try:
         # Pass 1: stream counts and obs, validate, align, spill each row to its shard's files.
-        max_count = 0.0
+        if settings.workers:
+            parts = _ray_pass_one(reopen, plan, settings, n_obs)
+        else:
+            with Progress(n_obs, "shard pass 1/2 (read)", enabled=settings.progress) as bar:
+                parts = [_pass_one(source, plan, 0, 0, n_obs, bar.update)]
+        directories = [_part_directory(staging, p) for p in range(len(parts))]
+        _check_duplicates(source, directories, n_obs)
+        layout = _ObsLayout(columns, [part["obs"] for part in parts])
+        max_count = max(part["max_count"] for part in parts)
         checksum = {"sum": 0.0, "weighted": 0}  # of the counts as read, keyed by source row: manifest count_checksum
-        obs_spill = _ObsSpill(staging, columns)
-        duplicates = _DuplicateIds(staging, n_obs)
-
-        def blocks():
-            for offset, block in source.iter_blocks(settings.block_size):
-                yield offset, block, source.obs_rows(offset, offset + block.shape[0])[columns]
-
-        with Progress(n_obs, "shard pass 1/2 (read)", enabled=settings.progress) as bar:
-            for offset, block, obs in run_ahead(blocks(), 2, name="shard-read-ahead"):
-                n = block.shape[0]
-                if len(obs) != n:
-                    raise RuntimeError(f"{source.uri}: obs rows [{offset}, {offset + n}) hold {len(obs)} cells, the counts {n}")
-                values = source.check_counts(block, obs.index.to_numpy(dtype=object))
-                block = sp.csr_matrix((values, block.indices, block.indptr), shape=block.shape)
-                block = alignment.apply(block)
-                checksum = add_checksums(checksum, count_checksum(obs["source_row"].to_numpy(np.int64), block.indptr,
-                                                                  block.indices, block.data, alignment.n_target))
-                if block.nnz:
-                    max_count = max(max_count, float(block.data.max()))
-                duplicates.add(obs.index, offset)
-                groups = _shard_groups(destination[offset : offset + n], shard_offsets)
-                _spill(staging, block, destination[offset : offset + n], shard_offsets, groups)
-                obs_spill.append(obs, groups)
-                faults.point("shard.spill")
-                bar.update(n)
-        duplicates.check(source)
-        obs_spill.finish()
-        del destination
+        for part in parts:
+            checksum = add_checksums(checksum, part["checksum"])
 
         data_dtype, indices_dtype = count_dtype(max_count), index_dtype(alignment.n_target)
         provenance = {
@@ -171,22 +166,13 @@ def _build(source: Source, out: str, settings: ShardSettings, started: float, ec
                                                            f"top {settings.n_top_genes} HVGs" if settings.n_top_genes else "all source genes"),
             "n_genes_missing_zero_filled": len(alignment.missing), **settings.extra_provenance,
         }
-        shards = []
-        with Progress(n_obs, "shard pass 2/2 (write)", enabled=settings.progress) as bar, ThreadPoolExecutor(1) as writer:
-            pending = None  # shard k is written in the background while shard k+1 is loaded
-            for k in range(n_shards):
-                name = f"shard-{k:05d}.zarr"
-                counts, order = _load_spill(staging, k, int(shard_sizes[k]), alignment.n_target, data_dtype, indices_dtype)
-                obs = obs_spill.load(k, order)
-                if pending is not None:
-                    pending.result()
-                pending = writer.submit(_write_shard, out, out_path, fs, local, name, counts, obs, var, provenance,
-                                        settings.compression)
-                shards.append({"path": name, "n_obs": int(shard_sizes[k]), "nnz": int(counts.nnz)})
-                faults.point("shard.shard")
-                bar.update(int(shard_sizes[k]))
-            if pending is not None:
-                pending.result()
+        assemble = _Assembler(out, directories, alignment.n_target, data_dtype, indices_dtype, layout, var, provenance,
+                              settings.compression, [int(n) for n in shard_sizes])
+        if settings.workers:
+            nnz = _ray_pass_two(assemble, n_shards, settings)
+        else:
+            nnz = _pass_two(assemble, n_shards, settings.progress, int(n_obs))
+        shards = [{"path": f"shard-{k:05d}.zarr", "n_obs": int(shard_sizes[k]), "nnz": nnz[k]} for k in range(n_shards)]
 
         manifest = {
             "format_version": FORMAT_VERSION, "n_obs": int(n_obs), "n_vars": int(alignment.n_target),
@@ -194,14 +180,206 @@ def _build(source: Source, out: str, settings: ShardSettings, started: float, ec
             "feature_names": var["feature_name"].tolist() if "feature_name" in var.columns else None,
             "count_dtype": data_dtype.name, "index_dtype": indices_dtype.name, "max_count": max_count,
             "compression": settings.compression, "count_checksum": checksum,
-            "shards": shards, "obs_columns": obs_spill.meta(), "provenance": provenance,
+            "shards": shards, "obs_columns": layout.meta(), "provenance": provenance,
             "build_seconds": round(time.perf_counter() - started, 2),
         }
+        if settings.workers:
+            manifest["workers"] = settings.workers
         faults.point("shard.manifest")
         write_manifest(out, manifest)
         return manifest
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@dataclass
+class _Plan:
+    """What every pass-1 part needs to spill its rows (picklable, for Ray tasks)."""
+
+    n_obs: int
+    seed: int
+    shard_offsets: np.ndarray
+    columns: list[str]
+    alignment: GeneAlignment
+    block_size: int
+    staging: str
+
+    def destination(self) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, 1])
+        return rng.permutation(np.arange(self.n_obs, dtype=np.int32 if self.n_obs < 2**31 else np.int64))
+
+
+def _part_directory(staging: str, part: int) -> str:
+    return os.path.join(staging, f"part-{part:05d}")
+
+
+def _partitions(n_obs: int, workers: int, block_size: int) -> list[tuple[int, int]]:
+    """Contiguous source row ranges, a few per worker (a slow one does not hold the pass), whole blocks each."""
+    n_parts = max(1, min(4 * workers, -(-n_obs // block_size)))
+    bounds = np.linspace(0, n_obs, n_parts + 1).round().astype(np.int64)
+    return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+
+
+def _pass_one(source: Source, plan: _Plan, part: int, lo: int, hi: int, update=None) -> dict:
+    """Spill source rows [lo, hi) to the part's directory (cleared first: a retried task starts
+    over); returns the part's count checksum, largest count and obs spill state."""
+    directory = _part_directory(plan.staging, part)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory)
+    destination = plan.destination()[lo:hi]
+    max_count = 0.0
+    checksum = {"sum": 0.0, "weighted": 0}
+    obs_spill = _ObsSpill(directory, plan.columns)
+    duplicates = _DuplicateIds(directory, plan.n_obs)
+
+    def blocks():
+        if lo == 0 and hi == source.n_obs:  # the whole source: its own (often faster) iteration
+            pairs = source.iter_blocks(plan.block_size)
+        else:
+            pairs = ((start, source.rows(start, min(hi, start + plan.block_size))) for start in range(lo, hi, plan.block_size))
+        for offset, block in pairs:
+            yield offset, block, source.obs_rows(offset, offset + block.shape[0])[plan.columns]
+
+    for offset, block, obs in run_ahead(blocks(), 2, name="shard-read-ahead"):
+        n = block.shape[0]
+        if len(obs) != n:
+            raise RuntimeError(f"{source.uri}: obs rows [{offset}, {offset + n}) hold {len(obs)} cells, the counts {n}")
+        values = source.check_counts(block, obs.index.to_numpy(dtype=object))
+        block = sp.csr_matrix((values, block.indices, block.indptr), shape=block.shape)
+        block = plan.alignment.apply(block)
+        checksum = add_checksums(checksum, count_checksum(obs["source_row"].to_numpy(np.int64), block.indptr,
+                                                          block.indices, block.data, plan.alignment.n_target))
+        if block.nnz:
+            max_count = max(max_count, float(block.data.max()))
+        duplicates.add(obs.index, offset)
+        rows = destination[offset - lo : offset - lo + n]
+        groups = _shard_groups(rows, plan.shard_offsets)
+        _spill(directory, block, rows, plan.shard_offsets, groups)
+        obs_spill.append(obs, groups)
+        faults.point("shard.spill")
+        if update is not None:
+            update(n)
+    return {"checksum": checksum, "max_count": max_count, "obs": obs_spill.state(), "cells": hi - lo}
+
+
+def _pass_one_task(reopen, plan: _Plan, part: int, lo: int, hi: int, fault_variables: dict) -> dict:
+    faults.install(fault_variables)
+    faults.maybe_kill_shard_part(plan.staging, part)
+    with reopen() as source:
+        return _pass_one(source, plan, part, lo, hi)
+
+
+def _ray_pass_one(reopen, plan: _Plan, settings: ShardSettings, n_obs: int) -> list[dict]:
+    ray = _ray()
+    task = ray.remote(num_cpus=1, max_retries=3)(_pass_one_task)
+    ranges = _partitions(n_obs, settings.workers, settings.block_size)
+    variables = faults.forwarded()
+    pending = {}
+    results: list[dict | None] = [None] * len(ranges)
+    with Progress(n_obs, f"shard pass 1/2 (read, {settings.workers} workers)", enabled=settings.progress) as bar:
+        queue = list(enumerate(ranges))
+        while queue or pending:
+            while queue and len(pending) < settings.workers:
+                part, (lo, hi) = queue.pop(0)
+                pending[task.remote(reopen, plan, part, lo, hi, variables)] = part
+            done, _ = ray.wait(list(pending), num_returns=1)
+            part = pending.pop(done[0])
+            results[part] = ray.get(done[0])
+            bar.update(results[part]["cells"])
+    return results  # type: ignore[return-value]
+
+
+def _ray():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False, log_to_driver=False)
+    return ray
+
+
+@dataclass
+class _Assembler:
+    """Pass 2 for one shard: its rows from every part's spill, in destination order, written."""
+
+    out: str
+    directories: list[str]
+    n_vars: int
+    data_dtype: np.dtype
+    indices_dtype: np.dtype
+    layout: "_ObsLayout"
+    var: pd.DataFrame
+    provenance: dict
+    compression: str
+    shard_sizes: list[int]
+
+    def load(self, k: int):
+        counts, order = _load_spill(self.directories, k, self.shard_sizes[k], self.n_vars, self.data_dtype, self.indices_dtype)
+        return counts, self.layout.load(self.directories, k, order)
+
+    def write(self, k: int, counts, obs) -> int:
+        fs, out_path = filesystem(self.out)
+        _write_shard(self.out, out_path, fs, not is_remote(self.out), f"shard-{k:05d}.zarr", counts, obs, self.var,
+                     self.provenance, self.compression)
+        self.remove_spill(k)  # only once written: a retried task finds its input
+        return int(counts.nnz)
+
+    def remove_spill(self, k: int) -> None:
+        for directory in self.directories:
+            for suffix in ("bin", "obs"):
+                path = os.path.join(directory, f"{k}.{suffix}")
+                if os.path.exists(path):
+                    os.remove(path)
+
+    def __call__(self, k: int) -> int:
+        counts, obs = self.load(k)
+        return self.write(k, counts, obs)
+
+
+def _pass_two(assemble: _Assembler, n_shards: int, progress: bool, n_obs: int) -> list[int]:
+    nnz = []
+    with Progress(n_obs, "shard pass 2/2 (write)", enabled=progress) as bar, ThreadPoolExecutor(1) as writer:
+        pending = None  # shard k is written in the background while shard k+1 is loaded
+        for k in range(n_shards):
+            counts, obs = assemble.load(k)
+            if pending is not None:
+                nnz.append(pending.result())
+            pending = writer.submit(assemble.write, k, counts, obs)
+            faults.point("shard.shard")
+            bar.update(assemble.shard_sizes[k])
+        if pending is not None:
+            nnz.append(pending.result())
+    return nnz
+
+
+def _ray_pass_two(assemble: _Assembler, n_shards: int, settings: ShardSettings) -> list[int]:
+    ray = _ray()
+    task = ray.remote(num_cpus=1, max_retries=3)(_assemble_task)
+    shared = ray.put(assemble)
+    variables = faults.forwarded()
+    nnz: list[int] = [0] * n_shards
+    pending = {}
+    queue = list(range(n_shards))
+    with Progress(sum(assemble.shard_sizes), f"shard pass 2/2 (write, {settings.workers} workers)",
+                  enabled=settings.progress) as bar:
+        while queue or pending:
+            while queue and len(pending) < settings.workers:
+                k = queue.pop(0)
+                pending[task.remote(shared, k, variables)] = k
+            done, _ = ray.wait(list(pending), num_returns=1)
+            k = pending.pop(done[0])
+            nnz[k] = ray.get(done[0])
+            faults.point("shard.shard")
+            bar.update(assemble.shard_sizes[k])
+    return nnz
+
+
+def _assemble_task(assemble: _Assembler, k: int, fault_variables: dict) -> int:
+    faults.install(fault_variables)
+    return assemble(k)
+
+
+def _check_duplicates(source: Source, directories: list[str], n_obs: int) -> None:
+    _DuplicateIds.check_all(source, directories, max(1, -(-n_obs // _DuplicateIds.BUCKET_CELLS)))
 
 
 def _existed_before_check(out: str) -> bool:
@@ -319,15 +497,20 @@ class _ShardCounts:
         return len(self.data)
 
 
-def _load_spill(staging: str, shard: int, n_rows: int, n_vars: int, data_dtype: np.dtype, indices_dtype: np.dtype,
-                rows_per_gather: int = 8_192) -> tuple[_ShardCounts, np.ndarray]:
-    """The shard's rows from its spill file, in destination order, in compact dtypes, and the
+def _read_spills(directories: list[str], name: str) -> np.ndarray:
+    """The spill file ``name`` of every part, concatenated in part order (records are self-delimiting)."""
+    raws = [np.fromfile(path, dtype=np.uint8) for path in (os.path.join(d, name) for d in directories) if os.path.exists(path)]
+    return np.concatenate(raws) if raws else np.zeros(0, np.uint8)
+
+
+def _load_spill(directories: list[str], shard: int, n_rows: int, n_vars: int, data_dtype: np.dtype,
+                indices_dtype: np.dtype, rows_per_gather: int = 8_192) -> tuple[_ShardCounts, np.ndarray]:
+    """The shard's rows from its spill files, in destination order, in compact dtypes, and the
     order (arrival index of each destination position) that puts its obs records in place.
 
     Peak memory is about two copies of the shard's entries (the spill and the ordered output)
     plus one gather index of ``rows_per_gather`` rows."""
-    path = os.path.join(staging, f"{shard}.bin")
-    raw = np.fromfile(path, dtype=np.uint8) if os.path.exists(path) else np.zeros(0, np.uint8)
+    raw = _read_spills(directories, f"{shard}.bin")
     positions, lengths, datas, indices = [], [], [], []
     cursor = 0
     while cursor < len(raw):
@@ -346,7 +529,6 @@ def _load_spill(staging: str, shard: int, n_rows: int, n_vars: int, data_dtype: 
     data = np.concatenate(datas, dtype=data_dtype, casting="unsafe")  # values were checked to fit
     index = np.concatenate(indices, dtype=indices_dtype, casting="unsafe")
     del raw, datas, indices
-    os.remove(path)
     arrived_start = np.concatenate([[0], np.cumsum(length)[:-1]])
     order = np.argsort(position)  # arrived row of each destination position
     out_length = length[order]
@@ -439,55 +621,81 @@ class _ObsSpill:
                               len(uniques))
         return np.where(codes >= 0, mapping[np.maximum(codes, 0)] if len(mapping) else -1, -1).astype(np.int32)
 
-    def finish(self) -> None:
-        """After pass 1: each label column's sorted category list and the map from first-seen
-        codes to it, once for every shard."""
-        self.categories, self.sorted_code = {}, {}
-        for column, seen in self.seen.items():
-            first_seen = np.array(list(seen), dtype=object)
-            self.categories[column] = sorted(seen)
-            self.sorted_code[column] = np.argsort(np.argsort(first_seen)) if len(first_seen) else np.zeros(0, np.int64)
+    def state(self) -> dict:
+        """What pass 2 needs of this part: each column's kind, each label column's values in
+        first-seen order (the codes spilled) and its missing count."""
+        return {"kinds": {c: (None if k is None else np.dtype(k).str) for c, k in self.kinds.items()},
+                "seen": {c: list(seen) for c, seen in self.seen.items()}, "missing": dict(self.missing)}
+
+
+class _ObsLayout:
+    """The obs columns over every part: one sorted category list per label column, and each
+    part's map from its first-seen codes to it; numeric columns in one dtype."""
+
+    def __init__(self, columns: list[str], states: list[dict]) -> None:
+        self.columns = columns
+        self.kinds: dict[str, np.dtype | None] = {}
+        for column in columns:
+            kinds = {state["kinds"][column] for state in states if column in state["kinds"]}
+            if None in kinds and len(kinds) > 1:
+                raise ValueError(f"obs column {column!r} holds text in some rows and only numbers in others; make it "
+                                 "one type (or shard with --workers 0)")
+            self.kinds[column] = None if None in kinds or not kinds else np.result_type(*[np.dtype(k) for k in kinds])
+        self.categories = {c: sorted(set().union(*[s["seen"].get(c, []) for s in states]))
+                           for c in columns if self.kinds[c] is None}
+        self.missing = {c: sum(s["missing"].get(c, 0) for s in states) for c in self.categories}
+        self.part_kinds = [{c: (None if k is None else np.dtype(k)) for c, k in s["kinds"].items()} for s in states]
+        self.sorted_code = []
+        for state in states:
+            maps = {}
+            for column, categories in self.categories.items():
+                seen = state["seen"].get(column, [])
+                maps[column] = pd.Index(categories).get_indexer(seen).astype(np.int64) if seen else np.zeros(0, np.int64)
+            self.sorted_code.append(maps)
 
     def meta(self) -> dict:
         meta = {}
         for column in self.columns:
-            kind = self.kinds.get(column)
-            if kind is None:
-                meta[column] = {"dtype": "category", "categories": self.categories.get(column, []),
-                                "missing": self.missing.get(column, 0)}
+            if self.kinds[column] is None:
+                meta[column] = {"dtype": "category", "categories": self.categories[column], "missing": self.missing[column]}
             else:
-                meta[column] = {"dtype": str(kind)}
+                meta[column] = {"dtype": str(self.kinds[column])}
         return meta
 
-    def load(self, shard: int, order: np.ndarray) -> pd.DataFrame:
-        """Shard ``shard``'s obs, rows in destination order (``order`` from ``_load_spill``)."""
-        path = os.path.join(self.staging, f"{shard}.obs")
-        raw = np.fromfile(path, dtype=np.uint8) if os.path.exists(path) else np.zeros(0, np.uint8)
+    def load(self, directories: list[str], shard: int, order: np.ndarray) -> pd.DataFrame:
+        """Shard ``shard``'s obs from every part's spill, rows in destination order (``order`` from
+        ``_load_spill``, which read the parts in the same order)."""
         names, columns = [], {c: [] for c in self.columns}
-        cursor = 0
-        while cursor < len(raw):
-            n, n_bytes = (int(v) for v in np.frombuffer(raw, np.int64, 2, cursor))
-            cursor += 16
-            lengths = np.frombuffer(raw, np.int32, n, cursor)
-            cursor += 4 * n
-            blob = raw[cursor : cursor + n_bytes].tobytes()
-            cursor += n_bytes
-            ends = np.cumsum(lengths)
-            names += [blob[e - l : e].decode() for e, l in zip(ends.tolist(), lengths.tolist())]
-            for column in self.columns:
-                dtype = np.dtype(np.int32) if self.kinds[column] is None else self.kinds[column]
-                columns[column].append(np.frombuffer(raw, dtype, n, cursor))
-                cursor += n * dtype.itemsize
-        if os.path.exists(path):
-            os.remove(path)
+        for part, directory in enumerate(directories):
+            path = os.path.join(directory, f"{shard}.obs")
+            raw = np.fromfile(path, dtype=np.uint8) if os.path.exists(path) else np.zeros(0, np.uint8)
+            cursor = 0
+            while cursor < len(raw):
+                n, n_bytes = (int(v) for v in np.frombuffer(raw, np.int64, 2, cursor))
+                cursor += 16
+                lengths = np.frombuffer(raw, np.int32, n, cursor)
+                cursor += 4 * n
+                blob = raw[cursor : cursor + n_bytes].tobytes()
+                cursor += n_bytes
+                ends = np.cumsum(lengths)
+                names += [blob[e - l : e].decode() for e, l in zip(ends.tolist(), lengths.tolist())]
+                for column in self.columns:
+                    kind = self.part_kinds[part][column]
+                    dtype = np.dtype(np.int32) if kind is None else kind
+                    values = np.frombuffer(raw, dtype, n, cursor)
+                    cursor += n * dtype.itemsize
+                    if kind is None:
+                        sorted_code = self.sorted_code[part][column]
+                        values = np.where(values >= 0, sorted_code[np.maximum(values, 0)] if len(sorted_code) else -1, -1)
+                    else:
+                        values = values.astype(self.kinds[column])
+                    columns[column].append(values)
         frame = {}
         for column in self.columns:
-            values = np.concatenate(columns[column]) if columns[column] else np.zeros(0, np.int32)
+            values = np.concatenate(columns[column]) if columns[column] else np.zeros(0, np.int64)
             values = values[order]
             if self.kinds[column] is None:
-                sorted_code = self.sorted_code[column]
-                codes = np.where(values >= 0, sorted_code[np.maximum(values, 0)] if len(sorted_code) else -1, -1)
-                frame[column] = pd.Categorical.from_codes(codes, categories=self.categories[column])
+                frame[column] = pd.Categorical.from_codes(values.astype(np.int64), categories=self.categories[column])
             else:
                 frame[column] = values
         return pd.DataFrame(frame, index=pd.Index(np.asarray(names, dtype=object)[order], dtype=object))
@@ -511,14 +719,19 @@ class _DuplicateIds:
             with open(os.path.join(self.staging, f"{b}.ids"), "ab") as handle:
                 handle.write(memoryview(np.stack([hashes[keep].view(np.int64), rows[keep]], axis=1)))
 
-    def check(self, source: Source) -> None:
+    @staticmethod
+    def check_all(source: Source, directories: list[str], n_buckets: int) -> None:
+        """Each bucket of every part's hashes together: repeated names anywhere in the source."""
         repeated, examples = 0, []
-        for b in range(self.n_buckets):
-            path = os.path.join(self.staging, f"{b}.ids")
-            if not os.path.exists(path):
+        for b in range(n_buckets):
+            paths = [os.path.join(d, f"{b}.ids") for d in directories]
+            pairs = [np.fromfile(p, dtype=np.int64).reshape(-1, 2) for p in paths if os.path.exists(p)]
+            if not pairs:
                 continue
-            pairs = np.fromfile(path, dtype=np.int64).reshape(-1, 2)
-            os.remove(path)
+            pairs = np.concatenate(pairs)
+            for p in paths:
+                if os.path.exists(p):
+                    os.remove(p)
             hashes = np.sort(pairs[:, 0])
             twice = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
             repeated += len(twice)
