@@ -76,11 +76,12 @@ class HVAEConfig:
     # top, ``top_kl_weight`` there.
     kl_weights: tuple[float, ...] = ()
     capacity_rate: float = 0.01
-    # Resolution in gene space: the module (0..M-1) of each gene. When given, the top decodes
-    # only each cell's counts pooled over the M modules (a coarse target), and neither the gene
-    # decoder nor the read-out reads the top's sample: what the top knows reaches the genes
-    # through the lower levels' priors. Empty: the top feeds the decoder as every level does.
-    gene_modules: tuple[int, ...] = ()
+    # Resolution in gene space: gene partitions into modules, one per level from the top down
+    # (the top's first, then level L-2's, ...; each the module number of every gene). A level
+    # given one decodes only each cell's counts pooled over its modules (a coarse target), and
+    # neither the gene decoder nor the read-out reads its sample: what it knows reaches the genes
+    # through the priors of the levels below. Empty: every level feeds the decoder.
+    gene_modules: tuple[tuple[int, ...], ...] = ()
     validate_inputs: bool = True
 
     def __post_init__(self) -> None:
@@ -136,10 +137,13 @@ class HVAEConfig:
         if self.kl_weights and (len(self.kl_weights) != len(self.latent_dims)
                                 or not all(_is_number(w) and w > 0 for w in self.kl_weights)):
             fail("kl_weights", f"must be empty or {len(self.latent_dims)} numbers > 0 (level 0 first)")
-        object.__setattr__(self, "gene_modules", tuple(self.gene_modules))
-        if self.gene_modules and (len(self.gene_modules) != self.n_genes or self.n_levels < 2
-                                  or not all(_is_int(m) and m >= 0 for m in self.gene_modules)):
-            fail("gene_modules", f"must be empty or one module number >= 0 per gene ({self.n_genes}), with 2 or more levels")
+        if self.gene_modules and all(_is_int(m) for m in self.gene_modules):  # one partition: the top's
+            object.__setattr__(self, "gene_modules", (tuple(self.gene_modules),))
+        object.__setattr__(self, "gene_modules", tuple(tuple(p) for p in self.gene_modules))
+        if len(self.gene_modules) > self.n_levels - 1 or not all(
+                len(p) == self.n_genes and all(_is_int(m) and m >= 0 for m in p) for p in self.gene_modules):
+            fail("gene_modules", f"must be empty or at most {self.n_levels - 1} partitions (the top's first), each one "
+                                 f"module number >= 0 per gene ({self.n_genes})")
         if not _is_number(self.capacity_rate) or self.capacity_rate <= 0:
             fail("capacity_rate", "must be a number > 0")
         if not _is_number(self.log_scale_clamp) or self.log_scale_clamp <= 0:
@@ -164,9 +168,9 @@ class HVAEConfig:
 
     @property
     def direct_dims(self) -> tuple[int, ...]:
-        """The latent widths the decoder and the read-out read: every level's, or all but the
-        top's when the top decodes gene modules."""
-        return self.latent_dims[:-1] if self.gene_modules else self.latent_dims
+        """The latent widths the decoder and the read-out read: those of the levels that decode
+        no gene modules (level 0 up)."""
+        return self.latent_dims[: self.n_levels - len(self.gene_modules)]
 
     def kl_weights_per_level(self) -> tuple[float, ...]:
         if self.kl_weights:
@@ -180,7 +184,7 @@ class HVAEConfig:
         out["latent_dims"] = list(self.latent_dims)
         out["kl_capacity"] = list(self.kl_capacity)
         out["kl_weights"] = list(self.kl_weights)
-        out["gene_modules"] = list(self.gene_modules)
+        out["gene_modules"] = [list(p) for p in self.gene_modules]
         return out
 
     @classmethod

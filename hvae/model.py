@@ -248,13 +248,14 @@ class HierarchicalVAE(nn.Module):
 
         self.decoder = Decoder(config)
         self.readout = Readout(config) if config.readout_weight > 0 else None
-        if config.gene_modules:  # the top's own, coarse target: counts pooled over gene modules
-            n_modules = max(config.gene_modules) + 1
-            self.register_buffer("gene_module", torch.tensor(config.gene_modules, dtype=torch.long))
-            self.module_head = nn.Sequential(nn.Linear(dims[-1], hidden), nn.SiLU(), nn.Linear(hidden, n_modules))
-            self.module_log_theta = nn.Parameter(torch.full((n_modules,), math.log(5.0)))
-        else:
-            self.module_head = None
+        # Levels with a coarse target of their own (the top first): counts pooled over gene modules.
+        self.n_direct = len(config.direct_dims)
+        self.module_heads = nn.ModuleList()
+        for partition, dim in zip(config.gene_modules, reversed(dims)):
+            head = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, max(partition) + 1))
+            head.register_buffer("gene_module", torch.tensor(partition, dtype=torch.long))
+            head.log_theta = nn.Parameter(torch.full((max(partition) + 1,), math.log(5.0)))
+            self.module_heads.append(head)
 
         self.register_buffer("kl_level_weights", torch.tensor(config.kl_weights_per_level(), dtype=torch.float32))
         self.register_buffer("level_sizes", torch.tensor(dims, dtype=torch.float32))
@@ -372,20 +373,22 @@ class HierarchicalVAE(nn.Module):
 
     def _direct(self, values: list[torch.Tensor]) -> torch.Tensor:
         """The levels' values that the decoder and the read-out read, concatenated (level 0 first)."""
-        return torch.cat(values if self.module_head is None else values[:-1], dim=-1)
+        return torch.cat(values[: self.n_direct], dim=-1)
 
     def _decode(self, values: list[torch.Tensor], library, batch_index, decoder=None):
         """Decoder output for every level's value (level 0 first)."""
         return (decoder or self.decoder)(self._direct(values), library, batch_index)
 
-    def _module_reconstruction(self, counts: torch.Tensor, library: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-        """Mean NB NLL of the counts pooled over gene modules, decoded from the top alone."""
-        if self.module_head is None:
-            return counts.new_zeros(())
-        pooled = counts.new_zeros(counts.shape[0], self.module_log_theta.shape[0]).index_add_(1, self.gene_module, counts)
-        mean = torch.softmax(self.module_head(top).float(), dim=-1) * library.float().unsqueeze(1)
-        theta = torch.exp(soft_clamp(self.module_log_theta, 12.0))
-        return -nb_log_prob(pooled, mean, theta).sum(dim=-1).mean()
+    def _module_reconstruction(self, counts: torch.Tensor, library: torch.Tensor, samples: list) -> torch.Tensor:
+        """Mean NB NLL of the counts pooled over each coarse level's gene modules, decoded from that
+        level's sample alone (summed over those levels)."""
+        total = counts.new_zeros(())
+        for head, sample in zip(self.module_heads, reversed(samples)):
+            pooled = counts.new_zeros(counts.shape[0], head.log_theta.shape[0]).index_add_(1, head.gene_module, counts)
+            mean = torch.softmax(head(sample).float(), dim=-1) * library.float().unsqueeze(1)
+            theta = torch.exp(soft_clamp(head.log_theta, 12.0))
+            total = total - nb_log_prob(pooled, mean, theta).sum(dim=-1).mean()
+        return total
 
     # ------------------------------------------------------------------ public API
     def forward(
@@ -431,7 +434,7 @@ class HierarchicalVAE(nn.Module):
         coarse = self._coarse_reconstruction(counts, library, batch_index, h_after, samples, coarse_level)
         loss = reconstruction.mean() + self._weighted_kl(kl, kl_weight, kl_levels)
         loss = loss + self.config.coarse_reconstruction_weight * coarse
-        modules = self._module_reconstruction(counts, library, samples[-1])
+        modules = self._module_reconstruction(counts, library, samples)
         loss, coarse = loss + modules, coarse + modules
         readout, readout_moments = self._readout(counts, library, batch_index, samples)
         loss = loss + self.config.readout_weight * readout
@@ -563,8 +566,7 @@ class HierarchicalVAE(nn.Module):
         ``_LOGVAR_ROWS`` tangent rows (units x cells) are held at once.
         """
         if level == 0:  # linear in the levels read directly
-            direct = logvars if self.module_head is None else logvars[:-1]
-            scales = torch.cat([torch.exp(0.5 * v) for v in direct], dim=-1)
+            scales = torch.cat([torch.exp(0.5 * v) for v in logvars[: self.n_direct]], dim=-1)
             return torch.log(((scales**2) @ (basis**2).T).clamp(min=1e-30))
         scales = torch.cat([torch.exp(0.5 * v) for v in logvars[level:]], dim=-1)
         cells, units = scales.shape

@@ -1,0 +1,111 @@
+"""`shard` on Ray workers: cells/s with 1 and 2 workers (and the one-process path) on the same
+source, the ratio against the goal (2 workers >= 1.6x 1 worker), and peak RSS per worker.
+
+    .venv/bin/python benchmarks/shard_scaling.py                       # 2M cells x 2,000 genes
+    .venv/bin/python benchmarks/shard_scaling.py --n-cells 200000 --workers 1 2 4
+
+The source is a synthetic atlas written once as an h5ad (`hvae-pipeline simulate`); each run is
+`hvae-pipeline shard SOURCE --workers N` in a fresh process (a local Ray cluster of N CPUs, its
+start included in the time: what a user waits for). Every run's shards are checked identical to
+the first's (count checksum and per-shard nnz). Peak RSS per worker: the largest resident set of
+any Ray worker process, sampled every 0.2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GOAL = 1.6
+
+
+def peak_worker_rss(stop: threading.Event, out: dict) -> None:
+    """Largest RSS (MB) of any process named ray::* while ``stop`` is unset."""
+    import psutil
+
+    peak = 0.0
+    while not stop.is_set():
+        for proc in psutil.process_iter(["name", "cmdline", "memory_info"]):
+            try:
+                line = " ".join(proc.info["cmdline"] or [])
+                if line.startswith("ray::") or "default_worker.py" in line:
+                    peak = max(peak, proc.info["memory_info"].rss / 2**20)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, TypeError):
+                continue
+        stop.wait(0.2)
+    out["peak_mb"] = peak
+
+
+def run(source: Path, out: Path, workers: int, shard_size: int) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    sampled: dict = {}
+    stop = threading.Event()
+    sampler = threading.Thread(target=peak_worker_rss, args=(stop, sampled), daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "pipeline", "shard", str(source), "--out", str(out), "--shard-size",
+                           str(shard_size), "--workers", str(workers)], capture_output=True, text=True,
+                          env={k: v for k, v in {**os.environ, "TQDM_DISABLE": "1"}.items() if k != "RAY_ADDRESS"}, cwd=ROOT)
+    seconds = time.perf_counter() - started
+    stop.set()
+    sampler.join()
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {"workers": workers, "seconds": round(seconds, 1), "cells_per_s": round(manifest["n_obs"] / seconds),
+            "peak_worker_rss_mb": round(sampled.get("peak_mb", 0.0)), "checksum": manifest["count_checksum"],
+            "nnz": [s["nnz"] for s in manifest["shards"]]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-cells", type=int, default=2_000_000)
+    parser.add_argument("--n-genes", type=int, default=2_000)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="0: the one-process path")
+    parser.add_argument("--shard-size", type=int, default=65_536)
+    parser.add_argument("--work", help="working directory (default: a temporary one, removed at the end)")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="hvae-shard-scaling-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        source = work / "atlas.h5ad"
+        if not source.exists():
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "pipeline", "simulate", str(source), "--n-cells", str(args.n_cells),
+                            "--n-genes", str(args.n_genes)], check=True, capture_output=True, cwd=ROOT)
+            print(f"source: {args.n_cells:,} cells x {args.n_genes:,} genes simulated in {time.perf_counter() - t:.0f} s")
+        rows = [run(source, work / f"shards_{w}", w, args.shard_size) for w in args.workers]
+        for row in rows[1:]:
+            assert row["checksum"] == rows[0]["checksum"] and row["nnz"] == rows[0]["nnz"], "shards differ between runs"
+        print(f"\n## shard: {args.n_cells:,} cells x {args.n_genes:,} genes, h5ad -> shards of {args.shard_size:,} "
+              f"({platform.machine()}, {os.cpu_count()} cores)")
+        print("| workers | seconds | cells/s | peak RSS per worker (MB) |")
+        print("|---|---|---|---|")
+        for row in rows:
+            name = "one process" if row["workers"] == 0 else str(row["workers"])
+            print(f"| {name} | {row['seconds']} | {row['cells_per_s']:,} | {row['peak_worker_rss_mb'] or '-'} |")
+        by = {row["workers"]: row for row in rows}
+        if 1 in by and 2 in by:
+            ratio = by[2]["cells_per_s"] / by[1]["cells_per_s"]
+            print(f"\n2 workers / 1 worker: {ratio:.2f}x (goal >= {GOAL}x): {'PASS' if ratio >= GOAL else 'FAIL'}")
+        print("every run's shards identical (count checksum, nnz per shard)")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"rows": rows, "n_cells": args.n_cells, "n_genes": args.n_genes}, indent=1))
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
