@@ -219,6 +219,30 @@ class Decoder(nn.Module):
         return mean, theta, zero_logits
 
 
+class ModuleHead(nn.Module):
+    """A coarse level's own target: each cell's counts pooled over gene modules, NB with a
+    dispersion per module, decoded from that level's sample alone (with a donor's shift of each
+    module beside it, as the gene decoder has its batch embedding). Returns the mean NLL."""
+
+    def __init__(self, partition: tuple[int, ...], latent_dim: int, hidden: int, n_batches: int) -> None:
+        super().__init__()
+        n_modules = max(partition) + 1
+        self.register_buffer("gene_module", torch.tensor(partition, dtype=torch.long))
+        self.net = nn.Sequential(nn.Linear(latent_dim, hidden), nn.SiLU(), nn.Linear(hidden, n_modules))
+        self.log_theta = nn.Parameter(torch.full((n_modules,), math.log(5.0)))
+        self.batch_shift = nn.Embedding(n_batches, n_modules) if n_batches else None
+        if self.batch_shift is not None:
+            nn.init.zeros_(self.batch_shift.weight)
+
+    def forward(self, sample: torch.Tensor, counts: torch.Tensor, library: torch.Tensor, batch_index) -> torch.Tensor:
+        pooled = counts.new_zeros(counts.shape[0], self.log_theta.shape[0]).index_add_(1, self.gene_module, counts)
+        logits = self.net(sample).float()
+        if self.batch_shift is not None:
+            logits = logits + self.batch_shift(batch_index).float()
+        mean = torch.softmax(logits, dim=-1) * library.float().unsqueeze(1)
+        return -nb_log_prob(pooled, mean, torch.exp(soft_clamp(self.log_theta, 12.0))).sum(dim=-1).mean()
+
+
 class HierarchicalVAE(nn.Module):
     """Top-down hierarchical VAE with a negative binomial likelihood on raw counts."""
 
@@ -252,10 +276,7 @@ class HierarchicalVAE(nn.Module):
         self.n_direct = len(config.direct_dims)
         self.module_heads = nn.ModuleList()
         for partition, dim in zip(config.gene_modules, reversed(dims)):
-            head = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, max(partition) + 1))
-            head.register_buffer("gene_module", torch.tensor(partition, dtype=torch.long))
-            head.log_theta = nn.Parameter(torch.full((max(partition) + 1,), math.log(5.0)))
-            self.module_heads.append(head)
+            self.module_heads.append(ModuleHead(partition, dim, hidden, config.n_batches))
 
         self.register_buffer("kl_level_weights", torch.tensor(config.kl_weights_per_level(), dtype=torch.float32))
         self.register_buffer("level_sizes", torch.tensor(dims, dtype=torch.float32))
@@ -379,15 +400,12 @@ class HierarchicalVAE(nn.Module):
         """Decoder output for every level's value (level 0 first)."""
         return (decoder or self.decoder)(self._direct(values), library, batch_index)
 
-    def _module_reconstruction(self, counts: torch.Tensor, library: torch.Tensor, samples: list) -> torch.Tensor:
+    def _module_reconstruction(self, counts: torch.Tensor, library: torch.Tensor, batch_index, samples: list) -> torch.Tensor:
         """Mean NB NLL of the counts pooled over each coarse level's gene modules, decoded from that
         level's sample alone (summed over those levels)."""
         total = counts.new_zeros(())
         for head, sample in zip(self.module_heads, reversed(samples)):
-            pooled = counts.new_zeros(counts.shape[0], head.log_theta.shape[0]).index_add_(1, head.gene_module, counts)
-            mean = torch.softmax(head(sample).float(), dim=-1) * library.float().unsqueeze(1)
-            theta = torch.exp(soft_clamp(head.log_theta, 12.0))
-            total = total - nb_log_prob(pooled, mean, theta).sum(dim=-1).mean()
+            total = total + head(sample, counts, library, batch_index)
         return total
 
     # ------------------------------------------------------------------ public API
@@ -434,7 +452,7 @@ class HierarchicalVAE(nn.Module):
         coarse = self._coarse_reconstruction(counts, library, batch_index, h_after, samples, coarse_level)
         loss = reconstruction.mean() + self._weighted_kl(kl, kl_weight, kl_levels)
         loss = loss + self.config.coarse_reconstruction_weight * coarse
-        modules = self._module_reconstruction(counts, library, samples)
+        modules = self._module_reconstruction(counts, library, batch_index, samples)
         loss, coarse = loss + modules, coarse + modules
         readout, readout_moments = self._readout(counts, library, batch_index, samples)
         loss = loss + self.config.readout_weight * readout

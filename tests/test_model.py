@@ -426,7 +426,7 @@ def test_gene_modules_give_the_top_a_coarse_target_and_no_direct_path():
     values[-1] = values[-1] + 5.0  # another top, the levels below the same
     torch.testing.assert_close(model._decode(values, library, None)[0], first)
     out.loss.backward()
-    assert model.module_heads[0][0].weight.grad.abs().sum() > 0 and model.top_posterior.out.weight.grad.abs().sum() > 0
+    assert model.module_heads[0].net[0].weight.grad.abs().sum() > 0 and model.top_posterior.out.weight.grad.abs().sum() > 0
     model.eval()
     exports = model.encode(counts)
     assert [e.shape[1] for e in exports] == [14, 14, 14] and not torch.allclose(exports[0], exports[2])
