@@ -238,6 +238,7 @@ def embed(
     min_gene_overlap: float = typer.Option(0.5, help="Refuse a source with less of the model's genes than this."),
     gene_column: str | None = typer.Option(None, help="AnnData var column holding gene ids (default: the first of "
                                            "feature_id, gene_ids, gene_id, ensembl_id, else var_names)."),
+    wait: bool = typer.Option(False, "--wait", help="If another job is writing --out, wait for it (default: refuse)."),
 ) -> None:
     """Write one embedding per hierarchy level for every cell of SOURCE to a Zarr group (resumable)."""
     from .embed import EmbedSettings
@@ -248,7 +249,7 @@ def embed(
                    "all_cells": all_cells}
     with _named_errors():
         settings = EmbedSettings(batch_size=batch_size, chunk_rows=chunk_rows, ema=not no_ema, logvar=logvar,
-                                 workers=workers, overwrite=overwrite, min_gene_overlap=min_gene_overlap)
+                                 workers=workers, overwrite=overwrite, min_gene_overlap=min_gene_overlap, wait=wait)
         result = run_embed(checkpoint, source_args, out, settings, echo=typer.echo)
     typer.echo(f"embedded {result['cells']:,} cells -> {out}" + (f" ({result['cells_per_s']:,} cells/s)" if "cells_per_s" in result else ""))
 
@@ -272,6 +273,8 @@ def embed_release(
     min_gene_overlap: float = typer.Option(0.5, help="Refuse a release with less of the model's genes than this."),
     index: bool = typer.Option(True, "--index/--no-index", help="Also build the release's nearest-neighbour index "
                                "(<store>.index) for `query`."),
+    wait: bool = typer.Option(False, "--wait", help="If another job is embedding this release, wait for it (default: "
+                              "refuse, exit 2)."),
 ) -> None:
     """The scheduled job: embed a Census release into <out-root>/<release>/embeddings.zarr unless a
     complete output of this model is there (safe to run nightly); resume a partial one; build its
@@ -281,7 +284,7 @@ def embed_release(
 
     with _named_errors():
         settings = EmbedSettings(batch_size=batch_size, chunk_rows=chunk_rows, logvar=logvar, workers=workers,
-                                 min_gene_overlap=min_gene_overlap)
+                                 min_gene_overlap=min_gene_overlap, wait=wait)
         entry = run_release(checkpoint, out_root, census_version=census_version, census_uri=census_uri, release=release,
                             organism=organism, obs_filter=obs_filter, all_cells=all_cells, settings=settings,
                             index=index, echo=typer.echo)

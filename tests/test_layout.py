@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Lower numbers are lower layers; a module may import from its own layer and below.
-LAYERS = {"config": 0, "storage": 0, "faults": 0, "progress": 0, "data": 1, "train": 2, "embed": 3, "query": 3, "evaluate": 4,
+LAYERS = {"config": 0, "storage": 0, "faults": 0, "progress": 0, "lease": 0, "data": 1, "train": 2, "embed": 3, "query": 3, "evaluate": 4,
           "api": 5, "cli": 5, "demo": 5, "__main__": 5, "__init__": 5}
 
 

@@ -39,6 +39,7 @@ import scipy.sparse as sp
 
 from .alignment import GeneAlignment
 from .. import faults
+from ..lease import Lease
 from ..progress import Progress
 from .background import run_ahead
 from ..storage import check_writable, is_remote, join, listdir, recover_replace, replace_tree
@@ -60,6 +61,7 @@ class ShardSettings:
     block_size: int = 8_192                     # source rows per read
     workers: int = 0                            # 0: this process; N: pass 1 and pass 2 on N Ray tasks at a time
     overwrite: bool = False
+    wait: bool = False                          # another writer holds the output's lease: wait (else refused)
     progress: bool = True
     extra_provenance: dict = field(default_factory=dict)
 
@@ -90,6 +92,11 @@ def write_shards(source: Source, out: str, settings: ShardSettings | None = None
     if settings.workers and is_remote(out):
         raise ValueError(f"shard --workers writes its spill files beside the output: give a local or shared path, "
                          f"not {out} (or --workers 0)")
+    with Lease(str(out), "sharding", wait=settings.wait, echo=echo):  # one writer per shard directory
+        return _write_shards(source, str(out), settings, echo, reopen)
+
+
+def _write_shards(source: Source, out: str, settings: ShardSettings, echo, reopen) -> dict:
     started = time.perf_counter()
     out = str(out)
     recover_replace(out)

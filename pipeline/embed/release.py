@@ -19,6 +19,7 @@ from .. import storage
 from ..train.checkpoint import fetch_checkpoint
 from ..data.sources import CensusUnreachable, census_obs_filter, public_census
 from ..query.index import default_index_path
+from ..lease import Lease
 from .write import EmbedSettings, embed, model_id
 
 INDEX_NAME = "index.json"
@@ -99,6 +100,13 @@ def embed_release(checkpoint: str, out_root: str, *, census_version: str | None 
             "status": "failed", "error": f"{error}"[:500]}))
         raise
     out = storage.join(out_root, name, "embeddings.zarr")
+    with Lease(out, f"embedding of release {name}", wait=settings.wait, echo=echo):  # one job per release
+        return _embed_release(origin, identity, out_root, out, name, census_version, census_uri, organism, obs_filter,
+                              all_cells, settings, index, echo)
+
+
+def _embed_release(origin, identity, out_root, out, name, census_version, census_uri, organism, obs_filter, all_cells,
+                   settings, index, echo) -> dict:
     runs = read_index(out_root)
     effective = census_obs_filter(obs_filter, all_cells)
     for entry in runs:

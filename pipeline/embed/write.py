@@ -44,6 +44,7 @@ from ..train.checkpoint import fetch_checkpoint, load_model
 from ..data.alignment import GeneAlignment, gene_id_note
 from ..data.background import run_ahead
 from ..data.sources import open_source
+from ..lease import Lease
 from ..storage import is_url, recover_replace, replace_tree
 from ..data import densify
 
@@ -62,6 +63,7 @@ class EmbedSettings:
     min_gene_overlap: float = 0.5
     progress: bool = True
     device: str | None = None
+    wait: bool = False              # another writer holds the output's lease: wait for it (else refused)
 
     def __post_init__(self) -> None:
         for name, low in (("batch_size", 1), ("chunk_rows", 1), ("workers", 0)):
@@ -148,14 +150,20 @@ def _load(checkpoint: str, ema: bool):
 
 
 def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings | None = None, echo=print) -> dict:
-    """Embed every cell of ``open_source(**source_args)`` with the checkpoint's model into ``out``."""
-    import zarr
-
+    """Embed every cell of ``open_source(**source_args)`` with the checkpoint's model into ``out``
+    (holding the store's lease: a second writer is refused, or waits with ``settings.wait``)."""
     settings = settings or EmbedSettings()
     started = time.perf_counter()
     # Ray actors do not run in this directory: make local paths absolute.
     source_args = {**source_args, "source": _absolute(str(source_args["source"]))}
     out = _absolute(str(out))
+    with Lease(out, "embedding", wait=settings.wait, echo=echo) as lease:  # one writer per store
+        return _embed(checkpoint, source_args, out, settings, echo, started, lease)
+
+
+def _embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings, echo, started: float, lease) -> dict:
+    import zarr
+
     directory, origin, model, parts = _load(checkpoint, settings.ema)
     genes = parts["genes"]["feature_ids"]
     # open for the whole run: the local path reads from it
@@ -195,6 +203,7 @@ def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings 
             worker = _ChunkEmbedder(model, source, alignment, out, settings)  # the model and source already open
             reads = run_ahead(todo, 1, lambda chunk: (chunk, *worker.read(chunk)), name="embed-read-ahead")
             for count, (chunk, counts, obs_ids) in enumerate(reads):
+                lease.check()
                 faults.maybe_fail_embedding(count)  # tests only: a killed job
                 bar.update(worker.write(chunk, counts, obs_ids))
         else:

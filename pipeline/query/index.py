@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import storage
+from ..lease import Lease
 
 FORMAT = "hvae-pipeline index"
 FORMAT_VERSION = 1
@@ -123,11 +124,16 @@ def check_index(manifest: dict, store: str | None = None) -> dict:
 
 def build_index(store: str, out: str | None = None, settings: IndexSettings | None = None, echo=print) -> dict:
     """Build (or find already built) the index of every level of ``store``; returns the manifest."""
+    settings = settings or IndexSettings()
+    out = out or default_index_path(store)
+    with Lease(out, "index build", echo=echo):  # one writer per index
+        return _build_index(store, out, settings, echo)
+
+
+def _build_index(store: str, out: str, settings: IndexSettings, echo) -> dict:
     import faiss
     import zarr
 
-    settings = settings or IndexSettings()
-    out = out or default_index_path(store)
     started = time.perf_counter()
     identity = store_identity(store)
     wanted = {k: v for k, v in asdict(settings).items() if k not in ("overwrite", "threads")}
