@@ -106,10 +106,11 @@ def part_scale(n_cells: int, n_genes: int, steps: int, work: Path) -> dict:
     print(f"embedded {n_cells:,} cells in {time.perf_counter() - t:.0f} s", flush=True)
 
     # the build, in a child process for its peak RSS
-    code = ("import json, resource, sys, time; sys.path.insert(0, sys.argv[1]); from pipeline.query import build_index;"
-            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024;"
-            "t = time.perf_counter(); m = build_index(sys.argv[2], echo=print); s = time.perf_counter() - t;"
-            "print(json.dumps({'seconds': s, 'rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'imports_mb': base}))")
+    # VmHWM (peak resident set) of the child itself: ru_maxrss would carry this process's peak across exec
+    code = ("import json, sys, time; sys.path.insert(0, sys.argv[1]); from pipeline.query import build_index;"
+            "hwm = lambda: int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) / 1024;"
+            "base = hwm(); t = time.perf_counter(); m = build_index(sys.argv[2], echo=print); s = time.perf_counter() - t;"
+            "print(json.dumps({'seconds': s, 'rss_mb': hwm(), 'imports_mb': base}))")
     done = subprocess.run([sys.executable, "-c", code, str(ROOT), str(work / "atlas.zarr")], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])

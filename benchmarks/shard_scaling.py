@@ -30,17 +30,18 @@ GOAL = 1.6
 
 
 def peak_worker_rss(stop: threading.Event, out: dict) -> None:
-    """Largest RSS (MB) of any process named ray::* while ``stop`` is unset."""
-    import psutil
-
+    """Largest resident set (MB) of any Ray worker process (read from /proc) while ``stop`` is unset."""
     peak = 0.0
     while not stop.is_set():
-        for proc in psutil.process_iter(["name", "cmdline", "memory_info"]):
+        for pid in (p for p in os.listdir("/proc") if p.isdigit()):
             try:
-                line = " ".join(proc.info["cmdline"] or [])
+                with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                    line = handle.read().replace(b"\0", b" ").decode(errors="replace")
                 if line.startswith("ray::") or "default_worker.py" in line:
-                    peak = max(peak, proc.info["memory_info"].rss / 2**20)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, TypeError):
+                    with open(f"/proc/{pid}/status") as handle:
+                        rss = next(int(l.split()[1]) for l in handle if l.startswith("VmRSS"))
+                    peak = max(peak, rss / 1024)
+            except (OSError, StopIteration, ValueError):
                 continue
         stop.wait(0.2)
     out["peak_mb"] = peak
