@@ -50,7 +50,7 @@ def run_demo(settings: DemoSettings, echo=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     spec = SyntheticAtlasSpec(n_cells=settings.n_cells, n_genes=settings.n_genes, n_donors=settings.n_donors, seed=settings.seed)
     shards = out / "shards"
-    echo(f"[1/5] synthetic atlas: {spec.n_cells:,} cells x {spec.n_genes:,} genes, tree {spec.branching}, "
+    echo(f"[1/6] synthetic atlas: {spec.n_cells:,} cells x {spec.n_genes:,} genes, tree {spec.branching}, "
          f"{spec.n_donors} donors (stored contiguously) -> pre-shuffled shards {shards}")
     write_shards(SyntheticSource(SyntheticAtlas(spec)), str(shards),
                  ShardSettings(shard_size=max(1_000, settings.n_cells // 4), seed=settings.seed, overwrite=True), echo=echo)
@@ -71,17 +71,17 @@ def run_demo(settings: DemoSettings, echo=print) -> dict:
         echo(f"       {summary['wall_seconds']:.0f} s -> {summary['checkpoint']}")
         return run_dir
 
-    hierarchical_run = fit(list(DIMS), "hvae", "2/5")
-    flat_run = fit([sum(DIMS)], "flat", "3/5") if settings.with_flat_baseline else None  # as wide as level 0
+    hierarchical_run = fit(list(DIMS), "hvae", "2/6")
+    flat_run = fit([sum(DIMS)], "flat", "3/6") if settings.with_flat_baseline else None  # as wide as level 0
 
-    echo("[4/5] embedding every cell, one array per level")
+    echo("[4/6] embedding every cell, one array per level")
     embeddings = out / "embeddings.zarr"
     quiet = EmbedSettings(overwrite=True, progress=False)
     embed(str(hierarchical_run), {"source": str(shards)}, str(embeddings), quiet, echo=echo)
     if flat_run is not None:
         embed(str(flat_run), {"source": str(shards)}, str(out / "embeddings_flat.zarr"), quiet, echo=lambda *_: None)
 
-    echo("[5/5] evaluating every level against the known tree (hvae-pipeline evaluate)")
+    echo("[5/6] evaluating every level against the known tree (hvae-pipeline evaluate)")
     labels = list(spec.label_names)
     compare = {FLAT: str(out / "embeddings_flat.zarr")} if flat_run is not None else {}
     report = evaluate_embeddings(str(embeddings), EvaluateSettings(
@@ -98,18 +98,59 @@ def run_demo(settings: DemoSettings, echo=print) -> dict:
             # Each z_l's own units (the exports' columns are not units), on every cell.
             units[name] = active_units([torch.from_numpy(m) for m in encode_in_batches(model, counts, latents=True)])
     rows = [_row(result, labels, kl, units) for result in report["results"]]
+    echo("[6/6] mapping cells of 2 new donors to the atlas (hvae-pipeline index + query)")
+    transfer = _query_new_donors(spec, settings, out, hierarchical_run, embeddings, labels)
     summary = {"shards": str(shards), "run": str(hierarchical_run), "checkpoint": str(find_checkpoint(hierarchical_run)),
                "embeddings": str(embeddings), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-               "report": report["report"], "workers": settings.workers, "rows": rows}
+               "report": report["report"], "workers": settings.workers, "rows": rows, "query": transfer}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     echo("")
     echo(format_table(rows, labels))
+    echo("")
+    echo(format_transfer(transfer, labels))
     echo("")
     echo(f"shards:     {shards}\nrun:        {hierarchical_run} (metrics.jsonl, checkpoints, tensorboard/)\n"
          f"embeddings: {embeddings} (level_<l>/mean, level 0 = finest; pipeline.embed.read_embeddings)\n"
          f"report:     {report['report']} (NMI/ARI, silhouette, donor mixing, maps/)\n"
          f"summary:    {out / 'summary.json'}")
     return summary
+
+
+def _query_new_donors(spec, settings: DemoSettings, out: Path, run: Path, embeddings: Path, labels: list[str]) -> dict:
+    """Cells of two donors the atlas has not seen (the same tree, new donor effects), mapped to the
+    atlas at every level; the share of each label transferred right, per level."""
+    from dataclasses import replace
+
+    from .query import IndexSettings, build_index, query
+
+    n_query = max(200, settings.n_cells // 10)
+    donors = spec.n_donors + 2  # the generator's donors 0..n-1 are the atlas's; n and n+1 are new
+    bigger = replace(spec, n_donors=donors, n_cells=n_query * donors // 2)
+    cells = SyntheticAtlas(bigger).to_anndata()
+    cells = cells[cells.obs["donor_id"].astype(str).isin(SyntheticAtlas(bigger).donor_names[-2:]).to_numpy()].copy()
+    cells.obs_names = [f"query_{name}" for name in cells.obs_names]
+    cells.write_h5ad(out / "query_cells.h5ad")
+    build_index(str(embeddings), settings=IndexSettings(overwrite=True), echo=lambda *_: None)
+    mapped_path = out / "query_mapped.h5ad"
+    query(str(find_checkpoint(run)), str(embeddings), {"source": str(out / "query_cells.h5ad")}, labels, str(mapped_path),
+          overwrite=True, echo=lambda *_: None)
+    import anndata as ad
+
+    mapped = ad.read_h5ad(mapped_path)
+    accuracy = {label: [round(float((mapped.obs[f"{label}_level_{level}"].astype(str)
+                                     == mapped.obs[label].astype(str)).mean()), 3) for level in range(len(DIMS))]
+                for label in labels}
+    return {"cells": int(mapped.n_obs), "out": str(mapped_path), "accuracy": accuracy,
+            "unlike": [int(mapped.obs[f"unlike_level_{level}"].sum()) for level in range(len(DIMS))]}
+
+
+def format_transfer(transfer: dict, labels: list[str]) -> str:
+    head = f"labels transferred to {transfer['cells']:,} cells of 2 new donors (15-neighbour vote; share right)"
+    lines = [head, "| level | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for level in reversed(range(len(DIMS))):
+        name = {len(DIMS) - 1: f"level {level} (top)", 0: "level 0 (finest)"}.get(level, f"level {level}")
+        lines.append(f"| {name} | " + " | ".join(f"{transfer['accuracy'][label][level]:.3f}" for label in labels) + " |")
+    return "\n".join(lines) + f"\nquery result: {transfer['out']} (obs <label>_level_<l>, confidence, unlike_level_<l>)"
 
 
 def _row(result: dict, labels: list[str], kl: dict, units: dict) -> dict:

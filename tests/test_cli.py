@@ -86,6 +86,11 @@ def test_demo_runs_end_to_end_and_writes_every_level(tmp_path):
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert all(0 < r["batch_mixing_within"] <= 1 for r in metrics["results"]), metrics["results"]
     assert len(list((out / "report" / "maps").glob("*.png"))) == 5  # 3 levels, the flat model, PCA
+    # [6/6]: cells of two new donors mapped to the atlas, labels transferred at every level
+    assert "labels transferred to" in result.stdout and (out / "query_mapped.h5ad").exists()
+    transfer = summary["query"]
+    assert transfer["cells"] >= 200 and all(len(v) == 3 for v in transfer["accuracy"].values())
+    assert transfer["accuracy"]["lineage"][2] > 0.6, transfer  # 3 lineages: chance is 1/3
 
 
 
