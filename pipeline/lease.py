@@ -128,6 +128,16 @@ class Lease:
 
     # ------------------------------------------------------------------ acquire / release
     def acquire(self) -> "Lease":
+        try:
+            return self._acquire()
+        except (LeaseHeld, KeyboardInterrupt):
+            raise
+        except Exception as error:  # an unreachable store, missing credentials: in words, as check_writable says them
+            if storage.is_remote(self.output) and not isinstance(error, storage.StorageError):
+                raise storage.StorageError(storage.explain(self.output, error)) from None
+            raise
+
+    def _acquire(self) -> "Lease":
         with _held_lock:
             outer = _held.get(self.output)
         if outer is not None:  # this process already holds it (embed-release around embed)
