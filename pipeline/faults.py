@@ -10,8 +10,8 @@ Set through environment variables only, never through the user's config::
                                         reaches (``point``: between the writes of shard, train,
                                         checkpoints, embed and the --overwrite swap), as kill -9 would
     HVAE_KILL_SHARD_PART=<p>            shard --workers: the Ray task of pass-1 part <p> SIGKILLs itself
-                                        once, mid-way (a marker in the staging directory keeps its
-                                        retry alive)
+                                        once, mid-way (a marker in the staging directory, or in
+                                        HVAE_KILL_MARKERS=<dir>, keeps its retry alive)
     HVAE_KILL_POINTS=<file>             append the name of every kill point reached to <file>
                                         (how a test counts a run's points before choosing some)
 
@@ -29,7 +29,8 @@ from pathlib import Path
 _lock = threading.Lock()
 
 EXIT_CODE = 17
-_NAMES = ("HVAE_FAIL_AT_STEP", "HVAE_FAIL_AFTER_CHUNKS", "HVAE_KILL_AT", "HVAE_KILL_POINTS", "HVAE_KILL_SHARD_PART")
+_NAMES = ("HVAE_FAIL_AT_STEP", "HVAE_FAIL_AFTER_CHUNKS", "HVAE_KILL_AT", "HVAE_KILL_POINTS", "HVAE_KILL_SHARD_PART",
+          "HVAE_KILL_MARKERS")
 _reached = 0
 
 
@@ -62,7 +63,7 @@ def maybe_kill_shard_part(staging: str, part: int) -> None:
     value = os.environ.get("HVAE_KILL_SHARD_PART")
     if not value or int(value) != part:
         return
-    marker = Path(staging) / f".killed_part_{part}"
+    marker = Path(os.environ.get("HVAE_KILL_MARKERS") or staging) / f".killed_part_{part}"
     if marker.exists():
         return
     marker.write_text(str(os.getpid()))

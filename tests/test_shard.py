@@ -384,10 +384,13 @@ def test_shard_on_ray_workers_writes_the_same_shards_and_survives_a_killed_task(
     args = [sys.executable, "-m", "pipeline", "shard", str(source), "--shard-size", "400", "--block-size", "300"]
     one = subprocess.run([*args, "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
+    markers = tmp_path / "markers"
+    markers.mkdir()
     killed = subprocess.run([*args, "--out", str(tmp_path / "two"), "--workers", "2"], capture_output=True, text=True,
-                            env={**env, "HVAE_KILL_SHARD_PART": "1"})
+                            env={**env, "HVAE_KILL_SHARD_PART": "1", "HVAE_KILL_MARKERS": str(markers)})
     assert killed.returncode == 0, killed.stderr[-3000:]
-    assert "will be retried" in killed.stderr  # the kill fired and Ray retried the task
+    # part 1 (2 blocks of 300 rows) was armed to die at its second spill: it died, Ray retried it
+    assert (markers / ".killed_part_1").exists()
     assert_same_shards(tmp_path / "one", tmp_path / "two")
     x, rows, _ = shard_matrix(str(tmp_path / "two"))
     assert np.array_equal(np.sort(rows), np.arange(2700))  # every cell exactly once
