@@ -26,10 +26,15 @@ def s3():
     os.environ.update({"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
     import boto3
+    import s3fs
 
+    # fsspec keeps one S3FileSystem per set of options: one made against another module's server
+    # (its endpoint read from the environment then) would be handed out here
+    s3fs.S3FileSystem.clear_instance_cache()
     boto3.client("s3").create_bucket(Bucket=BUCKET)
     yield f"s3://{BUCKET}"
     server.stop()
+    s3fs.S3FileSystem.clear_instance_cache()
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
