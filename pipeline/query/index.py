@@ -1,6 +1,6 @@
 """A nearest-neighbour index of every level of an embeddings store, built out of core.
 
-Each level gets a faiss IVF-Flat index (chosen by ``benchmarks/query.py``: against HNSW in faiss
+Each level gets a faiss IVF-Flat index (chosen by measurement, benchmarks/RESULTS.md: against HNSW in faiss
 and usearch it built 3-4x faster, answered as fast at recall@10 >= 0.99 and took half the memory).
 One coarse quantiser is trained per level on a sample of the store; the cells are added a block
 at a time into *shards* of at most ``shard_cells`` cells that share it, each written to disk as it
