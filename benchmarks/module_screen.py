@@ -28,13 +28,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 def module_partitions(adata, specs: list[tuple[int, int]], cells: int = 20_000, seed: int = 0) -> list[list[int]]:
     """One gene partition per (K, PCS) of ``specs``: k-means of the gene loadings."""
-    import scipy.sparse as sp
     from sklearn.cluster import KMeans
 
+    from pipeline.data.normalize import log_normalize
+
     rows = np.sort(np.random.default_rng(seed).permutation(adata.n_obs)[:cells])
-    x = adata.X[rows]
-    x = x.toarray() if sp.issparse(x) else np.asarray(x, dtype=np.float64)
-    x = np.log1p(x / np.maximum(x.sum(axis=1, keepdims=True), 1) * 1e4)
+    x = log_normalize(adata.X[rows]).toarray().astype(np.float64)
     x = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-6)
     _, singular, vt = np.linalg.svd(x, full_matrices=False)
     partitions = []

@@ -65,14 +65,12 @@ def train_and_embed(reference, root: Path, steps: int, batch_key: str | None, se
 
 
 def pca_of(reference, query, n_components: int = 50):
-    import scipy.sparse as sp
+    """PCA of the reference's scaled log-normalised counts, and the query projected on it."""
     from sklearn.decomposition import PCA
 
-    def log_norm(adata):
-        x = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X, dtype=np.float64)
-        return np.log1p(x / np.maximum(x.sum(axis=1, keepdims=True), 1) * 1e4)
+    from pipeline.data.normalize import log_normalize
 
-    ref, qry = log_norm(reference), log_norm(query)
+    ref, qry = (log_normalize(adata.X).toarray().astype(np.float64) for adata in (reference, query))
     mean, scale = ref.mean(axis=0), ref.std(axis=0) + 1e-6
     pca = PCA(n_components, random_state=0).fit((ref - mean) / scale)
     return pca.transform((ref - mean) / scale), pca.transform((qry - mean) / scale)

@@ -134,21 +134,14 @@ class HVAEModel:
         (``<label>_level_<l>``, ``<label>_level_<l>_confidence``) and ``unlike_level_<l>``; in
         ``adata.obsm`` the representations and the neighbours (store rows) and their distances.
         The atlas must have been embedded by this model (the one saved or loaded). Returns ``adata``."""
-        from .query import AtlasIndex, AtlasLabels, IndexMismatch, map_levels, resolve_index
-        from .query.transfer import attach
+        from .query import AtlasLabels, IndexMismatch, map_levels
+        from .query.transfer import attach, check_embedded_by, open_atlas
 
-        index_path = resolve_index(str(index))
-        atlas = AtlasIndex(index_path)
-        embedded_by = atlas.manifest["store"]["model_id"]
+        atlas, index_path, wanted = open_atlas(index, levels)
         if getattr(self, "model_id", None) is None:
             raise IndexMismatch("this model's weights are not those of a saved checkpoint: save it (HVAEModel.save) and "
                                 "embed the atlas with it, or load the model that embedded the atlas (HVAEModel.load)")
-        if self.model_id != embedded_by:
-            raise IndexMismatch(f"the atlas {atlas.store} was embedded by model {embedded_by}, this is model "
-                                f"{self.model_id}: map a query with the atlas's own model")
-        wanted = list(range(atlas.n_levels)) if levels is None else [levels] if isinstance(levels, int) else list(levels)
-        for level in wanted:
-            atlas.level(level)
+        check_embedded_by(atlas, self.model_id, "this model")
         atlas_labels = AtlasLabels(atlas, list(labels), atlas_obs) if labels else None
         representations = self.get_latent_representation(adata, level="all", batch_size=batch_size, layer=layer)
         mapped = map_levels(atlas, {level: representations[level] for level in wanted}, atlas_labels, k)

@@ -126,8 +126,9 @@ def _query_new_donors(spec, settings: DemoSettings, out: Path, run: Path, embedd
     n_query = max(200, settings.n_cells // 10)
     donors = spec.n_donors + 2  # the generator's donors 0..n-1 are the atlas's; n and n+1 are new
     bigger = replace(spec, n_donors=donors, n_cells=n_query * donors // 2)
-    cells = SyntheticAtlas(bigger).to_anndata()
-    cells = cells[cells.obs["donor_id"].astype(str).isin(SyntheticAtlas(bigger).donor_names[-2:]).to_numpy()].copy()
+    generator = SyntheticAtlas(bigger)
+    cells = generator.to_anndata()
+    cells = cells[cells.obs["donor_id"].astype(str).isin(generator.donor_names[-2:]).to_numpy()].copy()
     cells.obs_names = [f"query_{name}" for name in cells.obs_names]
     cells.write_h5ad(out / "query_cells.h5ad")
     build_index(str(embeddings), settings=IndexSettings(overwrite=True), echo=lambda *_: None)

@@ -159,7 +159,7 @@ def _build(source: Source, out: str, settings: ShardSettings, started: float, ec
             with Progress(n_obs, "shard pass 1/2 (read)", enabled=settings.progress) as bar:
                 parts = [_pass_one(source, plan, 0, 0, n_obs, bar.update)]
         directories = [_part_directory(staging, p) for p in range(len(parts))]
-        _check_duplicates(source, directories, n_obs)
+        _DuplicateIds.check_all(source, directories, n_obs)
         layout = _ObsLayout(columns, [part["obs"] for part in parts])
         max_count = max(part["max_count"] for part in parts)
         checksum = {"sum": 0.0, "weighted": 0}  # of the counts as read, keyed by source row: manifest count_checksum
@@ -277,23 +277,29 @@ def _pass_one_task(reopen, plan: _Plan, part: int, lo: int, hi: int, fault_varia
 
 
 def _ray_pass_one(reopen, plan: _Plan, settings: ShardSettings, n_obs: int) -> list[dict]:
-    ray = _ray()
-    task = ray.remote(num_cpus=1, max_retries=3)(_pass_one_task)
     ranges = _partitions(n_obs, settings.workers, settings.block_size)
-    variables = faults.forwarded()
-    pending = {}
     results: list[dict | None] = [None] * len(ranges)
+    variables = faults.forwarded()
     with Progress(n_obs, f"shard pass 1/2 (read, {settings.workers} workers)", enabled=settings.progress) as bar:
-        queue = list(enumerate(ranges))
-        while queue or pending:
-            while queue and len(pending) < settings.workers:
-                part, (lo, hi) = queue.pop(0)
-                pending[task.remote(reopen, plan, part, lo, hi, variables)] = part
-            done, _ = ray.wait(list(pending), num_returns=1)
-            part = pending.pop(done[0])
-            results[part] = ray.get(done[0])
-            bar.update(results[part]["cells"])
+        calls = {part: (reopen, plan, part, lo, hi, variables) for part, (lo, hi) in enumerate(ranges)}
+        for part, result in _ray_map(_pass_one_task, calls, settings.workers):
+            results[part] = result
+            bar.update(result["cells"])
     return results  # type: ignore[return-value]
+
+
+def _ray_map(function, calls: dict, limit: int):
+    """(key, result) of ``function(*calls[key])`` on Ray tasks (one CPU each, retried up to 3
+    times when a worker dies), at most ``limit`` in flight, as they finish."""
+    ray = _ray()
+    task = ray.remote(num_cpus=1, max_retries=3)(function)
+    queue, pending = list(calls.items()), {}
+    while queue or pending:
+        while queue and len(pending) < limit:
+            key, args = queue.pop(0)
+            pending[task.remote(*args)] = key
+        done, _ = ray.wait(list(pending), num_returns=1)
+        yield pending.pop(done[0]), ray.get(done[0])
 
 
 def _ray():
@@ -359,22 +365,13 @@ def _pass_two(assemble: _Assembler, n_shards: int, progress: bool, n_obs: int) -
 
 
 def _ray_pass_two(assemble: _Assembler, n_shards: int, settings: ShardSettings) -> list[int]:
-    ray = _ray()
-    task = ray.remote(num_cpus=1, max_retries=3)(_assemble_task)
-    shared = ray.put(assemble)
+    shared = _ray().put(assemble)
     variables = faults.forwarded()
     nnz: list[int] = [0] * n_shards
-    pending = {}
-    queue = list(range(n_shards))
     with Progress(sum(assemble.shard_sizes), f"shard pass 2/2 (write, {settings.workers} workers)",
                   enabled=settings.progress) as bar:
-        while queue or pending:
-            while queue and len(pending) < settings.workers:
-                k = queue.pop(0)
-                pending[task.remote(shared, k, variables)] = k
-            done, _ = ray.wait(list(pending), num_returns=1)
-            k = pending.pop(done[0])
-            nnz[k] = ray.get(done[0])
+        for k, result in _ray_map(_assemble_task, {k: (shared, k, variables) for k in range(n_shards)}, settings.workers):
+            nnz[k] = result
             faults.point("shard.shard")
             bar.update(assemble.shard_sizes[k])
     return nnz
@@ -383,10 +380,6 @@ def _ray_pass_two(assemble: _Assembler, n_shards: int, settings: ShardSettings) 
 def _assemble_task(assemble: _Assembler, k: int, fault_variables: dict) -> int:
     faults.install(fault_variables)
     return assemble(k)
-
-
-def _check_duplicates(source: Source, directories: list[str], n_obs: int) -> None:
-    _DuplicateIds.check_all(source, directories, max(1, -(-n_obs // _DuplicateIds.BUCKET_CELLS)))
 
 
 def _existed_before_check(out: str) -> bool:
@@ -715,7 +708,11 @@ class _DuplicateIds:
     BUCKET_CELLS = 1_000_000
 
     def __init__(self, staging: str, n_obs: int) -> None:
-        self.staging, self.n_buckets = staging, max(1, -(-n_obs // self.BUCKET_CELLS))
+        self.staging, self.n_buckets = staging, self.buckets(n_obs)
+
+    @classmethod
+    def buckets(cls, n_obs: int) -> int:
+        return max(1, -(-n_obs // cls.BUCKET_CELLS))
 
     def add(self, index: pd.Index, offset: int) -> None:
         hashes = pd.util.hash_array(index.to_numpy(dtype=object))
@@ -726,11 +723,11 @@ class _DuplicateIds:
             with open(os.path.join(self.staging, f"{b}.ids"), "ab") as handle:
                 handle.write(memoryview(np.stack([hashes[keep].view(np.int64), rows[keep]], axis=1)))
 
-    @staticmethod
-    def check_all(source: Source, directories: list[str], n_buckets: int) -> None:
+    @classmethod
+    def check_all(cls, source: Source, directories: list[str], n_obs: int) -> None:
         """Each bucket of every part's hashes together: repeated names anywhere in the source."""
         repeated, examples = 0, []
-        for b in range(n_buckets):
+        for b in range(cls.buckets(n_obs)):
             paths = [os.path.join(d, f"{b}.ids") for d in directories]
             pairs = [np.fromfile(p, dtype=np.int64).reshape(-1, 2) for p in paths if os.path.exists(p)]
             if not pairs:

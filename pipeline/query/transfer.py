@@ -39,6 +39,25 @@ def resolve_index(path: str) -> str:
     raise FileNotFoundError(f"{path} is neither an index built by `hvae-pipeline index` nor an embeddings store")
 
 
+def open_atlas(index: str, levels=None) -> tuple[AtlasIndex, str, list[int]]:
+    """(the opened index, its path, the levels asked for: every level by default): an index of
+    another or an older store, and a level that does not exist, are refused."""
+    index_path = resolve_index(str(index))
+    atlas = AtlasIndex(index_path)
+    wanted = list(range(atlas.n_levels)) if levels is None else [levels] if isinstance(levels, int) else list(levels)
+    for level in wanted:
+        atlas.level(level)
+    return atlas, index_path, wanted
+
+
+def check_embedded_by(atlas: AtlasIndex, identity: str, what: str) -> None:
+    """Refuse a model (``what``, of id ``identity``) other than the one that embedded the atlas."""
+    embedded_by = atlas.manifest["store"]["model_id"]
+    if identity != embedded_by:
+        raise IndexMismatch(f"the atlas {atlas.store} was embedded by model {embedded_by}; {what} is model {identity}: "
+                            "map a query with the atlas's own model")
+
+
 class AtlasLabels:
     """The atlas's label columns as codes per store row, read once: from the source the store
     records (checking that its cells are the store's, in order), or from a table (``atlas_obs``:
@@ -184,17 +203,11 @@ def query(checkpoint: str, index: str, source_args: dict, labels: list[str], out
         raise ValueError(f"--out {out}: write a .h5ad (the query AnnData with the results) or a .parquet table")
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it (it is replaced only once the new one is written)")
-    index_path = resolve_index(index)
-    atlas = AtlasIndex(index_path)  # refuses an index of another or an older store
+    atlas, index_path, wanted = open_atlas(index, levels)
     store_attrs = _store_attrs(atlas.store)
-    wanted = list(range(atlas.n_levels)) if levels is None else list(levels)
-    for level in wanted:
-        atlas.level(level)
     directory, origin, model, parts = _load(checkpoint, bool(store_attrs.get("ema", True)))
     identity = model_id(directory)
-    if identity != atlas.manifest["store"]["model_id"]:
-        raise IndexMismatch(f"the atlas {atlas.store} was embedded by model {atlas.manifest['store']['model_id']}; "
-                            f"--checkpoint {checkpoint} is model {identity}: map a query with the atlas's own model")
+    check_embedded_by(atlas, identity, f"--checkpoint {checkpoint}")
     atlas_labels = AtlasLabels(atlas, labels, atlas_obs) if labels else None
     source_args, source = _open_as_recorded(source_args, parts.get("setup"), echo)
     try:
@@ -256,4 +269,4 @@ def _write(out: str, source_args: dict, obs: pd.DataFrame, mapped: dict, provena
         raise
 
 
-__all__ = ["AtlasLabels", "attach", "map_levels", "query", "resolve_index", "vote"]
+__all__ = ["AtlasLabels", "attach", "check_embedded_by", "map_levels", "open_atlas", "query", "resolve_index", "vote"]
