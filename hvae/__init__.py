@@ -11,6 +11,7 @@ from .config import HVAEConfig
 from .diagnostics import active_units
 from .distributions import gaussian_kl, nb_log_prob, soft_clamp, zinb_log_prob
 from .model import HierarchicalVAE, HVAEOutput
+from .modules import fit_gene_modules
 from .schedules import balanced_kl_coefficients, kl_warmup
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "HVAEOutput",
     "active_units",
     "balanced_kl_coefficients",
+    "fit_gene_modules",
     "gaussian_kl",
     "kl_warmup",
     "nb_log_prob",

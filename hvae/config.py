@@ -82,6 +82,9 @@ class HVAEConfig:
     # neither the gene decoder nor the read-out reads its sample: what it knows reaches the genes
     # through the priors of the levels below. Empty: every level feeds the decoder.
     gene_modules: tuple[tuple[int, ...], ...] = ()
+    # How ``hvae.fit_gene_modules`` builds ``gene_modules`` from a sample of the data when they
+    # are not given: (modules, principal components) per coarse level, the top first (hvae.modules).
+    module_levels: tuple[tuple[int, int], ...] = ()
     validate_inputs: bool = True
 
     def __post_init__(self) -> None:
@@ -144,6 +147,14 @@ class HVAEConfig:
                 len(p) == self.n_genes and all(_is_int(m) and m >= 0 for m in p) for p in self.gene_modules):
             fail("gene_modules", f"must be empty or at most {self.n_levels - 1} partitions (the top's first), each one "
                                  f"module number >= 0 per gene ({self.n_genes})")
+        object.__setattr__(self, "module_levels", tuple(tuple(spec) for spec in self.module_levels))
+        if len(self.module_levels) > self.n_levels - 1 or not all(
+                len(spec) == 2 and all(_is_int(v) and v >= 1 for v in spec) and spec[0] >= 2 for spec in self.module_levels):
+            fail("module_levels", f"must be empty or at most {self.n_levels - 1} pairs [modules >= 2, principal "
+                                  "components >= 1] (the top's first)")
+        if self.module_levels and self.gene_modules and len(self.module_levels) != len(self.gene_modules):
+            fail("module_levels", f"names {len(self.module_levels)} coarse levels but gene_modules has "
+                                  f"{len(self.gene_modules)} partitions")
         if not _is_number(self.capacity_rate) or self.capacity_rate <= 0:
             fail("capacity_rate", "must be a number > 0")
         if not _is_number(self.log_scale_clamp) or self.log_scale_clamp <= 0:
@@ -170,7 +181,7 @@ class HVAEConfig:
     def direct_dims(self) -> tuple[int, ...]:
         """The latent widths the decoder and the read-out read: those of the levels that decode
         no gene modules (level 0 up)."""
-        return self.latent_dims[: self.n_levels - len(self.gene_modules)]
+        return self.latent_dims[: self.n_levels - max(len(self.gene_modules), len(self.module_levels))]
 
     def kl_weights_per_level(self) -> tuple[float, ...]:
         if self.kl_weights:
@@ -185,6 +196,7 @@ class HVAEConfig:
         out["kl_capacity"] = list(self.kl_capacity)
         out["kl_weights"] = list(self.kl_weights)
         out["gene_modules"] = [list(p) for p in self.gene_modules]
+        out["module_levels"] = [list(spec) for spec in self.module_levels]
         return out
 
     @classmethod

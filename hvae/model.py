@@ -273,6 +273,9 @@ class HierarchicalVAE(nn.Module):
         self.decoder = Decoder(config)
         self.readout = Readout(config) if config.readout_weight > 0 else None
         # Levels with a coarse target of their own (the top first): counts pooled over gene modules.
+        if config.module_levels and not config.gene_modules:
+            raise ValueError("HVAEConfig.module_levels asks for gene modules built from the data: "
+                             "config = hvae.fit_gene_modules(config, counts) first")
         self.n_direct = len(config.direct_dims)
         self.module_heads = nn.ModuleList()
         for partition, dim in zip(config.gene_modules, reversed(dims)):

@@ -25,7 +25,7 @@ from hvae import HVAEConfig, HierarchicalVAE
 from .config import TrainConfig
 from .data.alignment import GeneAlignment, gene_id_note, gene_ids_of, looks_like_counts
 from .data.genes import GeneStatistics
-from .train import batch_codes, fit_in_memory
+from .train import batch_codes, fit_in_memory, with_gene_modules
 from .train.checkpoint import find_checkpoint, load_model, save_checkpoint
 from .train.loop import end_of_run_warnings
 from .train.step import encode_in_batches
@@ -77,7 +77,8 @@ class HVAEModel:
         self._counts = sp.csr_matrix(counts, dtype=np.float32)
         _check_batch_column(adata.obs, batch_key)
         self._batch_index, self.batch_categories = batch_codes(adata.obs, batch_key)
-        self.config = HVAEConfig(n_genes=len(self.feature_ids), n_batches=len(self.batch_categories), **model_options)
+        self.config = with_gene_modules(HVAEConfig(n_genes=len(self.feature_ids), n_batches=len(self.batch_categories),
+                                                   **model_options), self._counts)
         self.module = HierarchicalVAE(self.config)
         self.result = None
         self.model_id = None  # set by save and load: which checkpoint these weights are

@@ -6,9 +6,10 @@ the local and Ray Train launchers (``launch``), checkpoints, and in-memory fitti
 """
 
 from .checkpoint import find_checkpoint, load_model
-from .in_memory import FitResult, batch_codes, diagnostic_kl, fit_in_memory
+from .in_memory import FitResult, batch_codes, diagnostic_kl, fit_in_memory, with_gene_modules
 from .launch import train
 from .step import Trainer, encode_in_batches, in_memory_batches
 
 __all__ = ["FitResult", "Trainer", "batch_codes", "diagnostic_kl", "encode_in_batches",
-           "find_checkpoint", "fit_in_memory", "in_memory_batches", "load_model", "train"]
+           "find_checkpoint", "fit_in_memory", "in_memory_batches", "load_model", "train",
+           "with_gene_modules"]

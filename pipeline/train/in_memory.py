@@ -13,7 +13,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from hvae import HVAEConfig, HierarchicalVAE, active_units
+from hvae import HVAEConfig, HierarchicalVAE, active_units, fit_gene_modules
+from hvae.modules import SAMPLE_CELLS
 
 from ..config import TrainConfig
 from .step import Trainer, encode_in_batches, heldout_negative_elbo, in_memory_batches
@@ -48,6 +49,16 @@ def batch_codes(obs, batch_key: str | None) -> tuple[np.ndarray | None, list[str
     return column.cat.codes.to_numpy().astype(np.int64), [str(c) for c in column.cat.categories]
 
 
+def with_gene_modules(config: HVAEConfig, counts) -> HVAEConfig:
+    """``config`` with the gene modules its ``module_levels`` ask for, built from up to 20,000 of
+    the cells of ``counts`` (a fixed sample: the partition belongs to the data, not to a seed)."""
+    if not config.module_levels or config.gene_modules:
+        return config
+    n_cells = counts.shape[0]
+    rows = np.sort(np.random.default_rng(0).permutation(n_cells)[:SAMPLE_CELLS])
+    return fit_gene_modules(config, sp.csr_matrix(counts[rows], dtype=np.float32))
+
+
 def fit_in_memory(
     counts: sp.csr_matrix,
     model_config: HVAEConfig,
@@ -68,6 +79,7 @@ def fit_in_memory(
     """
     seed = train.seed
     counts = sp.csr_matrix(counts)
+    model_config = with_gene_modules(model_config, counts)
     n_cells = counts.shape[0]
     n_held_out = int(round(train.validation_fraction * n_cells)) if train.early_stopping else 0
     order = np.random.default_rng([seed, 1]).permutation(n_cells)
