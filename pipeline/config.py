@@ -47,7 +47,8 @@ class _ModelSection(_Section):
     @model_validator(mode="after")
     def _check(self):
         try:
-            self.hvae_config(n_genes=1, n_batches=1)
+            modules = self.model_dump()["gene_modules"]  # partitions built from the data: one entry per gene
+            self.hvae_config(n_genes=len(modules[0]) if modules else 1, n_batches=1)
         except ValueError as error:
             raise ValueError(str(error).removeprefix("HVAEConfig.")) from None
         return self

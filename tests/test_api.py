@@ -134,6 +134,24 @@ def test_a_saved_model_remembers_its_anndata_setup(pbmc, tmp_path, capsys):
                                rtol=1e-4, atol=1e-5)
 
 
+def test_gene_modules_are_built_from_the_cells_and_kept_with_the_model(pbmc, tmp_path):
+    """``module_levels``: the model builds its coarse levels' gene modules from the AnnData it is
+    given; saved and loaded, it keeps them (a loaded model has no cells to build them from)."""
+    from pipeline import HVAEModel
+
+    adata = pbmc[:400].copy()
+    model = HVAEModel(adata, n_top_genes=150, latent_dims=(6, 4, 2), hidden_dim=16,
+                      module_levels=[(5, 4), (10, 6)], kl_capacity=[0, 3, 2])
+    partitions = model.config.gene_modules
+    assert [len(p) for p in partitions] == [150, 150] and [len(set(p)) for p in partitions] == [5, 10]
+    model.train(max_steps=5, batch_size=64, progress=False)
+    expected = model.get_latent_representation(level="all")
+    model.save(tmp_path / "m")
+    loaded = HVAEModel.load(tmp_path / "m")
+    assert loaded.config.gene_modules == partitions and loaded.config.module_levels == ((5, 4), (10, 6))
+    np.testing.assert_allclose(loaded.get_latent_representation(adata, level=2), expected[2], rtol=1e-5, atol=1e-6)
+
+
 def test_careless_input_is_refused_by_name(pbmc, tmp_path, capsys):
     from pipeline import HVAEModel
 

@@ -1,5 +1,6 @@
 """The model contract: config, shapes, gradients, input errors, rebuild from a checkpoint."""
 
+import re
 import subprocess
 import sys
 
@@ -432,3 +433,43 @@ def test_gene_modules_give_the_top_a_coarse_target_and_no_direct_path():
     assert [e.shape[1] for e in exports] == [14, 14, 14] and not torch.allclose(exports[0], exports[2])
     with pytest.raises(ValueError, match="gene_modules"):
         HVAEConfig(n_genes=N_GENES, latent_dims=(8, 6, 4), gene_modules=[0, 1])
+
+
+def test_gene_modules_are_built_from_the_data_as_module_levels_ask():
+    """Three programmes of genes, each switched on in its own third of the cells, a fourth group of
+    genes flat: a top asked for 4 modules on 3 components recovers the programmes exactly."""
+    from hvae import fit_gene_modules
+    from hvae.modules import GeneCovariance
+
+    generator = torch.Generator().manual_seed(0)
+    n_cells, programme = 900, torch.arange(N_GENES) // 10  # genes 0-9, 10-19, 20-29: programmes; 30-39 flat
+    group = torch.arange(n_cells) % 3
+    rate = torch.full((n_cells, N_GENES), 2.0)
+    rate[(group[:, None] == programme[None, :])] = 30.0
+    counts = torch.poisson(rate, generator=generator)
+    config = HVAEConfig(n_genes=N_GENES, latent_dims=(8, 6, 4), hidden_dim=32, module_levels=[(4, 3), (6, 4)])
+    assert config.direct_dims == (8,)  # two coarse levels, before their partitions are built
+    with pytest.raises(ValueError, match=r"fit_gene_modules\(config, counts\)"):
+        HierarchicalVAE(config)
+    fitted = fit_gene_modules(config, counts)
+    top = torch.tensor(fitted.gene_modules[0])
+    for p in range(4):  # each programme (and the flat genes) is one module of its own
+        assert len(set(top[programme == p].tolist())) == 1
+    assert len(set(top.tolist())) == 4 and len(set(fitted.gene_modules[1])) == 6
+    assert fit_gene_modules(fitted, counts) is fitted  # built once; a config with partitions keeps them
+    assert fit_gene_modules(config, counts).gene_modules == fitted.gene_modules  # the same data, the same partitions
+    HierarchicalVAE(fitted)(counts[:16])
+    assert HVAEConfig.from_dict(fitted.to_dict()) == fitted
+
+    # Accumulated block by block or at once: the same covariance.
+    whole, blocks = GeneCovariance(N_GENES), GeneCovariance(N_GENES)
+    whole.update(counts)
+    for start in range(0, n_cells, 128):
+        blocks.update(counts[start:start + 128])
+    torch.testing.assert_close(whole.covariance(), blocks.covariance())
+
+    for bad, words in (([(1, 3)], "modules >= 2"), ([(4, 0)], "components >= 1"), ([(4, 3)] * 3, "at most 2 pairs")):
+        with pytest.raises(ValueError, match=rf"module_levels: .*{re.escape(words)}"):
+            HVAEConfig(n_genes=N_GENES, latent_dims=(8, 6, 4), module_levels=bad)
+    with pytest.raises(ValueError, match="names 2 coarse levels but gene_modules has 1"):
+        HVAEConfig(n_genes=N_GENES, latent_dims=(8, 6, 4), module_levels=[(4, 3), (6, 4)], gene_modules=[0] * N_GENES)

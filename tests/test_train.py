@@ -133,6 +133,23 @@ def test_checkpoints_carry_a_format_version_and_model_pt_alone_loads_the_model(s
 
 
 @pytest.mark.slow
+def test_gene_modules_are_built_once_by_the_driver_and_resumed_from_the_checkpoint(small_shards, tmp_path):
+    base = ["train", f"data.path={small_shards}", "train.batch_size=64", "train.progress=false",
+            f"run.storage_path={tmp_path}", "checkpoint.every_steps=2", "model.module_levels=[[4,3],[8,5]]",
+            "model.latent_dims=[6,4,2]", "model.hidden_dim=16"]
+    first = cli(*base, "train.max_steps=2")
+    assert re.search(r"gene modules for the top 2 level\(s\): 4 modules, 8 modules, from 3,000 cells", first.stdout)
+    run = tmp_path / "hvae"
+    partitions = load_model(find_checkpoint(run))[0].config.gene_modules
+    assert [len(p) for p in partitions] == [200, 200]
+    assert "gene_modules: []" in (run / "config.yaml").read_text()  # the run's config as written, not 400 numbers
+    resumed = cli(*base, "train.max_steps=4")
+    assert "gene modules for" not in resumed.stdout  # taken from the checkpoint, not built again
+    model = load_model(find_checkpoint(run))[0]
+    assert model.config.gene_modules == partitions and read_checkpoint(find_checkpoint(run))["train_state"]["step"] == 4
+
+
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_passed_over_for_the_previous_complete_one(small_shards, tmp_path):
     base = ["train", f"data.path={small_shards}", "train.batch_size=64", "train.progress=false",
             f"run.storage_path={tmp_path}", "checkpoint.every_steps=2", "train.early_stopping=false"]

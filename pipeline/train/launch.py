@@ -25,13 +25,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import scipy.sparse as sp
 import torch
 
+from hvae import fit_gene_modules
+from hvae.modules import SAMPLE_CELLS
+
 from .. import faults, storage
-from .checkpoint import (fetch_checkpoint, find_checkpoint, prune_checkpoints, read_train_state, resumable_checkpoint,
-                         write_latest)
+from .checkpoint import (fetch_checkpoint, find_checkpoint, prune_checkpoints, read_model_file, read_train_state,
+                         resumable_checkpoint, write_latest)
 from ..config import PipelineConfig
-from .loop import STAGING_PREFIX, train_worker
+from .loop import STAGING_PREFIX, split_datasets, train_worker
 
 
 def train(config: PipelineConfig, echo=print) -> dict:
@@ -53,6 +57,7 @@ def train(config: PipelineConfig, echo=print) -> dict:
             return json.loads(storage.read_text(summary_file)) if storage.exists(summary_file) else state
         echo(f"resuming run {run_dir} from {storage.basename(previous)} (step {state['step']})")
     storage.write_text(storage.join(run_dir, "config.yaml"), config.to_yaml())
+    config = _with_gene_modules(config, previous, echo)
     started = time.time()
     if config.scaling.num_workers == 0:
         result = _train_local(config, run_dir, previous)
@@ -63,6 +68,35 @@ def train(config: PipelineConfig, echo=print) -> dict:
                "wall_seconds": round(time.time() - started, 2), "num_workers": config.scaling.num_workers}
     storage.write_text(summary_file, json.dumps(summary, indent=1))
     return summary
+
+
+def _with_gene_modules(config: PipelineConfig, previous, echo) -> PipelineConfig:
+    """The config with the gene modules ``model.module_levels`` asks for: a resumed run's from its
+    checkpoint, a new run's built here, once, from the first 20,000 cells of the training shards
+    (the shards are shuffled: a random sample), and handed to every worker."""
+    model = config.model
+    if not model.module_levels or model.gene_modules:
+        return config
+    if previous is not None:
+        partitions = read_model_file(fetch_checkpoint(previous)[0])["hvae_config"].gene_modules
+    else:
+        started = time.time()
+        train, _ = split_datasets(config)
+        key = config.data.batch_key
+        hvae_config = model.hvae_config(train.n_vars, len(train.categories(key)) if key else 0)
+        blocks, cells = [], 0
+        for shard in range(len(train.shard_paths)):
+            rows = min(int(train.shard_sizes[shard]), SAMPLE_CELLS - cells)
+            indptr, indices, data = train.shard(shard).read(0, rows)
+            blocks.append(sp.csr_matrix((data, indices, indptr), shape=(rows, train.n_vars)))
+            cells += rows
+            if cells >= SAMPLE_CELLS:
+                break
+        partitions = fit_gene_modules(hvae_config, sp.vstack(blocks, format="csr")).gene_modules
+        sizes = ", ".join(f"{len(set(p))} modules" for p in partitions)
+        echo(f"gene modules for the top {len(partitions)} level(s): {sizes}, from {cells:,} cells "
+             f"({time.time() - started:.1f} s)")
+    return config.model_copy(update={"model": model.model_copy(update={"gene_modules": partitions})})
 
 
 def _clear_staging(run_dir: str) -> None:
