@@ -25,6 +25,7 @@ from .train.in_memory import diagnostic_kl
 from .train.step import encode_in_batches
 from .train.launch import train
 from .evaluate.report import EvaluateSettings, evaluate_embeddings
+from .data.frames import portable_anndata
 from .data.synthetic import SyntheticAtlas, SyntheticAtlasSpec
 
 
@@ -130,7 +131,7 @@ def _query_new_donors(spec, settings: DemoSettings, out: Path, run: Path, embedd
     cells = generator.to_anndata()
     cells = cells[cells.obs["donor_id"].astype(str).isin(generator.donor_names[-2:]).to_numpy()].copy()
     cells.obs_names = [f"query_{name}" for name in cells.obs_names]
-    cells.write_h5ad(out / "query_cells.h5ad")
+    portable_anndata(cells).write_h5ad(out / "query_cells.h5ad")
     build_index(str(embeddings), settings=IndexSettings(overwrite=True), echo=lambda *_: None)
     mapped_path = out / "query_mapped.h5ad"
     query(str(find_checkpoint(run)), str(embeddings), {"source": str(out / "query_cells.h5ad")}, labels, str(mapped_path),

@@ -413,3 +413,35 @@ def test_shard_workers_need_a_shared_path_and_a_source_to_reopen(tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="workers must be"):
         ShardSettings(workers=-1)
+
+
+# pandas 3's string dtype (pandas 2: future.infer_string) in every process of the chain.
+PANDAS_3_STRINGS = ("import sys, pandas as pd; pd.set_option('future.infer_string', True); "
+                    "from pipeline.cli import main; sys.argv = ['hvae-pipeline', *sys.argv[1:]]; main()")
+
+
+@pytest.mark.slow
+def test_simulate_shard_train_embed_with_pandas_3_strings(tmp_path):
+    """Under pandas 3 text columns are a string dtype anndata 0.12 refuses to write: shard
+    (AnnData-Zarr obs and var), simulate and query write them as object strings, which every
+    anndata reads (here: read back under the other pandas setting)."""
+    def run(*args):
+        done = subprocess.run([sys.executable, "-c", PANDAS_3_STRINGS, *args], capture_output=True, text=True,
+                              env={**os.environ, "TQDM_DISABLE": "1"})
+        assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-3000:]
+        return done.stdout
+
+    source, shards, runs, out = tmp_path / "atlas.h5ad", tmp_path / "shards", tmp_path / "runs", tmp_path / "e.zarr"
+    run("simulate", str(source), "--n-cells", "1200", "--n-genes", "150")
+    run("shard", str(source), "--out", str(shards), "--shard-size", "600")
+    run("train", f"data.path={shards}", "train.max_steps=2", "train.batch_size=64", "train.progress=false",
+        f"run.storage_path={runs}", "model.latent_dims=[4,2]", "model.hidden_dim=16")
+    assert "embedded 1,200 cells" in run("embed", "--checkpoint", str(runs / "hvae"), "--source", str(source),
+                                         "--out", str(out))
+    shard = ad.read_zarr(ShardedDataset(str(shards)).shard_paths[0])
+    assert shard.n_obs == 600 and shard.obs["cell_type"].dtype == "category"
+    assert shard.var["feature_name"].dtype == object and shard.obs_names.dtype == object
+    original = ad.read_h5ad(source)
+    assert set(shard.obs_names) <= set(original.obs_names)
+    from pipeline.embed import read_embeddings
+    assert read_embeddings(str(out), lazy=False).n_obs == 1200

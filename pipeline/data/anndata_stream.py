@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .frames import portable_frame
+
 
 class AnnDataStreamWriter:
     """Append (CSR block, obs block) pairs to a new h5ad or AnnData-Zarr store.
@@ -80,11 +82,11 @@ class AnnDataStreamWriter:
             if isinstance(obs[name].dtype, pd.CategoricalDtype)
         }
         resizable = {"maxshape": (None,), "chunks": True} if self.format == "h5ad" else {}
-        obs = obs.copy()
-        obs.index = obs.index.astype(str)
+        obs = portable_frame(obs.copy())
+        obs.index = obs.index.astype(str).astype(object)
         ad.io.write_elem(self._root, "X", counts)
         ad.io.write_elem(self._root, "obs", obs, dataset_kwargs=resizable)
-        ad.io.write_elem(self._root, "var", self.var)
+        ad.io.write_elem(self._root, "var", portable_frame(self.var))
         ad.io.write_elem(self._root, "uns", self.uns)
 
     def _check_obs(self, obs: pd.DataFrame) -> None:

@@ -42,6 +42,7 @@ from .. import faults
 from ..lease import Lease
 from ..progress import Progress
 from .background import run_ahead
+from .frames import portable_frame
 from ..storage import check_writable, is_remote, join, listdir, recover_replace, replace_tree
 from .shard_format import (COMPRESSIONS, FORMAT_VERSION, MANIFEST_NAME, add_checksums, count_checksum, count_dtype,
                            feature_hash, filesystem, index_dtype, write_csr_arrays, write_manifest)
@@ -560,8 +561,8 @@ def _write_shard(out: str, out_path: str, fs, local: bool, name: str, counts: _S
     write_csr_arrays(group, "X", counts.data, counts.indices, counts.indptr, counts.shape, compression)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning)
-        write_elem(group, "obs", obs)
-        write_elem(group, "var", var)
+        write_elem(group, "obs", portable_frame(obs))
+        write_elem(group, "var", portable_frame(var))
         write_elem(group, "uns", {"provenance": json.dumps(provenance)})
     if local:
         os.replace(target, os.path.join(out_path, name))

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from .. import storage
+from ..data.frames import portable_anndata
 from .index import MANIFEST, AtlasIndex, IndexMismatch, default_index_path, read_ids
 
 
@@ -262,7 +263,7 @@ def _write(out: str, source_args: dict, obs: pd.DataFrame, mapped: dict, provena
                 adata = ad.AnnData(obs=obs.copy())
             adata.obs_names = adata.obs_names.astype(str)
             attach(adata, mapped, {k: (v if not isinstance(v, list) else np.asarray(v)) for k, v in provenance.items()})
-            adata.write_h5ad(temporary)
+            portable_anndata(adata).write_h5ad(temporary)
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
