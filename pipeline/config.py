@@ -114,6 +114,7 @@ class RunConfig(_Section):
     name: str = "hvae"
     storage_path: str = "runs"
     max_failures: int = Field(0, ge=-1)
+    wait: bool = Field(False, description="If another job is training into this run directory, wait for it (default: refuse).")
 
     @field_validator("name")
     @classmethod

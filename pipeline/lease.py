@@ -241,4 +241,11 @@ class Lease:
         self.release()
 
 
-__all__ = ["HEARTBEAT", "Lease", "LeaseHeld", "LeaseLost", "STALE_AFTER"]
+def check_generation(output: str, generation: int) -> None:
+    """Raise ``LeaseLost`` if ``output``'s lease has passed beyond ``generation``: the check of a
+    process that writes under a lease another process holds (a Ray Train worker under its driver's)."""
+    if any(g > generation for g in Lease(output, "")._generations()):
+        raise LeaseLost(f"the lease of {output} was taken over by another writer; stopping before writing more")
+
+
+__all__ = ["HEARTBEAT", "Lease", "LeaseHeld", "LeaseLost", "STALE_AFTER", "check_generation"]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -128,3 +129,32 @@ def test_the_lease_of_a_killed_job_on_this_host_is_taken_over_at_once(tmp_path):
     said = []
     with Lease(output, "sharding", echo=said.append):
         assert said and "is gone (killed)" in said[0]
+
+
+@pytest.mark.slow
+def test_a_training_run_holds_its_run_directory(tmp_path):
+    """`train` takes the run directory's lease first: a second run on it is refused before it writes
+    anything; a Ray worker's check (check_generation) stops on a lease that moved on."""
+    from pipeline.lease import check_generation
+
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    shards, run = tmp_path / "shards", tmp_path / "runs" / "hvae"
+    subprocess.run([sys.executable, "-m", "pipeline", "simulate", str(shards), "--format", "shards", "--n-cells", "600",
+                    "--n-genes", "50", "--shard-size", "300"], check=True, capture_output=True, env=env)
+    args = [sys.executable, "-m", "pipeline", "train", f"data.path={shards}", "train.max_steps=2", "train.batch_size=64",
+            "train.progress=false", f"run.storage_path={tmp_path / 'runs'}", "model.latent_dims=[4,2]", "model.hidden_dim=16"]
+    holder = as_another_process(Lease(str(run), "training").acquire())
+    refused = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert refused.returncode != 0 and f"training of {run} is held by" in refused.stderr, refused.stderr[-2000:]
+    assert not run.exists()  # nothing written under a lease it does not hold
+    holder.release()
+    done = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and "trained to step 2" in done.stdout, done.stderr[-2000:]
+    assert not [p for p in os.listdir(tmp_path / "runs") if ".lease." in p]
+
+    lease = as_another_process(Lease(str(run), "training").acquire())
+    check_generation(str(run), lease.generation)  # still the holder's: no error
+    Path(f"{run}.lease.{lease.generation + 1:06d}").write_text("{}")  # taken over
+    with pytest.raises(LeaseLost, match="taken over by another writer"):
+        check_generation(str(run), lease.generation)
+    lease.release()

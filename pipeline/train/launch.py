@@ -32,6 +32,7 @@ from hvae import fit_gene_modules
 from hvae.modules import SAMPLE_CELLS
 
 from .. import faults, storage
+from ..lease import Lease, check_generation
 from .checkpoint import (fetch_checkpoint, find_checkpoint, prune_checkpoints, read_model_file, read_train_state,
                          resumable_checkpoint, write_latest)
 from ..config import PipelineConfig
@@ -43,6 +44,11 @@ def train(config: PipelineConfig, echo=print) -> dict:
     if not storage.is_url(config.data.path):  # Ray workers do not run in this directory: absolute paths
         config = config.model_copy(update={"data": config.data.model_copy(update={"path": str(Path(config.data.path).resolve())})})
     run_dir = config.run_dir if storage.is_url(config.run_dir) else str(Path(config.run_dir).resolve())
+    with Lease(run_dir, "training", wait=config.run.wait, echo=echo) as lease:  # one writer per run directory
+        return _train(config, run_dir, lease, echo)
+
+
+def _train(config: PipelineConfig, run_dir: str, lease: Lease, echo) -> dict:
     _check_storage(run_dir)
     _check_gpu(config)
     _clear_staging(run_dir)
@@ -60,9 +66,9 @@ def train(config: PipelineConfig, echo=print) -> dict:
     config = _with_gene_modules(config, previous, echo)
     started = time.time()
     if config.scaling.num_workers == 0:
-        result = _train_local(config, run_dir, previous)
+        result = _train_local(config, run_dir, previous, lease)
     else:
-        result = _train_ray(config, run_dir, previous)
+        result = _train_ray(config, run_dir, previous, lease)
     latest = find_checkpoint(run_dir)
     summary = {**result, "run_dir": run_dir, "checkpoint": str(latest) if latest else None,
                "wall_seconds": round(time.time() - started, 2), "num_workers": config.scaling.num_workers}
@@ -158,11 +164,12 @@ def _check_gpu(config: PipelineConfig) -> None:
         raise ValueError("scaling.use_gpu is true but this machine has no CUDA device (set scaling.use_gpu=false)")
 
 
-def _train_local(config: PipelineConfig, run_dir: str, previous) -> dict:
+def _train_local(config: PipelineConfig, run_dir: str, previous, lease: Lease) -> dict:
     device = torch.device("cuda" if config.scaling.use_gpu else "cpu")
     mirror = _MetricsMirror(run_dir)
 
     def save(directory: str | None, metrics: dict) -> None:
+        lease.check()
         name = f"checkpoint_{int(metrics['step']):08d}"
         if mirror.remote:
             storage.upload(Path(directory), storage.join(run_dir, name), last="train_state.json")
@@ -187,7 +194,7 @@ def _train_local(config: PipelineConfig, run_dir: str, previous) -> dict:
         mirror.close()
 
 
-def _train_ray(config: PipelineConfig, run_dir: str, previous) -> dict:
+def _train_ray(config: PipelineConfig, run_dir: str, previous, lease: Lease) -> dict:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -201,7 +208,8 @@ def _train_ray(config: PipelineConfig, run_dir: str, previous) -> dict:
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"config": config.model_dump(mode="json"), "run_dir": run_dir, "faults": faults.forwarded(),
-                           "previous": None if previous is None else str(previous)},
+                           "previous": None if previous is None else str(previous),
+                           "lease": [lease.output, lease.generation]},
         scaling_config=ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
                                      resources_per_worker=config.scaling.resources_per_worker),
         run_config=RunConfig(name=config.run.name, storage_path=run_dir.rstrip("/").rsplit("/", 1)[0],
@@ -231,6 +239,8 @@ def _ray_worker(loop_config: dict) -> None:
     mirror = _MetricsMirror(run_dir) if rank == 0 else None
 
     def save(directory: str | None, metrics: dict) -> None:
+        if rank == 0 and loop_config.get("lease", [None, None])[1] is not None:  # the driver's lease still ours?
+            check_generation(*loop_config["lease"])
         name = f"checkpoint_{int(metrics['step']):08d}"
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory) if directory else None,
                          checkpoint_dir_name=name)
