@@ -15,27 +15,18 @@ Notation (L levels, level 0 next to the data, level L-1 the top):
     read-out    standardise(log1p(x / library * target)) ~ N(g_batch * W [z_0, ..., z_{L-1}] + b_batch, I)
                 (an auxiliary loss, weight ``readout_weight``)
 
-The decoder reads every level's sample directly (LVAE/BIVA-style skip paths): fed only the
-top-down residual stream, a lower level's contribution starts out drowned by the upper
-levels' and collapses to its free-bits floor. Upper levels are made to carry the coarse
-structure by an auxiliary *coarse reconstruction*: x is also decoded with the levels below
-some k replaced by their prior means, so the levels >= k must explain x on their own.
+The decoder reads every level's sample directly (LVAE/BIVA-style skip paths), so a lower level's
+contribution is not drowned by the upper levels'. A level given a gene partition
+(``HVAEConfig.gene_modules``, built by ``hvae.modules``) decodes only each cell's counts pooled over
+its modules and feeds neither the decoder nor the read-out: what it holds reaches the genes only
+through the priors of the levels below, so it can hold only what moves whole programmes of genes.
+Upper levels without modules are pushed to the coarse structure by the *coarse reconstruction*: x
+also decoded with the levels below some k at their prior means.
 
-The NB likelihood weighs genes by their counts: a few abundant genes dominate it, and a code
-can score well while the many modest genes that tell fine types apart (what PCA on standardised
-genes reads) stay unresolved. The *read-out* asks the code to predict every gene's standardised
-log expression with a linear map, each gene counting alike; per batch a gain and a shift of each
-gene stand beside the map, so that donor effects need not enter the code to be read out
-(``Readout``; benchmarks/RESULTS.md, "Linear read-out").
-
-What a level exports (``encode``) is what levels l..top say about the cell's expression:
-z_l..z_{L-1} at their posterior means, the levels below at their prior means given them (what
-the coarse reconstruction decodes), read through the read-out's map, in coordinates where the
-Euclidean distance of two cells is that of their predicted standardised expression. Level 0
-reads the whole code (the finest), the top its coarse summary alone. The posterior means
-themselves are whitened by the N(0, I) prior: a lineage split of many genes and a subtype split
-of a few end up at like distances (benchmarks/RESULTS.md, "Each level exports what it predicts
-through the read-out").
+The *read-out* asks the code to predict every gene's standardised log expression with a linear map,
+each gene counting alike (beside a per-batch gain and shift of each gene): the NB likelihood alone
+lets a few abundant genes decide the code. What a level exports is what levels l..top predict
+through it (``hvae.exports``). Why each piece is there, measured: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -47,13 +38,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import exports
 from .config import HVAEConfig
 from .distributions import gaussian_kl, nb_log_prob, soft_clamp, zinb_log_prob
+from .inputs import check_batch_index, check_counts
 from .schedules import balanced_kl_coefficients
 
-# Tangent rows (units x cells) that --logvar's vectorised Jacobian takes in one pass: on a CPU the
-# passes stay in cache (16k rows ran 1.5-2x faster than 256k on 2 cores); a GPU takes more at once.
-_LOGVAR_ROWS = {"cpu": 16_384, "other": 262_144}
+
+def _draw(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A draw of N(mean, exp(logvar))."""
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + torch.exp(0.5 * logvar) * noise
+
+
+@dataclass
+class Walk:
+    """One top-down pass (``HierarchicalVAE.walk``), level 0 first: each level's value, the
+    log-variance of the distribution it came from (None where given or at the top), its KL per
+    unit (training passes) and the top-down state after each level >= 1."""
+
+    values: list
+    logvars: list
+    kl: list
+    states_after: dict
 
 
 @dataclass
@@ -294,48 +301,9 @@ class HierarchicalVAE(nn.Module):
     # ------------------------------------------------------------------ input checks
     def _check_inputs(self, counts: torch.Tensor, batch_index: torch.Tensor | None,
                       check_values: bool | None = None, batches: bool = True) -> torch.Tensor | None:
-        config = self.config
-        check_values = config.validate_inputs if check_values is None else check_values
-        if counts.dim() != 2:
-            raise ValueError(f"counts must be a 2-D (cells, genes) tensor, got shape {tuple(counts.shape)}")
-        if counts.shape[1] != config.n_genes:
-            raise ValueError(
-                f"counts have {counts.shape[1]} genes but the model was built for "
-                f"{config.n_genes} (HVAEConfig.n_genes); align the data to the model's gene list"
-            )
-        if check_values:
-            _check_count_values(counts)
-        if not batches:
-            return None
-        return self._check_batch_index(batch_index, counts.shape[0], check_values)
-
-    def _check_batch_index(self, batch_index: torch.Tensor | None, n_cells: int,
-                           check_values: bool | None = None) -> torch.Tensor | None:
-        config = self.config
-        check_values = config.validate_inputs if check_values is None else check_values
-        if config.n_batches == 0:
-            if batch_index is not None:
-                raise ValueError("batch_index was given but the model has n_batches=0 (no batch covariate)")
-            return None
-        if batch_index is None:
-            raise ValueError(f"the model was built with n_batches={config.n_batches}: pass batch_index")
-        if batch_index.dim() == 2 and batch_index.shape[1] == 1:
-            batch_index = batch_index[:, 0]
-        if batch_index.dim() != 1 or batch_index.shape[0] != n_cells:
-            raise ValueError(
-                f"batch_index must have shape ({n_cells},), got {tuple(batch_index.shape)}"
-            )
-        if batch_index.is_floating_point() or batch_index.dtype == torch.bool:
-            raise ValueError(f"batch_index must hold integers, got dtype {batch_index.dtype}")
-        if check_values:
-            bad = (batch_index < 0) | (batch_index >= config.n_batches)
-            if bool(bad.any()):
-                row = int(bad.nonzero()[0, 0])
-                raise ValueError(
-                    f"batch_index[{row}] = {int(batch_index[row])} is out of range: the model has "
-                    f"n_batches={config.n_batches} (valid 0..{config.n_batches - 1})"
-                )
-        return batch_index.long()
+        check_values = self.config.validate_inputs if check_values is None else check_values
+        check_counts(self.config, counts, check_values)
+        return check_batch_index(self.config, batch_index, counts.shape[0], check_values) if batches else None
 
     # ------------------------------------------------------------------ building blocks
     def _bottom_up(self, counts: torch.Tensor) -> list[torch.Tensor]:
@@ -366,42 +334,51 @@ class HierarchicalVAE(nn.Module):
             return nb_log_prob(counts, mean, theta).sum(dim=-1)
         return zinb_log_prob(counts, mean, theta, zero_logits).sum(dim=-1)
 
-    @staticmethod
-    def _sample_gaussian(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        return mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+    def walk(self, top: torch.Tensor, *, states: list[torch.Tensor] | None = None, sample: bool = False,
+             given: list[torch.Tensor | None] | None = None, start: int | None = None, h: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> Walk:
+        """The top-down path from the top's value ``top`` to level 0 (or from below level ``start``,
+        ``h`` the state after it: the coarse reconstruction restarts there).
 
-    def _descend(self, top: torch.Tensor, pick, from_level: int | None = None, h: torch.Tensor | None = None):
-        """Walk the top-down path below ``from_level`` (default: from the top value ``top``).
-
-        At each level ``pick(level, s, prior_mean, prior_logvar)`` returns that level's value
-        (a posterior sample or mean, a prior sample or mean). ``h`` is the top-down state after
-        ``from_level`` when starting below the top. Returns the values of all levels (level 0
-        first, levels >= from_level left as None except the top) and the state after each
-        level >= 1, for restarting the walk from there.
+        Each level takes ``given[level]`` where one is given; else a draw (``sample``) or the mean
+        of its posterior given the bottom-up ``states`` (r_l), or of its prior without them. With
+        ``states`` and ``sample`` (training) each level's KL(q || p) per unit is kept.
         """
         n_levels = self.config.n_levels
-        values: list[torch.Tensor | None] = [None] * n_levels
+        values: list = [None] * n_levels
+        logvars: list = [None] * n_levels
+        kl: list = [None] * n_levels
         values[-1] = top
-        if from_level is None:
-            from_level = n_levels - 1
+        if start is None:
+            start = n_levels - 1
             h = self.latent_in[-1](top) if n_levels > 1 else None
-        states_after = {from_level: h}
-        for level in reversed(range(from_level)):
+        states_after = {start: h}
+        for level in reversed(range(start)):
             s = self.top_down[level](h)
-            prior_mean, prior_logvar = self.prior_heads[level](s)
-            values[level] = pick(level, s, prior_mean, prior_logvar)
+            mean, logvar = self.prior_heads[level](s)
+            if given is not None and given[level] is not None:
+                z = given[level]
+            else:
+                if states is not None:  # the posterior: the prior moved by what the data say
+                    prior_mean, prior_logvar = mean, logvar
+                    delta_mean, delta_logvar = self.posterior_heads[level](s, states[level])
+                    mean, logvar = prior_mean + delta_mean, prior_logvar + delta_logvar
+                    if sample:
+                        kl[level] = gaussian_kl(mean, logvar, prior_mean, prior_logvar, per_dimension=True)
+                z = _draw(mean, logvar, generator) if sample else mean
+            values[level], logvars[level] = z, logvar
             if level > 0:
-                h = s + self.latent_in[level - 1](values[level])
+                h = s + self.latent_in[level - 1](z)
                 states_after[level] = h
-        return values, states_after
+        return Walk(values, logvars, kl, states_after)
 
-    def _direct(self, values: list[torch.Tensor]) -> torch.Tensor:
+    def direct_code(self, values: list[torch.Tensor]) -> torch.Tensor:
         """The levels' values that the decoder and the read-out read, concatenated (level 0 first)."""
         return torch.cat(values[: self.n_direct], dim=-1)
 
     def _decode(self, values: list[torch.Tensor], library, batch_index, decoder=None):
         """Decoder output for every level's value (level 0 first)."""
-        return (decoder or self.decoder)(self._direct(values), library, batch_index)
+        return (decoder or self.decoder)(self.direct_code(values), library, batch_index)
 
     def _module_reconstruction(self, counts: torch.Tensor, library: torch.Tensor, batch_index, samples: list) -> torch.Tensor:
         """Mean NB NLL of the counts pooled over each coarse level's gene modules, decoded from that
@@ -433,20 +410,12 @@ class HierarchicalVAE(nn.Module):
         counts = counts.float()
         states = self._bottom_up(self._thin(counts))
         library = counts.sum(dim=1)
-        n_levels = self.config.n_levels
 
         # Top-down pass with posterior samples; keep the state after each level for the coarse pass.
-        kl_levels: list[torch.Tensor] = [None] * n_levels  # type: ignore[list-item]  (cells, dim) each
         mean_q, logvar_q = self.top_posterior(states[-1])
-        kl_levels[-1] = gaussian_kl(mean_q, logvar_q, per_dimension=True)
-
-        def posterior_sample(level, s, prior_mean, prior_logvar):
-            delta_mean, delta_logvar = self.posterior_heads[level](s, states[level])
-            mean, logvar = prior_mean + delta_mean, prior_logvar + delta_logvar
-            kl_levels[level] = gaussian_kl(mean, logvar, prior_mean, prior_logvar, per_dimension=True)
-            return self._sample_gaussian(mean, logvar)
-
-        samples, h_after = self._descend(self._sample_gaussian(mean_q, logvar_q), posterior_sample)
+        path = self.walk(_draw(mean_q, logvar_q), states=states, sample=True)
+        samples, h_after = path.values, path.states_after
+        kl_levels = path.kl[:-1] + [gaussian_kl(mean_q, logvar_q, per_dimension=True)]  # (cells, dim) each
 
         decoded = self._decode(samples, library, batch_index)
         reconstruction = -self._log_likelihood(counts, decoded)
@@ -467,7 +436,7 @@ class HierarchicalVAE(nn.Module):
         and the moments it saw."""
         if self.readout is None:
             return counts.new_zeros(()), None
-        return self.readout(self._direct(samples), self._log_normalised(counts, library), batch_index)
+        return self.readout(self.direct_code(samples), self._log_normalised(counts, library), batch_index)
 
     def _weighted_kl(self, kl: torch.Tensor, kl_weight: float, kl_levels: list[torch.Tensor]) -> torch.Tensor:
         """Free bits per unit and level weights, then KL balancing during warm-up, then the
@@ -512,104 +481,29 @@ class HierarchicalVAE(nn.Module):
 
         total = counts.new_zeros(())
         for k in truncations:
-            lower, _ = self._descend(samples[-1], lambda level, s, mean, logvar: mean, k, h_after[k])
+            lower = self.walk(samples[-1], start=k, h=h_after[k]).values  # levels below k at their prior means
             decoded = self._decode(lower[:k] + samples[k:], library, batch_index, decode)
             total = total - self._log_likelihood(counts, decoded).mean()
         return total / len(truncations)
 
     @torch.no_grad()
     def encode(self, counts: torch.Tensor, *, return_logvar: bool = False, check_values: bool | None = None):
-        """What each level exports, level 0 first: a list of (cells, representation_dims[l]).
-
-        With the read-out (the default), level l exports what levels l..top say about the cell's
-        expression: z_l..z_top at their posterior means, the levels below at their prior means
-        given them (the path the coarse reconstruction decodes), read by the read-out's map, in
-        the coordinates of :meth:`readout_basis`. The distance of two cells' exports is the
-        distance of the standardised log expression the read-out predicts for them, every gene
-        counting alike as in PCA; a code's units, pulled to N(0, 1) by the prior, are not (they
-        draw the lineages in as tight as the subtypes inside them). Level 0 reads the whole
-        code, the top its coarse summary alone; every level is as wide as the code.
-
-        Without the read-out (``readout_weight=0``, checkpoints of format 3 and earlier) level l
-        exports the posterior means of [z_l, ..., z_top] concatenated.
+        """What each level exports, level 0 first: a list of (cells, representation_dims[l]):
+        what levels l..top predict of the cell's standardised log expression (``hvae.exports``).
 
         With ``return_logvar=True`` returns ``(means, logvars)`` laid out alike: the posterior's
-        variance of each export coordinate, carried through the export to first order (the
-        posterior read as independent units at their means). The encoder does not read batches:
-        no batch index is needed. ``check_values`` as in :meth:`forward`.
+        variance of each export coordinate, carried through the export to first order. The
+        encoder does not read batches: no batch index is needed. ``check_values`` as in
+        :meth:`forward`.
         """
         means, logvars = self.encode_latents(counts, return_logvar=True, check_values=check_values)
-        n_levels = self.config.n_levels
-        if self.readout is None:
-            codes = [torch.cat(means[level:], dim=-1) for level in range(n_levels)]
-            if not return_logvar:
-                return codes
-            return codes, [torch.cat(logvars[level:], dim=-1) for level in range(n_levels)]
-        basis = self.readout_basis()  # the top-down path has no dropout: the walks below need no eval mode
-        exports = [self._export(level, means, basis) for level in range(n_levels)]
-        if not return_logvar:
-            return exports
-        return exports, [self._export_logvar(level, means, logvars, basis) for level in range(n_levels)]
+        return exports.level_exports(self, means, logvars if return_logvar else None)
 
     @property
     def export_kind(self) -> str:
         """What :meth:`encode` exports: ``"readout"`` (what levels l..top predict through the
         read-out) or ``"code"`` (posterior means of z_l..z_top; a model without the read-out)."""
         return "code" if self.readout is None else "readout"
-
-    def readout_basis(self) -> torch.Tensor:
-        """(D, D) for a code of D units: ``S V^T`` of the read-out's map ``W = U S V^T`` (genes
-        x D), so that ``|basis (a - b)| = |W (a - b)|`` for any two codes. An export's first
-        coordinate is the direction that moves the predicted expression most."""
-        weight = self.readout.head.weight
-        key = (weight.data_ptr(), weight._version, weight.device)  # any in-place update bumps _version
-        if getattr(self, "_basis_key", None) != key:  # computed once per set of weights, not per batch
-            _, singular, vh = torch.linalg.svd(weight.detach().cpu().double(), full_matrices=False)  # float64: not on MPS
-            self._basis, self._basis_key = (singular[:, None] * vh).to(weight.device, torch.float32), key
-        return self._basis
-
-    def _export(self, level: int, values: list[torch.Tensor], basis: torch.Tensor) -> torch.Tensor:
-        """Level ``level``'s export: ``values`` of levels >= ``level`` (level 0 first; the rest
-        unused), the levels below at their prior means given them."""
-        if level == 0:  # every level given: no walk
-            code = values
-        else:
-            code, _ = self._descend(values[-1], lambda below, s, mean, logvar: values[below] if below >= level else mean)
-        return self._direct(code).float() @ basis.T
-
-    def _export_logvar(self, level: int, means: list[torch.Tensor], logvars: list[torch.Tensor],
-                       basis: torch.Tensor) -> torch.Tensor:
-        """log of sum_j (d export / d z_j)^2 var_j over the units j of levels >= ``level``.
-
-        Level 0's export is linear in the code: closed form. Above it, the Jacobian's columns are
-        forward-mode derivatives, one per unit, taken in one vectorised pass (``vmap`` over the
-        units' tangents: the walk's primal runs once, each unit adds a tangent row); at most
-        ``_LOGVAR_ROWS`` tangent rows (units x cells) are held at once.
-        """
-        if level == 0:  # linear in the levels read directly
-            scales = torch.cat([torch.exp(0.5 * v) for v in logvars[: self.n_direct]], dim=-1)
-            return torch.log(((scales**2) @ (basis**2).T).clamp(min=1e-30))
-        scales = torch.cat([torch.exp(0.5 * v) for v in logvars[level:]], dim=-1)
-        cells, units = scales.shape
-        dims = [m.shape[1] for m in means[level:]]
-        below = means[:level]
-
-        def export(*upper: torch.Tensor) -> torch.Tensor:
-            return self._export(level, below + list(upper), basis)
-
-        def derivative(*tangents: torch.Tensor) -> torch.Tensor:
-            return torch.func.jvp(export, tuple(means[level:]), tangents)[1]
-
-        rows = _LOGVAR_ROWS["cpu" if scales.device.type == "cpu" else "other"]
-        per_pass = max(1, rows // max(cells, 1))
-        eye = torch.eye(units, device=scales.device, dtype=scales.dtype)
-        variance = torch.zeros(cells, basis.shape[0], device=basis.device)
-        for first in range(0, units, per_pass):
-            chosen = eye[first : first + per_pass]  # (k, units): one tangent per unit
-            tangents = (chosen[:, None, :] * scales[None]).split(dims, dim=-1)  # (k, cells, d_l) each
-            changes = torch.func.vmap(derivative)(*tangents)  # (k, cells, D)
-            variance = variance + (changes.float() ** 2).sum(dim=0)
-        return torch.log(variance.clamp(min=1e-30))
 
     @torch.no_grad()
     def encode_latents(self, counts: torch.Tensor, *, return_logvar: bool = False, check_values: bool | None = None):
@@ -629,18 +523,11 @@ class HierarchicalVAE(nn.Module):
 
     def _encode(self, counts: torch.Tensor, return_logvar: bool):
         states = self._bottom_up(counts)
-        logvars: list[torch.Tensor] = [None] * self.config.n_levels  # type: ignore[list-item]
-        top_mean, logvars[-1] = self.top_posterior(states[-1])
-
-        def posterior_mean(level, s, prior_mean, prior_logvar):
-            delta_mean, delta_logvar = self.posterior_heads[level](s, states[level])
-            logvars[level] = prior_logvar + delta_logvar
-            return prior_mean + delta_mean
-
-        means, _ = self._descend(top_mean, posterior_mean)
-        means = [m.float() for m in means]
+        top_mean, top_logvar = self.top_posterior(states[-1])
+        path = self.walk(top_mean, states=states)  # every level at its posterior mean
+        means = [m.float() for m in path.values]
         if return_logvar:
-            return means, [v.float() for v in logvars]
+            return means, [v.float() for v in path.logvars[:-1] + [top_logvar]]
         return means
 
     @torch.no_grad()
@@ -660,16 +547,12 @@ class HierarchicalVAE(nn.Module):
         device = self.decoder.log_theta.device
         if batch_index is not None:
             batch_index = batch_index.to(device)
-        batch_index = self._check_batch_index(batch_index, n)
-        dims = self.config.latent_dims
+        batch_index = check_batch_index(self.config, batch_index, n, self.config.validate_inputs)
 
         def randn(*shape):
             return torch.randn(*shape, generator=generator, device=device)
 
-        levels, _ = self._descend(
-            randn(n, dims[-1]),
-            lambda level, s, mean, logvar: mean + torch.exp(0.5 * logvar) * randn(*mean.shape),
-        )
+        levels = self.walk(randn(n, self.config.latent_dims[-1]), sample=True, generator=generator).values
         if library_size is None:
             count, total, total_sq = self.library_moments.tolist()
             if count == 0:
@@ -704,24 +587,3 @@ class HierarchicalVAE(nn.Module):
             capped = self.kl_capacity > 0
             step = self.config.capacity_rate * weight * (out.kl.detach().float() - self.kl_capacity)
             self.capacity_multipliers.copy_((self.capacity_multipliers + step).clamp(min=0.0) * capped)
-
-def _check_count_values(counts: torch.Tensor) -> None:
-    """Raise a ValueError naming the first bad entry (row, gene) of a counts matrix."""
-    values = counts if counts.is_floating_point() else counts.float()
-    bad = ~torch.isfinite(values) | (values < 0) | (values != torch.round(values))
-    if not bool(bad.any()):
-        return
-    row, gene = (int(i) for i in bad.nonzero()[0])
-    value = float(values[row, gene])
-    if math.isnan(value):
-        kind = "NaN"
-    elif math.isinf(value):
-        kind = "infinite"
-    elif value < 0:
-        kind = "negative"
-    else:
-        kind = "not an integer"
-    raise ValueError(
-        f"counts[{row}, {gene}] = {value!r} is {kind}: the model needs raw non-negative integer "
-        f"counts (not normalised or log-transformed values); {int(bad.sum())} bad entries in this batch"
-    )

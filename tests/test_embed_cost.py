@@ -9,7 +9,7 @@ import scipy.sparse as sp
 import torch
 import zarr
 
-from hvae import HVAEConfig, HierarchicalVAE
+from hvae import HVAEConfig, HierarchicalVAE, exports
 from pipeline.config import TrainConfig
 from pipeline.embed import EmbedSettings, embed
 from pipeline.train.checkpoint import save_checkpoint
@@ -32,13 +32,13 @@ def small(tmp_path):
 
 def test_embed_computes_variances_only_when_asked(small, monkeypatch):
     calls = []
-    original = HierarchicalVAE._export_logvar
+    original = exports.level_export_logvar
 
-    def counted(self, *args, **kwargs):
+    def counted(model, *args, **kwargs):
         calls.append(args[0])
-        return original(self, *args, **kwargs)
+        return original(model, *args, **kwargs)
 
-    monkeypatch.setattr(HierarchicalVAE, "_export_logvar", counted)
+    monkeypatch.setattr(exports, "level_export_logvar", counted)
     said = []
     for logvar in (False, True):
         settings = EmbedSettings(chunk_rows=128, batch_size=64, logvar=logvar, progress=False)
