@@ -474,3 +474,22 @@ def test_gene_modules_are_built_from_the_data_as_module_levels_ask():
             HVAEConfig(n_genes=N_GENES, latent_dims=(8, 6, 4), module_levels=bad)
     with pytest.raises(ValueError, match="names 2 coarse levels but gene_modules has 1"):
         HVAEConfig(n_genes=N_GENES, latent_dims=(8, 6, 4), module_levels=[(4, 3), (6, 4)], gene_modules=[0] * N_GENES)
+
+
+def test_the_documented_plain_loop_runs_and_holds_the_ceilings():
+    """docs/model.md's plain PyTorch loop, run as written: record_statistics moves the ceilings'
+    multipliers, the EMA copy is what it returns, gene modules are built from the cells."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "model.md").read_text()
+    block = text.split("### The trainer's result in a plain PyTorch loop", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(block, "docs/model.md", "exec"), namespace)
+    group = torch.arange(300) % 3  # three kinds of cells, each with its own programme of genes
+    counts = torch.poisson(torch.where(group[:, None] == torch.arange(N_GENES)[None] // 14, 30.0, 2.0))
+    config = HVAEConfig(n_genes=N_GENES, latent_dims=(8, 6, 4), hidden_dim=32, n_batches=2,
+                        kl_capacity=(0, 0, 0.05), module_levels=[(3, 2)])
+    ema = namespace["train_plain"](counts, torch.arange(300) % 2, config, steps=30, batch_size=32)
+    assert isinstance(ema, HierarchicalVAE) and not ema.training and len(set(ema.config.gene_modules[0])) == 3
+    assert ema.capacity_multipliers[2] > 0  # the top's KL went over its 0.5 nats and the multiplier rose
+    assert [e.shape for e in ema.encode(counts[:5])] == [(5, 14)] * 3
