@@ -120,6 +120,9 @@ class HVAEModel:
         counts = self._counts if adata is None else self._aligned(adata, layer if layer is not None else self.layer)
         if counts is None:
             raise ValueError("this model was loaded without data: pass adata=")
+        if self.result is None and not getattr(self, "_loaded", False):
+            warnings.warn("this model was never trained: its representations are those of random weights (call "
+                          ".train() first)", stacklevel=2)
         levels = encode_in_batches(self.module.to(device), counts, batch_size=batch_size, device=device)
         if level == "all":
             return dict(enumerate(levels))
@@ -231,8 +234,8 @@ class HVAEModel:
 
 
 def _check_batch_column(obs: pd.DataFrame, batch_key: str | None) -> None:
-    """A batch column names batches: missing values and continuous numbers (one batch per cell)
-    are refused here, not inside ``train()``."""
+    """A batch column names batches: missing values, continuous numbers and ids (one batch per
+    cell) are refused here, not inside ``train()``."""
     if batch_key is None or batch_key not in obs.columns:
         return  # batch_codes names a missing column
     column = obs[batch_key]
@@ -240,9 +243,13 @@ def _check_batch_column(obs: pd.DataFrame, batch_key: str | None) -> None:
         rows = list(obs.index[column.isna()][:3])
         raise ValueError(f"batch_key {batch_key!r} is missing for {int(column.isna().sum()):,} cells (e.g. {rows}); fill "
                          "them (e.g. 'unknown') or drop those cells")
-    if pd.api.types.is_float_dtype(column) and column.nunique() > max(50, len(column) // 10):
+    numeric = pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
+    if numeric and column.nunique() > max(50, len(column) // 10):
         raise ValueError(f"batch_key {batch_key!r} holds continuous numbers ({column.nunique():,} distinct values over "
                          f"{len(column):,} cells): each would be its own batch; pass a categorical column (donor, sample)")
+    if column.nunique() > max(50, len(column) // 2):
+        raise ValueError(f"batch_key {batch_key!r} has {column.nunique():,} distinct values over {len(column):,} cells: "
+                         "nearly one batch per cell (an id?); pass a column of batches (donor, sample)")
 
 
 def _matrix(adata, layer):

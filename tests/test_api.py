@@ -174,3 +174,33 @@ def test_careless_input_is_refused_by_name(pbmc, tmp_path, capsys):
         model.get_latent_representation(level=True)
     with pytest.warns(UserWarning, match="never trained"):
         model.save(tmp_path / "untrained")
+
+
+def test_a_batch_column_of_ids_is_refused_at_construction(pbmc):
+    from pipeline import HVAEModel
+
+    adata = pbmc[:200].copy()
+    adata.obs["serial"] = np.arange(200)  # integers, one per cell
+    adata.obs["barcode"] = adata.obs_names.astype(str)
+    for key, said in (("serial", "holds continuous numbers"), ("barcode", "nearly one batch per cell")):
+        with pytest.raises(ValueError, match=f"batch_key '{key}' .*{said}"):
+            HVAEModel(adata, batch_key=key)
+
+
+def test_an_untrained_model_warns_when_it_embeds(pbmc):
+    from pipeline import HVAEModel
+
+    model = HVAEModel(pbmc[:200].copy(), latent_dims=(4, 2), hidden_dim=16)
+    with pytest.warns(UserWarning, match="never trained"):
+        model.get_latent_representation()
+
+
+def test_a_gene_list_mostly_absent_and_a_zero_batch_size_are_refused(pbmc):
+    from pipeline import HVAEModel
+
+    adata = pbmc[:200].copy()
+    few = list(adata.var["gene_ids"][:40]) + [f"ENSG_NOT_HERE_{i}" for i in range(160)]
+    with pytest.raises(ValueError, match="only 40 of the 200 genes .* below the minimum overlap 50%"):
+        HVAEModel(adata, genes=few)
+    with pytest.raises(ValueError, match="batch_size"):
+        HVAEModel(adata, latent_dims=(4, 2), hidden_dim=16).train(max_steps=5, batch_size=0, progress=False)
