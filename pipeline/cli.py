@@ -24,13 +24,30 @@ app = typer.Typer(
 
 
 @contextmanager
-def _named_errors():
-    """Bad input ends the command with its message and exit status 2, not a traceback."""
+def _named_errors(*also: type[BaseException]):
+    """Bad input and an unusable path end the command with one line naming them and exit status 2;
+    a traceback is left for bugs. ``also``: more error types that are expected here."""
     try:
         yield
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
-        typer.echo(f"error: {error}", err=True)
+    except Exception as error:
+        if not (isinstance(error, also) or _expected(error)):
+            raise
+        typer.echo(f"error: {_one_line(error)}", err=True)
         raise typer.Exit(2) from None
+
+
+def _expected(error: Exception) -> bool:
+    """Errors of the input or the environment, not of the code: bad values (ValueError, KeyError),
+    paths missing, unreadable or unwritable (OSError), a file that is not YAML, a path that is not a
+    TileDB store."""
+    if isinstance(error, (ValueError, KeyError, OSError)):
+        return True
+    return any(kind.__module__.split(".")[0] in ("yaml", "tiledb", "tiledbsoma") for kind in type(error).__mro__)
+
+
+def _one_line(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return text if isinstance(error, (ValueError, KeyError, OSError)) else f"{type(error).__name__}: {text}"
 
 
 def _parse_ints(text: str, option: str) -> tuple[int, ...]:
@@ -58,9 +75,11 @@ def simulate(
 ) -> None:
     """Write a synthetic atlas with a known cell-type tree and donor effects, streamed in blocks."""
     from .data.synthetic import SyntheticAtlas, SyntheticAtlasSpec, write_synthetic_atlas
+    from .storage import check_writable
 
     final = out
-    try:
+    with _named_errors(), _usage_errors():
+        check_writable(out.parent)  # an unwritable place is refused before the atlas is generated
         if format != "shards":  # `shard`'s writer refuses and stages on its own
             out = _simulate_target(out, overwrite, format)
         spec = SyntheticAtlasSpec(
@@ -93,9 +112,16 @@ def simulate(
         if out != final:  # the new atlas is complete: only now does it replace the old one
             _swap_in(out, final)
             path = final
+    typer.echo(f"wrote {n_cells:,} cells x {n_genes:,} genes to {path}")
+
+
+@contextmanager
+def _usage_errors():
+    """``simulate``'s bad values and existing outputs, as usage errors (exit status 2)."""
+    try:
+        yield
     except (ValueError, FileExistsError) as error:
         raise typer.BadParameter(str(error)) from None
-    typer.echo(f"wrote {n_cells:,} cells x {n_genes:,} genes to {path}")
 
 
 def _synthetic_source(spec):
@@ -205,15 +231,12 @@ def train(
     """Train the hierarchical VAE on shards: one process, or Ray Train workers (scaling.num_workers >= 1).
 
     Rerunning the same command resumes from the run's latest checkpoint."""
-    from .config import ConfigError, load_config
+    from .config import load_config
     from .train.launch import train as run_training
 
-    try:
+    with _named_errors():  # ConfigError is a ValueError
         resolved = load_config(config, overrides or [])
         summary = run_training(resolved, echo=typer.echo)
-    except (ConfigError, ValueError, FileNotFoundError, KeyError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
     typer.echo(f"trained to step {summary.get('step')} -> {summary.get('checkpoint')}")
 
 
@@ -360,12 +383,13 @@ def evaluate(
     map_method: str = typer.Option("auto", help="umap (umap-learn, the `eval` extra), pca, or auto (umap if installed)."),
     scib: bool = typer.Option(False, "--scib", help="Add the scib-metrics suite (iLISI, kBET, Leiden NMI/ARI, ...; "
                               "pip install 'hvae-pipeline[eval]')."),
+    overwrite: bool = typer.Option(False, help="Replace an earlier report in --out (only once the new one is complete)."),
 ) -> None:
     """Score every level of an embeddings store: kNN accuracy, NMI/ARI, silhouette per label,
     batch mixing, active units; a Markdown report with 2-D maps."""
     from .evaluate.report import EvaluateSettings, evaluate_embeddings
 
-    try:
+    with _named_errors(ImportError):  # ImportError: --scib or --map-method umap without the `eval` extra
         named = dict(item.split("=", 1) for item in compare if "=" in item)
         if len(named) != len(compare):
             raise ValueError(f"--compare takes NAME=STORE, got {[c for c in compare if '=' not in c]}")
@@ -373,11 +397,8 @@ def evaluate(
                                                    "census_uri": census_uri, "organism": organism}
         settings = EvaluateSettings(labels=tuple(l.strip() for l in labels.split(",") if l.strip()), batch_key=batch_key,
                                     out_dir=out, source=source_args, compare=named, pca=pca, max_cells=max_cells, k=k,
-                                    seed=seed, maps=maps, map_method=map_method, scib=scib)
+                                    seed=seed, maps=maps, map_method=map_method, scib=scib, overwrite=overwrite)
         summary = evaluate_embeddings(embeddings, settings, echo=typer.echo)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, KeyError, ImportError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
     typer.echo(f"report: {summary['report']}")
 
 
@@ -402,8 +423,9 @@ def demo(
     shards -> Ray training (hierarchical and flat) -> embeddings per level -> evaluation."""
     from .demo import DemoSettings, run_demo
 
-    run_demo(DemoSettings(out_dir=out_dir, n_cells=n_cells, max_steps=max_steps,
-                          with_flat_baseline=flat_baseline, seed=seed, workers=workers), echo=typer.echo)
+    with _named_errors():
+        run_demo(DemoSettings(out_dir=out_dir, n_cells=n_cells, max_steps=max_steps,
+                              with_flat_baseline=flat_baseline, seed=seed, workers=workers), echo=typer.echo)
 
 
 def main() -> None:

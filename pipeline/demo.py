@@ -87,7 +87,7 @@ def run_demo(settings: DemoSettings, echo=print) -> dict:
     compare = {FLAT: str(out / "embeddings_flat.zarr")} if flat_run is not None else {}
     report = evaluate_embeddings(str(embeddings), EvaluateSettings(
         labels=tuple(labels), batch_key="donor_id", out_dir=str(out / "report"), compare=compare, pca=True,
-        max_cells=settings.n_cells, seed=settings.seed, map_method="pca"), echo=lambda *_: None)
+        max_cells=settings.n_cells, seed=settings.seed, map_method="pca", overwrite=True), echo=lambda *_: None)
     source = ShardSource(str(shards))
     obs, counts = source.read_obs(), source.rows(0, source.n_obs)
     donors = obs["donor_id"].cat.codes.to_numpy(np.int64)

@@ -135,6 +135,10 @@ class Lease:
         except Exception as error:  # an unreachable store, missing credentials: in words, as check_writable says them
             if storage.is_remote(self.output) and not isinstance(error, storage.StorageError):
                 raise storage.StorageError(storage.explain(self.output, error)) from None
+            if not storage.is_url(self.output) and isinstance(error, OSError):  # a read-only or missing folder
+                folder = os.path.dirname(self.output.rstrip("/")) or "."
+                raise storage.StorageError(f"cannot write to {folder} ({error.strerror or error}): the lease of "
+                                           f"{self.output} cannot be taken; choose a writable place") from None
             raise
 
     def _acquire(self) -> "Lease":

@@ -4,6 +4,7 @@ import pytest
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import anndata as ad
 
@@ -112,3 +113,53 @@ def test_bad_files_and_paths_get_named_errors_not_tracebacks(tmp_path):
         (tmp_path / "index.json").write_text(content)
         with pytest.raises(ValueError, match="is not an embed-release index"):
             read_index(str(tmp_path))
+
+
+def cli_here(*args):
+    """The command line in this process (a subprocess per call costs seconds of imports); an
+    exception it did not turn into a named line (a traceback for the user) fails the test."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
+UNWRITABLE = Path("/sys/hvae-pipeline-test")  # /sys takes no new files, for root too
+needs_sys = pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux's /sys, a folder nobody writes to")
+SMALL = ["--n-cells", "200", "--n-genes", "40", "--branching", "2,2"]
+
+
+@needs_sys
+def test_an_unwritable_output_is_one_named_line_before_any_work(tmp_path):
+    atlas = tmp_path / "atlas.h5ad"
+    assert cli_here("simulate", atlas, *SMALL).returncode == 0
+    for args in (["simulate", UNWRITABLE / "atlas.h5ad", *SMALL], ["simulate", UNWRITABLE / "soma", "--format", "soma", *SMALL],
+                 ["shard", atlas, "--out", UNWRITABLE / "shards"],
+                 ["embed", "--checkpoint", tmp_path, "--source", atlas, "--out", UNWRITABLE / "e.zarr"]):
+        result = cli_here(*args)
+        assert result.returncode == 2 and "cannot write to /sys" in result.stderr, (args, result.stderr)
+        assert "synthetic atlas" not in result.stderr + result.stdout  # refused before the cells were generated
+
+
+def test_bad_paths_and_values_in_options_are_one_named_line(tmp_path):
+    (tmp_path / "genes").mkdir()
+    (tmp_path / "a_file").write_text("mine")
+    for args, said in ((["shard", tmp_path, "--out", tmp_path / "s", "--genes", tmp_path / "genes"], "Is a directory"),
+                       (["train", f"data.path={tmp_path}", f"run.storage_path={tmp_path / 'a_file'}"], "a_file"),
+                       (["train", f"data.path={tmp_path}", "train.max_steps=[1"], "ParserError")):
+        result = cli_here(*args)
+        assert result.returncode == 2 and result.stderr.startswith("error: ") and said in result.stderr, (args, result.stderr)
+        assert result.stderr.count("\n") == 1  # one line
+    assert (tmp_path / "a_file").read_text() == "mine"
+
+
+def test_an_index_whose_records_lack_their_keys_is_named(tmp_path):
+    from pipeline.embed.release import read_index
+
+    (tmp_path / "index.json").write_text('{"runs": [{"release": "2025-01-30"}]}')
+    with pytest.raises(ValueError, match="is not an embed-release index.*model_id"):
+        read_index(str(tmp_path))

@@ -221,7 +221,7 @@ def test_evaluate_scores_every_level_against_baselines_on_the_same_cells(trained
     assert 'use_rep="X_hvae_level_' in summary["guidance"][1] and "## Which level to use" in report
     wrong = subprocess.run([*command[:7], "lineage,celltype"], capture_output=True, text=True, env=ENV)
     assert wrong.returncode == 2 and "column(s) ['celltype'] not in the obs" in wrong.stderr
-    same = subprocess.run([*command, "--batch-key", "lineage"], capture_output=True, text=True, env=ENV)
+    same = subprocess.run([*command, "--overwrite", "--batch-key", "lineage"], capture_output=True, text=True, env=ENV)
     assert same.returncode == 2 and "'lineage' is both a label column and the batch key" in same.stderr
     # --out never writes into a folder of other files; scores no kNN cannot give are refused, by name.
     mine = tmp_path / "mine"
@@ -231,7 +231,7 @@ def test_evaluate_scores_every_level_against_baselines_on_the_same_cells(trained
     assert foreign.returncode == 2 and "not an evaluate report" in foreign.stderr
     assert (mine / "report.md").read_text() == "my notes"
     for extra, said in ((["--k", "5000"], "--k 5000 is not below"), (["--max-cells", "0"], "--max-cells must be")):
-        refused = subprocess.run([*command, *extra], capture_output=True, text=True, env=ENV)
+        refused = subprocess.run([*command, "--overwrite", *extra], capture_output=True, text=True, env=ENV)
         assert refused.returncode == 2 and said in refused.stderr, refused.stderr[-1000:]
 
 
@@ -356,3 +356,98 @@ def test_embed_never_deletes_what_it_did_not_write_and_never_mixes_sources(train
                                   ({"min_gene_overlap": 0.0}, "--min-gene-overlap must be in")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             EmbedSettings(**bad_settings)
+
+
+@pytest.fixture
+def fresh(tmp_path):
+    """Two untrained 60-gene models (seeds 0 and 1) saved as checkpoints, 300 labelled cells of
+    their genes, and the cells embedded by model0 (e.zarr): what the careless-user cases need, in a second."""
+    from hvae import HVAEConfig, HierarchicalVAE
+    from pipeline.config import TrainConfig
+    from pipeline.train.checkpoint import save_checkpoint
+    from pipeline.train.step import Trainer
+
+    genes = [f"gene{i}" for i in range(60)]
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        config = HVAEConfig(n_genes=len(genes), latent_dims=(8, 4), hidden_dim=32)
+        save_checkpoint(tmp_path / f"model{seed}", Trainer(HierarchicalVAE(config), TrainConfig()), config, "{}\n",
+                        {"step": 0}, genes, None, [])
+    rng = np.random.default_rng(0)
+    names = [f"cell{i}" for i in range(300)]
+    obs = pd.DataFrame({"kind": rng.choice(["a", "b", "c"], 300), "serial": np.arange(300), "barcode": names,
+                        "depth": rng.normal(size=300), "tissue": "blood"}, index=names)
+    adata = ad.AnnData(sp.csr_matrix(rng.poisson(1.5, (300, len(genes))).astype(np.float32)), obs=obs,
+                       var=pd.DataFrame(index=genes))
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    embed_quiet(tmp_path / "model0", str(tmp_path / "cells.h5ad"), tmp_path / "e.zarr")
+    return tmp_path
+
+
+def test_an_untrained_checkpoint_is_embedded_with_a_warning(fresh):
+    said = []
+    embed(str(fresh / "model1"), {"source": str(fresh / "cells.h5ad")}, str(fresh / "u.zarr"),
+          EmbedSettings(progress=False), echo=said.append)
+    assert any("was never trained (step 0)" in line for line in said), said
+
+
+def test_embed_release_over_another_store_says_what_works_not_overwrite(fresh):
+    from pipeline.embed.release import embed_release
+
+    root = fresh / "releases"
+    (root / "r1").mkdir(parents=True)
+    shutil.copytree(fresh / "e.zarr", root / "r1" / "embeddings.zarr")  # release r1, embedded by model0
+    quiet = EmbedSettings(progress=False)
+    for model, settings, said in (("model1", quiet, "another model.*give this model its own --out-root"),
+                                  ("model0", EmbedSettings(chunk_rows=100, progress=False), "rerun with --chunk-rows 16384")):
+        with pytest.raises(FileExistsError, match=said) as refused:
+            embed_release(str(fresh / model), str(root), census_uri=str(fresh), release="r1", settings=settings,
+                          index=False, echo=lambda *_: None)
+        assert "--overwrite" not in str(refused.value)  # embed-release has no such option
+    assert not (root / "index.json").exists()  # refused before the index was touched
+
+
+def test_embed_release_names_a_census_uri_that_is_not_a_census(fresh):
+    from pipeline.embed.release import embed_release
+
+    with pytest.raises(ValueError, match="--census-uri .*cells.h5ad is not a Census"):
+        embed_release(str(fresh / "model0"), str(fresh / "releases"), census_uri=str(fresh / "cells.h5ad"),
+                      echo=lambda *_: None)
+
+
+def evaluate_quietly(store, **settings):
+    from pipeline.evaluate.report import EvaluateSettings, evaluate_embeddings
+
+    said = []
+    summary = evaluate_embeddings(str(store), EvaluateSettings(maps=False, **settings), echo=said.append)
+    return summary, said
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux's /sys, a folder nobody writes to")
+def test_evaluate_refuses_an_unwritable_out_before_the_work(fresh):
+    from pipeline.evaluate.report import EvaluateSettings, evaluate_embeddings
+
+    said = []
+    with pytest.raises(ValueError, match="--out /sys/hvae-pipeline-test: cannot write to /sys"):
+        evaluate_embeddings(str(fresh / "e.zarr"), EvaluateSettings(labels=("kind",), out_dir="/sys/hvae-pipeline-test",
+                                                                     maps=False), echo=said.append)
+    assert said == []  # nothing was scored first
+
+
+def test_evaluate_replaces_an_earlier_report_only_with_overwrite(fresh):
+    report = fresh / "report"
+    evaluate_quietly(fresh / "e.zarr", labels=("kind",), out_dir=str(report))
+    with pytest.raises(FileExistsError, match="holds an evaluate report already; pass --overwrite"):
+        evaluate_quietly(fresh / "e.zarr", labels=("kind",), out_dir=str(report), k=5)
+    assert json.loads((report / "metrics.json").read_text())["k"] == 15  # untouched
+    summary, _ = evaluate_quietly(fresh / "e.zarr", labels=("kind",), out_dir=str(report), k=5, overwrite=True)
+    assert json.loads((report / "metrics.json").read_text())["k"] == 5 and summary["report"] == str(report / "report.md")
+    assert sorted(p.name for p in fresh.iterdir() if p.name.startswith("report")) == ["report"]  # no staging left
+
+
+def test_evaluate_refuses_a_label_no_knn_can_score_by_name(fresh):
+    """Numbers, ids and a single class would each still name a "best" level."""
+    for label, said in (("serial", "'serial' .* looks continuous"), ("barcode", r"'barcode' .* \(an id, not a label\)"),
+                        ("depth", "'depth' .* looks continuous"), ("tissue", "'tissue' .* has 1 class")):
+        with pytest.raises(ValueError, match=said):
+            evaluate_quietly(fresh / "e.zarr", labels=(label,), out_dir=str(fresh / "report"))

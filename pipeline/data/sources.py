@@ -397,6 +397,29 @@ def census_unreachable(census_version: str, error: BaseException) -> CensusUnrea
                       "with --census-uri PATH")
 
 
+def open_census_copy(census_uri: str):
+    """The Census collection at ``census_uri`` (a local or mirrored copy), with a path that is
+    missing, not TileDB-SOMA or not a Census said in words."""
+    import cellxgene_census
+
+    try:
+        census = cellxgene_census.open_soma(uri=census_uri)
+    except Exception as error:  # tiledbsoma's DoesNotExistError and kin: say what the path is instead
+        what = ("does not exist" if not is_url(census_uri) and not Path(census_uri).exists()
+                else "is not a Census (a TileDB-SOMA collection with census_data and census_info)")
+        raise ValueError(f"--census-uri {census_uri} {what}: give the folder or URL of a Census copy (the one "
+                         f"holding census_data/); {type(error).__name__}: {str(error)[:200]}") from None
+    _check_census(census, census_uri)
+    return census
+
+
+def _check_census(census, name: str) -> None:
+    if "census_data" not in census:
+        census.close()
+        raise ValueError(f"{name} is a SOMA collection but not a Census: it has no census_data "
+                         f"(it holds {list(census.keys())[:5]})")
+
+
 def open_census(census_version: str | None = None, census_uri: str | None = None, organism: str = "homo_sapiens",
                 obs_filter: str | None = DEFAULT_CENSUS_OBS_FILTER, var_filter: str | None = None,
                 layer: str = "raw") -> SomaSource:
@@ -406,20 +429,11 @@ def open_census(census_version: str | None = None, census_uri: str | None = None
     if (census_version is None) == (census_uri is None):
         raise ValueError("give exactly one of census_version (a public release, e.g. 'stable') or census_uri (a copy)")
     if census_uri:
-        try:
-            census = cellxgene_census.open_soma(uri=census_uri)
-        except Exception as error:  # tiledbsoma's DoesNotExistError and kin: say what the path is instead
-            what = ("does not exist" if not is_url(census_uri) and not Path(census_uri).exists()
-                    else "is not a Census (a TileDB-SOMA collection with census_data and census_info)")
-            raise ValueError(f"--census-uri {census_uri} {what}: give the folder or URL of a Census copy (the one "
-                             f"holding census_data/); {type(error).__name__}: {str(error)[:200]}") from None
+        census = open_census_copy(census_uri)
     else:
         census = public_census(census_version, lambda: cellxgene_census.open_soma(census_version=census_version))
+        _check_census(census, census_version)
     key = organism.strip().lower().replace(" ", "_")
-    if "census_data" not in census:
-        census.close()
-        raise ValueError(f"{census_uri or census_version} is a SOMA collection but not a Census: it has no census_data "
-                         f"(it holds {list(census.keys())[:5]})")
     data = census["census_data"]
     if key not in data:
         census.close()

@@ -17,12 +17,13 @@ from datetime import datetime, timezone
 
 from .. import storage
 from ..train.checkpoint import fetch_checkpoint
-from ..data.sources import CensusUnreachable, census_obs_filter, public_census
+from ..data.sources import CensusUnreachable, census_obs_filter, open_census_copy, public_census
 from ..query.index import default_index_path
 from ..lease import Lease
 from .write import EmbedSettings, embed, model_id
 
 INDEX_NAME = "index.json"
+RECORD_KEYS = {"release", "model_id", "status", "started"}  # what every run record holds
 
 
 def resolve_release(census_version: str | None, census_uri: str | None, release: str | None) -> str:
@@ -48,8 +49,7 @@ def resolve_release(census_version: str | None, census_uri: str | None, release:
 
 
 def _build_date(census_uri: str) -> str | None:
-    import cellxgene_census
-    with cellxgene_census.open_soma(uri=census_uri) as census:
+    with open_census_copy(census_uri) as census:
         frame = census["census_info"]["summary"].read().concat().to_pandas()
     return dict(zip(frame["label"], frame["value"])).get("census_build_date")
 
@@ -60,8 +60,8 @@ def read_index(out_root: str) -> list[dict]:
         return []
     try:
         runs = json.loads(storage.read_text(path))["runs"]
-        if not isinstance(runs, list) or not all(isinstance(run, dict) for run in runs):
-            raise TypeError("'runs' is not a list of records")
+        if not isinstance(runs, list) or not all(isinstance(run, dict) and RECORD_KEYS <= run.keys() for run in runs):
+            raise TypeError(f"'runs' is not a list of records with {sorted(RECORD_KEYS)}")
         return runs
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not an embed-release index ({type(error).__name__}: {error}); move it aside") from None
@@ -107,6 +107,7 @@ def embed_release(checkpoint: str, out_root: str, *, census_version: str | None 
 
 def _embed_release(origin, identity, out_root, out, name, census_version, census_uri, organism, obs_filter, all_cells,
                    settings, index, echo) -> dict:
+    _refuse_another_store(out, identity, settings, name)
     runs = read_index(out_root)
     effective = census_obs_filter(obs_filter, all_cells)
     for entry in runs:
@@ -155,6 +156,32 @@ def _replace(runs: list[dict], entry: dict) -> list[dict]:
     """The index with ``entry`` as the record of its (release, model) pair."""
     kept = [r for r in runs if (r["release"], r["model_id"]) != (entry["release"], entry["model_id"])]
     return sorted(kept + [entry], key=lambda r: (r["release"], r["started"]))
+
+
+def _refuse_another_store(out: str, identity: str, settings: EmbedSettings, name: str) -> None:
+    """embed-release never replaces a release's store (it has no --overwrite): one of another model
+    or written with other settings is refused before the index is touched, saying what works."""
+    import zarr
+
+    try:
+        group = zarr.open_group(out, mode="r")
+    except (FileNotFoundError, KeyError, ValueError):
+        return
+    attrs, logvar = dict(group.attrs), "level_0/logvar" in group
+    if "model_id" not in attrs:
+        return  # not an embeddings store: embed refuses it, naming what it holds
+    if attrs["model_id"] != identity:
+        what = f"embeddings of another model ({attrs['model_id']}, not {identity})"
+        way = "give this model its own --out-root"
+    elif attrs.get("chunk_rows") != settings.chunk_rows or logvar != settings.logvar:
+        stored = f"--chunk-rows {attrs.get('chunk_rows')}{' --logvar' if logvar else ''}"
+        what = (f"embeddings written with {stored} (this run: --chunk-rows {settings.chunk_rows}"
+                f"{' --logvar' if settings.logvar else ''})")
+        way = f"rerun with {stored}"
+    else:
+        return
+    raise FileExistsError(f"release {name} at {out} holds {what}; embed-release never replaces a release's store: {way}, "
+                          f"or delete {out} yourself to embed the release again")
 
 
 def _complete(out: str) -> bool:

@@ -149,6 +149,14 @@ def _load(checkpoint: str, ema: bool):
     return directory, origin, model, parts
 
 
+def _never_trained(directory) -> bool:
+    """Whether the checkpoint records step 0 (``HVAEModel.save`` before ``train()``)."""
+    try:
+        return json.loads((Path(directory) / "train_state.json").read_text()).get("step") == 0
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings | None = None, echo=print) -> dict:
     """Embed every cell of ``open_source(**source_args)`` with the checkpoint's model into ``out``
     (holding the store's lease: a second writer is refused, or waits with ``settings.wait``)."""
@@ -165,6 +173,8 @@ def _embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings
     import zarr
 
     directory, origin, model, parts = _load(checkpoint, settings.ema)
+    if _never_trained(directory):
+        echo(f"warning: checkpoint {origin} was never trained (step 0): its embeddings are those of random weights")
     genes = parts["genes"]["feature_ids"]
     # open for the whole run: the local path reads from it
     source_args, source = _open_as_recorded(source_args, parts.get("setup"), echo)

@@ -25,6 +25,7 @@ import torch
 from hvae import active_units
 
 from ..embed.store import EmbeddingsView
+from ..storage import StorageError, check_writable, recover_replace, remove_tree, replace_tree
 from .metrics import (batch_mixing, cluster_agreement, knn_accuracy, knn_within, pca_embedding, scib_scores,
                       silhouette_label)
 
@@ -50,6 +51,7 @@ class EvaluateSettings:
     map_method: str = "auto"              # umap when umap-learn is installed, else pca
     map_cells: int = 10_000
     scib: bool = False                    # add the scib-metrics suite (the `eval` extra)
+    overwrite: bool = False               # replace an earlier report in out_dir (once the new one is complete)
 
     def __post_init__(self) -> None:
         for name in ("max_cells", "k", "map_cells"):
@@ -66,7 +68,8 @@ def evaluate_embeddings(path: str, settings: EvaluateSettings, echo=print) -> di
         raise ValueError(f"map method must be one of {MAP_METHODS}, got {settings.map_method!r}")
     if not settings.labels:
         raise ValueError("give at least one label column (--labels COL[,COL...])")
-    out_dir = _report_dir(Path(settings.out_dir or _default_out_dir(path)))  # refused before the work, not after
+    final = Path(settings.out_dir or _default_out_dir(path))
+    out_dir = _report_dir(final, settings.overwrite)  # refused before the work, not after
     store = EmbeddingsView(path)
     attrs = store.uns["hvae_embeddings"]
     source_args = settings.source or _recorded_source(attrs, path)
@@ -148,30 +151,40 @@ def evaluate_embeddings(path: str, settings: EvaluateSettings, echo=print) -> di
         staged = out_dir / f".{name}.partial"
         staged.write_text(text)
         os.replace(staged, out_dir / name)  # a report replaced whole, never half-written
-    summary["report"] = str(out_dir / "report.md")
+    if out_dir != final:  # --overwrite: the earlier report is replaced only now, by a complete new one
+        replace_tree(str(out_dir), str(final))
+    summary["report"] = str(final / "report.md")
     return summary
 
 
 REPORT_FILES = {"metrics.json", "report.md", "maps"}
 
 
-def _report_dir(out_dir: Path) -> Path:
-    """``out_dir`` if ``evaluate`` may write its report there: absent, empty, or a report it wrote
-    before (which it replaces). A folder holding anything else is refused, and an unwritable one
-    is named, before any work is done."""
+def _report_dir(out_dir: Path, overwrite: bool) -> Path:
+    """Where ``evaluate`` writes its report: ``out_dir`` when absent or empty; with ``overwrite``
+    over a report it wrote before, a sibling that replaces it once complete. A report is refused
+    without ``overwrite``, a folder holding anything else even with it, and an unwritable place is
+    named, before any work is done."""
+    recover_replace(str(out_dir))  # an --overwrite swap cut short by a kill
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"--out {out_dir} is a file, not a folder; choose another --out (nothing was changed)")
-    if out_dir.is_dir():
-        present = {p.name for p in out_dir.iterdir() if not p.name.startswith(".")}
-        ours = present <= REPORT_FILES and (not present or (out_dir / "metrics.json").exists()
-                                            and "embeddings" in _json_or_empty(out_dir / "metrics.json"))
-        if not ours:
-            raise FileExistsError(f"--out {out_dir} holds files that are not an evaluate report ({sorted(present)[:5]}); "
-                                  "choose an empty or new folder (nothing was changed)")
+    present = {p.name for p in out_dir.iterdir() if not p.name.startswith(".")} if out_dir.is_dir() else set()
+    if present and not (present <= REPORT_FILES and "embeddings" in _json_or_empty(out_dir / "metrics.json")):
+        raise FileExistsError(f"--out {out_dir} holds files that are not an evaluate report ({sorted(present)[:5]}); "
+                              "choose an empty or new folder (nothing was changed)")
+    if present and not overwrite:
+        raise FileExistsError(f"--out {out_dir} holds an evaluate report already; pass --overwrite to replace it (once "
+                              "the new one is complete), or choose another --out (nothing was changed)")
     probe = out_dir if out_dir.is_dir() else next(p for p in out_dir.parents if p.exists())
-    if not os.access(probe, os.W_OK):
-        raise PermissionError(f"--out {out_dir}: {probe} is not writable; choose another --out")
-    return out_dir
+    try:
+        check_writable(str(probe))
+    except StorageError as error:
+        raise StorageError(f"--out {out_dir}: {error}; choose another --out (nothing was changed)") from None
+    if not present:
+        return out_dir
+    staged = out_dir.with_name(out_dir.name + ".overwrite-partial")
+    remove_tree(str(staged))  # our own scratch from a run cut short
+    return staged
 
 
 def _json_or_empty(path: Path) -> dict:
@@ -228,9 +241,13 @@ def _check_labels(obs: pd.DataFrame, settings: EvaluateSettings, uri: str) -> No
         if classes < 2:
             raise ValueError(f"label column {label!r} of {uri} has {classes} class(es) among the evaluated cells: there is "
                              "nothing to tell apart; pass a column with at least two labels")
-        if pd.api.types.is_float_dtype(column) and classes > max(50, len(column) // 10):
+        numeric = pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
+        if numeric and classes > max(50, len(column) // 10):
             raise ValueError(f"label column {label!r} of {uri} looks continuous ({classes:,} distinct values over "
                              f"{len(column):,} cells): kNN accuracy scores categories; bin it or pass a categorical column")
+        if classes > len(column) // 2:
+            raise ValueError(f"label column {label!r} of {uri} has {classes:,} distinct values over {len(column):,} cells: "
+                             "most cells are alone in their label (an id, not a label); pass a column of cell types")
         if settings.k >= int(0.8 * len(column)):
             raise ValueError(f"--k {settings.k} is not below the {int(0.8 * len(column)):,} labelled cells a 5-fold kNN "
                              f"trains on for {label!r}: every representation would score the majority vote; lower --k")
