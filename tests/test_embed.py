@@ -451,3 +451,22 @@ def test_evaluate_refuses_a_label_no_knn_can_score_by_name(fresh):
                         ("depth", "'depth' .* looks continuous"), ("tissue", "'tissue' .* has 1 class")):
         with pytest.raises(ValueError, match=said):
             evaluate_quietly(fresh / "e.zarr", labels=(label,), out_dir=str(fresh / "report"))
+
+
+def test_shards_written_again_in_place_are_not_taken_for_the_ones_embedded(fresh):
+    """Same ids and genes, other counts (``shard --overwrite`` from an edited file): not resumed, not "complete"."""
+    import time
+
+    from pipeline.data import ShardSettings, open_source, write_shards
+
+    shards, cells = fresh / "shards", fresh / "cells.h5ad"
+    write_shards(open_source(str(cells)), str(shards), ShardSettings(shard_size=100, progress=False), echo=lambda *_: None)
+    embed_quiet(fresh / "model0", str(shards), fresh / "s.zarr", chunk_rows=100)
+    adata = ad.read_h5ad(cells)
+    adata.X = sp.csr_matrix(adata.X.toarray()[::-1])
+    adata.write_h5ad(cells)
+    time.sleep(0.05)  # a later manifest, whatever the clock's resolution
+    write_shards(open_source(str(cells)), str(shards), ShardSettings(shard_size=100, overwrite=True, progress=False),
+                 echo=lambda *_: None)
+    with pytest.raises(FileExistsError, match="embedded from another source.*Pass --overwrite"):
+        embed_quiet(fresh / "model0", str(shards), fresh / "s.zarr", chunk_rows=100)

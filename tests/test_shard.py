@@ -180,6 +180,13 @@ def test_errors_for_filters_layers_and_gene_lists(tmp_path):
         open_source(str(tmp_path / "missing.h5ad"))
 
 
+def test_a_min_gene_overlap_that_is_not_a_share_is_refused():
+    """--min-gene-overlap 5 said "only 100 of the 100 genes ... below the minimum overlap 500%"."""
+    for bad in (0.0, 5.0, -0.5):
+        with pytest.raises(ValueError, match=r"--min-gene-overlap must be in \(0, 1\]"):
+            ShardSettings(min_gene_overlap=bad)
+
+
 def test_normalised_compressed_and_truncated_h5ad_are_named(tmp_path):
     counts = np.random.default_rng(0).poisson(2.0, size=(20, 6)).astype(np.float32)
     adata = ad.AnnData(sp.csr_matrix(np.log1p(counts)), obs=pd.DataFrame(index=[f"c{i}" for i in range(20)]),
@@ -378,10 +385,12 @@ def assert_same_shards(a, b) -> None:
 @pytest.mark.slow
 def test_shard_on_ray_workers_writes_the_same_shards_and_survives_a_killed_task(tmp_path):
     """`shard --workers 2` (a local Ray cluster): one shard set, identical to the one-process
-    run for the same seed; a pass-1 task SIGKILLed mid-way is retried by Ray, nothing duplicated."""
+    run for the same seed (the highly variable genes summed on the workers too); a pass-1 task
+    SIGKILLed mid-way is retried by Ray, nothing duplicated."""
     source = shared_file("pbmc3k_raw_seurat_annotations.h5ad")
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    args = [sys.executable, "-m", "pipeline", "shard", str(source), "--shard-size", "400", "--block-size", "300"]
+    args = [sys.executable, "-m", "pipeline", "shard", str(source), "--shard-size", "400", "--block-size", "300",
+            "--n-top-genes", "800"]
     one = subprocess.run([*args, "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
     markers = tmp_path / "markers"
@@ -393,7 +402,7 @@ def test_shard_on_ray_workers_writes_the_same_shards_and_survives_a_killed_task(
     assert (markers / ".killed_part_1").exists()
     assert_same_shards(tmp_path / "one", tmp_path / "two")
     x, rows, _ = shard_matrix(str(tmp_path / "two"))
-    assert np.array_equal(np.sort(rows), np.arange(2700))  # every cell exactly once
+    assert np.array_equal(np.sort(rows), np.arange(2700)) and x.shape[1] == 800  # every cell exactly once
     assert not (tmp_path / "two" / ".staging").exists()
     # simulate --format shards goes through the same path
     sim = [sys.executable, "-m", "pipeline", "simulate", "--n-cells", "3000", "--n-genes", "200", "--format", "shards",

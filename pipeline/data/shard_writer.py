@@ -77,6 +77,9 @@ class ShardSettings:
             raise ValueError(f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
         if self.n_top_genes is not None and self.n_top_genes < 1:
             raise ValueError("n_top_genes must be >= 1")
+        if not 0 < self.min_gene_overlap <= 1:
+            raise ValueError(f"--min-gene-overlap must be in (0, 1], got {self.min_gene_overlap!r} (a share of the gene "
+                             "list, e.g. 0.5)")
 
 
 def write_shards(source: Source, out: str, settings: ShardSettings | None = None, echo=print, reopen=None) -> dict:
@@ -139,7 +142,7 @@ def _build(source: Source, out: str, settings: ShardSettings, started: float, ec
     local = not is_remote(out)
     n_obs = source.n_obs
     columns = _obs_columns(source, settings.obs_columns)
-    target = _target_genes(source, settings, echo)
+    target = _target_genes(source, settings, echo, reopen)
     alignment = GeneAlignment(source.feature_ids, target, settings.min_gene_overlap, source_name=source.uri)
     if not alignment.identity:
         echo(f"gene alignment: {alignment.summary()}")
@@ -420,12 +423,12 @@ def _obs_columns(source: Source, columns: Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys([*columns, "source_row"]))
 
 
-def _target_genes(source: Source, settings: ShardSettings, echo) -> list[str]:
+def _target_genes(source: Source, settings: ShardSettings, echo, reopen=None) -> list[str]:
     if settings.genes is not None:
         return list(settings.genes)
     if settings.n_top_genes is None:
         return source.feature_ids.tolist()
-    from .genes import GeneStatistics, highly_variable_by_batch
+    from .genes import highly_variable_by_batch
 
     if settings.n_top_genes > len(source.feature_ids):
         raise ValueError(f"--n-top-genes {settings.n_top_genes} exceeds the {len(source.feature_ids)} genes of {source.uri}")
@@ -434,20 +437,53 @@ def _target_genes(source: Source, settings: ShardSettings, echo) -> list[str]:
         available = _available_columns(source)
         if key not in available:
             raise ValueError(f"{source.uri}: HVG batch key {key!r} is not an obs column (columns: {available})")
-    statistics: dict[str, GeneStatistics] = {}
-    with Progress(source.n_obs, "highly variable genes", enabled=settings.progress) as bar:
-        for offset, block in source.iter_blocks(settings.block_size):
-            if key is None:
-                statistics.setdefault("all", GeneStatistics(block.shape[1])).update(block)
-            else:
-                block_labels = source.obs_rows(offset, offset + block.shape[0])[key].astype(str).to_numpy()
-                for label in np.unique(block_labels):
-                    statistics.setdefault(label, GeneStatistics(block.shape[1])).update(block[block_labels == label])
-            bar.update(block.shape[0])
+    how = f", {settings.workers} workers" if settings.workers else ""
+    with Progress(source.n_obs, f"highly variable genes{how}", enabled=settings.progress) as bar:
+        if settings.workers:  # each part's sums on a worker, added here in part order
+            statistics: dict = {}
+            ranges = _partitions(source.n_obs, settings.workers, settings.block_size)
+            calls = {part: (reopen, key, settings.block_size, lo, hi) for part, (lo, hi) in enumerate(ranges)}
+            results = dict(_ray_map(_gene_statistics_task, calls, settings.workers))
+            for part in range(len(ranges)):
+                for label, part_statistics in results[part].items():
+                    if label in statistics:
+                        statistics[label].merge(part_statistics)
+                    else:
+                        statistics[label] = part_statistics
+                bar.update(ranges[part][1] - ranges[part][0])
+        else:
+            statistics = _gene_statistics(source, key, settings.block_size, 0, source.n_obs, bar.update)
+    statistics = dict(sorted(statistics.items()))
     chosen = statistics["all"].highly_variable(settings.n_top_genes) if key is None else \
         highly_variable_by_batch(statistics, settings.n_top_genes)
     echo(f"selected {len(chosen)} highly variable genes" + (f" across {len(statistics)} batches of {key!r}" if key else ""))
     return source.feature_ids[chosen].tolist()
+
+
+def _gene_statistics(source: Source, key: str | None, block_size: int, lo: int, hi: int, update=None) -> dict:
+    """Per-gene sums over source rows [lo, hi): ``{"all": ...}``, or one per value of obs column ``key``."""
+    from .genes import GeneStatistics
+
+    statistics: dict[str, GeneStatistics] = {}
+    if lo == 0 and hi == source.n_obs:
+        pairs = source.iter_blocks(block_size)
+    else:
+        pairs = ((start, source.rows(start, min(hi, start + block_size))) for start in range(lo, hi, block_size))
+    for offset, block in pairs:
+        if key is None:
+            statistics.setdefault("all", GeneStatistics(block.shape[1])).update(block)
+        else:
+            block_labels = source.obs_rows(offset, offset + block.shape[0])[key].astype(str).to_numpy()
+            for label in np.unique(block_labels):
+                statistics.setdefault(label, GeneStatistics(block.shape[1])).update(block[block_labels == label])
+        if update is not None:
+            update(block.shape[0])
+    return statistics
+
+
+def _gene_statistics_task(reopen, key: str | None, block_size: int, lo: int, hi: int) -> dict:
+    with reopen() as source:
+        return _gene_statistics(source, key, block_size, lo, hi)
 
 
 def _target_var(source: Source, alignment: GeneAlignment) -> pd.DataFrame:

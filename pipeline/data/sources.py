@@ -591,6 +591,15 @@ class ShardSource(Source):
             return sp.csr_matrix((0, self.dataset.n_vars), dtype=np.float32)
         return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
 
+    def content_stamp(self) -> dict | None:
+        """Size and modification time of manifest.json, written again whenever the shards are
+        (``shard --overwrite``)."""
+        from .shard_format import filesystem
+
+        fs, path = filesystem(self.uri)
+        info = fs.info(f"{path.rstrip('/')}/manifest.json")
+        return {"manifest.json": [int(info.get("size") or 0), _mtime(info)]}
+
     def provenance(self) -> dict:
         return {"kind": "shards", "uri": self.uri, "feature_ids_hash": self.dataset.manifest.get("feature_ids_hash"),
                 "source": self.dataset.manifest.get("provenance", {}).get("source")}
