@@ -34,6 +34,16 @@ class GeneStatistics:
         self.total_sq += np.asarray(normalized.multiply(normalized).sum(axis=0)).ravel()
         self.n_expressed += np.bincount(sp.csr_matrix(counts).indices, minlength=self.n_genes)
 
+    def merge(self, other: "GeneStatistics") -> "GeneStatistics":
+        """Add another part's sums (the HVG pass split over workers); returns self."""
+        if other.n_genes != self.n_genes:
+            raise ValueError(f"statistics of {other.n_genes} genes cannot join {self.n_genes}")
+        self.n_cells += other.n_cells
+        self.total += other.total
+        self.total_sq += other.total_sq
+        self.n_expressed += other.n_expressed
+        return self
+
     def highly_variable(self, n_top: int, n_bins: int = 20, min_cells: int = 3, min_mean: float = 0.0125) -> np.ndarray:
         """Indices (sorted) of the ``n_top`` most variable genes.
 
