@@ -428,7 +428,7 @@ def _target_genes(source: Source, settings: ShardSettings, echo, reopen=None) ->
         return list(settings.genes)
     if settings.n_top_genes is None:
         return source.feature_ids.tolist()
-    from .genes import highly_variable_by_batch
+    from .genes import GeneStatistics, highly_variable_by_batch
 
     if settings.n_top_genes > len(source.feature_ids):
         raise ValueError(f"--n-top-genes {settings.n_top_genes} exceeds the {len(source.feature_ids)} genes of {source.uri}")
@@ -445,11 +445,8 @@ def _target_genes(source: Source, settings: ShardSettings, echo, reopen=None) ->
             calls = {part: (reopen, key, settings.block_size, lo, hi) for part, (lo, hi) in enumerate(ranges)}
             results = dict(_ray_map(_gene_statistics_task, calls, settings.workers))
             for part in range(len(ranges)):
-                for label, part_statistics in results[part].items():
-                    if label in statistics:
-                        statistics[label].merge(part_statistics)
-                    else:
-                        statistics[label] = part_statistics
+                for label, part_statistics in results[part].items():  # Ray's results are read-only: sum into new arrays
+                    statistics.setdefault(label, GeneStatistics(part_statistics.n_genes)).merge(part_statistics)
                 bar.update(ranges[part][1] - ranges[part][0])
         else:
             statistics = _gene_statistics(source, key, settings.block_size, 0, source.n_obs, bar.update)

@@ -44,13 +44,13 @@ def train(config: PipelineConfig, echo=print) -> dict:
     if not storage.is_url(config.data.path):  # Ray workers do not run in this directory: absolute paths
         config = config.model_copy(update={"data": config.data.model_copy(update={"path": str(Path(config.data.path).resolve())})})
     run_dir = config.run_dir if storage.is_url(config.run_dir) else str(Path(config.run_dir).resolve())
+    _check_storage(run_dir)
+    _check_gpu(config)
     with Lease(run_dir, "training", wait=config.run.wait, echo=echo) as lease:  # one writer per run directory
         return _train(config, run_dir, lease, echo)
 
 
 def _train(config: PipelineConfig, run_dir: str, lease: Lease, echo) -> dict:
-    _check_storage(run_dir)
-    _check_gpu(config)
     _clear_staging(run_dir)
     previous = resumable_checkpoint(run_dir, echo)
     summary_file = storage.join(run_dir, "summary.json")
