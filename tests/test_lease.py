@@ -158,3 +158,22 @@ def test_a_training_run_holds_its_run_directory(tmp_path):
     with pytest.raises(LeaseLost, match="taken over by another writer"):
         check_generation(str(run), lease.generation)
     lease.release()
+
+
+@pytest.mark.slow
+def test_fifty_concurrent_runs_file_updates_lose_none(tmp_path):
+    """Ten processes (and threads within each) record five runs each into one out-root's runs file
+    at once: all fifty records are there; the runs file's lease is released."""
+    code = ("import sys, threading; sys.path.insert(0, sys.argv[1]); from pipeline.embed.release import _record\n"
+            "def one(i):\n"
+            "    _record(sys.argv[2], {'release': f'r{sys.argv[3]}-{i}', 'model_id': 'm', 'status': 'complete',"
+            " 'started': '2026-12-07T00:00:00'})\n"
+            "threads = [threading.Thread(target=one, args=(i,)) for i in range(5)]\n"
+            "[t.start() for t in threads]; [t.join() for t in threads]\n")
+    root = str(Path(__file__).resolve().parents[1])
+    runs = [subprocess.Popen([sys.executable, "-c", code, root, str(tmp_path), str(p)]) for p in range(10)]
+    assert [r.wait(300) for r in runs] == [0] * 10
+    from pipeline.embed.release import read_index
+
+    assert sorted(r["release"] for r in read_index(str(tmp_path))) == sorted(f"r{p}-{i}" for p in range(10) for i in range(5))
+    assert not [p for p in os.listdir(tmp_path) if ".lease." in p]

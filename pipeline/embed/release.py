@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -72,6 +73,17 @@ def _write_index(out_root: str, runs: list[dict]) -> None:
     storage.write_text(storage.join(out_root, INDEX_NAME), json.dumps({"runs": runs}, indent=2))
 
 
+_index_lock = threading.Lock()  # this process's threads; the lease below serialises processes and hosts
+
+
+def _record(out_root: str, entry: dict) -> None:
+    """``entry`` into the runs file: read, replace and write under the runs file's own lease, so
+    that jobs on one out-root at once (other releases, other models) never lose each other's records."""
+    with _index_lock, Lease(storage.join(out_root, INDEX_NAME), "update of the runs file", wait=True, poll=0.1,
+                            echo=lambda line: None):
+        _write_index(out_root, _replace(read_index(out_root), entry))
+
+
 def embed_release(checkpoint: str, out_root: str, *, census_version: str | None = None, census_uri: str | None = None,
                   release: str | None = None, organism: str = "homo_sapiens", obs_filter: str | None = None,
                   all_cells: bool = False, settings: EmbedSettings | None = None, index: bool = True,
@@ -94,10 +106,10 @@ def embed_release(checkpoint: str, out_root: str, *, census_version: str | None 
         name = resolve_release(census_version, census_uri, release)
     except CensusUnreachable as error:  # the scheduled job's failure is in the index too
         now = datetime.now(timezone.utc).isoformat()
-        _write_index(out_root, _replace(read_index(out_root), {
+        _record(out_root, {
             "release": release or census_version or census_uri, "model_id": identity, "checkpoint": origin,
             "census_version": census_version, "census_uri": census_uri, "started": now, "finished": now,
-            "status": "failed", "error": f"{error}"[:500]}))
+            "status": "failed", "error": f"{error}"[:500]})
         raise
     out = storage.join(out_root, name, "embeddings.zarr")
     with Lease(out, f"embedding of release {name}", wait=settings.wait, echo=echo):  # one job per release
@@ -119,14 +131,14 @@ def _embed_release(origin, identity, out_root, out, name, census_version, census
             echo(f"release {name} is already embedded by model {identity} at {out}; nothing to do")
             if index and not storage.exists(storage.join(default_index_path(out), "index.json")):
                 entry = {**entry, "index": _index(out, echo)}
-                _write_index(out_root, _replace(read_index(out_root), entry))
+                _record(out_root, entry)
             return {**entry, "action": "skipped"}
     source_args = {"source": "census", "census_version": census_version, "census_uri": census_uri,
                    "organism": organism, "obs_filter": obs_filter, "all_cells": all_cells}
     entry = {"release": name, "model_id": identity, "checkpoint": origin, "out": out,
              "census_version": census_version, "census_uri": census_uri, "organism": organism,
              "obs_filter": effective, "started": datetime.now(timezone.utc).isoformat(), "status": "running"}
-    _write_index(out_root, _replace(runs, entry))
+    _record(out_root, entry)
     echo(f"embedding release {name} with model {identity} -> {out}")
     started = time.perf_counter()
     try:
@@ -134,13 +146,13 @@ def _embed_release(origin, identity, out_root, out, name, census_version, census
         if index:
             entry["index"] = _index(out, echo)
     except BaseException as error:
-        _write_index(out_root, _replace(read_index(out_root), {
+        _record(out_root, {
             **entry, "status": "failed", "error": f"{type(error).__name__}: {error}"[:500],
-            "finished": datetime.now(timezone.utc).isoformat(), "seconds": round(time.perf_counter() - started, 1)}))
+            "finished": datetime.now(timezone.utc).isoformat(), "seconds": round(time.perf_counter() - started, 1)})
         raise
     entry.update({"status": "complete", "n_cells": result["cells"], "finished": datetime.now(timezone.utc).isoformat(),
                   "seconds": round(time.perf_counter() - started, 1), "cells_per_s": result.get("cells_per_s")})
-    _write_index(out_root, _replace(read_index(out_root), entry))
+    _record(out_root, entry)
     return {**entry, "action": "embedded"}
 
 
