@@ -231,6 +231,13 @@ def _partitions(n_obs: int, workers: int, block_size: int) -> list[tuple[int, in
     return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
 
 
+def _row_blocks(source: Source, lo: int, hi: int, block_size: int):
+    """(offset, CSR block) over source rows [lo, hi); the whole source by its own (often faster) iteration."""
+    if lo == 0 and hi == source.n_obs:
+        return source.iter_blocks(block_size)
+    return ((start, source.rows(start, min(hi, start + block_size))) for start in range(lo, hi, block_size))
+
+
 def _pass_one(source: Source, plan: _Plan, part: int, lo: int, hi: int, update=None) -> dict:
     """Spill source rows [lo, hi) to the part's directory (cleared first: a retried task starts
     over); returns the part's count checksum, largest count and obs spill state."""
@@ -244,11 +251,7 @@ def _pass_one(source: Source, plan: _Plan, part: int, lo: int, hi: int, update=N
     duplicates = _DuplicateIds(directory, plan.n_obs)
 
     def blocks():
-        if lo == 0 and hi == source.n_obs:  # the whole source: its own (often faster) iteration
-            pairs = source.iter_blocks(plan.block_size)
-        else:
-            pairs = ((start, source.rows(start, min(hi, start + plan.block_size))) for start in range(lo, hi, plan.block_size))
-        for offset, block in pairs:
+        for offset, block in _row_blocks(source, lo, hi, plan.block_size):
             yield offset, block, source.obs_rows(offset, offset + block.shape[0])[plan.columns]
 
     for offset, block, obs in run_ahead(blocks(), 2, name="shard-read-ahead"):
@@ -462,11 +465,7 @@ def _gene_statistics(source: Source, key: str | None, block_size: int, lo: int, 
     from .genes import GeneStatistics
 
     statistics: dict[str, GeneStatistics] = {}
-    if lo == 0 and hi == source.n_obs:
-        pairs = source.iter_blocks(block_size)
-    else:
-        pairs = ((start, source.rows(start, min(hi, start + block_size))) for start in range(lo, hi, block_size))
-    for offset, block in pairs:
+    for offset, block in _row_blocks(source, lo, hi, block_size):
         if key is None:
             statistics.setdefault("all", GeneStatistics(block.shape[1])).update(block)
         else:

@@ -40,7 +40,7 @@ import scipy.sparse as sp
 import torch
 
 from .. import faults
-from ..train.checkpoint import fetch_checkpoint, load_model
+from ..train.checkpoint import fetch_checkpoint, load_model, read_train_state
 from ..data.alignment import GeneAlignment, gene_id_note
 from ..data.background import run_ahead
 from ..data.sources import open_source
@@ -152,8 +152,8 @@ def _load(checkpoint: str, ema: bool):
 def _never_trained(directory) -> bool:
     """Whether the checkpoint records step 0 (``HVAEModel.save`` before ``train()``)."""
     try:
-        return json.loads((Path(directory) / "train_state.json").read_text()).get("step") == 0
-    except (OSError, ValueError, AttributeError):
+        return read_train_state(directory).get("step") == 0
+    except (OSError, ValueError, AttributeError):  # model.pt alone (a shipped model): no record of its steps
         return False
 
 
