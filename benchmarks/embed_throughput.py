@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hvae import HVAEConfig, HierarchicalVAE  # noqa: E402
+from hvae import HVAEConfig, HierarchicalVAE, fit_gene_modules  # noqa: E402
 from pipeline.train.checkpoint import save_checkpoint  # noqa: E402
 from pipeline.data import GeneAlignment, check_counts, open_source  # noqa: E402
 from pipeline.embed import EmbedSettings, embed  # noqa: E402
@@ -43,6 +43,7 @@ GOAL = 0.9  # embed end to end at >= 0.9x the model's in-memory encode of the sa
 def write_model(directory: Path, feature_ids: list[str], hidden_dim: int) -> None:
     torch.manual_seed(0)
     config = HVAEConfig(n_genes=len(feature_ids), latent_dims=(32, 16, 8), hidden_dim=hidden_dim)
+    config = fit_gene_modules(config, torch.poisson(torch.full((1024, config.n_genes), 2.0)))  # modules of unstructured counts: the same cost as the data's
     trainer = Trainer(HierarchicalVAE(config), TrainConfig())
     save_checkpoint(directory, trainer, config, "{}\n", {"step": 0}, feature_ids, None, [])
 

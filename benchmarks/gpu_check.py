@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from hvae import HVAEConfig, HierarchicalVAE  # noqa: E402
+from hvae import HVAEConfig, HierarchicalVAE, fit_gene_modules  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.data import ShardedDataset, ShardSettings, write_shards  # noqa: E402
 from pipeline.data.sources import Source  # noqa: E402
@@ -108,6 +108,7 @@ class DeviceSyntheticSource(Source):
 def make_trainer(n_genes: int, args, compile_model: bool = False) -> Trainer:
     torch.manual_seed(0)
     config = HVAEConfig(n_genes=n_genes, latent_dims=tuple(args.latent_dims), hidden_dim=args.hidden_dim)
+    config = fit_gene_modules(config, torch.poisson(torch.full((1024, n_genes), 2.0)))  # modules of unstructured counts: the same cost as the data's
     train = TrainConfig(precision=args.precision, kl_warmup_steps=100, compile=compile_model)
     return Trainer(HierarchicalVAE(config), train, device=args.device)
 

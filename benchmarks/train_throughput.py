@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hvae import HVAEConfig, HierarchicalVAE  # noqa: E402
+from hvae import HVAEConfig, HierarchicalVAE, fit_gene_modules  # noqa: E402
 from pipeline.data import ShardedDataset, densify  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.train.step import Trainer  # noqa: E402
@@ -42,6 +42,7 @@ from pipeline.train.step import Trainer  # noqa: E402
 def make_trainer(n_genes: int, args) -> Trainer:
     torch.manual_seed(0)
     config = HVAEConfig(n_genes=n_genes, latent_dims=(32, 16, 8), hidden_dim=args.hidden_dim, validate_inputs=False)
+    config = fit_gene_modules(config, torch.poisson(torch.full((1024, n_genes), 2.0)))  # modules of unstructured counts: the same cost as the data's
     return Trainer(HierarchicalVAE(config), TrainConfig(precision=args.precision, kl_warmup_steps=100), device=args.device)
 
 

@@ -44,10 +44,11 @@ class HVAEConfig:
     # the unweighted bound.
     top_kl_weight: float = 0.5
     # Weight of the hierarchy-aware auxiliary reconstruction: x decoded from the levels
-    # >= k alone (lower levels at their prior mean), k drawn per step. It is what makes the
-    # upper levels carry the coarse structure (without it the top of pbmc3k falls from 0.85 to
-    # 0.69 kNN on the fine types); 0 turns it off (plain ELBO).
-    coarse_reconstruction_weight: float = 1.0
+    # >= k alone (lower levels at their prior mean), k drawn per step. Without gene modules it is
+    # what makes the upper levels carry the coarse structure (the top of pbmc3k fell from 0.85 to
+    # 0.69 kNN on the fine types without it); with them it pulls the finer detail back into the
+    # upper levels, so the default is 0 (benchmarks/RESULTS.md, "Gene modules").
+    coarse_reconstruction_weight: float = 0.0
     # Whether the coarse term trains only the encoder and top-down path (decoder detached).
     coarse_detach_decoder: bool = True
     # Soft clamp for every log-variance: c * tanh(x / c).
@@ -66,12 +67,13 @@ class HVAEConfig:
     # level 0 of pbmc3k stayed below PCA on the fine types (benchmarks/RESULTS.md, "Linear
     # read-out"). The -ELBO reported leaves it out; 0 turns it off.
     readout_weight: float = 1.0
-    # A ceiling on each level's KL (nats per cell, level 0 first; 0 or an empty tuple: none),
-    # held by a Lagrange multiplier per level that rises while the level's KL is above its
-    # ceiling and falls back to 0 below it (``capacity_rate`` nats^-1 a step). A level that can
-    # hold only a few nats keeps what earns it the most per nat: with the coarse reconstruction,
-    # the structure that moves the most genes.
-    kl_capacity: tuple[float, ...] = ()
+    # A ceiling on each level's KL (nats per cell, level 0 first; 0: no ceiling on that level; an
+    # empty tuple: none), held by a Lagrange multiplier per level that rises while the level's KL
+    # is above its ceiling and falls back to 0 below it (``capacity_rate`` nats^-1 a step). A level
+    # that can hold only a few nats keeps what earns it the most per nat. None (the default): by
+    # depth, 2 nats at the top, one more at each level below, none at level 0 ((0, 3, 2) for three
+    # levels; ``by_depth``).
+    kl_capacity: tuple[float, ...] | None = None
     # The KL weight (price of a nat) of each level, level 0 first; empty: 1 at every level but the
     # top, ``top_kl_weight`` there.
     kl_weights: tuple[float, ...] = ()
@@ -84,7 +86,10 @@ class HVAEConfig:
     gene_modules: tuple[tuple[int, ...], ...] = ()
     # How ``hvae.fit_gene_modules`` builds ``gene_modules`` from a sample of the data when they
     # are not given: (modules, principal components) per coarse level, the top first (hvae.modules).
-    module_levels: tuple[tuple[int, int], ...] = ()
+    # None (the default): by depth, 24 modules on 10 components at the top and twice both at each
+    # level below but level 0 ((24, 10), (48, 20) for three levels; ``by_depth``); (): none, every
+    # level decodes the genes (the levels then nest: benchmarks/RESULTS.md).
+    module_levels: tuple[tuple[int, int], ...] | None = None
     validate_inputs: bool = True
 
     def __post_init__(self) -> None:
@@ -127,6 +132,14 @@ class HVAEConfig:
                                       "may miss in training; 0: none)")
         if not _is_number(self.readout_weight) or self.readout_weight < 0:
             fail("readout_weight", "must be a number >= 0 (0: no read-out)")
+        # Settings left to the depth (None) are resolved here and remembered, so that a copy of
+        # another depth (``replace(latent_dims=...)``) resolves them again.
+        object.__setattr__(self, "_by_depth", frozenset(
+            name for name in ("kl_capacity", "module_levels") if getattr(self, name) is None))
+        for name, value in by_depth(self.n_levels).items():
+            if getattr(self, name) is None:
+                # Partitions given as they are leave nothing to build.
+                object.__setattr__(self, name, () if name == "module_levels" and self.gene_modules else value)
         if isinstance(self.kl_capacity, (int, float)) and not isinstance(self.kl_capacity, bool):
             fail("kl_capacity", "must be a sequence of nats, one per level (level 0 first)")
         object.__setattr__(self, "kl_capacity", tuple(self.kl_capacity))
@@ -208,7 +221,23 @@ class HVAEConfig:
         return cls(**values)
 
     def replace(self, **changes: Any) -> "HVAEConfig":
+        """A copy with ``changes``; the settings this config left to its depth follow a new depth."""
+        if "latent_dims" in changes:
+            for name in self._by_depth:
+                changes.setdefault(name, None)
         return dataclasses.replace(self, **changes)
+
+
+def by_depth(n_levels: int) -> dict[str, tuple]:
+    """The defaults that depend on the number of levels: the coarse levels' gene modules (the top's
+    first: 24 modules on 10 principal components, twice both at each level below) and the KL
+    ceilings (level 0 first: none at level 0, 2 nats at the top, one more at each level below it).
+    Measured on three levels (benchmarks/RESULTS.md, "Gene modules"); a flat model has neither."""
+    coarse = n_levels - 1
+    if coarse == 0:
+        return {"module_levels": (), "kl_capacity": ()}
+    return {"module_levels": tuple((24 * 2 ** i, 10 * 2 ** i) for i in range(coarse)),
+            "kl_capacity": (0.0, *(2.0 + coarse - level for level in range(1, n_levels)))}
 
 
 def _is_int(value: Any) -> bool:
@@ -219,4 +248,4 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-__all__ = ["HVAEConfig", "LIKELIHOODS", "DISPERSIONS"]
+__all__ = ["HVAEConfig", "LIKELIHOODS", "DISPERSIONS", "by_depth"]

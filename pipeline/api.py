@@ -2,7 +2,7 @@
 
     from pipeline import HVAEModel
     model = HVAEModel(adata, batch_key="donor_id", n_top_genes=2000)
-    model.train(max_steps=3000)
+    model.train()
     adata.obsm["X_hvae"] = model.get_latent_representation(level=0)    # level 0: the finest
     model.save("my_model")            # a checkpoint `hvae-pipeline embed --checkpoint my_model` takes
 
@@ -84,7 +84,7 @@ class HVAEModel:
         self.model_id = None  # set by save and load: which checkpoint these weights are
 
     # ------------------------------------------------------------------ training
-    def train(self, max_steps: int = 3000, batch_size: int = 256, precision: str = "fp32", device: str = "cpu",
+    def train(self, max_steps: int = TrainConfig.model_fields["max_steps"].default, batch_size: int = 256, precision: str = "fp32", device: str = "cpu",
               progress: bool = True, **train_options) -> "HVAEModel":
         """Train with the pipeline's training step (``pipeline.config.TrainConfig`` options, e.g.
         ``learning_rate``, ``kl_warmup_steps``, ``early_stopping``); returns self."""

@@ -414,7 +414,7 @@ def _default_per_level(name: str, depth: int) -> tuple[float, ...]:
 def demo(
     out_dir: Path = typer.Option(Path("outputs/demo"), help="Where the atlas, model, embeddings and summary go."),
     n_cells: int = typer.Option(10_000, help="Cells in the synthetic atlas."),
-    max_steps: int = typer.Option(3_000, help="Training steps per model."),
+    max_steps: int = typer.Option(None, help="Training steps per model (default: train.max_steps's, 6,000)."),
     flat_baseline: bool = typer.Option(True, help="Also train the flat (one-level) baseline."),
     seed: int = typer.Option(0, help="Random seed."),
     workers: int = typer.Option(2, help="Ray Train workers on the local CPUs (0: one process, no Ray)."),
@@ -424,8 +424,9 @@ def demo(
     from .demo import DemoSettings, run_demo
 
     with _named_errors():
-        run_demo(DemoSettings(out_dir=out_dir, n_cells=n_cells, max_steps=max_steps,
-                              with_flat_baseline=flat_baseline, seed=seed, workers=workers), echo=typer.echo)
+        steps = {"max_steps": max_steps} if max_steps is not None else {}
+        run_demo(DemoSettings(out_dir=out_dir, n_cells=n_cells, with_flat_baseline=flat_baseline, seed=seed,
+                              workers=workers, **steps), echo=typer.echo)
 
 
 def main() -> None:

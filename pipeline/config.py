@@ -69,7 +69,9 @@ ModelConfig = _model_section()
 
 
 class TrainConfig(_Section):
-    max_steps: int = Field(3000, ge=1)
+    max_steps: int = Field(6000, ge=1, description=(
+        "Training steps. The gene-module levels need 6,000 steps of 256 cells on the 10k-cell synthetic atlas: "
+        "at 3,000 level 0 has not yet resolved the subtypes (benchmarks/RESULTS.md)."))
     batch_size: int = Field(512, ge=1, description="Cells per step on each worker.")
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-6, ge=0)

@@ -17,7 +17,7 @@ import torch
 from hvae import active_units
 
 from .train.checkpoint import find_checkpoint, load_model
-from .config import load_config
+from .config import TrainConfig, load_config
 from .data import ShardSettings, write_shards
 from .data.sources import ShardSource, SyntheticSource
 from .embed import EmbedSettings, embed
@@ -39,7 +39,7 @@ class DemoSettings:
     n_cells: int = 10_000
     n_genes: int = 2_000
     n_donors: int = 8
-    max_steps: int = 3_000
+    max_steps: int = TrainConfig.model_fields["max_steps"].default
     batch_size: int = 256           # global: split over the workers
     seed: int = 0
     with_flat_baseline: bool = True

@@ -32,9 +32,9 @@ def test_the_readme_example_runs(pbmc, tmp_path):
     adata.obsm["X_hvae"] = model.get_latent_representation(level=0)   # level 0: the finest
     model.save(tmp_path / "my_model")                                  # hvae-pipeline embed takes it
     # ---
-    assert adata.obsm["X_hvae"].shape == (600, 14)
+    assert adata.obsm["X_hvae"].shape == (600, 8)  # level 0 is what the read-out reads: the levels above decode gene modules
     levels = model.get_latent_representation(level="all")
-    assert sorted(levels) == [0, 1, 2] and levels[2].shape == (600, 14)  # every level as wide as the code
+    assert sorted(levels) == [0, 1, 2] and levels[2].shape == (600, 8)  # every level in the read-out's coordinates
     np.testing.assert_allclose(levels[0], adata.obsm["X_hvae"])
     assert model.feature_ids[0].startswith("ENSG") and not model.feature_names[0].startswith("ENSG")
 

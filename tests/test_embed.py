@@ -362,7 +362,7 @@ def test_embed_never_deletes_what_it_did_not_write_and_never_mixes_sources(train
 def fresh(tmp_path):
     """Two untrained 60-gene models (seeds 0 and 1) saved as checkpoints, 300 labelled cells of
     their genes, and the cells embedded by model0 (e.zarr): what the careless-user cases need, in a second."""
-    from hvae import HVAEConfig, HierarchicalVAE
+    from hvae import HVAEConfig, HierarchicalVAE, fit_gene_modules
     from pipeline.config import TrainConfig
     from pipeline.train.checkpoint import save_checkpoint
     from pipeline.train.step import Trainer
@@ -370,7 +370,8 @@ def fresh(tmp_path):
     genes = [f"gene{i}" for i in range(60)]
     for seed in (0, 1):
         torch.manual_seed(seed)
-        config = HVAEConfig(n_genes=len(genes), latent_dims=(8, 4), hidden_dim=32)
+        config = fit_gene_modules(HVAEConfig(n_genes=len(genes), latent_dims=(8, 4), hidden_dim=32),
+                                  torch.poisson(torch.full((256, len(genes)), 1.5)))
         save_checkpoint(tmp_path / f"model{seed}", Trainer(HierarchicalVAE(config), TrainConfig()), config, "{}\n",
                         {"step": 0}, genes, None, [])
     rng = np.random.default_rng(0)

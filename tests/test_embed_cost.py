@@ -9,7 +9,7 @@ import scipy.sparse as sp
 import torch
 import zarr
 
-from hvae import HVAEConfig, HierarchicalVAE, exports
+from hvae import HVAEConfig, HierarchicalVAE, exports, fit_gene_modules
 from pipeline.config import TrainConfig
 from pipeline.embed import EmbedSettings, embed
 from pipeline.train.checkpoint import save_checkpoint
@@ -21,7 +21,8 @@ def small(tmp_path):
     """A fresh 3-level model saved as a checkpoint, and a 300-cell h5ad of its genes."""
     genes = [f"gene{i}" for i in range(60)]
     torch.manual_seed(0)
-    config = HVAEConfig(n_genes=len(genes), latent_dims=(8, 6, 4), hidden_dim=32)
+    config = fit_gene_modules(HVAEConfig(n_genes=len(genes), latent_dims=(8, 6, 4), hidden_dim=32),
+                              torch.poisson(torch.full((256, len(genes)), 1.5)))
     save_checkpoint(tmp_path / "checkpoint", Trainer(HierarchicalVAE(config), TrainConfig()), config, "{}\n",
                     {"step": 0}, genes, None, [])
     counts = sp.csr_matrix(np.random.default_rng(0).poisson(1.5, (300, len(genes))).astype(np.float32))
@@ -52,7 +53,7 @@ def test_embed_computes_variances_only_when_asked(small, monkeypatch):
     assert any(line.startswith("--logvar: about") and "x the time of the means" in line for line in said)
     means = zarr.open_group(str(small / "False.zarr"), mode="r")
     both = zarr.open_group(str(small / "True.zarr"), mode="r")
-    assert "level_0/logvar" not in means and both["level_2/logvar"].shape == (300, 18)
+    assert "level_0/logvar" not in means and both["level_2/logvar"].shape == (300, 8)  # level 0's width: the levels above decode gene modules
     for level in range(3):  # the means do not depend on whether the variances were asked for
         np.testing.assert_array_equal(means[f"level_{level}/mean"][:], both[f"level_{level}/mean"][:])
     assert np.isfinite(both["level_1/logvar"][:]).all()

@@ -148,3 +148,23 @@ def test_knn_within_scores_a_label_inside_each_parent():
     # A parent with one child label has nothing to resolve and is left out.
     single = np.where(parents == "a", "x", children)
     assert knn_within(seeing, single, parents) == pytest.approx(knn_within(seeing[200:], children[200:], parents[200:]))
+
+
+def test_majority_within_is_the_chance_level_check_six_names():
+    """Children of skewed frequencies: naming each parent's commonest child is right 80% of the time,
+    as often as a kNN on a map blind to them; check 6 says that no top can then pass it."""
+    from pipeline.evaluate import knn_within, majority_within
+    from pipeline.evaluate.hierarchy import hierarchy_checks
+
+    rng = np.random.default_rng(0)
+    parents = np.repeat(["a", "b"], 500)
+    children = np.where(rng.random(1000) < 0.8, "x", "y")
+    assert majority_within(children, parents) == pytest.approx(np.mean(children == "x"))
+    blind = np.c_[np.where(parents == "a", 0.0, 50.0), np.zeros(1000)] + rng.normal(size=(1000, 2))
+    assert abs(knn_within(blind, children, parents) - majority_within(children, parents)) < 0.03
+    assert majority_within(np.where(parents == "a", "x", children), parents) == pytest.approx(
+        majority_within(children[500:], parents[500:]))  # the same groups as knn_within
+    level = {"knn": {"p": 1.0, "c": 0.8}, "knn_within": {"c": 0.79}, "silhouette": 0.5, "kl": 3.0}
+    chance = {"c": majority_within(children, parents)}
+    six = next(c for c in hierarchy_checks([level, level], level, level, ["p", "c"], chance=chance) if c.number == 6)
+    assert not six.passed and "no better than chance, so no top can pass" in six.detail

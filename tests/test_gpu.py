@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hvae import HVAEConfig, HierarchicalVAE
+from hvae import HVAEConfig, HierarchicalVAE, fit_gene_modules
 from pipeline.data.synthetic import SyntheticAtlas, SyntheticAtlasSpec
 from pipeline.config import TrainConfig
 from pipeline.data import densify
@@ -21,7 +21,7 @@ def atlas():
 def test_bf16_training_on_cuda_matches_cpu_encoding(atlas):
     donors = atlas.obs["donor_id"].cat.codes.to_numpy()
     torch.manual_seed(0)
-    config = HVAEConfig(n_genes=500, latent_dims=(16, 8, 4), hidden_dim=128, n_batches=4)
+    config = fit_gene_modules(HVAEConfig(n_genes=500, latent_dims=(16, 8, 4), hidden_dim=128, n_batches=4), atlas.X)
     trainer = Trainer(HierarchicalVAE(config), TrainConfig(precision="bf16", kl_warmup_steps=50), device="cuda")
     history = trainer.fit(in_memory_batches(atlas.X, 512, donors), max_steps=100, log_every=10)
     assert all(np.isfinite(h["loss"]) for h in history)

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from hvae import HVAEConfig, HierarchicalVAE, HVAEOutput, active_units, kl_warmup
+from hvae import HVAEConfig, HierarchicalVAE, HVAEOutput, active_units, fit_gene_modules, kl_warmup
 from hvae.exports import level_export, readout_basis
 
 N_GENES = 40
@@ -18,10 +18,20 @@ def counts_batch(n=16, genes=N_GENES, seed=0):
     return torch.poisson(torch.rand(n, genes, generator=generator) * 4, generator=generator)
 
 
+def build(config: HVAEConfig) -> HierarchicalVAE:
+    """The model of ``config``, its gene modules (the defaults' coarse levels) built from a sample."""
+    return HierarchicalVAE(fit_gene_modules(config, counts_batch(256, genes=config.n_genes, seed=99)))
+
+
+# Every level decodes the genes, with the coarse reconstruction: the layout whose exports and
+# loss terms the tests below read one by one (the defaults' coarse levels decode gene modules).
+PLAIN = dict(module_levels=(), kl_capacity=(), coarse_reconstruction_weight=1.0)
+
+
 @pytest.fixture
 def model():
     torch.manual_seed(0)
-    return HierarchicalVAE(HVAEConfig(n_genes=N_GENES, latent_dims=(8, 6, 4), hidden_dim=32, n_batches=3))
+    return build(HVAEConfig(n_genes=N_GENES, latent_dims=(8, 6, 4), hidden_dim=32, n_batches=3, **PLAIN))
 
 
 def test_forward_returns_typed_output_with_kl_per_level(model):
@@ -100,7 +110,7 @@ def test_encode_exports_what_each_level_predicts_through_the_read_out(model):
 
 def test_without_the_read_out_encode_exports_the_code_from_each_level_up():
     torch.manual_seed(0)
-    model = HierarchicalVAE(HVAEConfig(n_genes=N_GENES, latent_dims=(8, 6, 4), hidden_dim=32, readout_weight=0.0))
+    model = build(HVAEConfig(n_genes=N_GENES, latent_dims=(8, 6, 4), hidden_dim=32, readout_weight=0.0))
     x = counts_batch()
     latents, latent_logvars = model.encode_latents(x, return_logvar=True)
     means, logvars = model.encode(x, return_logvar=True)
@@ -115,21 +125,21 @@ def test_sample_draws_integer_counts(model):
     draws = model.sample(10, batch_index=torch.arange(10) % 3, generator=torch.Generator().manual_seed(1))
     assert draws.shape == (10, N_GENES)
     assert (draws >= 0).all() and torch.equal(draws, draws.round())
-    flat = HierarchicalVAE(HVAEConfig(n_genes=N_GENES, latent_dims=(4,), hidden_dim=16))
+    flat = build(HVAEConfig(n_genes=N_GENES, latent_dims=(4,), hidden_dim=16))
     with pytest.raises(ValueError, match="library_size"):
         flat.sample(3)
     assert flat.sample(3, library_size=100.0).shape == (3, N_GENES)
 
 
 def test_flat_configuration_is_the_same_model_with_one_level():
-    model = HierarchicalVAE(HVAEConfig(n_genes=N_GENES, latent_dims=(10,), hidden_dim=16))
+    model = build(HVAEConfig(n_genes=N_GENES, latent_dims=(10,), hidden_dim=16))
     out = model(counts_batch())
     assert out.kl.shape == (1,) and float(out.coarse_reconstruction) == 0.0
     assert [m.shape for m in model.encode(counts_batch())] == [(16, 10)]
 
 
 def test_zinb_and_gene_batch_dispersion_run():
-    model = HierarchicalVAE(HVAEConfig(n_genes=N_GENES, hidden_dim=16, n_batches=2, likelihood="zinb", dispersion="gene-batch"))
+    model = build(HVAEConfig(n_genes=N_GENES, hidden_dim=16, n_batches=2, likelihood="zinb", dispersion="gene-batch"))
     out = model(counts_batch(), torch.tensor([0, 1] * 8))
     out.loss.backward()
     assert torch.isfinite(out.loss)
@@ -159,8 +169,8 @@ def test_config_rejects_bad_values_naming_the_field(values, match):
 
 def test_training_thins_what_the_encoder_reads_and_scores_every_molecule():
     torch.manual_seed(0)
-    config = HVAEConfig(n_genes=N_GENES, latent_dims=(8, 4), hidden_dim=32, molecule_thinning=0.5)
-    model = HierarchicalVAE(config)
+    config = HVAEConfig(n_genes=N_GENES, latent_dims=(8, 4), hidden_dim=32, molecule_thinning=0.5, **PLAIN)
+    model = build(config)
     counts = torch.poisson(torch.rand(512, N_GENES) * 30)
     seen, scored = [], []
     bottom_up, log_likelihood = model._bottom_up, model._log_likelihood
@@ -192,8 +202,9 @@ def test_training_thins_what_the_encoder_reads_and_scores_every_molecule():
 
 def test_readout_scores_standardised_log_expression_of_every_molecule():
     torch.manual_seed(0)
-    config = HVAEConfig(n_genes=N_GENES, latent_dims=(8, 4), hidden_dim=32, n_batches=3, molecule_thinning=0.5)
-    model = HierarchicalVAE(config).train()
+    config = HVAEConfig(n_genes=N_GENES, latent_dims=(8, 4), hidden_dim=32, n_batches=3, molecule_thinning=0.5,
+                        **PLAIN)
+    model = build(config).train()
     counts, batches = torch.poisson(torch.rand(64, N_GENES) * 30), torch.arange(64) % 3
     seen = []
     model.readout.register_forward_hook(lambda module, args, out: seen.append(args))
@@ -229,7 +240,7 @@ def test_readout_scores_standardised_log_expression_of_every_molecule():
     torch.testing.assert_close(out.readout, expected)
 
     # The loss is the rest plus readout_weight x the read-out, and the rest is unchanged by it.
-    off = HierarchicalVAE(config.replace(readout_weight=0.0)).train()
+    off = build(config.replace(readout_weight=0.0)).train()
     assert off.readout is None
     off.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("readout.")})
     torch.manual_seed(1)
@@ -296,7 +307,7 @@ def test_bad_batch_index_raises_clear_errors(model):
         model(x)
     with pytest.raises(ValueError, match="must hold integers"):
         model(x, torch.zeros(16))
-    no_batches = HierarchicalVAE(HVAEConfig(n_genes=N_GENES, hidden_dim=16))
+    no_batches = build(HVAEConfig(n_genes=N_GENES, hidden_dim=16))
     with pytest.raises(ValueError, match="n_batches=0"):
         no_batches(x, torch.zeros(16, dtype=torch.long))
 
@@ -326,13 +337,34 @@ def test_hvae_imports_no_pipeline_dependencies():
     assert result.stdout.strip() == "[]"
 
 
+def test_the_defaults_give_the_coarse_levels_gene_modules_and_ceilings_by_depth():
+    """Left to the depth: the top 24 modules on 10 components, twice both below it, none at level 0;
+    ceilings of 2 nats at the top, one more per level down; a flat model has neither, and a copy of
+    another depth follows it. A default model is built from the data, trains and exports."""
+    three, two = HVAEConfig(n_genes=N_GENES), HVAEConfig(n_genes=N_GENES, latent_dims=(8, 4))
+    assert three.module_levels == ((24, 10), (48, 20)) and three.kl_capacity == (0, 3, 2)
+    assert two.module_levels == ((24, 10),) and two.kl_capacity == (0, 2)
+    flat = three.replace(latent_dims=(56,))
+    assert flat.module_levels == () and flat.kl_capacity == () and flat.kl_weights_per_level() == (1.0,)
+    assert three.coarse_reconstruction_weight == 0
+    assert HVAEConfig(n_genes=N_GENES, module_levels=()).replace(latent_dims=(8,)).module_levels == ()
+    assert HVAEConfig(n_genes=N_GENES, gene_modules=[0, 1] * 20).module_levels == ()  # given partitions: none to build
+    model = build(HVAEConfig(n_genes=N_GENES, hidden_dim=32, n_batches=2))
+    assert len(model.config.gene_modules) == 2 and model.config.direct_dims == (32,)
+    x, b = counts_batch(64), torch.arange(64) % 2
+    model.train()(x, b).loss.backward()
+    assert all(p.grad is not None for name, p in model.named_parameters() if name.startswith("top_posterior"))
+    assert [m.shape for m in model.eval().encode(x)] == [(64, 32)] * 3  # in the read-out's coordinates: level 0's width
+    assert HVAEConfig.from_dict(model.config.to_dict()) == model.config
+
+
 def test_default_kl_weights_halve_the_top_of_a_hierarchy_only():
     deep, flat = HVAEConfig(n_genes=10, latent_dims=(8, 6, 4)), HVAEConfig(n_genes=10, latent_dims=(8,))
     assert deep.kl_weights_per_level() == (1.0, 1.0, 0.5)
     assert flat.kl_weights_per_level() == (1.0,)  # the flat baseline stays a plain VAE
     assert deep.replace(top_kl_weight=1.0).kl_weights_per_level() == (1.0, 1.0, 1.0)
     assert HVAEConfig.from_dict(deep.to_dict()) == deep
-    torch.testing.assert_close(HierarchicalVAE(deep).kl_level_weights, torch.tensor([1.0, 1.0, 0.5]))
+    torch.testing.assert_close(build(deep).kl_level_weights, torch.tensor([1.0, 1.0, 0.5]))
 
 
 def test_kl_balancing_penalises_levels_by_kl_per_dimension():
@@ -350,7 +382,7 @@ def test_kl_balancing_penalises_levels_by_kl_per_dimension():
 def test_every_level_is_one_block_from_the_data():
     torch.manual_seed(0)
     config = HVAEConfig(n_genes=N_GENES, latent_dims=(8, 6, 4), hidden_dim=32)
-    model = HierarchicalVAE(config).eval()
+    model = build(config).eval()
     x = counts_batch()
     states, library = model._bottom_up(x.float()), x.float().sum(dim=1)
     stem = model.stem(torch.log1p(x.float() * (config.input_target_sum / library.clamp(min=1.0)).unsqueeze(1)))
@@ -366,14 +398,14 @@ def test_free_bits_per_dimension_leave_units_below_the_floor_unpenalised():
     config = HVAEConfig(n_genes=N_GENES, latent_dims=(8, 4), hidden_dim=16,
                         free_bits_per_dimension=0.5, coarse_reconstruction_weight=0.0, kl_balance=False,
                         top_kl_weight=1.0)
-    model = HierarchicalVAE(config)
+    model = build(config)
     # (cells, dim) KL per level: two cells whose per-unit means are the values below
     means = [torch.tensor([0.1, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]), torch.tensor([1.0, 0.2, 0.0, 0.0])]
     per_dimension = [torch.stack([m * 0.5, m * 1.5]) for m in means]
     kl = torch.stack([m.sum() for m in means])
     # level 0: 0.5 (floor) + 2.0 + 6 x 0.5; level 1: 1.0 + 3 x 0.5
     assert torch.isclose(model._weighted_kl(kl, 1.0, per_dimension), torch.tensor(5.5 + 2.5))
-    off = HierarchicalVAE(config.replace(free_bits_per_dimension=0.0))
+    off = build(config.replace(free_bits_per_dimension=0.0))
     assert torch.isclose(off._weighted_kl(kl, 1.0, per_dimension), kl.sum())
     with pytest.raises(ValueError, match="HVAEConfig.free_bits_per_dimension"):
         config.replace(free_bits_per_dimension=-1.0)
@@ -383,7 +415,7 @@ def test_kl_capacity_holds_a_level_to_its_nats_by_dual_ascent():
     torch.manual_seed(0)
     config = HVAEConfig(n_genes=N_GENES, latent_dims=(8, 6, 4), hidden_dim=32, kl_capacity=(0, 0, 0.5),
                         capacity_rate=0.1)
-    model = HierarchicalVAE(config)
+    model = build(config)
     x = counts_batch()
     out = model(x)
     assert model.capacity_multipliers.tolist() == [0.0, 0.0, 0.0]
@@ -407,7 +439,7 @@ def test_kl_capacity_holds_a_level_to_its_nats_by_dual_ascent():
     model.record_statistics(fake)
     assert model.capacity_multipliers.tolist() == [0.0, 0.0, 0.0]
     # A model without ceilings has no multipliers (its state dict is unchanged).
-    assert "capacity_multipliers" not in HierarchicalVAE(config.replace(kl_capacity=())).state_dict()
+    assert "capacity_multipliers" not in build(config.replace(kl_capacity=())).state_dict()
     with pytest.raises(ValueError, match="kl_capacity"):
         HVAEConfig(n_genes=N_GENES, latent_dims=(8, 6, 4), kl_capacity=(1.0, 2.0))
 
@@ -417,7 +449,7 @@ def test_gene_modules_give_the_top_a_coarse_target_and_no_direct_path():
     read levels 0..L-2, so the top reaches the genes only through the lower levels' priors."""
     modules = [g % 4 for g in range(N_GENES)]
     config = HVAEConfig(n_genes=N_GENES, latent_dims=(8, 6, 4), hidden_dim=32, gene_modules=modules)
-    model = HierarchicalVAE(config)
+    model = build(config)
     assert config.representation_dims == (14, 14, 14) and model.decoder.levels_in.in_features == 14
     counts = torch.poisson(torch.rand(16, N_GENES) * 4)
     out = model(counts)

@@ -22,16 +22,18 @@ import torch
 from hvae import HVAEConfig
 from pipeline.config import TrainConfig
 from pipeline.data.synthetic import SyntheticAtlas, SyntheticAtlasSpec
-from pipeline.evaluate import knn_accuracy, pca_embedding, silhouette_label
+from pipeline.evaluate import knn_accuracy, knn_within, pca_embedding, silhouette_label
 from pipeline.evaluate.hierarchy import hierarchy_checks
 from pipeline.train import batch_codes, fit_in_memory
 
-STEPS = 3_000
+STEPS = 6_000
 LABELS = ["lineage", "cell_type", "subtype"]
 
 
 def _scores(embedding, obs) -> dict:
     return {"knn": {label: knn_accuracy(embedding, obs[label].to_numpy()) for label in LABELS},
+            "knn_within": {label: knn_within(embedding, obs[label].to_numpy(), obs[parent].to_numpy())
+                           for parent, label in zip(LABELS, LABELS[1:])},
             "silhouette": silhouette_label(embedding, obs[LABELS[0]].to_numpy())}
 
 
@@ -45,8 +47,9 @@ def trained():
                         early_stopping_tolerance=0.01)  # as measured before the 3% default; keeps the fixture in time
     config = HVAEConfig(n_genes=spec.n_genes, latent_dims=(32, 16, 8), n_batches=len(names))
     hvae = fit_in_memory(adata.X, config, train, donors)
-    flat = fit_in_memory(adata.X, config.replace(latent_dims=(sum(config.latent_dims),)), train, donors)
-    return {"hvae": hvae, "levels": [_scores(m, adata.obs) for m in hvae.level_means],
+    flat = fit_in_memory(adata.X, config.replace(latent_dims=(config.representation_dims[0],)), train, donors)
+    levels = [dict(_scores(m, adata.obs), kl=kl) for m, kl in zip(hvae.level_means, hvae.kl_per_level)]
+    return {"hvae": hvae, "levels": levels,
             "flat": _scores(flat.level_means[0], adata.obs), "pca": _scores(pca_embedding(adata.X), adata.obs)}
 
 
@@ -58,11 +61,16 @@ def test_every_level_is_used(trained):
 
 
 @pytest.mark.slow
-def test_level0_is_best_on_subtypes_the_top_holds_lineages_detail_grows_downward_lineages_separate(trained):
+def test_level0_is_best_on_subtypes_the_top_holds_lineages_and_lets_the_subtypes_go(trained):
+    """Checks 1-4 with 0.01 of slack, and the coarse-to-fine checks as the issue states them: the
+    top lets the subtypes go within their cell type (6: <= level 0 - 0.25) and holds the lineages
+    more tightly (8: silhouette >= level 0's + 0.10 and >= PCA's); 7 and 9 are reported."""
     checks = hierarchy_checks(trained["levels"], trained["flat"], trained["pca"], LABELS, slack=0.01)
     report = "\n".join(c.line() for c in checks)
-    for check in checks[:4]:
-        assert check.passed, report
+    print(report)
+    by_number = {check.number: check for check in checks}
+    for number in (1, 2, 3, 4, 6, 8):
+        assert by_number[number].passed, report
 
 
 @pytest.mark.slow

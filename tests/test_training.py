@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from hvae import HVAEConfig, HierarchicalVAE
+from hvae import HVAEConfig, HierarchicalVAE, fit_gene_modules
 from pipeline.train.in_memory import diagnostic_kl
 from pipeline.data.synthetic import SyntheticAtlas, SyntheticAtlasSpec
 from pipeline.config import TrainConfig
@@ -23,6 +23,7 @@ def atlas():
 def make_trainer(n_genes=200, precision="fp32", seed=0, **model):
     torch.manual_seed(seed)
     config = HVAEConfig(n_genes=n_genes, latent_dims=(16, 8, 4), hidden_dim=64, n_batches=4, **model)
+    config = fit_gene_modules(config, torch.poisson(torch.rand(256, n_genes, generator=torch.Generator().manual_seed(9)) * 4))
     return Trainer(HierarchicalVAE(config), TrainConfig(precision=precision, kl_warmup_steps=50))
 
 
@@ -127,7 +128,7 @@ def test_bf16_trains_as_well_as_fp32(atlas):
 def test_a_compiled_model_trains(atlas):
     """train.compile: torch.compile of the model's forward and loss (inductor, on the CPU here)."""
     torch.manual_seed(0)
-    config = HVAEConfig(n_genes=200, latent_dims=(8, 4), hidden_dim=32, n_batches=4)
+    config = fit_gene_modules(HVAEConfig(n_genes=200, latent_dims=(8, 4), hidden_dim=32, n_batches=4), atlas.X[:512])
     trainer = Trainer(HierarchicalVAE(config), TrainConfig(kl_warmup_steps=5, compile=True))
     before = [p.detach().clone() for p in trainer.model.parameters()]
     batches = in_memory_batches(atlas.X, 64, atlas.obs["donor_id"].cat.codes.to_numpy(), seed=0)

@@ -56,12 +56,13 @@ class Check:
 
 
 def hierarchy_checks(levels: list[dict], flat: dict, pca: dict, labels: list[str], slack: float = 0.0,
-                     kind: str = "synthetic") -> list[Check]:
+                     kind: str = "synthetic", chance: dict | None = None) -> list[Check]:
     """The checks. ``levels`` (level 0 first), ``flat`` and ``pca`` are dicts with ``knn``
     ({label: accuracy}), ``silhouette`` (on the coarsest labels) and optionally ``mixing``,
     ``knn_within`` ({label: accuracy within its parent, the previous label}) and, for the levels,
     ``kl`` (nats); ``labels`` run coarsest -> finest; ``kind`` ("synthetic" or "real") picks the
-    margins of checks 6-8. A check that does not apply (no batches, no within-parent scores, two
+    margins of checks 6-8; ``chance`` ({label: ``majority_within``}), when given, is named in check 6,
+    which no top can pass where level 0 resolves the finest labels no better. A check that does not apply (no batches, no within-parent scores, two
     label levels for check 7) is left out."""
     coarse, fine = labels[0], labels[-1]
     top = len(levels) - 1
@@ -108,9 +109,13 @@ def hierarchy_checks(levels: list[dict], flat: dict, pca: dict, labels: list[str
     if len(labels) >= 2 and all(fine in w for w in within):
         parent = labels[-2]
         ok = within[top][fine] <= within[0][fine] - margins["let_go"] + slack
-        checks.append(Check(6, f"the top lets {fine} within {parent} go", ok,
-                            f"{fine} within {parent}: top {within[top][fine]:.3f}, level 0 {within[0][fine]:.3f} "
-                            f"(-{margins['let_go']:.2f})"))
+        detail = (f"{fine} within {parent}: top {within[top][fine]:.3f}, level 0 {within[0][fine]:.3f} "
+                  f"(-{margins['let_go']:.2f})")
+        if chance and fine in chance:
+            detail += f"; chance (the majority {fine} of each {parent}) {chance[fine]:.3f}"
+            if within[0][fine] <= chance[fine] + 0.02:
+                detail += f": level 0 resolves {fine} no better than chance, so no top can pass"
+        checks.append(Check(6, f"the top lets {fine} within {parent} go", ok, detail))
 
     if len(labels) >= 3 and top >= 2 and all(fine in w and labels[1] in w for w in within):
         middle = labels[1]

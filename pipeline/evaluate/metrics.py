@@ -56,17 +56,39 @@ def knn_within(embedding: np.ndarray, labels, parents, k: int = 15, n_folds: int
     """
     if not (np.shape(embedding)[0] == len(labels) == len(parents)):
         raise ValueError(f"embedding has {np.shape(embedding)[0]} rows, labels {len(labels)}, parents {len(parents)}")
-    labels, parents = np.asarray(labels, dtype=object), np.asarray(parents, dtype=object)
-    keep = _has_label(labels) & _has_label(parents)
-    embedding, labels, parents = np.asarray(embedding, dtype=np.float32)[keep], labels[keep].astype(str), parents[keep].astype(str)
+    keep, groups = _within_groups(labels, parents, min_cells)
+    embedding = np.asarray(embedding, dtype=np.float32)[keep]
     total, weight = 0.0, 0
-    for parent in np.unique(parents):
-        rows = np.flatnonzero(parents == parent)
-        if len(rows) < min_cells or len(np.unique(labels[rows])) < 2:
-            continue
-        total += knn_accuracy(embedding[rows], labels[rows], k=k, n_folds=n_folds, seed=seed) * len(rows)
+    for rows, names in groups:
+        total += knn_accuracy(embedding[rows], names, k=k, n_folds=n_folds, seed=seed) * len(rows)
         weight += len(rows)
     return total / weight if weight else float("nan")
+
+
+def majority_within(labels, parents, min_cells: int = 10) -> float:
+    """The accuracy of naming, in each parent group, its most common child label (weighted by cells,
+    over the groups :func:`knn_within` scores): the chance level of ``knn_within``. A representation
+    at or below it resolves nothing of the label beyond its parent and the label frequencies."""
+    if len(labels) != len(parents):
+        raise ValueError(f"labels has {len(labels)} rows, parents {len(parents)}")
+    _, groups = _within_groups(labels, parents, min_cells)
+    total = sum(np.unique(names, return_counts=True)[1].max() for _, names in groups)
+    weight = sum(len(rows) for rows, _ in groups)
+    return total / weight if weight else float("nan")
+
+
+def _within_groups(labels, parents, min_cells: int) -> tuple[np.ndarray, list]:
+    """(mask of the labelled rows, [(rows among them, their labels)] per parent group with two or more
+    child labels and ``min_cells`` cells)."""
+    labels, parents = np.asarray(labels, dtype=object), np.asarray(parents, dtype=object)
+    keep = _has_label(labels) & _has_label(parents)
+    labels, parents = labels[keep].astype(str), parents[keep].astype(str)
+    groups = []
+    for parent in np.unique(parents):
+        rows = np.flatnonzero(parents == parent)
+        if len(rows) >= min_cells and len(np.unique(labels[rows])) >= 2:
+            groups.append((rows, labels[rows]))
+    return keep, groups
 
 
 def _has_label(labels) -> np.ndarray:

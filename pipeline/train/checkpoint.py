@@ -101,8 +101,9 @@ def read_model_file(directory: str | Path) -> dict:
         raise CheckpointFormatError(f"{path} has checkpoint format {version}; this version of hvae-pipeline reads formats "
                          f"{', '.join(map(str, READABLE_FORMATS))} (its model differs): train a new model, or embed with the "
                          "release that wrote it")
-    # A config saved before module_levels existed built no modules from the data.
-    values = {"module_levels": [], **EARLIER_FORMAT_CONFIG.get(version, {}), **saved["hvae_config"]}
+    # A config saved before module_levels or kl_capacity existed built no modules and held no
+    # ceilings (their defaults now depend on the depth).
+    values = {"module_levels": [], "kl_capacity": [], **EARLIER_FORMAT_CONFIG.get(version, {}), **saved["hvae_config"]}
     return {"hvae_config": HVAEConfig.from_dict(values), "model": saved["model"], "ema": saved["ema"],
             "genes": saved["genes"], "batches": saved["batches"], "setup": saved.get("setup"), "path": str(directory)}
 

@@ -81,15 +81,17 @@ def _with_gene_modules(config: PipelineConfig, previous, echo) -> PipelineConfig
     checkpoint, a new run's built here, once, from the first 20,000 cells of the training shards
     (the shards are shuffled: a random sample), and handed to every worker."""
     model = config.model
-    if not model.module_levels or model.gene_modules:
+    if model.gene_modules:
+        return config
+    train, _ = split_datasets(config)
+    key = config.data.batch_key
+    hvae_config = model.hvae_config(train.n_vars, len(train.categories(key)) if key else 0)
+    if not hvae_config.module_levels:  # none asked for (module_levels left to the depth asks for some)
         return config
     if previous is not None:
         partitions = read_model_file(fetch_checkpoint(previous)[0])["hvae_config"].gene_modules
     else:
         started = time.time()
-        train, _ = split_datasets(config)
-        key = config.data.batch_key
-        hvae_config = model.hvae_config(train.n_vars, len(train.categories(key)) if key else 0)
         blocks, cells = [], 0
         for shard in range(len(train.shard_paths)):
             rows = min(int(train.shard_sizes[shard]), SAMPLE_CELLS - cells)
