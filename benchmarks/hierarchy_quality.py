@@ -130,7 +130,7 @@ def run_model(task: dict) -> dict:
     if task.get("save_models"):
         path = Path(task["save_models"]) / f"{task['dataset']}_{task['kind']}_seed{task['seed']}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"run": run, "model_config": config.to_dict(), "state": result.model.state_dict()}, path)
+        torch.save({"run": run, "model_config": result.model.config.to_dict(), "state": result.model.state_dict()}, path)
     return scored(run, result.level_means, adata, labels, batch_key)
 
 

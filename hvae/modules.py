@@ -161,14 +161,15 @@ def fit_gene_modules(config: HVAEConfig, counts, seed: int = 0) -> HVAEConfig:
     ``config`` unchanged when it asks for none or has them already."""
     if not config.module_levels or config.gene_modules:
         return config
-    sample = counts[:SAMPLE_CELLS]
+    with torch.profiler.record_function("hvae.fit_gene_modules"):  # set-up, once: profiles tell it from the steps
+        return dataclasses.replace(config, gene_modules=_partitions(config, counts[:SAMPLE_CELLS], seed))
+
+
+def _partitions(config: HVAEConfig, sample, seed: int) -> tuple[tuple[int, ...], ...]:
     if config.n_genes <= EXACT_GENES:
         moments = GeneCovariance(config.n_genes, config.input_target_sum)
         for start in range(0, sample.shape[0], 4096):
             moments.update(sample[start:start + 4096])
-        partitions = gene_modules(moments.covariance(), config.module_levels, seed)
-    else:
-        most = max(components for _, components in config.module_levels)
-        partitions = gene_modules(None, config.module_levels, seed,
-                                  leading_components(sample, most, config.input_target_sum, seed))
-    return dataclasses.replace(config, gene_modules=partitions)
+        return gene_modules(moments.covariance(), config.module_levels, seed)
+    most = max(components for _, components in config.module_levels)
+    return gene_modules(None, config.module_levels, seed, leading_components(sample, most, config.input_target_sum, seed))

@@ -23,8 +23,9 @@ def test_hierarchy_quality_prints_levels_baselines_and_the_checks(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout
-    for row in ("| HVAE level 2 (top) | 14 |", "| HVAE level 1 | 14 |", "| HVAE level 0 (finest) | 14 |",
-                "| flat VAE 14-d | 14 |", "| PCA (50 comps) | 50 |"):
+    # Every level exports level 0's width (the levels above decode gene modules); the flat model as wide.
+    for row in ("| HVAE level 2 (top) | 8 |", "| HVAE level 1 | 8 |", "| HVAE level 0 (finest) | 8 |",
+                "| flat VAE 8-d | 8 |", "| PCA (50 comps) | 50 |", "| chance (each parent's majority child) |"):
         assert row in table, table
     assert "kNN cell_type_fine" in table and "silhouette cell_type_coarse" in table
     assert "kNN cell_type_fine within cell_type_coarse" in table
@@ -38,7 +39,7 @@ def test_hierarchy_quality_prints_levels_baselines_and_the_checks(tmp_path):
     # Runs kept as JSON are summarised again (seeds run apart, together) without training.
     again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hierarchy_quality.py"), "--from-json", str(out)],
                            capture_output=True, text=True)
-    assert again.returncode == 0 and "| HVAE level 0 (finest) | 14 |" in again.stdout, again.stderr[-2000:]
+    assert again.returncode == 0 and "| HVAE level 0 (finest) | 8 |" in again.stdout, again.stderr[-2000:]
     assert "cell_type_fine kNN by seed (level 0 / level 1 / top; flat): seed 0: " in again.stdout
     # The kept models are scored again with the current export, without training: the same figures.
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["pancreas_flat_seed0.pt", "pancreas_hvae_seed0.pt"]

@@ -66,12 +66,12 @@ def test_simulate_never_replaces_what_is_there_without_overwrite(tmp_path):
 def test_demo_runs_end_to_end_and_writes_every_level(tmp_path):
     out = tmp_path / "demo"
     result = run_cli("demo", "--out-dir", str(out), "--n-cells", "2000", "--max-steps", "60", "--workers", "0")
-    assert "| HVAE level 2 (top)" in result.stdout and "| flat VAE | 56 |" in result.stdout
+    assert "| HVAE level 2 (top)" in result.stdout and "| flat VAE | 32 |" in result.stdout
     from pipeline.train.checkpoint import find_checkpoint, load_model
     from pipeline.embed import read_embeddings
 
     embedded = read_embeddings(str(out / "embeddings.zarr"))
-    assert [embedded.obsm[f"X_hvae_level_{level}"].shape for level in range(3)] == [(2000, 56)] * 3
+    assert [embedded.obsm[f"X_hvae_level_{level}"].shape for level in range(3)] == [(2000, 32)] * 3  # level 0's width at every level
     summary = json.loads((out / "summary.json").read_text())
     # Active units are each z_l's own (32 / 16 / 8 at most), taken from the model, not the export's columns.
     units = [row["active_units"] for row in summary["rows"][:3]]
@@ -82,7 +82,7 @@ def test_demo_runs_end_to_end_and_writes_every_level(tmp_path):
     assert len(parts["genes"]["feature_ids"]) == model.config.n_genes == 2000
     assert (out / "shards" / "manifest.json").exists()
     report = (out / "report" / "report.md").read_text()
-    assert "## `subtype`" in report and "| flat VAE | 56 |" in report and "## Which level to use" in report and "batch mixing" in report
+    assert "## `subtype`" in report and "| flat VAE | 32 |" in report and "## Which level to use" in report and "batch mixing" in report
     assert "batch mixing within `subtype` |" in report
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert all(0 < r["batch_mixing_within"] <= 1 for r in metrics["results"]), metrics["results"]

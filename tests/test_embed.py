@@ -62,16 +62,16 @@ def test_embeddings_equal_encode_and_read_everywhere(trained, tmp_path):
     for level, (mean, logvar) in enumerate(zip(means, logvars, strict=True)):
         np.testing.assert_allclose(group[f"level_{level}/mean"][:], mean.numpy(), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(group[f"level_{level}/logvar"][:], logvar.numpy(), rtol=1e-4, atol=1e-5)
-    assert group.attrs["model_id"].startswith("sha256:") and group.attrs["level_dims"] == [56, 56, 56] and group.attrs["latent_dims"] == [32, 16, 8]
+    assert group.attrs["model_id"].startswith("sha256:") and group.attrs["level_dims"] == [32, 32, 32] and group.attrs["latent_dims"] == [32, 16, 8]
     assert group.attrs["export"] == "readout"
     embedded = read_embeddings(str(out))
-    assert embedded.obsm["X_hvae_level_2"].shape == (2700, 56)
+    assert embedded.obsm["X_hvae_level_2"].shape == (2700, 32)
     dataset = read_embeddings(str(out), as_="xarray")
     np.testing.assert_allclose(dataset["level_1_mean"].values, means[1].numpy(), rtol=1e-4, atol=1e-5)
     import xarray as xr
 
     plain = xr.open_zarr(str(out), group="level_0", consolidated=False)
-    assert plain["mean"].shape == (2700, 56)
+    assert plain["mean"].shape == (2700, 32)
     subset = adata[::7].copy()
     attach_embeddings(subset, str(out))
     np.testing.assert_allclose(subset.obsm["X_hvae_level_0"], means[0].numpy()[::7], rtol=1e-4, atol=1e-5)
@@ -213,7 +213,7 @@ def test_evaluate_scores_every_level_against_baselines_on_the_same_cells(trained
     # A read-out export's columns are not units: its active units are the training log's, not the report's.
     assert all(r["active_units"] is None for r in hvae + reversed_) and pca["active_units"] <= pca["dim"]
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "## `lineage`" in report and "| HVAE level 0 (finest) | 56 |" in report and "| PCA (50 comps) | 50 |" in report
+    assert "## `lineage`" in report and "| HVAE level 0 (finest) | 32 |" in report and "| PCA (50 comps) | 50 |" in report
     assert all((tmp_path / "report" / file).stat().st_size > 10_000 for file in summary["maps"].values())
     assert len(summary["maps"]) == 7
     # The report says which level to pass to scanpy for each label column.

@@ -19,8 +19,9 @@ STEPS, LOG_EVERY = 200, 50
 
 
 def _reads_outside_the_optimizer(events) -> tuple[int, list[str]]:
-    """Host reads not inside ``Optimizer.step`` (whose step counters stay on the CPU)."""
-    steps = [e for e in events if e.name.startswith("Optimizer.step")]
+    """Host reads not inside ``Optimizer.step`` (whose step counters stay on the CPU) nor in the
+    set-up that builds the gene modules once before the first step."""
+    steps = [e for e in events if e.name.startswith("Optimizer.step") or e.name == "hvae.fit_gene_modules"]
 
     def in_optimizer(event) -> bool:
         return any(s.thread == event.thread and s.time_range.start <= event.time_range.start <= s.time_range.end

@@ -83,7 +83,7 @@ def test_shard_train_resume_embed_and_release_on_s3(s3, census_uri, tmp_path, mo
     result = embed(run, {"source": f"{s3}/shards"}, out, EmbedSettings(progress=False, chunk_rows=1000), echo=lambda *_: None)
     assert result["cells"] == 2700
     embedded = read_embeddings(out, lazy=False)
-    assert embedded.n_obs == 2700 and embedded.obsm["X_hvae_level_0"].shape == (2700, 56)
+    assert embedded.n_obs == 2700 and embedded.obsm["X_hvae_level_0"].shape == (2700, 32)
     assert embedded.uns["hvae_embeddings"]["checkpoint"] == f"{run}/checkpoint_00000040"
     assert np.isfinite(embedded.obsm["X_hvae_level_2"]).all()
 
