@@ -41,7 +41,7 @@ def atlas(tmp_path_factory):
     reference.write_h5ad(root / "atlas.h5ad")
     query.write_h5ad(root / "query.h5ad")
     model = HVAEModel(reference, batch_key="donor_id", latent_dims=(16, 8, 4), hidden_dim=64)
-    model.train(max_steps=300, batch_size=128, progress=False)
+    model.train(max_steps=600, batch_size=128, progress=False)
     model.save(root / "model")
     done = cli("embed", "--checkpoint", root / "model", "--source", root / "atlas.h5ad", "--out", root / "atlas.zarr")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -106,7 +106,7 @@ def test_query_transfers_labels_per_level_and_flags_cells_unlike_the_atlas(atlas
     score = mapped.obs["unlike_level_0_score"].to_numpy()
     from sklearn.metrics import roc_auc_score
 
-    assert roc_auc_score(left_out, score) > 0.55  # the direction: 0.61 here, 0.78 after 600 steps
+    assert roc_auc_score(left_out, score) > 0.55  # the direction (300 steps left level 0 with no active unit)
     assert mapped.obs["unlike_level_0"][~left_out].mean() < 0.05  # calibrated at 1% of atlas cells
     assert mapped.uns["hvae_query"]["model_id"].startswith("sha256:")
 
