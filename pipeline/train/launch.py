@@ -33,7 +33,7 @@ from hvae.modules import SAMPLE_CELLS
 
 from .. import faults, storage
 from ..lease import Lease, check_generation
-from .checkpoint import (fetch_checkpoint, find_checkpoint, prune_checkpoints, read_model_file, read_train_state,
+from .checkpoint import (check_genes, fetch_checkpoint, find_checkpoint, prune_checkpoints, read_model_file, read_train_state,
                          resumable_checkpoint, write_latest)
 from ..config import PipelineConfig
 from .loop import STAGING_PREFIX, split_datasets, train_worker
@@ -89,7 +89,9 @@ def _with_gene_modules(config: PipelineConfig, previous, echo) -> PipelineConfig
     if not hvae_config.module_levels:  # none asked for (module_levels left to the depth asks for some)
         return config
     if previous is not None:
-        partitions = read_model_file(fetch_checkpoint(previous)[0])["hvae_config"].gene_modules
+        parts = read_model_file(fetch_checkpoint(previous)[0])
+        check_genes(parts, train.feature_ids, train.path)  # its partitions are of its genes
+        partitions = parts["hvae_config"].gene_modules
     else:
         started = time.time()
         blocks, cells = [], 0
