@@ -135,15 +135,19 @@ def leading_components(counts, n_components: int, target_sum: float = 1e4, seed:
     return singular[:n_components].square(), vh[:n_components].T
 
 
-def gene_modules(covariance: torch.Tensor | None, module_levels, seed: int = 0,
-                 components: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[tuple[int, ...], ...]:
+def exact_components(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eigenvalues, eigenvectors as columns) of ``covariance``, largest first."""
+    values, vectors = torch.linalg.eigh(covariance.to(torch.float64))
+    order = values.argsort(descending=True)
+    return values[order], vectors[:, order]
+
+
+def gene_modules(components: tuple[torch.Tensor, torch.Tensor], module_levels,
+                 seed: int = 0) -> tuple[tuple[int, ...], ...]:
     """One partition per ``(modules, components)`` of ``module_levels`` (the top first): k-means of
-    the genes' loadings on the leading components of ``covariance`` (or of the given ``components``,
-    eigenvalues and eigenvectors, largest first); module numbers 0..K-1, in order of first appearance."""
-    if components is None:
-        values, vectors = torch.linalg.eigh(covariance.to(torch.float64))
-        order = values.argsort(descending=True)
-        components = values[order], vectors[:, order]
+    the genes' loadings on the leading ``components`` of their correlation (eigenvalues and
+    eigenvectors, largest first: ``exact_components`` or ``leading_components``); module numbers
+    0..K-1, in order of first appearance."""
     values, vectors = components[0].clamp_min(0), components[1]
     generator = torch.Generator().manual_seed(seed)
     partitions = []
@@ -170,6 +174,6 @@ def _partitions(config: HVAEConfig, sample, seed: int) -> tuple[tuple[int, ...],
         moments = GeneCovariance(config.n_genes, config.input_target_sum)
         for start in range(0, sample.shape[0], 4096):
             moments.update(sample[start:start + 4096])
-        return gene_modules(moments.covariance(), config.module_levels, seed)
+        return gene_modules(exact_components(moments.covariance()), config.module_levels, seed)
     most = max(components for _, components in config.module_levels)
-    return gene_modules(None, config.module_levels, seed, leading_components(sample, most, config.input_target_sum, seed))
+    return gene_modules(leading_components(sample, most, config.input_target_sum, seed), config.module_levels, seed)

@@ -61,9 +61,9 @@ def hierarchy_checks(levels: list[dict], flat: dict, pca: dict, labels: list[str
     ({label: accuracy}), ``silhouette`` (on the coarsest labels) and optionally ``mixing``,
     ``knn_within`` ({label: accuracy within its parent, the previous label}) and, for the levels,
     ``kl`` (nats); ``labels`` run coarsest -> finest; ``kind`` ("synthetic" or "real") picks the
-    margins of checks 6-8; ``chance`` ({label: ``majority_within``}), when given, is named in check 6,
-    which no top can pass where level 0 resolves the finest labels no better. A check that does not apply (no batches, no within-parent scores, two
-    label levels for check 7) is left out."""
+    margins of checks 6-8; ``chance`` ({label: ``majority_within``}), when given, is named in check
+    6, which no top can pass where level 0 resolves the finest labels no better. A check that does
+    not apply (no batches, no within-parent scores, two label levels for check 7) is left out."""
     coarse, fine = labels[0], labels[-1]
     top = len(levels) - 1
     knn = [level["knn"] for level in levels]
