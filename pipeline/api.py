@@ -139,9 +139,10 @@ class HVAEModel:
         ``adata.obsm`` the representations and the neighbours (store rows) and their distances.
         The atlas must have been embedded by this model (the one saved or loaded). Returns ``adata``."""
         from .query import AtlasLabels, IndexMismatch, map_levels
-        from .query.transfer import attach, check_embedded_by, open_atlas
+        from .query.transfer import attach, check_embedded_by, check_k, open_atlas
 
         atlas, index_path, wanted = open_atlas(index, levels)
+        check_k(atlas, k)
         if getattr(self, "model_id", None) is None:
             raise IndexMismatch("this model's weights are not those of a saved checkpoint: save it (HVAEModel.save) and "
                                 "embed the atlas with it, or load the model that embedded the atlas (HVAEModel.load)")

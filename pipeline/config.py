@@ -171,7 +171,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key, sep, raw = override.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {override!r} is not of the form section.key=value")
-        _set_dotted(values, key.strip(), yaml.safe_load(raw) if raw.strip() else None, override)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {override!r}: the value {raw!r} is not YAML ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''})") from None
+        _set_dotted(values, key.strip(), value, override)
     try:
         return PipelineConfig.model_validate(values)
     except ValidationError as error:

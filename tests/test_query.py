@@ -152,6 +152,13 @@ def test_bad_input_is_named_and_changes_nothing(atlas, tmp_path):
     (tmp_path / "keep.h5ad").write_text("mine")
     done = cli(*base, "--source", root / "query.h5ad", "--out", tmp_path / "keep.h5ad")
     assert done.returncode == 2 and "--overwrite" in done.stderr and (tmp_path / "keep.h5ad").read_text() == "mine"
+    # more neighbours than the atlas has cells; an --out where nothing can be written (refused before the work)
+    done = cli(*base, "--source", root / "query.h5ad", "--k", str(reference.n_obs + 1), "--out", tmp_path / "a.h5ad")
+    assert done.returncode == 2 and f"atlas's {reference.n_obs} cells" in done.stderr
+    with pytest.raises(ValueError, match="k must be an integer from 1"):
+        HVAEModel.load(root / "model").map_query(query[:10].copy(), root / "atlas.zarr", k=0)
+    done = cli(*base, "--source", root / "query.h5ad", "--out", "/sys/hvae-pipeline-test/q.h5ad")
+    assert done.returncode == 2 and "cannot write to /sys" in done.stderr and "genes:" not in done.stdout
     # another model
     other = HVAEModel(reference, latent_dims=(4, 2), hidden_dim=16)
     other.train(max_steps=5, batch_size=64, progress=False)

@@ -47,6 +47,8 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(base={"data": {"path": "x"}}, overrides=["train.max_steps=abc"])
     with pytest.raises(ConfigError, match=r"train.precision: Input should be 'bf16', 'fp16' or 'fp32'"):
         load_config(base={"data": {"path": "x"}}, overrides=["train.precision=bf8"])
+    with pytest.raises(ConfigError, match=r"override 'model.latent_dims=\[32, 16': the value '\[32, 16' is not YAML"):
+        load_config(base={"data": {"path": "x"}}, overrides=["model.latent_dims=[32, 16"])
     (tmp_path / "c.yaml").write_text("data:\n  path: x\nmodel:\n  latent_dim: [4]\n")
     result = cli("train", "--config", str(tmp_path / "c.yaml"), check=False)
     assert result.returncode == 2 and "model.latent_dim: unknown key" in result.stderr
@@ -201,6 +203,7 @@ def ray_cluster():
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_ray_two_workers_on_pbmc3k_survive_a_killed_worker(ray_cluster, tmp_path, monkeypatch):
     from pipeline.config import load_config
     from pipeline.data import ShardSettings, open_source, write_shards
@@ -231,6 +234,7 @@ def test_ray_two_workers_on_pbmc3k_survive_a_killed_worker(ray_cluster, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_ray_driver_rerun_continues_from_the_checkpoint(ray_cluster, small_shards, tmp_path, monkeypatch):
     from pipeline.config import load_config
     from pipeline.train.launch import train

@@ -155,10 +155,17 @@ def vote(neighbour_codes: np.ndarray, n_categories: int) -> tuple[np.ndarray, np
     return np.where(total > 0, winner, -1), share.astype(np.float32)
 
 
+def check_k(index: AtlasIndex, k) -> None:
+    """``k`` neighbours must be a whole number from 1 to the atlas's cells: more would pad every
+    vote with missing neighbours."""
+    n_obs = index.manifest["store"]["n_obs"]
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n_obs:
+        raise ValueError(f"k must be an integer from 1 to the atlas's {n_obs} cells ({index.store}), got {k!r}")
+
+
 def map_levels(index: AtlasIndex, levels: dict[int, np.ndarray], labels: AtlasLabels | None, k: int = 15) -> dict:
     """Search and vote at every level given: ``{"obs": DataFrame columns, "obsm": arrays}``."""
-    if not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    check_k(index, k)
     obs, obsm = {}, {}
     for level, vectors in levels.items():
         meta = index.level(level)
@@ -204,7 +211,9 @@ def query(checkpoint: str, index: str, source_args: dict, labels: list[str], out
         raise ValueError(f"--out {out}: write a .h5ad (the query AnnData with the results) or a .parquet table")
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it (it is replaced only once the new one is written)")
+    storage.check_writable(str(Path(out).resolve().parent))  # an unwritable --out is refused before any work
     atlas, index_path, wanted = open_atlas(index, levels)
+    check_k(atlas, k)
     store_attrs = _store_attrs(atlas.store)
     directory, origin, model, parts = _load(checkpoint, bool(store_attrs.get("ema", True)))
     identity = model_id(directory)
