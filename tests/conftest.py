@@ -1,17 +1,29 @@
+import os
+
 import pytest
 import torch
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # the suite's two workers share two cores: one thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # and the processes the tests start
+    torch.set_num_threads(1)
+
+# The longest tests first, so that under `-n 2` none is left to run alone at the end.
+FIRST = ("test_quality.py",)
+
 
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.nodeid.split("::")[0].rsplit("/", 1)[-1] not in FIRST)  # stable: the rest keep their order
+    for item in items:  # under `-n 2 --dist loadgroup`: a module's tests on one worker (its fixtures built once),
+        # and every test that starts a local Ray cluster on one worker, in turn
+        item.add_marker(pytest.mark.xdist_group("ray" if item.get_closest_marker("ray") else item.nodeid.split("::")[0]))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (none here)")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu"):
             item.add_marker(skip)
 
 
-import os  # noqa: E402
 import tarfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 

@@ -82,6 +82,7 @@ def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_atlas_scale_runs_the_whole_chain_at_100k_cells_with_its_checks(tmp_path):
     """benchmarks/atlas_scale.py at 100k cells (its own runs go to 10M): every stage as its real command (Ray Train on 2 CPU
     workers), each obs id embedded once, the count checksum carried from the generator into the

@@ -114,6 +114,7 @@ STUBS = {
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_slurm_train_script_starts_ray_trains_through_it_and_stops_it(shards, tmp_path):
     stubs = tmp_path / "stubs"
     stubs.mkdir()
@@ -142,6 +143,7 @@ def test_slurm_train_script_starts_ray_trains_through_it_and_stops_it(shards, tm
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_training_entrypoint_through_the_ray_jobs_api(shards, tmp_path):
     """What KubeRay's submitter does: `ray job submit --address http://HEAD:8265 -- ENTRYPOINT`."""
     port, dashboard = free_port(), free_port()

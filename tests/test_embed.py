@@ -162,6 +162,7 @@ def test_embed_errors(trained, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_ray_actors_write_the_same_embeddings(trained, tmp_path, monkeypatch):
     import ray
 

@@ -15,7 +15,7 @@ from pipeline.data.sources import SyntheticSource
 from pipeline.data.synthetic import SyntheticAtlas, SyntheticAtlasSpec
 from pipeline.train import train
 
-STEPS, LOG_EVERY = 200, 50
+STEPS, LOG_EVERY = 30, 10
 
 
 def _reads_outside_the_optimizer(events) -> tuple[int, list[str]]:

@@ -43,6 +43,7 @@ def s3():
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_shard_train_resume_embed_and_release_on_s3(s3, census_uri, tmp_path, monkeypatch):
     import ray
 

@@ -383,6 +383,7 @@ def assert_same_shards(a, b) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_shard_on_ray_workers_writes_the_same_shards_and_survives_a_killed_task(tmp_path):
     """`shard --workers 2` (a local Ray cluster): one shard set, identical to the one-process
     run for the same seed (the highly variable genes summed on the workers too); a pass-1 task
