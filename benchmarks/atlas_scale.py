@@ -77,8 +77,9 @@ def run_stage(name: str, command: list[str], log: Path, env: dict | None = None)
     """Run ``command``, sampling its process tree's RSS; raises with the log tail on failure."""
     started = time.perf_counter()
     with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True
+        )
         peak = [0]
 
         def sample() -> None:
@@ -157,31 +158,84 @@ def chain(n_cells: int, args, root: Path) -> dict:
 
     def stage(name, command, cells, output=None):
         print(f"[{n_cells:,}] {name}: {' '.join(map(str, command[3:]))}", flush=True)
-        result = run_stage(name, [str(c) for c in command], root / (re.sub(r"[^a-z0-9]+", "_", name).strip("_") + ".log"))
+        result = run_stage(
+            name, [str(c) for c in command], root / (re.sub(r"[^a-z0-9]+", "_", name).strip("_") + ".log")
+        )
         result["cells_per_s"] = round(cells / result["wall_s"]) if cells else None
         result["disk_gb"] = disk_gb(output) if output else None
         stages.append(result)
         print(f"    {result}", flush=True)
 
     common = ["--n-genes", args.n_genes, "--n-donors", args.n_donors, "--seed", args.seed]
-    stage("simulate -> shards", [*cli, "simulate", shards, "--n-cells", n_cells, *common, "--format", "shards",
-                                 "--shard-size", args.shard_size], n_cells, shards)
+    stage(
+        "simulate -> shards",
+        [
+            *cli,
+            "simulate",
+            shards,
+            "--n-cells",
+            n_cells,
+            *common,
+            "--format",
+            "shards",
+            "--shard-size",
+            args.shard_size,
+        ],
+        n_cells,
+        shards,
+    )
     h5ad_cells = min(n_cells, args.h5ad_cells)
     if h5ad_cells:
-        stage("simulate -> h5ad", [*cli, "simulate", root / "atlas.h5ad", "--n-cells", h5ad_cells, *common],
-              h5ad_cells, root / "atlas.h5ad")
-        stage("h5ad -> shard", [*cli, "shard", root / "atlas.h5ad", "--out", root / "h5ad_shards", "--shard-size", args.shard_size],
-              h5ad_cells, root / "h5ad_shards")
+        stage(
+            "simulate -> h5ad",
+            [*cli, "simulate", root / "atlas.h5ad", "--n-cells", h5ad_cells, *common],
+            h5ad_cells,
+            root / "atlas.h5ad",
+        )
+        stage(
+            "h5ad -> shard",
+            [*cli, "shard", root / "atlas.h5ad", "--out", root / "h5ad_shards", "--shard-size", args.shard_size],
+            h5ad_cells,
+            root / "h5ad_shards",
+        )
     workers = args.workers
-    stage("train (Ray)" if workers else "train", [
-        *cli, "train", f"data.path={shards}", "data.batch_key=donor_id", f"train.max_steps={args.steps}",
-        f"train.batch_size={args.batch_size // max(1, workers)}", f"scaling.num_workers={workers}",
-        f"run.storage_path={run}", "run.name=scale", f"checkpoint.every_steps={args.steps}", "train.log_every=50"],
-        args.steps * args.batch_size, run)
+    stage(
+        "train (Ray)" if workers else "train",
+        [
+            *cli,
+            "train",
+            f"data.path={shards}",
+            "data.batch_key=donor_id",
+            f"train.max_steps={args.steps}",
+            f"train.batch_size={args.batch_size // max(1, workers)}",
+            f"scaling.num_workers={workers}",
+            f"run.storage_path={run}",
+            "run.name=scale",
+            f"checkpoint.every_steps={args.steps}",
+            "train.log_every=50",
+        ],
+        args.steps * args.batch_size,
+        run,
+    )
     stage("embed", [*cli, "embed", "--checkpoint", run / "scale", "--source", shards, "--out", store], n_cells, store)
-    stage("evaluate", [*cli, "evaluate", "--embeddings", store, "--labels", "lineage,cell_type,subtype",
-                       "--batch-key", "donor_id", "--max-cells", args.eval_cells, "--no-maps"], args.eval_cells,
-          root / "embeddings_report")
+    stage(
+        "evaluate",
+        [
+            *cli,
+            "evaluate",
+            "--embeddings",
+            store,
+            "--labels",
+            "lineage,cell_type,subtype",
+            "--batch-key",
+            "donor_id",
+            "--max-cells",
+            args.eval_cells,
+            "--no-maps",
+        ],
+        args.eval_cells,
+        root / "embeddings_report",
+    )
 
     manifest = json.loads((shards / "manifest.json").read_text())
     recorded = manifest.get("count_checksum")
@@ -189,21 +243,33 @@ def chain(n_cells: int, args, root: Path) -> dict:
     once, detail = embedded_once(store, n_cells)
     checks = {
         "every obs id embedded once": (once, detail),
-        "count checksum generator -> shards": (recorded is not None and recorded["sum"] == measured["sum"]
-                                               and int(recorded["weighted"]) == measured["weighted"],
-                                               f"manifest {recorded}, shards {measured}"),
+        "count checksum generator -> shards": (
+            recorded is not None
+            and recorded["sum"] == measured["sum"]
+            and int(recorded["weighted"]) == measured["weighted"],
+            f"manifest {recorded}, shards {measured}",
+        ),
     }
-    report = json.loads((root / "embeddings_report" / "metrics.json").read_text()) if \
-        (root / "embeddings_report" / "metrics.json").exists() else None
-    return {"n_cells": n_cells, "stages": stages, "checks": {k: {"pass": v[0], "detail": v[1]} for k, v in checks.items()},
-            "evaluate": _knn(report)}
+    report = (
+        json.loads((root / "embeddings_report" / "metrics.json").read_text())
+        if (root / "embeddings_report" / "metrics.json").exists()
+        else None
+    )
+    return {
+        "n_cells": n_cells,
+        "stages": stages,
+        "checks": {k: {"pass": v[0], "detail": v[1]} for k, v in checks.items()},
+        "evaluate": _knn(report),
+    }
 
 
 def _knn(report) -> dict | None:
     if not report:
         return None
-    return {r["representation"]: {label: round(v["knn_accuracy"], 3) for label, v in r["labels"].items()}
-            for r in report.get("results", [])}
+    return {
+        r["representation"]: {label: round(v["knn_accuracy"], 3) for label, v in r["labels"].items()}
+        for r in report.get("results", [])
+    }
 
 
 def table(results: list[dict]) -> str:
@@ -212,7 +278,9 @@ def table(results: list[dict]) -> str:
         for s in result["stages"]:
             rate = "-" if s["cells_per_s"] is None else f"{s['cells_per_s']:,}"
             disk = "-" if s["disk_gb"] is None else s["disk_gb"]
-            lines.append(f"| {result['n_cells']:,} | {s['stage']} | {s['wall_s']} | {rate} | {s['peak_rss_gb']} | {disk} |")
+            lines.append(
+                f"| {result['n_cells']:,} | {s['stage']} | {s['wall_s']} | {rate} | {s['peak_rss_gb']} | {disk} |"
+            )
     return "\n".join(lines)
 
 
@@ -222,8 +290,13 @@ def main() -> None:
     parser.add_argument("--n-genes", type=int, default=2_000)
     parser.add_argument("--n-donors", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--compare-to", type=int, default=None, help="run the chain at this many cells first; "
-                        f"check every stage's peak RSS at --n-cells within {RSS_LIMIT}x of it")
+    parser.add_argument(
+        "--compare-to",
+        type=int,
+        default=None,
+        help="run the chain at this many cells first; "
+        f"check every stage's peak RSS at --n-cells within {RSS_LIMIT}x of it",
+    )
     parser.add_argument("--h5ad-cells", type=int, default=1_000_000, help="cells of the h5ad -> shard stage (0: skip)")
     parser.add_argument("--shard-size", type=int, default=65_536)
     parser.add_argument("--steps", type=int, default=300, help="training steps (fixed, whatever the cells)")
@@ -251,20 +324,27 @@ def main() -> None:
         for a, b in zip(small["stages"], large["stages"], strict=True):
             ratio = b["peak_rss_gb"] / max(a["peak_rss_gb"], 1e-9)
             checks[f"peak RSS {b['stage']}: {large['n_cells']:,} / {small['n_cells']:,} <= {RSS_LIMIT}"] = {
-                "pass": ratio <= RSS_LIMIT, "detail": f"{b['peak_rss_gb']} / {a['peak_rss_gb']} GB = {ratio:.2f}x"}
+                "pass": ratio <= RSS_LIMIT,
+                "detail": f"{b['peak_rss_gb']} / {a['peak_rss_gb']} GB = {ratio:.2f}x",
+            }
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB"
-    print(f"\nmachine: {machine}; genes {args.n_genes}, donors {args.n_donors}, {args.steps} training steps of "
-          f"{args.batch_size} cells on {args.workers} Ray workers\n")
+    print(
+        f"\nmachine: {machine}; genes {args.n_genes}, donors {args.n_donors}, {args.steps} training steps of "
+        f"{args.batch_size} cells on {args.workers} Ray workers\n"
+    )
     print(table(results))
     print()
     for name, check in checks.items():
         print(f"{'PASS' if check['pass'] else 'FAIL'}  {name}: {check['detail']}")
     for result in results:
         if result["evaluate"]:
-            print(f"\nkNN accuracy at {result['n_cells']:,} cells ({args.eval_cells:,} evaluated): {result['evaluate']}")
+            print(
+                f"\nkNN accuracy at {result['n_cells']:,} cells ({args.eval_cells:,} evaluated): {result['evaluate']}"
+            )
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine, "args": vars(args), "results": results,
-                                               "checks": checks}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"machine": machine, "args": vars(args), "results": results, "checks": checks}, indent=2)
+        )
     if not all(c["pass"] for c in checks.values()):
         sys.exit(1)
 

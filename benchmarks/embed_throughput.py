@@ -43,7 +43,9 @@ GOAL = 0.9  # embed end to end at >= 0.9x the model's in-memory encode of the sa
 def write_model(directory: Path, feature_ids: list[str], hidden_dim: int) -> None:
     torch.manual_seed(0)
     config = HVAEConfig(n_genes=len(feature_ids), latent_dims=(32, 16, 8), hidden_dim=hidden_dim)
-    config = fit_gene_modules(config, torch.poisson(torch.full((1024, config.n_genes), 2.0)))  # modules of unstructured counts: the same cost as the data's
+    config = fit_gene_modules(
+        config, torch.poisson(torch.full((1024, config.n_genes), 2.0))
+    )  # modules of unstructured counts: the same cost as the data's
     trainer = Trainer(HierarchicalVAE(config), TrainConfig())
     save_checkpoint(directory, trainer, config, "{}\n", {"step": 0}, feature_ids, None, [])
 
@@ -60,12 +62,18 @@ def read_rate(source, chunk_rows: int) -> float:
 
 
 @torch.no_grad()
-def encode_rate(directory: Path, source, batch_size: int, device: str, cells: int = 65_536, logvar: bool = False) -> float:
+def encode_rate(
+    directory: Path, source, batch_size: int, device: str, cells: int = 65_536, logvar: bool = False
+) -> float:
     from pipeline.train.checkpoint import load_model
 
     model = load_model(directory)[0].to(device).eval()
     batch = densify(source.rows(0, min(batch_size, source.n_obs)), torch.device(device))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.startswith("cuda")
+        else torch.autocast("cpu", enabled=False)
+    )
     with autocast:
         model.encode(batch, return_logvar=logvar)  # warm-up
         if device.startswith("cuda"):
@@ -108,41 +116,63 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     source = open_source(args.source)
     write_model(work / "checkpoint", list(source.feature_ids), args.hidden_dim)
-    rows = [("read (rows, checks, alignment)", read_rate(source, args.chunk_rows)),
-            (f"encode ({args.device}, resident batches)", encode_rate(work / "checkpoint", source, args.batch_size, args.device))]
+    rows = [
+        ("read (rows, checks, alignment)", read_rate(source, args.chunk_rows)),
+        (
+            f"encode ({args.device}, resident batches)",
+            encode_rate(work / "checkpoint", source, args.batch_size, args.device),
+        ),
+    ]
     settings = EmbedSettings(batch_size=args.batch_size, chunk_rows=args.chunk_rows, progress=False, device=args.device)
-    result = embed(str(work / "checkpoint"), {"source": args.source}, str(work / "local.zarr"), settings, echo=lambda *_: None)
+    result = embed(
+        str(work / "checkpoint"), {"source": args.source}, str(work / "local.zarr"), settings, echo=lambda *_: None
+    )
     rows.append(("embed end to end (one process)", result["cells"] / result["seconds"]))
     if args.logvar:
-        logvar_ceiling = encode_rate(work / "checkpoint", source, args.batch_size, args.device, cells=16_384, logvar=True)
+        logvar_ceiling = encode_rate(
+            work / "checkpoint", source, args.batch_size, args.device, cells=16_384, logvar=True
+        )
         settings.logvar = True
-        result = embed(str(work / "checkpoint"), {"source": args.source}, str(work / "logvar.zarr"), settings, echo=lambda *_: None)
+        result = embed(
+            str(work / "checkpoint"), {"source": args.source}, str(work / "logvar.zarr"), settings, echo=lambda *_: None
+        )
         settings.logvar = False
-        rows += [("encode with --logvar (resident batches)", logvar_ceiling),
-                 ("embed --logvar end to end (one process)", result["cells"] / result["seconds"])]
+        rows += [
+            ("encode with --logvar (resident batches)", logvar_ceiling),
+            ("embed --logvar end to end (one process)", result["cells"] / result["seconds"]),
+        ]
     if args.ray_workers:
         import ray
 
         ray.init(num_cpus=max(2, args.ray_workers), include_dashboard=False, log_to_driver=False)
         settings.workers = args.ray_workers
-        result = embed(str(work / "checkpoint"), {"source": args.source}, str(work / "ray.zarr"), settings, echo=lambda *_: None)
+        result = embed(
+            str(work / "checkpoint"), {"source": args.source}, str(work / "ray.zarr"), settings, echo=lambda *_: None
+        )
         rows.append((f"embed end to end ({args.ray_workers} Ray actors)", result["cells"] / result["seconds"]))
         ray.shutdown()
     source.close()
     ceiling = rows[1][1]
-    print(f"\n{source.n_obs:,} cells x {len(source.feature_ids):,} genes from {args.source}; batch {args.batch_size}, "
-          f"chunks of {args.chunk_rows:,}; {platform.machine()}, {torch.get_num_threads()} threads, device {args.device}"
-          + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "") + "\n")
+    print(
+        f"\n{source.n_obs:,} cells x {len(source.feature_ids):,} genes from {args.source}; batch {args.batch_size}, "
+        f"chunks of {args.chunk_rows:,}; {platform.machine()}, {torch.get_num_threads()} threads, device {args.device}"
+        + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
+        + "\n"
+    )
     print("| stage | cells/s | / encode ceiling |\n|---|---|---|")
     for name, rate in rows:
         print(f"| {name} | {rate:,.0f} | {rate / ceiling:.2f} |")
     ratio = rows[2][1] / ceiling
     print(f"\nembed end to end / encode ceiling: {ratio:.2f} (goal >= {GOAL}: {'PASS' if ratio >= GOAL else 'FAIL'})")
     if args.logvar:
-        print(f"--logvar costs {ceiling / rows[-2][1]:.1f}x the time of the means (encode); embed --logvar / its "
-              f"ceiling: {rows[-1][1] / rows[-2][1]:.2f}")
+        print(
+            f"--logvar costs {ceiling / rows[-2][1]:.1f}x the time of the means (encode); embed --logvar / its "
+            f"ceiling: {rows[-1][1] / rows[-2][1]:.2f}"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"cells": source.n_obs, "device": args.device, "rows": rows, "ratio": ratio}, indent=1))
+        args.json.write_text(
+            json.dumps({"cells": source.n_obs, "device": args.device, "rows": rows, "ratio": ratio}, indent=1)
+        )
 
 
 if __name__ == "__main__":

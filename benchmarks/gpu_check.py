@@ -93,13 +93,22 @@ class DeviceSyntheticSource(Source):
         n = len(rows)
         scores = torch.randn(n, spec.n_cell_factors, device=self.device, generator=generator) * spec.cell_variation_sd
         log_rate = self.profiles[leaves] + self.donor_shift[donors] + scores @ self.cell_loadings
-        log_library = (math.log(spec.mean_library_size) + self.donor_library[donors]
-                       + torch.randn(n, device=self.device, generator=generator) * spec.library_log_sd)
+        log_library = (
+            math.log(spec.mean_library_size)
+            + self.donor_library[donors]
+            + torch.randn(n, device=self.device, generator=generator) * spec.library_log_sd
+        )
         mean = torch.softmax(log_rate, dim=1) * torch.exp(log_library).unsqueeze(1)
         rate = torch._standard_gamma(self.theta.expand_as(mean).contiguous()) * (mean / self.theta)
         counts = torch.poisson(rate, generator=generator).to_sparse_csr()
-        return sp.csr_matrix((counts.values().cpu().numpy().astype(np.float32), counts.col_indices().cpu().numpy(),
-                              counts.crow_indices().cpu().numpy()), shape=(n, spec.n_genes))
+        return sp.csr_matrix(
+            (
+                counts.values().cpu().numpy().astype(np.float32),
+                counts.col_indices().cpu().numpy(),
+                counts.crow_indices().cpu().numpy(),
+            ),
+            shape=(n, spec.n_genes),
+        )
 
     def provenance(self) -> dict:
         return {"generator": "benchmarks/gpu_check.py DeviceSyntheticSource", "spec": self.atlas.spec.to_dict()}
@@ -108,7 +117,9 @@ class DeviceSyntheticSource(Source):
 def make_trainer(n_genes: int, args, compile_model: bool = False) -> Trainer:
     torch.manual_seed(0)
     config = HVAEConfig(n_genes=n_genes, latent_dims=tuple(args.latent_dims), hidden_dim=args.hidden_dim)
-    config = fit_gene_modules(config, torch.poisson(torch.full((1024, n_genes), 2.0)))  # modules of unstructured counts: the same cost as the data's
+    config = fit_gene_modules(
+        config, torch.poisson(torch.full((1024, n_genes), 2.0))
+    )  # modules of unstructured counts: the same cost as the data's
     train = TrainConfig(precision=args.precision, kl_warmup_steps=100, compile=compile_model)
     return Trainer(HierarchicalVAE(config), train, device=args.device)
 
@@ -158,9 +169,15 @@ def time_embed(shards: Path, work: Path, args) -> float:
     save_checkpoint(checkpoint, model, model.config, None, None, dataset.feature_ids, None, [])
     out = work / "embeddings.zarr"
     shutil.rmtree(out, ignore_errors=True)
-    result = embed(str(checkpoint), {"source": str(shards)}, str(out),
-                   EmbedSettings(batch_size=args.embed_batch_size, chunk_rows=args.embed_chunk_rows, progress=False,
-                                 device=args.device.type), echo=lambda *_: None)
+    result = embed(
+        str(checkpoint),
+        {"source": str(shards)},
+        str(out),
+        EmbedSettings(
+            batch_size=args.embed_batch_size, chunk_rows=args.embed_chunk_rows, progress=False, device=args.device.type
+        ),
+        echo=lambda *_: None,
+    )
     return dataset.n_obs / result["seconds"]
 
 
@@ -171,9 +188,13 @@ def measure(name: str, fn, args) -> dict:
     started = time.perf_counter()
     with GpuSampler() if cuda else _Null() as sampler:
         value = fn()
-    row = {"path": name, "cells_per_s": None if value is None else round(value), "seconds": round(time.perf_counter() - started, 1),
-           "gpu_util_percent": getattr(sampler, "mean", None),
-           "peak_device_mb": round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None}
+    row = {
+        "path": name,
+        "cells_per_s": None if value is None else round(value),
+        "seconds": round(time.perf_counter() - started, 1),
+        "gpu_util_percent": getattr(sampler, "mean", None),
+        "peak_device_mb": round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None,
+    }
     print(f"{name:>34s}: {'-' if value is None else f'{value:,.0f}'} cells/s ({row['seconds']} s)", flush=True)
     return row
 
@@ -204,37 +225,80 @@ def main() -> None:
     if not (shards / "manifest.json").exists():
         spec = SyntheticAtlasSpec(n_cells=args.n_cells, n_genes=args.n_genes, n_donors=16)
         t = time.perf_counter()
-        write_shards(DeviceSyntheticSource(SyntheticAtlas(spec), args.device), str(shards),
-                     ShardSettings(shard_size=max(10_000, args.n_cells // 16), overwrite=True, progress=False), echo=lambda *_: None)
-        print(f"generated {args.n_cells:,} cells x {args.n_genes:,} genes as shards in {time.perf_counter() - t:.0f} s", flush=True)
+        write_shards(
+            DeviceSyntheticSource(SyntheticAtlas(spec), args.device),
+            str(shards),
+            ShardSettings(shard_size=max(10_000, args.n_cells // 16), overwrite=True, progress=False),
+            echo=lambda *_: None,
+        )
+        print(
+            f"generated {args.n_cells:,} cells x {args.n_genes:,} genes as shards in {time.perf_counter() - t:.0f} s",
+            flush=True,
+        )
     dataset = ShardedDataset(str(shards))
     device_name = torch.cuda.get_device_name() if args.device.type == "cuda" else platform.processor() or "cpu"
-    print(f"{device_name}; batch {args.batch_size}; {args.precision}; latent {args.latent_dims}; hidden {args.hidden_dim}")
-    rows = [measure("loader -> device (no model)", lambda: time_loader(dataset, args), args),
-            measure("train, GPU-resident, eager", lambda: time_training(make_trainer(dataset.n_vars, args),
-                                                                        resident_batches(dataset, args), args, False), args)]
+    print(
+        f"{device_name}; batch {args.batch_size}; {args.precision}; latent {args.latent_dims}; hidden {args.hidden_dim}"
+    )
+    rows = [
+        measure("loader -> device (no model)", lambda: time_loader(dataset, args), args),
+        measure(
+            "train, GPU-resident, eager",
+            lambda: time_training(make_trainer(dataset.n_vars, args), resident_batches(dataset, args), args, False),
+            args,
+        ),
+    ]
     if args.compile:
-        rows.append(measure("train, GPU-resident, compiled", lambda: time_training(
-            make_trainer(dataset.n_vars, args, compile_model=True), resident_batches(dataset, args), args, False), args))
-    rows.append(measure("train, from shards, eager", lambda: time_training(
-        make_trainer(dataset.n_vars, args), shard_batches(dataset, args), args, True), args))
+        rows.append(
+            measure(
+                "train, GPU-resident, compiled",
+                lambda: time_training(
+                    make_trainer(dataset.n_vars, args, compile_model=True), resident_batches(dataset, args), args, False
+                ),
+                args,
+            )
+        )
+    rows.append(
+        measure(
+            "train, from shards, eager",
+            lambda: time_training(make_trainer(dataset.n_vars, args), shard_batches(dataset, args), args, True),
+            args,
+        )
+    )
     rows.append(measure("embed end to end (shards -> Zarr)", lambda: time_embed(shards, work, args), args))
     syncs = syncs_per_step(dataset, args)
     resident = max(r["cells_per_s"] for r in rows if r["path"].startswith("train, GPU-resident"))
     shards_rate = next(r["cells_per_s"] for r in rows if r["path"].startswith("train, from shards"))
     embed_rate = rows[-1]["cells_per_s"]
-    report = {"device": device_name, "torch": torch.__version__, "n_cells": dataset.n_obs, "n_genes": dataset.n_vars,
-              "batch_size": args.batch_size, "precision": args.precision, "latent_dims": args.latent_dims,
-              "hidden_dim": args.hidden_dim, "rows": rows, "syncs_per_train_step": syncs,
-              "shards_over_resident": round(shards_rate / resident, 3),
-              "goals": {"shards >= 0.5 x resident": shards_rate >= 0.5 * resident,
-                        "shards >= 430k cells/s": shards_rate >= 430_000, "embed >= 1M cells/s": embed_rate >= 1_000_000},
-              "seconds": round(time.perf_counter() - started, 1)}
+    report = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "n_cells": dataset.n_obs,
+        "n_genes": dataset.n_vars,
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "latent_dims": args.latent_dims,
+        "hidden_dim": args.hidden_dim,
+        "rows": rows,
+        "syncs_per_train_step": syncs,
+        "shards_over_resident": round(shards_rate / resident, 3),
+        "goals": {
+            "shards >= 0.5 x resident": shards_rate >= 0.5 * resident,
+            "shards >= 430k cells/s": shards_rate >= 430_000,
+            "embed >= 1M cells/s": embed_rate >= 1_000_000,
+        },
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     print("\n| path | cells/s | seconds | GPU util % | peak device MB |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['path']} | {r['cells_per_s']:,} | {r['seconds']} | {r['gpu_util_percent'] or '-'} | {r['peak_device_mb'] or '-'} |")
-    print(f"\nsyncs per training step: {'-' if syncs is None else syncs}; from shards / resident: "
-          f"{report['shards_over_resident']}; goals: " + ", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in report["goals"].items()))
+        print(
+            f"| {r['path']} | {r['cells_per_s']:,} | {r['seconds']} | {r['gpu_util_percent'] or '-'} | {r['peak_device_mb'] or '-'} |"
+        )
+    print(
+        f"\nsyncs per training step: {'-' if syncs is None else syncs}; from shards / resident: "
+        f"{report['shards_over_resident']}; goals: "
+        + ", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in report["goals"].items())
+    )
     out = args.json or work / "gpu_check.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

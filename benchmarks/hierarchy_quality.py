@@ -55,8 +55,16 @@ DATA = ROOT.parent / "shared" / "data"
 
 SYNTHETIC = {
     "synthetic": dict(n_cells=10_000, n_genes=2_000, n_donors=8),
-    "synthetic_wide": dict(n_cells=30_000, n_genes=2_000, n_donors=16, branching=(4, 3, 2), effect_sd=(1.5, 1.0, 0.7),
-                           program_fraction=(0.08, 0.04, 0.03), donor_effect_sd=0.5, seed=7),
+    "synthetic_wide": dict(
+        n_cells=30_000,
+        n_genes=2_000,
+        n_donors=16,
+        branching=(4, 3, 2),
+        effect_sd=(1.5, 1.0, 0.7),
+        program_fraction=(0.08, 0.04, 0.03),
+        donor_effect_sd=0.5,
+        seed=7,
+    ),
     "synthetic_200k": dict(n_cells=200_000, n_genes=2_000, n_donors=8),
 }
 DATASETS = ("synthetic", "synthetic_wide", "pancreas", "pbmc3k")
@@ -93,11 +101,15 @@ def score(embedding: np.ndarray, obs, labels: list[str], batch_key: str | None, 
     from pipeline.evaluate import batch_mixing, cluster_agreement, knn_accuracy, knn_within, silhouette_label
 
     embedding, obs = embedding[rows], obs.iloc[rows]
-    result = {"knn": {label: knn_accuracy(embedding, obs[label].to_numpy()) for label in labels},
-              "knn_within": {label: knn_within(embedding, obs[label].to_numpy(), obs[parent].to_numpy())
-                             for parent, label in zip(labels, labels[1:])},
-              "silhouette": silhouette_label(embedding, obs[labels[0]].to_numpy()),
-              **cluster_agreement(embedding, obs[labels[-1]].to_numpy())}
+    result = {
+        "knn": {label: knn_accuracy(embedding, obs[label].to_numpy()) for label in labels},
+        "knn_within": {
+            label: knn_within(embedding, obs[label].to_numpy(), obs[parent].to_numpy())
+            for parent, label in zip(labels, labels[1:])
+        },
+        "silhouette": silhouette_label(embedding, obs[labels[0]].to_numpy()),
+        **cluster_agreement(embedding, obs[labels[-1]].to_numpy()),
+    }
     if batch_key:
         batches = obs[batch_key].to_numpy()
         result["mixing"] = batch_mixing(embedding, batches)
@@ -122,23 +134,36 @@ def run_model(task: dict) -> dict:
     batch_index, batch_names = batch_codes(adata.obs, batch_key)
     model = dict(task["model"])
     config = HVAEConfig(n_genes=adata.n_vars, n_batches=len(batch_names), **model)
-    train = TrainConfig(max_steps=task["steps"], batch_size=task["batch_size"], seed=task["seed"], log_every=task["steps"])
+    train = TrainConfig(
+        max_steps=task["steps"], batch_size=task["batch_size"], seed=task["seed"], log_every=task["steps"]
+    )
     result = fit_in_memory(adata.X, config, train, batch_index)
-    run = {**task, "seconds": round(result.seconds, 1), "kl": [round(v, 3) for v in result.kl_per_level],
-           "active_units": result.active_units, "steps_taken": result.steps, "best_step": result.best_step}
+    run = {
+        **task,
+        "seconds": round(result.seconds, 1),
+        "kl": [round(v, 3) for v in result.kl_per_level],
+        "active_units": result.active_units,
+        "steps_taken": result.steps,
+        "best_step": result.best_step,
+    }
     run.pop("save_models", None)
     if task.get("save_models"):
         path = Path(task["save_models"]) / f"{task['dataset']}_{task['kind']}_seed{task['seed']}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"run": run, "model_config": result.model.config.to_dict(), "state": result.model.state_dict()}, path)
+        torch.save(
+            {"run": run, "model_config": result.model.config.to_dict(), "state": result.model.state_dict()}, path
+        )
     return scored(run, result.level_means, adata, labels, batch_key)
 
 
 def scored(run: dict, level_means: list[np.ndarray], adata, labels: list[str], batch_key: str | None) -> dict:
     """A run with the width and the scores of each representation it exports (on ``eval_rows``)."""
     rows = eval_rows(adata.n_obs)
-    return {**run, "dims": [int(m.shape[1]) for m in level_means],
-            "levels": [score(m, adata.obs, labels, batch_key, rows) for m in level_means]}
+    return {
+        **run,
+        "dims": [int(m.shape[1]) for m in level_means],
+        "levels": [score(m, adata.obs, labels, batch_key, rows) for m in level_means],
+    }
 
 
 def rescore_model(path: str) -> dict:
@@ -155,8 +180,10 @@ def rescore_model(path: str) -> dict:
     try:
         model.load_state_dict(saved["state"])
     except RuntimeError as error:  # a state-dict change since the model was saved
-        raise ValueError(f"{path}: saved by a model of another layout; --rescore reads models of the current "
-                         f"code only, retrain it ({str(error).splitlines()[0]} ...)") from None
+        raise ValueError(
+            f"{path}: saved by a model of another layout; --rescore reads models of the current "
+            f"code only, retrain it ({str(error).splitlines()[0]} ...)"
+        ) from None
     adata, labels, batch_key = load(saved["run"]["dataset"])
     return scored(saved["run"], encode_in_batches(model, adata.X), adata, labels, batch_key)
 
@@ -174,15 +201,31 @@ def run_scvi(task: dict) -> dict:
         ad_copy = adata.copy()
         ad_copy.obs = ad_copy.obs[keep].copy()
         ad_copy.write_h5ad(h5ad)
-        command = [task["python"], str(ROOT / "benchmarks" / "peers" / "scvi_embed_peer.py"), "--h5ad", str(h5ad),
-                   "--out", str(out), "--seed", str(task["seed"])] + (["--batch-key", batch_key] if batch_key else [])
+        command = [
+            task["python"],
+            str(ROOT / "benchmarks" / "peers" / "scvi_embed_peer.py"),
+            "--h5ad",
+            str(h5ad),
+            "--out",
+            str(out),
+            "--seed",
+            str(task["seed"]),
+        ] + (["--batch-key", batch_key] if batch_key else [])
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"scvi-tools peer failed on {task['dataset']} seed {task['seed']}:\n{done.stderr[-2000:]}")
+            raise RuntimeError(
+                f"scvi-tools peer failed on {task['dataset']} seed {task['seed']}:\n{done.stderr[-2000:]}"
+            )
         info = json.loads(done.stdout.strip().splitlines()[-1])
         latent = np.load(out)
-    run = {"dataset": task["dataset"], "kind": "scvi", "seed": task["seed"], "version": info["version"],
-           "seconds": info["seconds"], "epochs": info["epochs"]}
+    run = {
+        "dataset": task["dataset"],
+        "kind": "scvi",
+        "seed": task["seed"],
+        "version": info["version"],
+        "seconds": info["seconds"],
+        "epochs": info["epochs"],
+    }
     return scored(run, [latent], adata, labels, batch_key)
 
 
@@ -192,16 +235,26 @@ def run_pca(dataset: str) -> dict:
     adata, labels, batch_key = load(dataset)
     rows = eval_rows(adata.n_obs)
     obs = adata.obs.iloc[rows]
-    chance = {label: majority_within(obs[label].to_numpy(), obs[parent].to_numpy()) for parent, label in zip(labels, labels[1:])}
-    return {"dataset": dataset, "kind": "pca", "chance_within": chance,
-            "levels": [score(pca_embedding(adata.X[rows]), obs, labels, batch_key, np.arange(len(rows)))]}
+    chance = {
+        label: majority_within(obs[label].to_numpy(), obs[parent].to_numpy())
+        for parent, label in zip(labels, labels[1:])
+    }
+    return {
+        "dataset": dataset,
+        "kind": "pca",
+        "chance_within": chance,
+        "levels": [score(pca_embedding(adata.X[rows]), obs, labels, batch_key, np.arange(len(rows)))],
+    }
 
 
 def median_of(runs: list[dict], level: int) -> dict:
     """The median over seeds of every metric of one level."""
     first = runs[0]["levels"][level]
-    out = {key: {label: statistics.median(r["levels"][level][key][label] for r in runs) for label in first[key]}
-           for key in ("knn", "knn_within") if key in first}
+    out = {
+        key: {label: statistics.median(r["levels"][level][key][label] for r in runs) for label in first[key]}
+        for key in ("knn", "knn_within")
+        if key in first
+    }
     if "kl" in runs[0]:
         out["kl"] = statistics.median(r["kl"][level] for r in runs)
     for key in ("silhouette", "nmi", "ari", "mixing", "mixing_within"):
@@ -210,8 +263,9 @@ def median_of(runs: list[dict], level: int) -> dict:
     return out
 
 
-def table(dataset: str, labels: list[str], hvae: list[dict], flat: list[dict], pca: dict,
-          scvi: list[dict] = ()) -> tuple[str, list]:
+def table(
+    dataset: str, labels: list[str], hvae: list[dict], flat: list[dict], pca: dict, scvi: list[dict] = ()
+) -> tuple[str, list]:
     from pipeline.evaluate.hierarchy import hierarchy_checks
 
     n_levels = len(hvae[0]["levels"])
@@ -219,10 +273,13 @@ def table(dataset: str, labels: list[str], hvae: list[dict], flat: list[dict], p
     flat_median, pca_scores = median_of(flat, 0), pca["levels"][0]
     mixing = "mixing" in levels[0]
     pairs = list(zip(labels, labels[1:]))
-    header = (["representation", "dim", "KL (nats)", "active units"] + [f"kNN {label}" for label in labels]
-              + [f"kNN {label} within {parent}" for parent, label in pairs]
-              + [f"NMI / ARI {labels[-1]}", f"silhouette {labels[0]}"]
-              + ([f"donor mixing (within {labels[-1]})"] if mixing else []))
+    header = (
+        ["representation", "dim", "KL (nats)", "active units"]
+        + [f"kNN {label}" for label in labels]
+        + [f"kNN {label} within {parent}" for parent, label in pairs]
+        + [f"NMI / ARI {labels[-1]}", f"silhouette {labels[0]}"]
+        + ([f"donor mixing (within {labels[-1]})"] if mixing else [])
+    )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def row(name, dim, kl, units, scores):
@@ -237,30 +294,51 @@ def table(dataset: str, labels: list[str], hvae: list[dict], flat: list[dict], p
         kl = statistics.median(r["kl"][level] for r in hvae)
         units = statistics.median(r["active_units"][level] for r in hvae)
         row(name, hvae[0]["dims"][level], f"{kl:.2f}", f"{units:g}", levels[level])
-    row(f"flat VAE {flat[0]['dims'][0]}-d", flat[0]["dims"][0], f"{statistics.median(r['kl'][0] for r in flat):.2f}",
-        f"{statistics.median(r['active_units'][0] for r in flat):g}", flat_median)
+    row(
+        f"flat VAE {flat[0]['dims'][0]}-d",
+        flat[0]["dims"][0],
+        f"{statistics.median(r['kl'][0] for r in flat):.2f}",
+        f"{statistics.median(r['active_units'][0] for r in flat):g}",
+        flat_median,
+    )
     row("PCA (50 comps)", 50, "-", "-", pca_scores)
     chance = pca.get("chance_within")
     if chance:  # the chance level of the within-parent columns
-        lines.append("| " + " | ".join(["chance (each parent's majority child)", "-", "-", "-"] + ["-"] * len(labels)
-                                       + [f"{chance[label]:.3f}" for _, label in pairs] + ["-", "-"] + (["-"] if mixing else []))
-                     + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                ["chance (each parent's majority child)", "-", "-", "-"]
+                + ["-"] * len(labels)
+                + [f"{chance[label]:.3f}" for _, label in pairs]
+                + ["-", "-"]
+                + (["-"] if mixing else [])
+            )
+            + " |"
+        )
     if scvi:  # the peer, for reference: not part of the checks
-        row(f"scVI {scvi[0]['dims'][0]}-d (scvi-tools {scvi[0]['version']}, defaults; {len(scvi)} seeds)",
-            scvi[0]["dims"][0], "-", "-", median_of(list(scvi), 0))
+        row(
+            f"scVI {scvi[0]['dims'][0]}-d (scvi-tools {scvi[0]['version']}, defaults; {len(scvi)} seeds)",
+            scvi[0]["dims"][0],
+            "-",
+            "-",
+            median_of(list(scvi), 0),
+        )
     kind = "synthetic" if dataset in SYNTHETIC else "real"
     checks = hierarchy_checks(levels, flat_median, pca_scores, labels, kind=kind, chance=chance)
     alone = seeds_passing(hvae, flat, flat_median, pca_scores, labels, kind)
     seeds = sorted(r["seed"] for r in hvae)
     seconds = statistics.median(r["seconds"] for r in hvae)
     verdicts = [f"{c.line()}  [alone: {len(alone[c.number])} of {len(seeds)} seeds pass]" for c in checks]
-    text = (f"\n### {dataset}: medians over seeds {seeds}, {hvae[0]['steps']} steps of {hvae[0]['batch_size']} cells "
-            f"(HVAE {seconds:.0f} s a run)\n\n" + "\n".join(lines) + "\n\n" + "\n".join(verdicts))
+    text = (
+        f"\n### {dataset}: medians over seeds {seeds}, {hvae[0]['steps']} steps of {hvae[0]['batch_size']} cells "
+        f"(HVAE {seconds:.0f} s a run)\n\n" + "\n".join(lines) + "\n\n" + "\n".join(verdicts)
+    )
     return text, [{**c.__dict__, "seeds_passing": alone[c.number]} for c in checks]
 
 
-def seeds_passing(hvae: list[dict], flat: list[dict], flat_median: dict, pca: dict, labels: list[str],
-                  kind: str = "synthetic") -> dict:
+def seeds_passing(
+    hvae: list[dict], flat: list[dict], flat_median: dict, pca: dict, labels: list[str], kind: str = "synthetic"
+) -> dict:
     """{check number: the seeds on which that check passes alone}: each seed's levels against the flat
     model of the same seed (the flats' median where that seed has none). How far a median's verdict
     is the seeds': a check that passes on the medians but on one seed of three is not settled."""
@@ -290,20 +368,42 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at a time, one thread each")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="an HVAEConfig field for the hierarchical model (repeatable), e.g. latent_dims=[64,32,16]")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="an HVAEConfig field for the hierarchical model (repeatable), e.g. latent_dims=[64,32,16]",
+    )
     parser.add_argument("--json", type=Path, help="write every run and the checks here")
-    parser.add_argument("--save-models", type=Path, metavar="DIR",
-                        help="keep every trained model here (DATASET_KIND_seedN.pt) for --rescore")
-    parser.add_argument("--scvi-python", metavar="PY",
-                        help="also train scvi-tools SCVI (its defaults) on every dataset and seed, in this Python "
-                             "(one with scvi-tools installed): a reference row, not part of the checks")
-    parser.add_argument("--rescore", type=Path, metavar="DIR",
-                        help="train nothing: score the models kept in DIR by --save-models with the current "
-                             "code's export (a change to what the levels export, measured on the same weights)")
-    parser.add_argument("--from-json", type=Path, nargs="+", metavar="FILE",
-                        help="train nothing: the tables and checks of the runs in these --json files together "
-                             "(e.g. seeds run on different days)")
+    parser.add_argument(
+        "--save-models",
+        type=Path,
+        metavar="DIR",
+        help="keep every trained model here (DATASET_KIND_seedN.pt) for --rescore",
+    )
+    parser.add_argument(
+        "--scvi-python",
+        metavar="PY",
+        help="also train scvi-tools SCVI (its defaults) on every dataset and seed, in this Python "
+        "(one with scvi-tools installed): a reference row, not part of the checks",
+    )
+    parser.add_argument(
+        "--rescore",
+        type=Path,
+        metavar="DIR",
+        help="train nothing: score the models kept in DIR by --save-models with the current "
+        "code's export (a change to what the levels export, measured on the same weights)",
+    )
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        nargs="+",
+        metavar="FILE",
+        help="train nothing: the tables and checks of the runs in these --json files together "
+        "(e.g. seeds run on different days)",
+    )
     args = parser.parse_args()
     if args.from_json:
         reports = [json.loads(path.read_text()) for path in args.from_json]
@@ -343,14 +443,29 @@ def main() -> None:
     # The flat model as wide as level 0's exported representation.
     reference = HVAEConfig(n_genes=1, **model)
     flat_width = reference.representation_dims[0] if hasattr(reference, "representation_dims") else hvae_dims[0]
-    flat = {**{k: v for k, v in model.items() if k not in ("latent_dims", "kl_capacity", "module_levels")},
-            "latent_dims": [flat_width]}
+    flat = {
+        **{k: v for k, v in model.items() if k not in ("latent_dims", "kl_capacity", "module_levels")},
+        "latent_dims": [flat_width],
+    }
     save = str(args.save_models) if args.save_models else None
-    tasks = [{"dataset": d, "seed": s, "kind": kind, "model": m, "steps": args.steps, "batch_size": args.batch_size,
-              "save_models": save}
-             for d in args.datasets for s in args.seeds for kind, m in (("hvae", model), ("flat", flat))]
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.jobs} runs at a time, one thread each; "
-          f"model {model or 'defaults'}")
+    tasks = [
+        {
+            "dataset": d,
+            "seed": s,
+            "kind": kind,
+            "model": m,
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "save_models": save,
+        }
+        for d in args.datasets
+        for s in args.seeds
+        for kind, m in (("hvae", model), ("flat", flat))
+    ]
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.jobs} runs at a time, one thread each; "
+        f"model {model or 'defaults'}"
+    )
     started = time.time()
     with ProcessPoolExecutor(args.jobs) as pool:
         pcas = {d: pool.submit(run_pca, d) for d in args.datasets}
@@ -363,7 +478,9 @@ def main() -> None:
 def scvi_runs(pool, args, datasets, seeds) -> list[dict]:
     if not args.scvi_python:
         return []
-    return list(pool.map(run_scvi, [{"dataset": d, "seed": s, "python": args.scvi_python} for d in datasets for s in seeds]))
+    return list(
+        pool.map(run_scvi, [{"dataset": d, "seed": s, "python": args.scvi_python} for d in datasets for s in seeds])
+    )
 
 
 def summarise(datasets, runs, pcas, model, steps, json_path, started) -> None:
@@ -379,10 +496,15 @@ def summarise(datasets, runs, pcas, model, steps, json_path, started) -> None:
         print(text)
         per_seed = {r["seed"]: r for r in hvae}
         flat_seed = {r["seed"]: r for r in flats}
-        print(f"\n{labels[-1]} kNN by seed (level 0 / level 1 / top; flat):", "; ".join(
-            f"seed {seed}: " + " / ".join(f"{level['knn'][labels[-1]]:.3f}" for level in per_seed[seed]["levels"])
-            + (f"; {flat_seed[seed]['levels'][0]['knn'][labels[-1]]:.3f}" if seed in flat_seed else "")
-            for seed in sorted(per_seed)))
+        print(
+            f"\n{labels[-1]} kNN by seed (level 0 / level 1 / top; flat):",
+            "; ".join(
+                f"seed {seed}: "
+                + " / ".join(f"{level['knn'][labels[-1]]:.3f}" for level in per_seed[seed]["levels"])
+                + (f"; {flat_seed[seed]['levels'][0]['knn'][labels[-1]]:.3f}" if seed in flat_seed else "")
+                for seed in sorted(per_seed)
+            ),
+        )
         failed += sum(not c["passed"] for c in checks)
         report["checks"][dataset] = checks
     print(f"\n{failed} checks failed; total {time.time() - started:.0f} s")
@@ -395,7 +517,11 @@ def load_labels(dataset: str) -> list[str]:
         from pipeline.data.synthetic import SyntheticAtlasSpec
 
         return list(SyntheticAtlasSpec(**SYNTHETIC[dataset]).label_names)
-    return ["cell_type_coarse", "cell_type_fine"] if dataset == "pancreas" else ["lineage", "cell_type_coarse", "cell_type_fine"]
+    return (
+        ["cell_type_coarse", "cell_type_fine"]
+        if dataset == "pancreas"
+        else ["lineage", "cell_type_coarse", "cell_type_fine"]
+    )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PEERS = HERE / "peers"
 VENV312 = HERE / ".venv312"
-PY312_CANDIDATES = [os.environ.get("ANNBATCH_PYTHON", ""), str(Path.home() / ".pyenv/versions/3.12.1/bin/python"),
-                    "python3.12", "python3.13"]
+PY312_CANDIDATES = [
+    os.environ.get("ANNBATCH_PYTHON", ""),
+    str(Path.home() / ".pyenv/versions/3.12.1/bin/python"),
+    "python3.12",
+    "python3.13",
+]
 ANNBATCH_REQS = ["annbatch==0.3.1", "zarrs"]
 TILEDBSOMA_ML_REQ = "tiledbsoma-ml==0.1.0"
 TOOLS = ("ours", "annbatch", "tiledbsoma-ml")
@@ -123,11 +127,30 @@ def ensure_source(args: argparse.Namespace, n_cells: int, size_dir: Path) -> Pat
         log(f"WARNING: {free / 1e9:.0f} GB free under {size_dir}, this size needs roughly {need / 1e9:.0f} GB")
     partial = size_dir / "source.partial.h5ad"
     partial.unlink(missing_ok=True)  # left by an interrupted run
-    log(f"simulating {n_cells:,} cells x {args.n_genes:,} genes ({args.n_donors} donors) -> {source} "
-        "(~1.6k cells/s at 8k genes: 1M cells takes ~10 min)")
-    subprocess.run([sys.executable, "-m", "pipeline", "simulate", str(partial), "--n-cells", str(n_cells),
-                    "--n-genes", str(args.n_genes), "--n-donors", str(args.n_donors), "--seed", "0"],
-                   check=True, cwd=ROOT, stdout=sys.stderr)
+    log(
+        f"simulating {n_cells:,} cells x {args.n_genes:,} genes ({args.n_donors} donors) -> {source} "
+        "(~1.6k cells/s at 8k genes: 1M cells takes ~10 min)"
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "simulate",
+            str(partial),
+            "--n-cells",
+            str(n_cells),
+            "--n-genes",
+            str(args.n_genes),
+            "--n-donors",
+            str(args.n_donors),
+            "--seed",
+            "0",
+        ],
+        check=True,
+        cwd=ROOT,
+        stdout=sys.stderr,
+    )
     partial.rename(source)
     return source
 
@@ -184,7 +207,11 @@ def donor_ceiling(source: Path) -> dict:
         donors = np.asarray(ad.io.read_elem(f["obs"]["donor_id"]))
     _, codes = np.unique(donors, return_inverse=True)
     n = int(codes.max()) + 1
-    return {"n_donors": n, "ln_n_donors": round(math.log(n), 4), "global_entropy": round(distribution_entropy(codes), 4)}
+    return {
+        "n_donors": n,
+        "ln_n_donors": round(math.log(n), 4),
+        "global_entropy": round(distribution_entropy(codes), 4),
+    }
 
 
 def machine_info() -> dict:
@@ -202,14 +229,22 @@ def machine_info() -> dict:
                 out[name] = None
         return out
 
-    info = {"cores": os.cpu_count(), "cpu": cpu, "mem_total_mb": mem, "platform": platform.platform(),
-            "python": platform.python_version(),
-            "main_venv": versions(["hvae-pipeline", "torch", "numpy", "scipy", "anndata", "zarr", "tiledbsoma",
-                                   "tiledbsoma-ml", "numba"])}
+    info = {
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "mem_total_mb": mem,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "main_venv": versions(
+            ["hvae-pipeline", "torch", "numpy", "scipy", "anndata", "zarr", "tiledbsoma", "tiledbsoma-ml", "numba"]
+        ),
+    }
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     info["git_commit"] = git.stdout.strip() or None
-    code = ("import json, platform; from importlib.metadata import version as v; print(json.dumps({'python': "
-            "platform.python_version(), **{n: v(n) for n in ['annbatch', 'zarr', 'zarrs', 'anndata', 'numpy', 'scipy']}}))")
+    code = (
+        "import json, platform; from importlib.metadata import version as v; print(json.dumps({'python': "
+        "platform.python_version(), **{n: v(n) for n in ['annbatch', 'zarr', 'zarrs', 'anndata', 'numpy', 'scipy']}}))"
+    )
     if (VENV312 / "bin" / "python").exists():
         probe = subprocess.run([str(VENV312 / "bin" / "python"), "-c", code], capture_output=True, text=True)
         info["annbatch_venv"] = json.loads(probe.stdout) if probe.returncode == 0 else probe.stderr[-300:]
@@ -217,7 +252,9 @@ def machine_info() -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", default="100000,1000000", help="comma-separated cell counts")
     parser.add_argument("--n-genes", type=int, default=8000)
     parser.add_argument("--n-donors", type=int, default=16)
@@ -231,10 +268,15 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=None, help="ours: cells per shard (default: the CLI's)")
     parser.add_argument("--num-workers", type=int, default=None, help="ours: loader workers (default: the loader's)")
     parser.add_argument("--compression", default=None, help="ours: shard codec (lz4, zstd or none; default: the CLI's)")
-    parser.add_argument("--segment-rows", type=int, default=None, help="ours: rows permuted together (1: full row shuffle)")
-    parser.add_argument("--annbatch-dataset-size", default="1GB",
-                        help="annbatch build: rows or size per dataset held in RAM while shuffling (its default, "
-                             "20GB, would hold a whole 1M x 8k atlas in memory)")
+    parser.add_argument(
+        "--segment-rows", type=int, default=None, help="ours: rows permuted together (1: full row shuffle)"
+    )
+    parser.add_argument(
+        "--annbatch-dataset-size",
+        default="1GB",
+        help="annbatch build: rows or size per dataset held in RAM while shuffling (its default, "
+        "20GB, would hold a whole 1M x 8k atlas in memory)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write all results here")
     args = parser.parse_args()
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
@@ -250,8 +292,13 @@ def main() -> None:
     for n_cells in [int(s) for s in args.sizes.split(",")]:
         size_dir = args.workdir / f"cells{n_cells}_genes{args.n_genes}_donors{args.n_donors}"
         source = ensure_source(args, n_cells, size_dir)
-        entry = {"n_cells": n_cells, "n_genes": args.n_genes, "source_bytes": tree_bytes(source),
-                 **donor_ceiling(source), "tools": {}}
+        entry = {
+            "n_cells": n_cells,
+            "n_genes": args.n_genes,
+            "source_bytes": tree_bytes(source),
+            **donor_ceiling(source),
+            "tools": {},
+        }
         for tool in tools:
             build = ensure_store(args, tool, source, size_dir)
             entry["tools"][tool] = {"build": build}

@@ -45,15 +45,32 @@ def main() -> None:
     overrides = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
     batch_index, batch_names = batch_codes(adata.obs, batch_key)
     config = HVAEConfig(n_genes=adata.n_vars, n_batches=len(batch_names), **overrides)
-    result = fit_in_memory(adata.X, config, TrainConfig(max_steps=args.steps, batch_size=256, seed=args.seed,
-                                                        log_every=args.steps), batch_index)
-    run = {"dataset": args.dataset, "seed": args.seed, "steps": args.steps, "model": overrides,
-           "kl": [round(v, 3) for v in result.kl_per_level], "steps_taken": result.steps,
-           "seconds": round(time.perf_counter() - started, 1)}
+    result = fit_in_memory(
+        adata.X,
+        config,
+        TrainConfig(max_steps=args.steps, batch_size=256, seed=args.seed, log_every=args.steps),
+        batch_index,
+    )
+    run = {
+        "dataset": args.dataset,
+        "seed": args.seed,
+        "steps": args.steps,
+        "model": overrides,
+        "kl": [round(v, 3) for v in result.kl_per_level],
+        "steps_taken": result.steps,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     run = hq.scored(run, result.level_means, adata, labels, batch_key)
     finest = labels[-1]
-    print(json.dumps({"within": [round(level["knn_within"][finest], 3) for level in run["levels"]],
-                      "silhouette": [round(level["silhouette"], 3) for level in run["levels"]], "kl": run["kl"]}))
+    print(
+        json.dumps(
+            {
+                "within": [round(level["knn_within"][finest], 3) for level in run["levels"]],
+                "silhouette": [round(level["silhouette"], 3) for level in run["levels"]],
+                "kl": run["kl"],
+            }
+        )
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(run, indent=1))
 

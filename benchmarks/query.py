@@ -59,8 +59,13 @@ def train_and_embed(reference, root: Path, steps: int, batch_key: str | None, se
     model = HVAEModel(reference, batch_key=batch_key)
     model.train(max_steps=steps, progress=False, seed=seed)
     model.save(root / "model", overwrite=True)
-    embed(str(root / "model"), {"source": str(root / "reference.h5ad")}, str(root / "reference.zarr"),
-          EmbedSettings(progress=False, overwrite=True), echo=quiet)
+    embed(
+        str(root / "model"),
+        {"source": str(root / "reference.h5ad")},
+        str(root / "reference.zarr"),
+        EmbedSettings(progress=False, overwrite=True),
+        echo=quiet,
+    )
     return model, str(root / "reference.zarr")
 
 
@@ -90,7 +95,9 @@ def part_scale(n_cells: int, n_genes: int, steps: int, work: Path) -> dict:
 
     t = time.perf_counter()
     atlas = SyntheticAtlas(SyntheticAtlasSpec(n_cells=n_cells, n_genes=n_genes, n_donors=8))
-    write_shards(SyntheticSource(atlas), str(work / "shards"), ShardSettings(shard_size=262_144, seed=0, progress=False))
+    write_shards(
+        SyntheticSource(atlas), str(work / "shards"), ShardSettings(shard_size=262_144, seed=0, progress=False)
+    )
     print(f"simulated {n_cells:,} cells to shards in {time.perf_counter() - t:.0f} s", flush=True)
     source = ShardSource(str(work / "shards"))
     sample = ad.AnnData(X=source.rows(0, 20_000), var={"feature_id": source.feature_ids})
@@ -99,17 +106,26 @@ def part_scale(n_cells: int, n_genes: int, steps: int, work: Path) -> dict:
     model.train(max_steps=steps, progress=False)
     model.save(work / "model")
     t = time.perf_counter()
-    embed(str(work / "model"), {"source": str(work / "shards")}, str(work / "atlas.zarr"),
-          EmbedSettings(progress=False), echo=quiet)
+    embed(
+        str(work / "model"),
+        {"source": str(work / "shards")},
+        str(work / "atlas.zarr"),
+        EmbedSettings(progress=False),
+        echo=quiet,
+    )
     print(f"embedded {n_cells:,} cells in {time.perf_counter() - t:.0f} s", flush=True)
 
     # the build, in a child process for its peak RSS
     # VmHWM (peak resident set) of the child itself: ru_maxrss would carry this process's peak across exec
-    code = ("import json, sys, time; sys.path.insert(0, sys.argv[1]); from pipeline.query import build_index;"
-            "hwm = lambda: int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) / 1024;"
-            "base = hwm(); t = time.perf_counter(); m = build_index(sys.argv[2], echo=print); s = time.perf_counter() - t;"
-            "print(json.dumps({'seconds': s, 'rss_mb': hwm(), 'imports_mb': base}))")
-    done = subprocess.run([sys.executable, "-c", code, str(ROOT), str(work / "atlas.zarr")], capture_output=True, text=True)
+    code = (
+        "import json, sys, time; sys.path.insert(0, sys.argv[1]); from pipeline.query import build_index;"
+        "hwm = lambda: int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) / 1024;"
+        "base = hwm(); t = time.perf_counter(); m = build_index(sys.argv[2], echo=print); s = time.perf_counter() - t;"
+        "print(json.dumps({'seconds': s, 'rss_mb': hwm(), 'imports_mb': base}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT), str(work / "atlas.zarr")], capture_output=True, text=True
+    )
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
     print(done.stdout, end="")
@@ -133,13 +149,27 @@ def part_scale(n_cells: int, n_genes: int, steps: int, work: Path) -> dict:
         index.search(level, many, 15)
         rate = len(many) / (time.perf_counter() - t)
         size = dir_size(work / "atlas.zarr.index" / f"level_{level}")
-        levels.append({"level": level, "dim": meta["dim"], "nprobe": meta["nprobe"], "recall_at_10": round(recall, 4),
-                       "query_cells_per_s": round(rate), "exact_cells_per_s": round(exact_many_rate),
-                       "speedup_vs_exact": round(rate / exact_many_rate, 1),
-                       "mib_per_million_cells": round(size / 2**20 / (n_cells / 1e6), 1)})
-    return {"n_cells": n_cells, "n_genes": n_genes, "build_seconds": round(build["seconds"], 1),
-            "build_cells_per_s": round(n_cells * len(levels) / build["seconds"]),
-            "build_peak_rss_mb": round(build["rss_mb"]), "imports_rss_mb": round(build["imports_mb"]), "levels": levels}
+        levels.append(
+            {
+                "level": level,
+                "dim": meta["dim"],
+                "nprobe": meta["nprobe"],
+                "recall_at_10": round(recall, 4),
+                "query_cells_per_s": round(rate),
+                "exact_cells_per_s": round(exact_many_rate),
+                "speedup_vs_exact": round(rate / exact_many_rate, 1),
+                "mib_per_million_cells": round(size / 2**20 / (n_cells / 1e6), 1),
+            }
+        )
+    return {
+        "n_cells": n_cells,
+        "n_genes": n_genes,
+        "build_seconds": round(build["seconds"], 1),
+        "build_cells_per_s": round(n_cells * len(levels) / build["seconds"]),
+        "build_peak_rss_mb": round(build["rss_mb"]),
+        "imports_rss_mb": round(build["imports_mb"]),
+        "levels": levels,
+    }
 
 
 def exact_search(array, queries: np.ndarray, k: int, block_rows: int = 262_144):
@@ -205,9 +235,14 @@ def part_transfer(datasets: list[str], steps: int, work: Path) -> list[dict]:
             row = {"dataset": name, "label": label, "cells": query.n_obs}
             for level in range(model.config.n_levels):
                 predicted = mapped.obs[f"{label}_level_{level}"].astype(str).to_numpy()
-                row[f"level_{level}"] = (round(accuracy_score(truth, predicted), 3),
-                                         round(f1_score(truth, predicted, average="macro"), 3))
-            row["pca"] = (round(accuracy_score(truth, pca[label]), 3), round(f1_score(truth, pca[label], average="macro"), 3))
+                row[f"level_{level}"] = (
+                    round(accuracy_score(truth, predicted), 3),
+                    round(f1_score(truth, predicted, average="macro"), 3),
+                )
+            row["pca"] = (
+                round(accuracy_score(truth, pca[label]), 3),
+                round(f1_score(truth, pca[label], average="macro"), 3),
+            )
             rows.append(row)
             print(json.dumps(row), flush=True)
         print(f"{name}: {time.perf_counter() - t:.0f} s", flush=True)
@@ -235,18 +270,28 @@ def part_novel(steps: int, work: Path) -> dict:
     build_index(store, echo=quiet)
     mapped = query.copy()
     model.map_query(mapped, store, labels=["subtype"])
-    groups = {f"subtype {left_subtype}": (query.obs["subtype"].astype(str) == left_subtype).to_numpy(),
-              f"cell type {left_type}": (query.obs["cell_type"].astype(str) == left_type).to_numpy()}
+    groups = {
+        f"subtype {left_subtype}": (query.obs["subtype"].astype(str) == left_subtype).to_numpy(),
+        f"cell type {left_type}": (query.obs["cell_type"].astype(str) == left_type).to_numpy(),
+    }
     known = ~np.logical_or.reduce(list(groups.values()))
     ref, qry = pca_of(reference, query)
     pca_score = NearestNeighbors(n_neighbors=15).fit(ref).kneighbors(qry)[0].mean(axis=1)
     out = {}
     for group, novel in groups.items():
         keep = novel | known
-        entry = {f"level_{level}": round(roc_auc_score(novel[keep], mapped.obs[f"unlike_level_{level}_score"].to_numpy()[keep]), 3)
-                 for level in range(model.config.n_levels)}
-        entry.update({f"flagged_level_{level}": round(float(mapped.obs[f"unlike_level_{level}"].to_numpy()[novel].mean()), 3)
-                      for level in range(model.config.n_levels)})
+        entry = {
+            f"level_{level}": round(
+                roc_auc_score(novel[keep], mapped.obs[f"unlike_level_{level}_score"].to_numpy()[keep]), 3
+            )
+            for level in range(model.config.n_levels)
+        }
+        entry.update(
+            {
+                f"flagged_level_{level}": round(float(mapped.obs[f"unlike_level_{level}"].to_numpy()[novel].mean()), 3)
+                for level in range(model.config.n_levels)
+            }
+        )
         entry["flagged_known_level_0"] = round(float(mapped.obs["unlike_level_0"].to_numpy()[known].mean()), 3)
         entry["pca"] = round(roc_auc_score(novel[keep], pca_score[keep]), 3)
         out[group] = entry
@@ -256,7 +301,9 @@ def part_novel(steps: int, work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["scale", "transfer", "novel"], choices=["scale", "transfer", "novel"])
+    parser.add_argument(
+        "--parts", nargs="+", default=["scale", "transfer", "novel"], choices=["scale", "transfer", "novel"]
+    )
     parser.add_argument("--scale-cells", type=int, default=1_000_000)
     parser.add_argument("--n-genes", type=int, default=2_000)
     parser.add_argument("--datasets", nargs="+", default=["synthetic", "pbmc3k", "pancreas"])
@@ -272,14 +319,20 @@ def main() -> None:
             scale = part_scale(args.scale_cells, args.n_genes, 1_000, work / "scale")
             result["scale"] = scale
             print(f"\n## Index at {scale['n_cells']:,} cells (faiss IVF-Flat, {scale['n_genes']} genes)")
-            print(f"build: {scale['build_cells_per_s']:,} cells/s over all levels, {scale['build_seconds']} s, "
-                  f"peak RSS {scale['build_peak_rss_mb']:,} MB (of which the imports {scale['imports_rss_mb']:,} MB)")
-            print("| level | dim | nprobe | recall@10 | query cells/s (k=15) | exact search cells/s | ratio | MiB per 1M cells |")
+            print(
+                f"build: {scale['build_cells_per_s']:,} cells/s over all levels, {scale['build_seconds']} s, "
+                f"peak RSS {scale['build_peak_rss_mb']:,} MB (of which the imports {scale['imports_rss_mb']:,} MB)"
+            )
+            print(
+                "| level | dim | nprobe | recall@10 | query cells/s (k=15) | exact search cells/s | ratio | MiB per 1M cells |"
+            )
             print("|---|---|---|---|---|---|---|---|")
             for row in scale["levels"]:
-                print(f"| {row['level']} | {row['dim']} | {row['nprobe']} | {row['recall_at_10']:.3f} | "
-                      f"{row['query_cells_per_s']:,} | {row['exact_cells_per_s']:,} | {row['speedup_vs_exact']}x | "
-                      f"{row['mib_per_million_cells']} |")
+                print(
+                    f"| {row['level']} | {row['dim']} | {row['nprobe']} | {row['recall_at_10']:.3f} | "
+                    f"{row['query_cells_per_s']:,} | {row['exact_cells_per_s']:,} | {row['speedup_vs_exact']}x | "
+                    f"{row['mib_per_million_cells']} |"
+                )
         if "transfer" in args.parts:
             rows = part_transfer(args.datasets, args.steps, work)
             result["transfer"] = rows
@@ -297,10 +350,14 @@ def main() -> None:
             print("| left out | level 0 | level 1 | top | PCA-50 kNN distance | flagged at level 0 (known cells) |")
             print("|---|---|---|---|---|---|")
             for group, entry in novel.items():
-                print(f"| {group} | {entry['level_0']} | {entry['level_1']} | {entry['level_2']} | {entry['pca']} | "
-                      f"{entry['flagged_level_0']} ({entry['flagged_known_level_0']}) |")
-        print(f"\npeak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB; "
-              f"machine {result['machine']}")
+                print(
+                    f"| {group} | {entry['level_0']} | {entry['level_1']} | {entry['level_2']} | {entry['pca']} | "
+                    f"{entry['flagged_level_0']} ({entry['flagged_known_level_0']}) |"
+                )
+        print(
+            f"\npeak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB; "
+            f"machine {result['machine']}"
+        )
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
     finally:

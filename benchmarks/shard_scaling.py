@@ -54,18 +54,39 @@ def run(source: Path, out: Path, workers: int, shard_size: int) -> dict:
     sampler = threading.Thread(target=peak_worker_rss, args=(stop, sampled), daemon=True)
     sampler.start()
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pipeline", "shard", str(source), "--out", str(out), "--shard-size",
-                           str(shard_size), "--workers", str(workers)], capture_output=True, text=True,
-                          env={k: v for k, v in {**os.environ, "TQDM_DISABLE": "1"}.items() if k != "RAY_ADDRESS"}, cwd=ROOT)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "shard",
+            str(source),
+            "--out",
+            str(out),
+            "--shard-size",
+            str(shard_size),
+            "--workers",
+            str(workers),
+        ],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in {**os.environ, "TQDM_DISABLE": "1"}.items() if k != "RAY_ADDRESS"},
+        cwd=ROOT,
+    )
     seconds = time.perf_counter() - started
     stop.set()
     sampler.join()
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
     manifest = json.loads((out / "manifest.json").read_text())
-    return {"workers": workers, "seconds": round(seconds, 1), "cells_per_s": round(manifest["n_obs"] / seconds),
-            "peak_worker_rss_mb": round(sampled.get("peak_mb", 0.0)), "checksum": manifest["count_checksum"],
-            "nnz": [s["nnz"] for s in manifest["shards"]]}
+    return {
+        "workers": workers,
+        "seconds": round(seconds, 1),
+        "cells_per_s": round(manifest["n_obs"] / seconds),
+        "peak_worker_rss_mb": round(sampled.get("peak_mb", 0.0)),
+        "checksum": manifest["count_checksum"],
+        "nnz": [s["nnz"] for s in manifest["shards"]],
+    }
 
 
 def main() -> None:
@@ -83,14 +104,32 @@ def main() -> None:
         source = work / "atlas.h5ad"
         if not source.exists():
             t = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "pipeline", "simulate", str(source), "--n-cells", str(args.n_cells),
-                            "--n-genes", str(args.n_genes)], check=True, capture_output=True, cwd=ROOT)
-            print(f"source: {args.n_cells:,} cells x {args.n_genes:,} genes simulated in {time.perf_counter() - t:.0f} s")
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pipeline",
+                    "simulate",
+                    str(source),
+                    "--n-cells",
+                    str(args.n_cells),
+                    "--n-genes",
+                    str(args.n_genes),
+                ],
+                check=True,
+                capture_output=True,
+                cwd=ROOT,
+            )
+            print(
+                f"source: {args.n_cells:,} cells x {args.n_genes:,} genes simulated in {time.perf_counter() - t:.0f} s"
+            )
         rows = [run(source, work / f"shards_{w}", w, args.shard_size) for w in args.workers]
         for row in rows[1:]:
             assert row["checksum"] == rows[0]["checksum"] and row["nnz"] == rows[0]["nnz"], "shards differ between runs"
-        print(f"\n## shard: {args.n_cells:,} cells x {args.n_genes:,} genes, h5ad -> shards of {args.shard_size:,} "
-              f"({platform.machine()}, {os.cpu_count()} cores)")
+        print(
+            f"\n## shard: {args.n_cells:,} cells x {args.n_genes:,} genes, h5ad -> shards of {args.shard_size:,} "
+            f"({platform.machine()}, {os.cpu_count()} cores)"
+        )
         print("| workers | seconds | cells/s | peak RSS per worker (MB) |")
         print("|---|---|---|---|")
         for row in rows:
@@ -102,7 +141,9 @@ def main() -> None:
             print(f"\n2 workers / 1 worker: {ratio:.2f}x (goal >= {GOAL}x): {'PASS' if ratio >= GOAL else 'FAIL'}")
         print("every run's shards identical (count checksum, nnz per shard)")
         if args.json:
-            Path(args.json).write_text(json.dumps({"rows": rows, "n_cells": args.n_cells, "n_genes": args.n_genes}, indent=1))
+            Path(args.json).write_text(
+                json.dumps({"rows": rows, "n_cells": args.n_cells, "n_genes": args.n_genes}, indent=1)
+            )
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

@@ -42,8 +42,12 @@ from pipeline.train.step import Trainer  # noqa: E402
 def make_trainer(n_genes: int, args) -> Trainer:
     torch.manual_seed(0)
     config = HVAEConfig(n_genes=n_genes, latent_dims=(32, 16, 8), hidden_dim=args.hidden_dim, validate_inputs=False)
-    config = fit_gene_modules(config, torch.poisson(torch.full((1024, n_genes), 2.0)))  # modules of unstructured counts: the same cost as the data's
-    return Trainer(HierarchicalVAE(config), TrainConfig(precision=args.precision, kl_warmup_steps=100), device=args.device)
+    config = fit_gene_modules(
+        config, torch.poisson(torch.full((1024, n_genes), 2.0))
+    )  # modules of unstructured counts: the same cost as the data's
+    return Trainer(
+        HierarchicalVAE(config), TrainConfig(precision=args.precision, kl_warmup_steps=100), device=args.device
+    )
 
 
 def sync(device) -> None:
@@ -114,15 +118,27 @@ def scvi_rows(dataset: ShardedDataset, args) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "cells.h5ad"
         ad.AnnData(ShardSource(str(args.shards)).rows(0, min(args.scvi_cells, dataset.n_obs))).write_h5ad(path)
-        command = [args.scvi_python, str(Path(__file__).parent / "peers" / "scvi_train_peer.py"), "--h5ad", str(path),
-                   "--batch-sizes", args.scvi_batch_sizes, "--epochs", str(args.scvi_epochs),
-                   "--accelerator", "gpu" if args.device.startswith("cuda") else "cpu"]
+        command = [
+            args.scvi_python,
+            str(Path(__file__).parent / "peers" / "scvi_train_peer.py"),
+            "--h5ad",
+            str(path),
+            "--batch-sizes",
+            args.scvi_batch_sizes,
+            "--epochs",
+            str(args.scvi_epochs),
+            "--accelerator",
+            "gpu" if args.device.startswith("cuda") else "cpu",
+        ]
         done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"scvi-tools peer failed ({' '.join(command)}):\n{done.stderr[-3000:]}")
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     for result in results:
-        print(f"{'scvi-tools batch ' + str(result['batch_size']):>22s}: {result['cells_per_s']:>10,.0f} cells/s", flush=True)
+        print(
+            f"{'scvi-tools batch ' + str(result['batch_size']):>22s}: {result['cells_per_s']:>10,.0f} cells/s",
+            flush=True,
+        )
     return results
 
 
@@ -137,8 +153,12 @@ class GpuSampler:
         def run() -> None:
             while not self._stop.is_set():
                 try:
-                    out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
-                                         capture_output=True, text=True, timeout=5).stdout
+                    out = subprocess.run(
+                        ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                        capture_output=True,
+                        text=True,
+                        timeout=5,
+                    ).stdout
                     self.samples.append(float(out.split()[0]))
                 except Exception:
                     return
@@ -208,19 +228,43 @@ def main() -> None:
         parser.error("give --shards DIR or --simulate N")
     dataset = ShardedDataset(str(args.shards))
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    print(f"{dataset.n_obs:,} cells x {dataset.n_vars:,} genes; {device_name}; batch {args.batch_size}; {args.precision}")
+    print(
+        f"{dataset.n_obs:,} cells x {dataset.n_vars:,} genes; {device_name}; batch {args.batch_size}; {args.precision}"
+    )
     results = [
         measure("loader -> device only", lambda: loader_only(dataset, args), args),
-        measure("GPU-resident (ceiling)", lambda: time_steps(make_trainer(dataset.n_vars, args), resident_batches(dataset, args),
-                                                             args.steps, args.warmup, args.device), args),
-        measure("from shards", lambda: time_steps(make_trainer(dataset.n_vars, args), shard_batches(dataset, args),
-                                                  args.steps, args.warmup, args.device), args),
+        measure(
+            "GPU-resident (ceiling)",
+            lambda: time_steps(
+                make_trainer(dataset.n_vars, args),
+                resident_batches(dataset, args),
+                args.steps,
+                args.warmup,
+                args.device,
+            ),
+            args,
+        ),
+        measure(
+            "from shards",
+            lambda: time_steps(
+                make_trainer(dataset.n_vars, args), shard_batches(dataset, args), args.steps, args.warmup, args.device
+            ),
+            args,
+        ),
     ]
     ratio = results[2]["cells_per_s"] / results[1]["cells_per_s"]
     print(f"from shards / resident = {ratio:.2f} (goal >= 0.5)")
-    report = {"device": device_name, "n_obs": dataset.n_obs, "n_vars": dataset.n_vars, "batch_size": args.batch_size,
-              "precision": args.precision, "hidden_dim": args.hidden_dim, "results": results, "shards_over_resident": round(ratio, 3),
-              "torch": torch.__version__}
+    report = {
+        "device": device_name,
+        "n_obs": dataset.n_obs,
+        "n_vars": dataset.n_vars,
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "hidden_dim": args.hidden_dim,
+        "results": results,
+        "shards_over_resident": round(ratio, 3),
+        "torch": torch.__version__,
+    }
     if args.scvi_python:
         report["scvi_tools"] = scvi_rows(dataset, args)
         best = max(row["cells_per_s"] for row in report["scvi_tools"])

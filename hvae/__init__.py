@@ -1,10 +1,10 @@
 """hvae: a top-down hierarchical VAE for single-cell counts, in pure PyTorch.
 
-    from hvae import HVAEConfig, HierarchicalVAE, kl_warmup, active_units
+from hvae import HVAEConfig, HierarchicalVAE, kl_warmup, active_units
 
-    model = HierarchicalVAE(HVAEConfig(n_genes=2000, latent_dims=(32, 16, 8)))
-    out = model(counts, kl_weight=kl_warmup(step, 2000))   # out.loss, out.kl (per level)
-    level_means = model.encode(counts)                     # level 0 (finest) first
+model = HierarchicalVAE(HVAEConfig(n_genes=2000, latent_dims=(32, 16, 8)))
+out = model(counts, kl_weight=kl_warmup(step, 2000))   # out.loss, out.kl (per level)
+level_means = model.encode(counts)                     # level 0 (finest) first
 """
 
 from .config import HVAEConfig

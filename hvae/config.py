@@ -128,14 +128,19 @@ class HVAEConfig:
         if not _is_number(self.coarse_reconstruction_weight) or self.coarse_reconstruction_weight < 0:
             fail("coarse_reconstruction_weight", "must be a number >= 0")
         if not _is_number(self.molecule_thinning) or not (0.0 <= self.molecule_thinning < 1.0):
-            fail("molecule_thinning", "must be in [0, 1) (the largest share of a cell's molecules the encoder "
-                                      "may miss in training; 0: none)")
+            fail(
+                "molecule_thinning",
+                "must be in [0, 1) (the largest share of a cell's molecules the encoder may miss in training; 0: none)",
+            )
         if not _is_number(self.readout_weight) or self.readout_weight < 0:
             fail("readout_weight", "must be a number >= 0 (0: no read-out)")
         # Settings left to the depth (None) are resolved here and remembered, so that a copy of
         # another depth (``replace(latent_dims=...)``) resolves them again.
-        object.__setattr__(self, "_by_depth", frozenset(
-            name for name in ("kl_capacity", "module_levels") if getattr(self, name) is None))
+        object.__setattr__(
+            self,
+            "_by_depth",
+            frozenset(name for name in ("kl_capacity", "module_levels") if getattr(self, name) is None),
+        )
         for name, value in by_depth(self.n_levels).items():
             if getattr(self, name) is None:
                 # Partitions given as they are leave nothing to build.
@@ -143,31 +148,48 @@ class HVAEConfig:
         if isinstance(self.kl_capacity, (int, float)) and not isinstance(self.kl_capacity, bool):
             fail("kl_capacity", "must be a sequence of nats, one per level (level 0 first)")
         object.__setattr__(self, "kl_capacity", tuple(self.kl_capacity))
-        if self.kl_capacity and (len(self.kl_capacity) != len(self.latent_dims)
-                                 or not all(_is_number(c) and c >= 0 for c in self.kl_capacity)):
-            fail("kl_capacity", f"must be empty or {len(self.latent_dims)} numbers >= 0 (nats per cell, level 0 "
-                                "first; 0: no ceiling on that level)")
+        if self.kl_capacity and (
+            len(self.kl_capacity) != len(self.latent_dims)
+            or not all(_is_number(c) and c >= 0 for c in self.kl_capacity)
+        ):
+            fail(
+                "kl_capacity",
+                f"must be empty or {len(self.latent_dims)} numbers >= 0 (nats per cell, level 0 "
+                "first; 0: no ceiling on that level)",
+            )
         if isinstance(self.kl_weights, (int, float)) and not isinstance(self.kl_weights, bool):
             fail("kl_weights", "must be a sequence, one weight per level (level 0 first)")
         object.__setattr__(self, "kl_weights", tuple(self.kl_weights))
-        if self.kl_weights and (len(self.kl_weights) != len(self.latent_dims)
-                                or not all(_is_number(w) and w > 0 for w in self.kl_weights)):
+        if self.kl_weights and (
+            len(self.kl_weights) != len(self.latent_dims) or not all(_is_number(w) and w > 0 for w in self.kl_weights)
+        ):
             fail("kl_weights", f"must be empty or {len(self.latent_dims)} numbers > 0 (level 0 first)")
         if self.gene_modules and all(_is_int(m) for m in self.gene_modules):  # one partition: the top's
             object.__setattr__(self, "gene_modules", (tuple(self.gene_modules),))
         object.__setattr__(self, "gene_modules", tuple(tuple(p) for p in self.gene_modules))
         if len(self.gene_modules) > self.n_levels - 1 or not all(
-                len(p) == self.n_genes and all(_is_int(m) and m >= 0 for m in p) for p in self.gene_modules):
-            fail("gene_modules", f"must be empty or at most {self.n_levels - 1} partitions (the top's first), each one "
-                                 f"module number >= 0 per gene ({self.n_genes})")
+            len(p) == self.n_genes and all(_is_int(m) and m >= 0 for m in p) for p in self.gene_modules
+        ):
+            fail(
+                "gene_modules",
+                f"must be empty or at most {self.n_levels - 1} partitions (the top's first), each one "
+                f"module number >= 0 per gene ({self.n_genes})",
+            )
         object.__setattr__(self, "module_levels", tuple(tuple(spec) for spec in self.module_levels))
         if len(self.module_levels) > self.n_levels - 1 or not all(
-                len(spec) == 2 and all(_is_int(v) and v >= 1 for v in spec) and spec[0] >= 2 for spec in self.module_levels):
-            fail("module_levels", f"must be empty or at most {self.n_levels - 1} pairs [modules >= 2, principal "
-                                  "components >= 1] (the top's first)")
+            len(spec) == 2 and all(_is_int(v) and v >= 1 for v in spec) and spec[0] >= 2 for spec in self.module_levels
+        ):
+            fail(
+                "module_levels",
+                f"must be empty or at most {self.n_levels - 1} pairs [modules >= 2, principal "
+                "components >= 1] (the top's first)",
+            )
         if self.module_levels and self.gene_modules and len(self.module_levels) != len(self.gene_modules):
-            fail("module_levels", f"names {len(self.module_levels)} coarse levels but gene_modules has "
-                                  f"{len(self.gene_modules)} partitions")
+            fail(
+                "module_levels",
+                f"names {len(self.module_levels)} coarse levels but gene_modules has "
+                f"{len(self.gene_modules)} partitions",
+            )
         if not _is_number(self.capacity_rate) or self.capacity_rate <= 0:
             fail("capacity_rate", "must be a number > 0")
         if not _is_number(self.log_scale_clamp) or self.log_scale_clamp <= 0:
@@ -236,8 +258,10 @@ def by_depth(n_levels: int) -> dict[str, tuple]:
     coarse = n_levels - 1
     if coarse == 0:
         return {"module_levels": (), "kl_capacity": ()}
-    return {"module_levels": tuple((24 * 2 ** i, 10 * 2 ** i) for i in range(coarse)),
-            "kl_capacity": (0.0, *(2.0 + coarse - level for level in range(1, n_levels)))}
+    return {
+        "module_levels": tuple((24 * 2**i, 10 * 2**i) for i in range(coarse)),
+        "kl_capacity": (0.0, *(2.0 + coarse - level for level in range(1, n_levels))),
+    }
 
 
 def _is_int(value: Any) -> bool:

@@ -83,10 +83,5 @@ def gaussian_kl(
         if logvar_p is None:
             logvar_p = torch.zeros_like(logvar_q)
         mean_p, logvar_p = _fp32(mean_p, logvar_p)
-        kl = 0.5 * (
-            logvar_p
-            - logvar_q
-            + (torch.exp(logvar_q) + (mean_q - mean_p) ** 2) * torch.exp(-logvar_p)
-            - 1.0
-        )
+        kl = 0.5 * (logvar_p - logvar_q + (torch.exp(logvar_q) + (mean_q - mean_p) ** 2) * torch.exp(-logvar_p) - 1.0)
         return kl if per_dimension else kl.sum(dim=-1)

@@ -58,8 +58,9 @@ def level_export(model, level: int, values: list[torch.Tensor], basis: torch.Ten
     return model.direct_code(values).float() @ basis.T
 
 
-def level_export_logvar(model, level: int, means: list[torch.Tensor], logvars: list[torch.Tensor],
-                        basis: torch.Tensor) -> torch.Tensor:
+def level_export_logvar(
+    model, level: int, means: list[torch.Tensor], logvars: list[torch.Tensor], basis: torch.Tensor
+) -> torch.Tensor:
     """log of sum_j (d export / d z_j)^2 var_j over the units j of levels >= ``level``: the
     posterior's variance carried through the export to first order (units independent).
 

@@ -23,8 +23,9 @@ def check_counts(config: HVAEConfig, counts: torch.Tensor, check_values: bool) -
         check_count_values(counts)
 
 
-def check_batch_index(config: HVAEConfig, batch_index: torch.Tensor | None, n_cells: int,
-                      check_values: bool) -> torch.Tensor | None:
+def check_batch_index(
+    config: HVAEConfig, batch_index: torch.Tensor | None, n_cells: int, check_values: bool
+) -> torch.Tensor | None:
     """The batch index as a (cells,) long tensor: required iff the model has batches; with
     ``check_values`` every entry in range (a host read)."""
     if config.n_batches == 0:

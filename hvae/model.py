@@ -165,11 +165,17 @@ class Readout(nn.Module):
         # Running (count, sum, sum of squares) of each gene's log expression.
         self.register_buffer("moments", torch.zeros(3, n_genes, dtype=torch.float64))
 
-    def forward(self, code: torch.Tensor, expression: torch.Tensor,
-                batch_index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, code: torch.Tensor, expression: torch.Tensor, batch_index: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(scalar loss, (3, genes) count, sum and sum of squares of ``expression``)."""
-        moments = torch.stack([torch.full_like(expression[0], expression.shape[0]), expression.sum(dim=0),
-                               (expression**2).sum(dim=0)]).detach().double()
+        moments = (
+            torch.stack(
+                [torch.full_like(expression[0], expression.shape[0]), expression.sum(dim=0), (expression**2).sum(dim=0)]
+            )
+            .detach()
+            .double()
+        )
         count, total, total_sq = moments if self.training else self.moments
         count = count.clamp(min=1.0)
         mean = total / count
@@ -178,7 +184,9 @@ class Readout(nn.Module):
         target = ((expression - mean) * torch.rsqrt(var + 1e-5)).clamp(-10.0, 10.0)
         prediction = self.head(code).float()
         if self.batch_gain is not None:
-            prediction = prediction * torch.exp(self.batch_gain(batch_index).float()) + self.batch_shift(batch_index).float()
+            prediction = (
+                prediction * torch.exp(self.batch_gain(batch_index).float()) + self.batch_shift(batch_index).float()
+            )
         return 0.5 * ((prediction - target) ** 2).sum(dim=-1).mean(), moments
 
 
@@ -261,9 +269,7 @@ class HierarchicalVAE(nn.Module):
         n_levels = config.n_levels
 
         # Bottom-up deterministic path.
-        self.stem = nn.Sequential(
-            nn.Linear(config.n_genes, hidden), nn.LayerNorm(hidden), nn.SiLU(), nn.Dropout(drop)
-        )
+        self.stem = nn.Sequential(nn.Linear(config.n_genes, hidden), nn.LayerNorm(hidden), nn.SiLU(), nn.Dropout(drop))
         self.bottom_up = nn.ModuleList(ResidualBlock(hidden, drop) for _ in range(n_levels))
 
         # Top-down path: the top posterior sees r_top; level l < top has a prior head on s_l
@@ -271,9 +277,7 @@ class HierarchicalVAE(nn.Module):
         self.top_posterior = GaussianHead((hidden,), dims[-1], clamp)
         self.top_down = nn.ModuleList(ResidualBlock(hidden, 0.0) for _ in range(n_levels - 1))
         self.prior_heads = nn.ModuleList(GaussianHead((hidden,), d, clamp) for d in dims[:-1])
-        self.posterior_heads = nn.ModuleList(
-            GaussianHead((hidden, hidden), d, clamp, hidden=hidden) for d in dims[:-1]
-        )
+        self.posterior_heads = nn.ModuleList(GaussianHead((hidden, hidden), d, clamp, hidden=hidden) for d in dims[:-1])
         # z_l -> top-down state, for every level that has a level below it (index l - 1).
         self.latent_in = nn.ModuleList(nn.Linear(d, hidden) for d in dims[1:])
 
@@ -281,8 +285,10 @@ class HierarchicalVAE(nn.Module):
         self.readout = Readout(config) if config.readout_weight > 0 else None
         # Levels with a coarse target of their own (the top first): counts pooled over gene modules.
         if config.module_levels and not config.gene_modules:
-            raise ValueError("HVAEConfig.module_levels asks for gene modules built from the data: "
-                             "config = hvae.fit_gene_modules(config, counts) first")
+            raise ValueError(
+                "HVAEConfig.module_levels asks for gene modules built from the data: "
+                "config = hvae.fit_gene_modules(config, counts) first"
+            )
         self.n_direct = len(config.direct_dims)
         self.module_heads = nn.ModuleList()
         for partition, dim in zip(config.gene_modules, reversed(dims)):
@@ -299,8 +305,13 @@ class HierarchicalVAE(nn.Module):
         self.register_buffer("library_moments", torch.zeros(3, dtype=torch.float64))
 
     # ------------------------------------------------------------------ input checks
-    def _check_inputs(self, counts: torch.Tensor, batch_index: torch.Tensor | None,
-                      check_values: bool | None = None, batches: bool = True) -> torch.Tensor | None:
+    def _check_inputs(
+        self,
+        counts: torch.Tensor,
+        batch_index: torch.Tensor | None,
+        check_values: bool | None = None,
+        batches: bool = True,
+    ) -> torch.Tensor | None:
         check_values = self.config.validate_inputs if check_values is None else check_values
         check_counts(self.config, counts, check_values)
         return check_batch_index(self.config, batch_index, counts.shape[0], check_values) if batches else None
@@ -334,9 +345,17 @@ class HierarchicalVAE(nn.Module):
             return nb_log_prob(counts, mean, theta).sum(dim=-1)
         return zinb_log_prob(counts, mean, theta, zero_logits).sum(dim=-1)
 
-    def walk(self, top: torch.Tensor, *, states: list[torch.Tensor] | None = None, sample: bool = False,
-             given: list[torch.Tensor | None] | None = None, start: int | None = None, h: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> Walk:
+    def walk(
+        self,
+        top: torch.Tensor,
+        *,
+        states: list[torch.Tensor] | None = None,
+        sample: bool = False,
+        given: list[torch.Tensor | None] | None = None,
+        start: int | None = None,
+        h: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Walk:
         """The top-down path from the top's value ``top`` to level 0 (or from below level ``start``,
         ``h`` the state after it: the coarse reconstruction restarts there).
 
@@ -380,7 +399,9 @@ class HierarchicalVAE(nn.Module):
         """Decoder output for every level's value (level 0 first)."""
         return (decoder or self.decoder)(self.direct_code(values), library, batch_index)
 
-    def _module_reconstruction(self, counts: torch.Tensor, library: torch.Tensor, batch_index, samples: list) -> torch.Tensor:
+    def _module_reconstruction(
+        self, counts: torch.Tensor, library: torch.Tensor, batch_index, samples: list
+    ) -> torch.Tensor:
         """Mean NB NLL of the counts pooled over each coarse level's gene modules, decoded from that
         level's sample alone (summed over those levels)."""
         total = counts.new_zeros(())
@@ -390,8 +411,12 @@ class HierarchicalVAE(nn.Module):
 
     # ------------------------------------------------------------------ public API
     def forward(
-        self, counts: torch.Tensor, batch_index: torch.Tensor | None = None, kl_weight: float = 1.0,
-        check_values: bool | None = None, coarse_level: int | None = None,
+        self,
+        counts: torch.Tensor,
+        batch_index: torch.Tensor | None = None,
+        kl_weight: float = 1.0,
+        check_values: bool | None = None,
+        coarse_level: int | None = None,
     ) -> HVAEOutput:
         """Loss terms for a minibatch.
 
@@ -428,8 +453,15 @@ class HierarchicalVAE(nn.Module):
         loss, coarse = loss + modules, coarse + modules
         readout, readout_moments = self._readout(counts, library, batch_index, samples)
         loss = loss + self.config.readout_weight * readout
-        return HVAEOutput(loss=loss, reconstruction=reconstruction, kl=kl, coarse_reconstruction=coarse,
-                          readout=readout, library=library, readout_moments=readout_moments)
+        return HVAEOutput(
+            loss=loss,
+            reconstruction=reconstruction,
+            kl=kl,
+            coarse_reconstruction=coarse,
+            readout=readout,
+            library=library,
+            readout_moments=readout_moments,
+        )
 
     def _readout(self, counts, library, batch_index, samples: list) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The read-out's loss on every molecule of the cells (not the encoder's thinned input),
@@ -456,8 +488,9 @@ class HierarchicalVAE(nn.Module):
             return kl_weight * (coefficients * kl_free).sum() + ceiling
         return kl_weight * kl_free.sum() + ceiling
 
-    def _coarse_reconstruction(self, counts, library, batch_index, h_after: dict, samples: list,
-                               coarse_level: int | None = None) -> torch.Tensor:
+    def _coarse_reconstruction(
+        self, counts, library, batch_index, h_after: dict, samples: list, coarse_level: int | None = None
+    ) -> torch.Tensor:
         """Mean NLL of x decoded from levels >= k, lower levels at their prior means.
 
         Training draws one k in 1..L-1 per step (an unbiased estimate of the mean over k at

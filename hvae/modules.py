@@ -28,7 +28,7 @@ from .config import HVAEConfig
 
 SAMPLE_CELLS = 20_000  # cells enough for the leading components of 2,000 genes
 EXACT_GENES = 4_096  # up to this many genes the correlation matrix is built whole
-BLOCK_VALUES = 2 ** 25  # values in one dense block of cells x genes (128 MB in float32)
+BLOCK_VALUES = 2**25  # values in one dense block of cells x genes (128 MB in float32)
 
 
 class GeneCovariance:
@@ -59,8 +59,9 @@ class GeneCovariance:
         return cov / torch.outer(std, std)
 
 
-def _kmeans(points: torch.Tensor, k: int, generator: torch.Generator, restarts: int = 4,
-            iterations: int = 300) -> torch.Tensor:
+def _kmeans(
+    points: torch.Tensor, k: int, generator: torch.Generator, restarts: int = 4, iterations: int = 300
+) -> torch.Tensor:
     """Lloyd's k-means with k-means++ starts; the labels of the best of ``restarts`` runs."""
     n = points.shape[0]
     k = min(k, n)
@@ -94,8 +95,9 @@ def _log_expression(block, target_sum: float) -> torch.Tensor:
     return torch.log1p(counts / library * target_sum)
 
 
-def leading_components(counts, n_components: int, target_sum: float = 1e4, seed: int = 0,
-                       power_iterations: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+def leading_components(
+    counts, n_components: int, target_sum: float = 1e4, seed: int = 0, power_iterations: int = 6
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(eigenvalues, eigenvectors as columns) of the genes' correlation matrix, the ``n_components``
     largest, from a randomized SVD (Halko et al. 2011, with power iterations) of the standardised
     log expression of ``counts`` (cells x genes, dense or scipy sparse), read in blocks: the
@@ -106,7 +108,7 @@ def leading_components(counts, n_components: int, target_sum: float = 1e4, seed:
 
     def blocks():
         for start in starts:
-            yield start, _log_expression(counts[start:min(start + step, n_cells)], target_sum)
+            yield start, _log_expression(counts[start : min(start + step, n_cells)], target_sum)
 
     total, squares = torch.zeros(n_genes, dtype=torch.float64), torch.zeros(n_genes, dtype=torch.float64)
     for _, x in blocks():
@@ -114,12 +116,12 @@ def leading_components(counts, n_components: int, target_sum: float = 1e4, seed:
         squares += x.square().sum(dim=0)
     mean = total / n_cells
     std = (squares / n_cells - mean.square()).clamp_min(0).sqrt() + 1e-6
-    scale = std * n_cells ** 0.5  # z = (x - mean) / scale: z.T @ z is the correlation matrix
+    scale = std * n_cells**0.5  # z = (x - mean) / scale: z.T @ z is the correlation matrix
 
     def right(basis: torch.Tensor) -> torch.Tensor:  # z.T @ basis, (genes, q)
         out = torch.zeros(n_genes, basis.shape[1], dtype=torch.float64)
         for start, x in blocks():
-            out += ((x - mean) / scale).T @ basis[start:start + x.shape[0]]
+            out += ((x - mean) / scale).T @ basis[start : start + x.shape[0]]
         return out
 
     def left(basis: torch.Tensor) -> torch.Tensor:  # z @ basis, (cells, q)
@@ -142,8 +144,9 @@ def exact_components(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return values[order], vectors[:, order]
 
 
-def gene_modules(components: tuple[torch.Tensor, torch.Tensor], module_levels,
-                 seed: int = 0) -> tuple[tuple[int, ...], ...]:
+def gene_modules(
+    components: tuple[torch.Tensor, torch.Tensor], module_levels, seed: int = 0
+) -> tuple[tuple[int, ...], ...]:
     """One partition per ``(modules, components)`` of ``module_levels`` (the top first): k-means of
     the genes' loadings on the leading ``components`` of their correlation (eigenvalues and
     eigenvectors, largest first: ``exact_components`` or ``leading_components``); module numbers
@@ -173,7 +176,7 @@ def _partitions(config: HVAEConfig, sample, seed: int) -> tuple[tuple[int, ...],
     if config.n_genes <= EXACT_GENES:
         moments = GeneCovariance(config.n_genes, config.input_target_sum)
         for start in range(0, sample.shape[0], 4096):
-            moments.update(sample[start:start + 4096])
+            moments.update(sample[start : start + 4096])
         return gene_modules(exact_components(moments.covariance()), config.module_levels, seed)
     most = max(components for _, components in config.module_levels)
     return gene_modules(leading_components(sample, most, config.input_target_sum, seed), config.module_levels, seed)

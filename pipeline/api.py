@@ -48,12 +48,21 @@ class HVAEModel:
         **model_options: ``hvae.HVAEConfig`` fields, e.g. ``latent_dims=(32, 16, 8)``.
     """
 
-    def __init__(self, adata, layer: str | None = None, batch_key: str | None = None, n_top_genes: int | None = None,
-                 genes: list[str] | None = None, gene_column: str | None = None, **model_options) -> None:
+    def __init__(
+        self,
+        adata,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        n_top_genes: int | None = None,
+        genes: list[str] | None = None,
+        gene_column: str | None = None,
+        **model_options,
+    ) -> None:
         if n_top_genes is not None and genes is not None:
             raise ValueError("give n_top_genes or genes, not both")
-        if n_top_genes is not None and (isinstance(n_top_genes, bool) or not isinstance(n_top_genes, (int, np.integer))
-                                        or n_top_genes < 1):
+        if n_top_genes is not None and (
+            isinstance(n_top_genes, bool) or not isinstance(n_top_genes, (int, np.integer)) or n_top_genes < 1
+        ):
             raise ValueError(f"n_top_genes must be a positive integer, got {n_top_genes!r}")
         if adata.n_obs == 0:
             raise ValueError("the AnnData has 0 cells: nothing to train on")
@@ -77,15 +86,24 @@ class HVAEModel:
         self._counts = sp.csr_matrix(counts, dtype=np.float32)
         _check_batch_column(adata.obs, batch_key)
         self._batch_index, self.batch_categories = batch_codes(adata.obs, batch_key)
-        self.config = with_gene_modules(HVAEConfig(n_genes=len(self.feature_ids), n_batches=len(self.batch_categories),
-                                                   **model_options), self._counts)
+        self.config = with_gene_modules(
+            HVAEConfig(n_genes=len(self.feature_ids), n_batches=len(self.batch_categories), **model_options),
+            self._counts,
+        )
         self.module = HierarchicalVAE(self.config)
         self.result = None
         self.model_id = None  # set by save and load: which checkpoint these weights are
 
     # ------------------------------------------------------------------ training
-    def train(self, max_steps: int = TrainConfig.model_fields["max_steps"].default, batch_size: int = 256, precision: str = "fp32", device: str = "cpu",
-              progress: bool = True, **train_options) -> "HVAEModel":
+    def train(
+        self,
+        max_steps: int = TrainConfig.model_fields["max_steps"].default,
+        batch_size: int = 256,
+        precision: str = "fp32",
+        device: str = "cpu",
+        progress: bool = True,
+        **train_options,
+    ) -> "HVAEModel":
         """Train with the pipeline's training step (``pipeline.config.TrainConfig`` options, e.g.
         ``learning_rate``, ``kl_warmup_steps``, ``early_stopping``); returns self."""
         if self._counts is None:
@@ -95,23 +113,31 @@ class HVAEModel:
         n_cells = self._counts.shape[0]
         if progress:
             held = int(round(train.validation_fraction * n_cells)) if train.early_stopping else 0
-            print(f"training on {device}: {n_cells - held:,} cells ({held:,} held out for early stopping) x "
-                  f"{self.config.n_genes:,} genes, {self.config.n_batches} batches; levels {self.config.latent_dims}; up to "
-                  f"{max_steps:,} steps of {batch_size} cells ({max_steps * batch_size / max(n_cells - held, 1):.0f} epochs), "
-                  f"KL warm-up {train.warmup_steps:,} steps")
-        self.result = fit_in_memory(self._counts, self.config, train, self._batch_index, device=device, progress=progress)
+            print(
+                f"training on {device}: {n_cells - held:,} cells ({held:,} held out for early stopping) x "
+                f"{self.config.n_genes:,} genes, {self.config.n_batches} batches; levels {self.config.latent_dims}; up to "
+                f"{max_steps:,} steps of {batch_size} cells ({max_steps * batch_size / max(n_cells - held, 1):.0f} epochs), "
+                f"KL warm-up {train.warmup_steps:,} steps"
+            )
+        self.result = fit_in_memory(
+            self._counts, self.config, train, self._batch_index, device=device, progress=progress
+        )
         self.module = self.result.model
         self.model_id = None  # new weights: the checkpoint they came from no longer describes them
         if progress and self.result.best_step is not None:
-            print(f"stopped early at step {self.result.steps:,} (held-out -ELBO rising); kept step {self.result.best_step:,}")
-        for line in end_of_run_warnings(self.result.steps, train.warmup_steps, self.result.kl_per_level,
-                                        self.result.active_units):
+            print(
+                f"stopped early at step {self.result.steps:,} (held-out -ELBO rising); kept step {self.result.best_step:,}"
+            )
+        for line in end_of_run_warnings(
+            self.result.steps, train.warmup_steps, self.result.kl_per_level, self.result.active_units
+        ):
             warnings.warn(line, stacklevel=2)
         return self
 
     # ------------------------------------------------------------------ representations
-    def get_latent_representation(self, adata=None, level: int | str = 0, batch_size: int = 4096,
-                                  device: str = "cpu", layer: str | None = None):
+    def get_latent_representation(
+        self, adata=None, level: int | str = 0, batch_size: int = 4096, device: str = "cpu", layer: str | None = None
+    ):
         """Level ``level``'s representation of every cell, (cells, width): level 0 (the finest)
         for subtypes, the top for lineages. ``level="all"`` gives ``{level: array}``.
 
@@ -121,8 +147,10 @@ class HVAEModel:
         if counts is None:
             raise ValueError("this model was loaded without data: pass adata=")
         if self.result is None and not getattr(self, "_loaded", False):
-            warnings.warn("this model was never trained: its representations are those of random weights (call "
-                          ".train() first)", stacklevel=2)
+            warnings.warn(
+                "this model was never trained: its representations are those of random weights (call .train() first)",
+                stacklevel=2,
+            )
         levels = encode_in_batches(self.module.to(device), counts, batch_size=batch_size, device=device)
         if level == "all":
             return dict(enumerate(levels))
@@ -130,8 +158,17 @@ class HVAEModel:
             raise ValueError(f"level must be 0..{len(levels) - 1} or 'all', got {level!r}")
         return levels[level]
 
-    def map_query(self, adata, index, labels=(), k: int = 15, levels=None, atlas_obs: str | None = None,
-                  layer: str | None = None, batch_size: int = 4096):
+    def map_query(
+        self,
+        adata,
+        index,
+        labels=(),
+        k: int = 15,
+        levels=None,
+        atlas_obs: str | None = None,
+        layer: str | None = None,
+        batch_size: int = 4096,
+    ):
         """Map the cells of ``adata`` to an embedded atlas (``index``: an index built by
         ``hvae-pipeline index``, or the store it sits beside) at every level: in ``adata.obs`` each
         atlas label column transferred by the vote of the ``k`` nearest atlas cells
@@ -144,14 +181,26 @@ class HVAEModel:
         atlas, index_path, wanted = open_atlas(index, levels)
         check_k(atlas, k)
         if getattr(self, "model_id", None) is None:
-            raise IndexMismatch("this model's weights are not those of a saved checkpoint: save it (HVAEModel.save) and "
-                                "embed the atlas with it, or load the model that embedded the atlas (HVAEModel.load)")
+            raise IndexMismatch(
+                "this model's weights are not those of a saved checkpoint: save it (HVAEModel.save) and "
+                "embed the atlas with it, or load the model that embedded the atlas (HVAEModel.load)"
+            )
         check_embedded_by(atlas, self.model_id, "this model")
         atlas_labels = AtlasLabels(atlas, list(labels), atlas_obs) if labels else None
         representations = self.get_latent_representation(adata, level="all", batch_size=batch_size, layer=layer)
         mapped = map_levels(atlas, {level: representations[level] for level in wanted}, atlas_labels, k)
-        attach(adata, mapped, {"index": index_path, "store": atlas.store, "model_id": self.model_id, "k": k,
-                               "labels": list(labels), "levels": wanted})
+        attach(
+            adata,
+            mapped,
+            {
+                "index": index_path,
+                "store": atlas.store,
+                "model_id": self.model_id,
+                "k": k,
+                "labels": list(labels),
+                "levels": wanted,
+            },
+        )
         return adata
 
     def _aligned(self, adata, layer):
@@ -172,13 +221,29 @@ class HVAEModel:
                 raise FileExistsError(f"{directory} already holds a checkpoint; pass overwrite=True to replace it")
         steps = self.result.steps if self.result is not None else 0
         if self.result is None and not getattr(self, "_loaded", False):
-            warnings.warn("saving a model that was never trained: its representations are those of random weights "
-                          "(call .train() first)", stacklevel=2)
-        setup = {"layer": self.layer, "gene_column": self.gene_column, "n_top_genes": self.n_top_genes,
-                 "batch_key": self.batch_key}
-        written = save_checkpoint(directory, self.module, self.config, None, {"step": steps, "finished": True},
-                                  self.feature_ids, self.batch_key, self.batch_categories,
-                                  feature_names=self.feature_names, setup=setup)
+            warnings.warn(
+                "saving a model that was never trained: its representations are those of random weights "
+                "(call .train() first)",
+                stacklevel=2,
+            )
+        setup = {
+            "layer": self.layer,
+            "gene_column": self.gene_column,
+            "n_top_genes": self.n_top_genes,
+            "batch_key": self.batch_key,
+        }
+        written = save_checkpoint(
+            directory,
+            self.module,
+            self.config,
+            None,
+            {"step": steps, "finished": True},
+            self.feature_ids,
+            self.batch_key,
+            self.batch_categories,
+            feature_names=self.feature_names,
+            setup=setup,
+        )
         self.model_id = model_id(Path(written))
         return written
 
@@ -216,22 +281,28 @@ class HVAEModel:
         if self.batch_key is None:
             return None
         if self.batch_key not in adata.obs.columns:
-            print(f"note: obs has no batch column {self.batch_key!r}: the cells are embedded (the encoder reads no "
-                  "batch) but cannot be trained on")
+            print(
+                f"note: obs has no batch column {self.batch_key!r}: the cells are embedded (the encoder reads no "
+                "batch) but cannot be trained on"
+            )
             return None
         values = adata.obs[self.batch_key].astype(str).to_numpy()
         codes = pd.Categorical(values, categories=self.batch_categories).codes
         if (codes < 0).any():
             unseen = pd.unique(values[codes < 0])
-            print(f"note: {int((codes < 0).sum()):,} cells of {len(unseen)} {self.batch_key} value(s) unseen in training "
-                  f"(e.g. {list(unseen[:3])}): embedded as any other cell (the encoder reads no batch); not trained on")
+            print(
+                f"note: {int((codes < 0).sum()):,} cells of {len(unseen)} {self.batch_key} value(s) unseen in training "
+                f"(e.g. {list(unseen[:3])}): embedded as any other cell (the encoder reads no batch); not trained on"
+            )
             return None
         return codes.astype(np.int64)
 
     def __repr__(self) -> str:
         trained = f"trained {self.result.steps} steps" if self.result is not None else "untrained or loaded"
-        return (f"HVAEModel({self.config.n_genes} genes, levels {self.config.latent_dims} "
-                f"(exported {self.config.representation_dims}), {len(self.batch_categories)} batches, {trained})")
+        return (
+            f"HVAEModel({self.config.n_genes} genes, levels {self.config.latent_dims} "
+            f"(exported {self.config.representation_dims}), {len(self.batch_categories)} batches, {trained})"
+        )
 
 
 def _check_batch_column(obs: pd.DataFrame, batch_key: str | None) -> None:
@@ -242,15 +313,21 @@ def _check_batch_column(obs: pd.DataFrame, batch_key: str | None) -> None:
     column = obs[batch_key]
     if column.isna().any():
         rows = list(obs.index[column.isna()][:3])
-        raise ValueError(f"batch_key {batch_key!r} is missing for {int(column.isna().sum()):,} cells (e.g. {rows}); fill "
-                         "them (e.g. 'unknown') or drop those cells")
+        raise ValueError(
+            f"batch_key {batch_key!r} is missing for {int(column.isna().sum()):,} cells (e.g. {rows}); fill "
+            "them (e.g. 'unknown') or drop those cells"
+        )
     numeric = pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
     if numeric and column.nunique() > max(50, len(column) // 10):
-        raise ValueError(f"batch_key {batch_key!r} holds continuous numbers ({column.nunique():,} distinct values over "
-                         f"{len(column):,} cells): each would be its own batch; pass a categorical column (donor, sample)")
+        raise ValueError(
+            f"batch_key {batch_key!r} holds continuous numbers ({column.nunique():,} distinct values over "
+            f"{len(column):,} cells): each would be its own batch; pass a categorical column (donor, sample)"
+        )
     if column.nunique() > max(50, len(column) // 2):
-        raise ValueError(f"batch_key {batch_key!r} has {column.nunique():,} distinct values over {len(column):,} cells: "
-                         "nearly one batch per cell (an id?); pass a column of batches (donor, sample)")
+        raise ValueError(
+            f"batch_key {batch_key!r} has {column.nunique():,} distinct values over {len(column):,} cells: "
+            "nearly one batch per cell (an id?); pass a column of batches (donor, sample)"
+        )
 
 
 def _matrix(adata, layer):
@@ -279,9 +356,11 @@ def _counts(adata, layer) -> sp.csr_matrix:
     if bad.any():
         where = "X" if layer in (None, "X") else f"layer {layer!r}"
         hint = _count_layers(adata)
-        raise ValueError(f"{where} does not hold raw counts ({int(bad.sum()):,} entries are negative, non-integer or not "
-                         f"finite, e.g. {float(values[bad][0])!r}); the model needs raw integer counts"
-                         + (f": they look to be in {hint}, pass layer={hint[0]!r}" if hint else ""))
+        raise ValueError(
+            f"{where} does not hold raw counts ({int(bad.sum()):,} entries are negative, non-integer or not "
+            f"finite, e.g. {float(values[bad][0])!r}); the model needs raw integer counts"
+            + (f": they look to be in {hint}, pass layer={hint[0]!r}" if hint else "")
+        )
     return counts
 
 

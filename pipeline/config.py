@@ -59,49 +59,79 @@ def _model_section() -> type[_Section]:
     fields, types and defaults). Values are checked by ``HVAEConfig`` itself when the config is
     loaded, so a bad value (``model.dropout=1.5``) fails before anything is written."""
     hints = typing.get_type_hints(HVAEConfig)
-    fields = {field.name: (hints[field.name], Field(field.default, description=field.metadata.get("help")))
-              for field in dataclasses.fields(HVAEConfig) if field.name not in NOT_CONFIGURABLE}
-    return create_model("ModelConfig", __base__=_ModelSection, __doc__="hvae.HVAEConfig minus what the data decides.",
-                        **fields)
+    fields = {
+        field.name: (hints[field.name], Field(field.default, description=field.metadata.get("help")))
+        for field in dataclasses.fields(HVAEConfig)
+        if field.name not in NOT_CONFIGURABLE
+    }
+    return create_model(
+        "ModelConfig", __base__=_ModelSection, __doc__="hvae.HVAEConfig minus what the data decides.", **fields
+    )
 
 
 ModelConfig = _model_section()
 
 
 class TrainConfig(_Section):
-    max_steps: int = Field(6000, ge=1, description=(
-        "Training steps. The gene-module levels need 6,000 steps of 256 cells on the 10k-cell synthetic atlas: "
-        "at 3,000 level 0 has not yet resolved the subtypes (benchmarks/RESULTS.md)."))
+    max_steps: int = Field(
+        6000,
+        ge=1,
+        description=(
+            "Training steps. The gene-module levels need 6,000 steps of 256 cells on the 10k-cell synthetic atlas: "
+            "at 3,000 level 0 has not yet resolved the subtypes (benchmarks/RESULTS.md)."
+        ),
+    )
     batch_size: int = Field(512, ge=1, description="Cells per step on each worker.")
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-6, ge=0)
     precision: Literal["bf16", "fp16", "fp32"] = "fp32"
     grad_clip: float = Field(10.0, gt=0)
     ema_decay: float = Field(0.995, ge=0, lt=1)
-    kl_warmup_steps: int | None = Field(None, ge=0, description=(
-        "Steps over which the KL weight rises from 0 to 1 (KL balancing acts meanwhile); None: the first third "
-        "of max_steps. A short warm-up leaves the levels under-used: on the wide synthetic atlas 1,000 of 3,000 "
-        "steps gave cell-type kNN 0.59, 3,000 of 3,000 0.79 (benchmarks/RESULTS.md)."))
+    kl_warmup_steps: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Steps over which the KL weight rises from 0 to 1 (KL balancing acts meanwhile); None: the first third "
+            "of max_steps. A short warm-up leaves the levels under-used: on the wide synthetic atlas 1,000 of 3,000 "
+            "steps gave cell-type kNN 0.59, 3,000 of 3,000 0.79 (benchmarks/RESULTS.md)."
+        ),
+    )
 
     @property
     def warmup_steps(self) -> int:
         """``kl_warmup_steps``, resolved."""
         return self.max_steps // 3 if self.kl_warmup_steps is None else self.kl_warmup_steps
+
     seed: int = 0
     log_every: int = Field(50, ge=1)
     validate_every: int = Field(250, ge=1, description="Steps between validations on the held-out cells.")
     validation_cells: int = Field(4096, ge=1, description="Held-out cells a validation reads (at most).")
-    validation_fraction: float = Field(0.1, ge=0, lt=1, description=(
-        "In-memory fits (notebook API, benchmarks): the share of cells held out for validation and early "
-        "stopping; shard runs hold out data.validation_shards instead."))
-    early_stopping: bool = Field(True, description=(
-        "Stop once the held-out -ELBO has risen early_stopping_tolerance above its best, keeping the best "
-        "EMA weights (needs held-out cells: data.validation_shards, or validation_fraction in memory)."))
-    early_stopping_tolerance: float = Field(0.03, gt=0, description=(
-        "The rise (a fraction of the best held-out -ELBO) that stops training. Small data overfit fast (pancreas: "
-        "+3% 500 steps after its best); on the 10k-cell synthetic atlas the held-out -ELBO drifts up 1.3% over the "
-        "2,000 steps after its best while level-0 subtype kNN climbs 0.92 -> 0.97, so a 1% rule would stop it at the "
-        "wrong place (benchmarks/RESULTS.md)."))
+    validation_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description=(
+            "In-memory fits (notebook API, benchmarks): the share of cells held out for validation and early "
+            "stopping; shard runs hold out data.validation_shards instead."
+        ),
+    )
+    early_stopping: bool = Field(
+        True,
+        description=(
+            "Stop once the held-out -ELBO has risen early_stopping_tolerance above its best, keeping the best "
+            "EMA weights (needs held-out cells: data.validation_shards, or validation_fraction in memory)."
+        ),
+    )
+    early_stopping_tolerance: float = Field(
+        0.03,
+        gt=0,
+        description=(
+            "The rise (a fraction of the best held-out -ELBO) that stops training. Small data overfit fast (pancreas: "
+            "+3% 500 steps after its best); on the 10k-cell synthetic atlas the held-out -ELBO drifts up 1.3% over the "
+            "2,000 steps after its best while level-0 subtype kNN climbs 0.92 -> 0.97, so a 1% rule would stop it at the "
+            "wrong place (benchmarks/RESULTS.md)."
+        ),
+    )
     progress: bool = True
     compile: bool = Field(False, description="torch.compile the model's forward and loss (first steps compile).")
 
@@ -116,7 +146,9 @@ class RunConfig(_Section):
     name: str = "hvae"
     storage_path: str = "runs"
     max_failures: int = Field(0, ge=-1)
-    wait: bool = Field(False, description="If another job is training into this run directory, wait for it (default: refuse).")
+    wait: bool = Field(
+        False, description="If another job is training into this run directory, wait for it (default: refuse)."
+    )
 
     @field_validator("name")
     @classmethod
@@ -151,7 +183,9 @@ class ConfigError(ValueError):
     """A config file or override that does not validate; the message names every bad key."""
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None) -> PipelineConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None
+) -> PipelineConfig:
     """Read YAML (or start from ``base``), apply ``section.key=value`` overrides, validate."""
     values: dict[str, Any] = dict(base or {})
     source = "config"
@@ -162,8 +196,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             loaded = yaml.safe_load(Path(path).read_text()) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as error:
-            raise ConfigError(f"config file {path} is not YAML ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else ''})") from None
+            raise ConfigError(
+                f"config file {path} is not YAML ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''})"
+            ) from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         values = _merge(values, loaded)
@@ -174,8 +210,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as error:
-            raise ConfigError(f"override {override!r}: the value {raw!r} is not YAML ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else ''})") from None
+            raise ConfigError(
+                f"override {override!r}: the value {raw!r} is not YAML ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''})"
+            ) from None
         _set_dotted(values, key.strip(), value, override)
     try:
         return PipelineConfig.model_validate(values)
@@ -203,13 +241,19 @@ def _did_you_mean(location: tuple) -> str:
         if not (isinstance(section, type) and issubclass(section, BaseModel)):
             return ""
     close = difflib.get_close_matches(str(location[-1]), list(section.model_fields), n=1, cutoff=0.6)
-    return f" (did you mean {'.'.join(str(p) for p in location[:-1]) + '.' if len(location) > 1 else ''}{close[0]}?)" if close else ""
+    return (
+        f" (did you mean {'.'.join(str(p) for p in location[:-1]) + '.' if len(location) > 1 else ''}{close[0]}?)"
+        if close
+        else ""
+    )
 
 
 def _merge(base: dict, update: dict) -> dict:
     merged = dict(base)
     for key, value in update.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = (
+            _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
     return merged
 
 

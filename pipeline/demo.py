@@ -40,34 +40,52 @@ class DemoSettings:
     n_genes: int = 2_000
     n_donors: int = 8
     max_steps: int = TrainConfig.model_fields["max_steps"].default
-    batch_size: int = 256           # global: split over the workers
+    batch_size: int = 256  # global: split over the workers
     seed: int = 0
     with_flat_baseline: bool = True
-    workers: int = 2                # Ray Train workers; 0 = one process without Ray
+    workers: int = 2  # Ray Train workers; 0 = one process without Ray
 
 
 def run_demo(settings: DemoSettings, echo=print) -> dict:
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    spec = SyntheticAtlasSpec(n_cells=settings.n_cells, n_genes=settings.n_genes, n_donors=settings.n_donors, seed=settings.seed)
+    spec = SyntheticAtlasSpec(
+        n_cells=settings.n_cells, n_genes=settings.n_genes, n_donors=settings.n_donors, seed=settings.seed
+    )
     shards = out / "shards"
-    echo(f"[1/6] synthetic atlas: {spec.n_cells:,} cells x {spec.n_genes:,} genes, tree {spec.branching}, "
-         f"{spec.n_donors} donors (stored contiguously) -> pre-shuffled shards {shards}")
-    write_shards(SyntheticSource(SyntheticAtlas(spec)), str(shards),
-                 ShardSettings(shard_size=max(1_000, settings.n_cells // 4), seed=settings.seed, overwrite=True), echo=echo)
+    echo(
+        f"[1/6] synthetic atlas: {spec.n_cells:,} cells x {spec.n_genes:,} genes, tree {spec.branching}, "
+        f"{spec.n_donors} donors (stored contiguously) -> pre-shuffled shards {shards}"
+    )
+    write_shards(
+        SyntheticSource(SyntheticAtlas(spec)),
+        str(shards),
+        ShardSettings(shard_size=max(1_000, settings.n_cells // 4), seed=settings.seed, overwrite=True),
+        echo=echo,
+    )
 
     def fit(latent_dims: list[int], name: str, step: str) -> Path:
         run_dir = out / "runs" / name
         shutil.rmtree(run_dir, ignore_errors=True)  # the demo always trains afresh
         workers = settings.workers
-        config = load_config(base={"data": {"path": str(shards), "batch_key": "donor_id"}}, overrides=[
-            f"model.latent_dims={latent_dims}", f"train.max_steps={settings.max_steps}",
-            f"train.batch_size={max(1, settings.batch_size // max(1, workers))}",
-            f"train.seed={settings.seed}",
-            f"checkpoint.every_steps={max(1, settings.max_steps // 3)}", f"scaling.num_workers={workers}",
-            f"run.storage_path={out / 'runs'}", f"run.name={name}", "train.log_every=50"])
+        config = load_config(
+            base={"data": {"path": str(shards), "batch_key": "donor_id"}},
+            overrides=[
+                f"model.latent_dims={latent_dims}",
+                f"train.max_steps={settings.max_steps}",
+                f"train.batch_size={max(1, settings.batch_size // max(1, workers))}",
+                f"train.seed={settings.seed}",
+                f"checkpoint.every_steps={max(1, settings.max_steps // 3)}",
+                f"scaling.num_workers={workers}",
+                f"run.storage_path={out / 'runs'}",
+                f"run.name={name}",
+                "train.log_every=50",
+            ],
+        )
         where = f"Ray Train, {workers} CPU workers" if workers else "one process"
-        echo(f"[{step}] training the {len(latent_dims)}-level model {tuple(latent_dims)} for {settings.max_steps} steps ({where}) ...")
+        echo(
+            f"[{step}] training the {len(latent_dims)}-level model {tuple(latent_dims)} for {settings.max_steps} steps ({where}) ..."
+        )
         summary = train(config, echo=echo)
         echo(f"       {summary['wall_seconds']:.0f} s -> {summary['checkpoint']}")
         return run_dir
@@ -86,9 +104,21 @@ def run_demo(settings: DemoSettings, echo=print) -> dict:
     echo("[5/6] evaluating every level against the known tree (hvae-pipeline evaluate)")
     labels = list(spec.label_names)
     compare = {FLAT: str(out / "embeddings_flat.zarr")} if flat_run is not None else {}
-    report = evaluate_embeddings(str(embeddings), EvaluateSettings(
-        labels=tuple(labels), batch_key="donor_id", out_dir=str(out / "report"), compare=compare, pca=True,
-        max_cells=settings.n_cells, seed=settings.seed, map_method="pca", overwrite=True), echo=lambda *_: None)
+    report = evaluate_embeddings(
+        str(embeddings),
+        EvaluateSettings(
+            labels=tuple(labels),
+            batch_key="donor_id",
+            out_dir=str(out / "report"),
+            compare=compare,
+            pca=True,
+            max_cells=settings.n_cells,
+            seed=settings.seed,
+            map_method="pca",
+            overwrite=True,
+        ),
+        echo=lambda *_: None,
+    )
     source = ShardSource(str(shards))
     obs, counts = source.read_obs(), source.rows(0, source.n_obs)
     donors = obs["donor_id"].cat.codes.to_numpy(np.int64)
@@ -102,19 +132,29 @@ def run_demo(settings: DemoSettings, echo=print) -> dict:
     rows = [_row(result, labels, kl, units) for result in report["results"]]
     echo("[6/6] mapping cells of 2 new donors to the atlas (hvae-pipeline index + query)")
     transfer = _query_new_donors(spec, settings, out, hierarchical_run, embeddings, labels)
-    summary = {"shards": str(shards), "run": str(hierarchical_run), "checkpoint": str(find_checkpoint(hierarchical_run)),
-               "embeddings": str(embeddings), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-               "report": report["report"], "workers": settings.workers, "rows": rows, "query": transfer}
+    summary = {
+        "shards": str(shards),
+        "run": str(hierarchical_run),
+        "checkpoint": str(find_checkpoint(hierarchical_run)),
+        "embeddings": str(embeddings),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "report": report["report"],
+        "workers": settings.workers,
+        "rows": rows,
+        "query": transfer,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     echo("")
     echo(format_table(rows, labels))
     echo("")
     echo(format_transfer(transfer, labels))
     echo("")
-    echo(f"shards:     {shards}\nrun:        {hierarchical_run} (metrics.jsonl, checkpoints, tensorboard/)\n"
-         f"embeddings: {embeddings} (level_<l>/mean, level 0 = finest; pipeline.embed.read_embeddings)\n"
-         f"report:     {report['report']} (NMI/ARI, silhouette, donor mixing, maps/)\n"
-         f"summary:    {out / 'summary.json'}")
+    echo(
+        f"shards:     {shards}\nrun:        {hierarchical_run} (metrics.jsonl, checkpoints, tensorboard/)\n"
+        f"embeddings: {embeddings} (level_<l>/mean, level 0 = finest; pipeline.embed.read_embeddings)\n"
+        f"report:     {report['report']} (NMI/ARI, silhouette, donor mixing, maps/)\n"
+        f"summary:    {out / 'summary.json'}"
+    )
     return summary
 
 
@@ -135,16 +175,31 @@ def _query_new_donors(spec, settings: DemoSettings, out: Path, run: Path, embedd
     portable_anndata(cells).write_h5ad(out / "query_cells.h5ad")
     build_index(str(embeddings), settings=IndexSettings(overwrite=True), echo=lambda *_: None)
     mapped_path = out / "query_mapped.h5ad"
-    query(str(find_checkpoint(run)), str(embeddings), {"source": str(out / "query_cells.h5ad")}, labels, str(mapped_path),
-          overwrite=True, echo=lambda *_: None)
+    query(
+        str(find_checkpoint(run)),
+        str(embeddings),
+        {"source": str(out / "query_cells.h5ad")},
+        labels,
+        str(mapped_path),
+        overwrite=True,
+        echo=lambda *_: None,
+    )
     import anndata as ad
 
     mapped = ad.read_h5ad(mapped_path)
-    accuracy = {label: [round(float((mapped.obs[f"{label}_level_{level}"].astype(str)
-                                     == mapped.obs[label].astype(str)).mean()), 3) for level in range(len(DIMS))]
-                for label in labels}
-    return {"cells": int(mapped.n_obs), "out": str(mapped_path), "accuracy": accuracy,
-            "unlike": [int(mapped.obs[f"unlike_level_{level}"].sum()) for level in range(len(DIMS))]}
+    accuracy = {
+        label: [
+            round(float((mapped.obs[f"{label}_level_{level}"].astype(str) == mapped.obs[label].astype(str)).mean()), 3)
+            for level in range(len(DIMS))
+        ]
+        for label in labels
+    }
+    return {
+        "cells": int(mapped.n_obs),
+        "out": str(mapped_path),
+        "accuracy": accuracy,
+        "unlike": [int(mapped.obs[f"unlike_level_{level}"].sum()) for level in range(len(DIMS))],
+    }
 
 
 def format_transfer(transfer: dict, labels: list[str]) -> str:
@@ -152,7 +207,9 @@ def format_transfer(transfer: dict, labels: list[str]) -> str:
     lines = [head, "| level | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for level in reversed(range(len(DIMS))):
         name = {len(DIMS) - 1: f"level {level} (top)", 0: "level 0 (finest)"}.get(level, f"level {level}")
-        lines.append(f"| {name} | " + " | ".join(f"{transfer['accuracy'][label][level]:.3f}" for label in labels) + " |")
+        lines.append(
+            f"| {name} | " + " | ".join(f"{transfer['accuracy'][label][level]:.3f}" for label in labels) + " |"
+        )
     return "\n".join(lines) + f"\nquery result: {transfer['out']} (obs <label>_level_<l>, confidence, unlike_level_<l>)"
 
 
@@ -160,13 +217,18 @@ def _row(result: dict, labels: list[str], kl: dict, units: dict) -> dict:
     """One table row from an evaluate result, named as `evaluate` names it."""
     name, level = result["representation"], result["level"]
     model = FLAT if name.startswith(FLAT) else "HVAE" if level is not None else None
-    return {"representation": name, "dim": result["dim"],
-            "kl": None if model is None else round(kl[model][level], 2),
-            "active_units": None if model is None else units[model][level],
-            "batch_mixing": round(result["batch_mixing"], 3),
-            **{label: round(result["labels"][label]["knn_accuracy"], 3) for label in labels},
-            **{f"{label} within {parent}": round(result["labels"][label]["knn_within_parent"], 3)
-               for parent, label in zip(labels, labels[1:])}}
+    return {
+        "representation": name,
+        "dim": result["dim"],
+        "kl": None if model is None else round(kl[model][level], 2),
+        "active_units": None if model is None else units[model][level],
+        "batch_mixing": round(result["batch_mixing"], 3),
+        **{label: round(result["labels"][label]["knn_accuracy"], 3) for label in labels},
+        **{
+            f"{label} within {parent}": round(result["labels"][label]["knn_within_parent"], 3)
+            for parent, label in zip(labels, labels[1:])
+        },
+    }
 
 
 def format_table(rows: list[dict], labels: list[str]) -> str:
@@ -180,8 +242,11 @@ def format_table(rows: list[dict], labels: list[str]) -> str:
     header += ["donor mixing"] if mixing else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        values = ([row["representation"], row["dim"], row["kl"], row["active_units"]] + [row[label] for label in labels]
-                  + [row.get(column) for column in within])
+        values = (
+            [row["representation"], row["dim"], row["kl"], row["active_units"]]
+            + [row[label] for label in labels]
+            + [row.get(column) for column in within]
+        )
         values += [row.get("batch_mixing")] if mixing else []
         lines.append("| " + " | ".join("-" if v is None else str(v) for v in values) + " |")
     return "\n".join(lines)

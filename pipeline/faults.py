@@ -29,8 +29,14 @@ from pathlib import Path
 _lock = threading.Lock()
 
 EXIT_CODE = 17
-_NAMES = ("HVAE_FAIL_AT_STEP", "HVAE_FAIL_AFTER_CHUNKS", "HVAE_KILL_AT", "HVAE_KILL_POINTS", "HVAE_KILL_SHARD_PART",
-          "HVAE_KILL_MARKERS")
+_NAMES = (
+    "HVAE_FAIL_AT_STEP",
+    "HVAE_FAIL_AFTER_CHUNKS",
+    "HVAE_KILL_AT",
+    "HVAE_KILL_POINTS",
+    "HVAE_KILL_SHARD_PART",
+    "HVAE_KILL_MARKERS",
+)
 _reached = 0
 
 

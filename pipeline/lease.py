@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 
 from . import storage
 
-STALE_AFTER = 120.0   # seconds without a heartbeat before a lease may be taken over
+STALE_AFTER = 120.0  # seconds without a heartbeat before a lease may be taken over
 HEARTBEAT = 30.0
 
 
@@ -64,17 +64,40 @@ def _stamp(seconds: float) -> str:
 class Lease:
     """``with Lease(output, "embedding"):`` holds ``output`` for this process."""
 
-    def __init__(self, output: str, what: str, *, wait: bool = False, stale_after: float = STALE_AFTER,
-                 heartbeat: float = HEARTBEAT, poll: float = 5.0, echo=print) -> None:
+    def __init__(
+        self,
+        output: str,
+        what: str,
+        *,
+        wait: bool = False,
+        stale_after: float = STALE_AFTER,
+        heartbeat: float = HEARTBEAT,
+        poll: float = 5.0,
+        echo=print,
+    ) -> None:
         output = str(output).rstrip("/")
         self.output = output if storage.is_url(output) else os.path.abspath(output)
-        self.what, self.wait, self.stale_after, self.heartbeat, self.poll, self.echo = what, wait, stale_after, heartbeat, poll, echo
+        self.what, self.wait, self.stale_after, self.heartbeat, self.poll, self.echo = (
+            what,
+            wait,
+            stale_after,
+            heartbeat,
+            poll,
+            echo,
+        )
         self.generation: int | None = None
         self.lost = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.record = {"what": what, "owner": getpass.getuser(), "host": socket.gethostname(), "pid": os.getpid(),
-                       "token": uuid.uuid4().hex, "started": _now(), "heartbeat": _now()}
+        self.record = {
+            "what": what,
+            "owner": getpass.getuser(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "token": uuid.uuid4().hex,
+            "started": _now(),
+            "heartbeat": _now(),
+        }
 
     # ------------------------------------------------------------------ paths and reads
     def _base(self) -> tuple:
@@ -95,8 +118,8 @@ class Lease:
         for entry in entries:
             base = entry.rstrip("/").rsplit("/", 1)[-1]
             prefix = name + ".lease."
-            if base.startswith(prefix) and base[len(prefix):].isdigit():
-                found.append(int(base[len(prefix):]))
+            if base.startswith(prefix) and base[len(prefix) :].isdigit():
+                found.append(int(base[len(prefix) :]))
         return sorted(found)
 
     def _read(self, generation: int) -> dict | None:
@@ -137,8 +160,10 @@ class Lease:
                 raise storage.StorageError(storage.explain(self.output, error)) from None
             if not storage.is_url(self.output) and isinstance(error, OSError):  # a read-only or missing folder
                 folder = os.path.dirname(self.output.rstrip("/")) or "."
-                raise storage.StorageError(f"cannot write to {folder} ({error.strerror or error}): the lease of "
-                                           f"{self.output} cannot be taken; choose a writable place") from None
+                raise storage.StorageError(
+                    f"cannot write to {folder} ({error.strerror or error}): the lease of "
+                    f"{self.output} cannot be taken; choose a writable place"
+                ) from None
             raise
 
     def _acquire(self) -> "Lease":
@@ -160,13 +185,17 @@ class Lease:
                 age = _now() - float(holder.get("heartbeat", 0))
                 gone = holder.get("host") == self.record["host"] and not _alive(int(holder.get("pid", -1)))
                 if gone:
-                    self.echo(f"taking over the lease of {self.output}: its holder, pid {holder.get('pid')} on this host, "
-                              "is gone (killed)")
+                    self.echo(
+                        f"taking over the lease of {self.output}: its holder, pid {holder.get('pid')} on this host, "
+                        "is gone (killed)"
+                    )
                 elif age <= self.stale_after:
-                    message = (f"{self.what} of {self.output} is held by {holder.get('owner')}@{holder.get('host')} "
-                               f"pid {holder.get('pid')} since {_stamp(float(holder.get('started', 0)))} (last heartbeat "
-                               f"{age:.0f} s ago; it heartbeats every {self.heartbeat:.0f} s and is taken over after "
-                               f"{self.stale_after:.0f} s without one)")
+                    message = (
+                        f"{self.what} of {self.output} is held by {holder.get('owner')}@{holder.get('host')} "
+                        f"pid {holder.get('pid')} since {_stamp(float(holder.get('started', 0)))} (last heartbeat "
+                        f"{age:.0f} s ago; it heartbeats every {self.heartbeat:.0f} s and is taken over after "
+                        f"{self.stale_after:.0f} s without one)"
+                    )
                     if not self.wait:
                         raise LeaseHeld(message + "; wait for it, or rerun with --wait")
                     if not waited:
@@ -175,8 +204,10 @@ class Lease:
                     time.sleep(self.poll)
                     continue
                 else:
-                    self.echo(f"taking over the lease of {self.output} from {holder.get('owner')}@{holder.get('host')} pid "
-                              f"{holder.get('pid')}: no heartbeat for {age:.0f} s")
+                    self.echo(
+                        f"taking over the lease of {self.output} from {holder.get('owner')}@{holder.get('host')} pid "
+                        f"{holder.get('pid')}: no heartbeat for {age:.0f} s"
+                    )
             if self._create(top + 1):
                 self.generation = top + 1
                 for old in generations:  # a stale or released holder's objects
@@ -219,8 +250,10 @@ class Lease:
         if getattr(self, "nested_in", None) is not None:
             return self.nested_in.check()
         if self.lost:
-            raise LeaseLost(f"the lease of {self.output} was taken over by another writer (this process's heartbeat "
-                            f"stalled past {self.stale_after:.0f} s); stopping before writing more")
+            raise LeaseLost(
+                f"the lease of {self.output} was taken over by another writer (this process's heartbeat "
+                f"stalled past {self.stale_after:.0f} s); stopping before writing more"
+            )
 
     def release(self) -> None:
         if getattr(self, "nested_in", None) is not None:

@@ -21,8 +21,15 @@ class Progress:
 
     ``unit`` names what is counted ("cells", "step"); ``enabled=False`` shows nothing."""
 
-    def __init__(self, total: int, description: str, unit: str = "cells", enabled: bool = True, initial: int = 0,
-                 every_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        total: int,
+        description: str,
+        unit: str = "cells",
+        enabled: bool = True,
+        initial: int = 0,
+        every_s: float = 30.0,
+    ) -> None:
         self.total, self.description, self.unit, self.every_s = total, description, unit, every_s
         self.done = self.initial = initial
         self.bar, self.lines, self.status = None, False, ""
@@ -30,8 +37,14 @@ class Progress:
         if enabled and interactive():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=description, unit=unit, unit_scale=unit == "cells",
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                desc=description,
+                unit=unit,
+                unit_scale=unit == "cells",
+                dynamic_ncols=True,
+            )
         else:
             self.lines = enabled
 
@@ -72,5 +85,9 @@ class Progress:
         left = (self.total - self.done) / rate if rate > 0 else float("nan")
         share = f" ({self.done / self.total:.0%})" if self.total else ""
         eta = f", ETA {left / 60:.1f} min" if self.done < self.total and left == left else ""
-        print(f"{self.description}: {self.done:,}/{self.total:,} {self.unit}{share}, {rate:,.0f} {self.unit}/s{eta}"
-              + (f"  {self.status}" if self.status else ""), file=sys.stderr, flush=True)
+        print(
+            f"{self.description}: {self.done:,}/{self.total:,} {self.unit}{share}, {rate:,.0f} {self.unit}/s{eta}"
+            + (f"  {self.status}" if self.status else ""),
+            file=sys.stderr,
+            flush=True,
+        )

@@ -169,10 +169,21 @@ def explain(url, error: BaseException) -> str:
     text = f"{type(error).__name__}: {error}"
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or "the default endpoint"
     if names & {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}:
-        return (f"{url}: no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an "
-                f"instance / workload role; public buckets need anonymous access)")
-    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionRefusedError",
-                "ServerDisconnectedError"} or "Could not connect to the endpoint" in text:
+        return (
+            f"{url}: no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an "
+            f"instance / workload role; public buckets need anonymous access)"
+        )
+    if (
+        names
+        & {
+            "EndpointConnectionError",
+            "ConnectTimeoutError",
+            "ClientConnectorError",
+            "ConnectionRefusedError",
+            "ServerDisconnectedError",
+        }
+        or "Could not connect to the endpoint" in text
+    ):
         return f"{url}: cannot reach the object store at {endpoint} ({text})"
     if isinstance(error, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
         return f"{url}: permission denied ({text}); check the credentials' rights on this bucket and prefix"
@@ -215,5 +226,23 @@ def cached_copy(url: str) -> Path:
     return target
 
 
-__all__ = ["StorageError", "basename", "cached_copy", "check_writable", "explain", "download", "exists", "filesystem", "is_remote", "is_url", "join", "listdir", "makedirs",
-           "read_text", "remove_tree", "replace_tree", "upload", "write_text"]
+__all__ = [
+    "StorageError",
+    "basename",
+    "cached_copy",
+    "check_writable",
+    "explain",
+    "download",
+    "exists",
+    "filesystem",
+    "is_remote",
+    "is_url",
+    "join",
+    "listdir",
+    "makedirs",
+    "read_text",
+    "remove_tree",
+    "replace_tree",
+    "upload",
+    "write_text",
+]

@@ -12,10 +12,14 @@ FIRST = ("test_quality.py",)
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.nodeid.split("::")[0].rsplit("/", 1)[-1] not in FIRST)  # stable: the rest keep their order
+    items.sort(
+        key=lambda item: item.nodeid.split("::")[0].rsplit("/", 1)[-1] not in FIRST
+    )  # stable: the rest keep their order
     for item in items:  # under `-n 2 --dist loadgroup`: a module's tests on one worker (its fixtures built once),
         # and every test that starts a local Ray cluster on one worker, in turn
-        item.add_marker(pytest.mark.xdist_group("ray" if item.get_closest_marker("ray") else item.nodeid.split("::")[0]))
+        item.add_marker(
+            pytest.mark.xdist_group("ray" if item.get_closest_marker("ray") else item.nodeid.split("::")[0])
+        )
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (none here)")
@@ -61,5 +65,7 @@ def synthetic_shards(tmp_path_factory):
 
     atlas = SyntheticAtlas(SyntheticAtlasSpec(n_cells=5_003, n_genes=300, n_donors=6, seed=3))
     out = tmp_path_factory.mktemp("shards") / "synthetic"
-    write_shards(SyntheticSource(atlas), str(out), ShardSettings(shard_size=1_000, seed=0, block_size=1_500, progress=False))
+    write_shards(
+        SyntheticSource(atlas), str(out), ShardSettings(shard_size=1_000, seed=0, block_size=1_500, progress=False)
+    )
     return str(out), atlas

@@ -27,12 +27,16 @@ def test_the_readme_example_runs(pbmc, tmp_path):
     adata = pbmc[:600].copy()
     # --- the README's Python example (kept in step with it) ---
     from pipeline import HVAEModel
+
     model = HVAEModel(adata, n_top_genes=500, latent_dims=(8, 4, 2), hidden_dim=32)
     model.train(max_steps=30, batch_size=64, progress=False)
-    adata.obsm["X_hvae"] = model.get_latent_representation(level=0)   # level 0: the finest
-    model.save(tmp_path / "my_model")                                  # hvae-pipeline embed takes it
+    adata.obsm["X_hvae"] = model.get_latent_representation(level=0)  # level 0: the finest
+    model.save(tmp_path / "my_model")  # hvae-pipeline embed takes it
     # ---
-    assert adata.obsm["X_hvae"].shape == (600, 8)  # level 0 is what the read-out reads: the levels above decode gene modules
+    assert adata.obsm["X_hvae"].shape == (
+        600,
+        8,
+    )  # level 0 is what the read-out reads: the levels above decode gene modules
     levels = model.get_latent_representation(level="all")
     assert sorted(levels) == [0, 1, 2] and levels[2].shape == (600, 8)  # every level in the read-out's coordinates
     np.testing.assert_allclose(levels[0], adata.obsm["X_hvae"])
@@ -45,24 +49,42 @@ def test_the_readme_example_runs(pbmc, tmp_path):
     source = tmp_path / "cells.h5ad"
     adata.write_h5ad(source)
     out = tmp_path / "emb.zarr"
-    done = subprocess.run([sys.executable, "-m", "pipeline", "embed", "--checkpoint", str(tmp_path / "my_model"),
-                           "--source", str(source), "--out", str(out)], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "embed",
+            "--checkpoint",
+            str(tmp_path / "my_model"),
+            "--source",
+            str(source),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "500/500 genes found" in done.stdout  # ids found in var['gene_ids'], not the symbols
     from pipeline.embed import read_embeddings
-    np.testing.assert_allclose(read_embeddings(str(out), lazy=False).obsm["X_hvae_level_0"], adata.obsm["X_hvae"],
-                               rtol=1e-4, atol=1e-5)
+
+    np.testing.assert_allclose(
+        read_embeddings(str(out), lazy=False).obsm["X_hvae_level_0"], adata.obsm["X_hvae"], rtol=1e-4, atol=1e-5
+    )
 
 
 def test_new_cells_are_aligned_by_gene_id_and_bad_input_is_named(pbmc, tmp_path, capsys):
     from pipeline import HVAEModel
 
     adata = pbmc[:300].copy()
-    model = HVAEModel(adata, n_top_genes=300, latent_dims=(4, 2), hidden_dim=16).train(max_steps=5, batch_size=64,
-                                                                                     progress=False)
+    model = HVAEModel(adata, n_top_genes=300, latent_dims=(4, 2), hidden_dim=16).train(
+        max_steps=5, batch_size=64, progress=False
+    )
     shuffled = adata[:, ::-1].copy()  # another gene order: aligned by id, the same representation
-    np.testing.assert_allclose(model.get_latent_representation(shuffled), model.get_latent_representation(),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        model.get_latent_representation(shuffled), model.get_latent_representation(), rtol=1e-5, atol=1e-6
+    )
     assert "300/300 genes found" in capsys.readouterr().out
 
     symbols_only = adata.copy()
@@ -73,7 +95,9 @@ def test_new_cells_are_aligned_by_gene_id_and_bad_input_is_named(pbmc, tmp_path,
     normalised = adata.copy()
     normalised.layers["counts"] = normalised.X.copy()
     normalised.X = sp.csr_matrix(np.log1p(normalised.X.toarray()))
-    with pytest.raises(ValueError, match=r"X does not hold raw counts.*look to be in \['counts'\], pass layer='counts'"):
+    with pytest.raises(
+        ValueError, match=r"X does not hold raw counts.*look to be in \['counts'\], pass layer='counts'"
+    ):
         HVAEModel(normalised)
     assert HVAEModel(normalised, layer="counts", n_top_genes=300).config.n_genes == 300
     with pytest.raises(ValueError, match="level must be 0..1 or 'all'"):
@@ -92,7 +116,10 @@ def test_a_short_run_says_what_it_did_and_warns(pbmc, capsys):
     with pytest.warns(UserWarning, match="before the KL warm-up finished"):
         model.train(max_steps=6, batch_size=64, kl_warmup_steps=100)
     out = capsys.readouterr().out
-    assert "training on cpu: 270 cells (30 held out for early stopping) x 300 genes" in out and "KL warm-up 100 steps" in out
+    assert (
+        "training on cpu: 270 cells (30 held out for early stopping) x 300 genes" in out
+        and "KL warm-up 100 steps" in out
+    )
 
 
 def test_a_saved_model_remembers_its_anndata_setup(pbmc, tmp_path, capsys):
@@ -110,7 +137,12 @@ def test_a_saved_model_remembers_its_anndata_setup(pbmc, tmp_path, capsys):
     model.save(tmp_path / "m")
 
     loaded = HVAEModel.load(tmp_path / "m")
-    assert (loaded.layer, loaded.batch_key, loaded.batch_categories, loaded.n_top_genes) == ("counts", "donor", ["d1", "d2"], 200)
+    assert (loaded.layer, loaded.batch_key, loaded.batch_categories, loaded.n_top_genes) == (
+        "counts",
+        "donor",
+        ["d1", "d2"],
+        200,
+    )
     np.testing.assert_allclose(loaded.get_latent_representation(adata), expected[0], rtol=1e-5, atol=1e-6)
     bound = HVAEModel.load(tmp_path / "m", adata=adata)  # bound now: encodes these cells with no argument
     np.testing.assert_allclose(bound.get_latent_representation(level=1), expected[1], rtol=1e-5, atol=1e-6)
@@ -125,13 +157,29 @@ def test_a_saved_model_remembers_its_anndata_setup(pbmc, tmp_path, capsys):
 
     source, out = tmp_path / "cells.h5ad", tmp_path / "e.zarr"
     adata.write_h5ad(source)
-    done = subprocess.run([sys.executable, "-m", "pipeline", "embed", "--checkpoint", str(tmp_path / "m"),
-                           "--source", str(source), "--out", str(out)], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "embed",
+            "--checkpoint",
+            str(tmp_path / "m"),
+            "--source",
+            str(source),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "layer 'counts' (recorded with the model" in done.stdout
     from pipeline.embed import read_embeddings
-    np.testing.assert_allclose(read_embeddings(str(out), lazy=False).obsm["X_hvae_level_0"], expected[0],
-                               rtol=1e-4, atol=1e-5)
+
+    np.testing.assert_allclose(
+        read_embeddings(str(out), lazy=False).obsm["X_hvae_level_0"], expected[0], rtol=1e-4, atol=1e-5
+    )
 
 
 def test_gene_modules_are_built_from_the_cells_and_kept_with_the_model(pbmc, tmp_path):
@@ -140,8 +188,14 @@ def test_gene_modules_are_built_from_the_cells_and_kept_with_the_model(pbmc, tmp
     from pipeline import HVAEModel
 
     adata = pbmc[:400].copy()
-    model = HVAEModel(adata, n_top_genes=150, latent_dims=(6, 4, 2), hidden_dim=16,
-                      module_levels=[(5, 4), (10, 6)], kl_capacity=[0, 3, 2])
+    model = HVAEModel(
+        adata,
+        n_top_genes=150,
+        latent_dims=(6, 4, 2),
+        hidden_dim=16,
+        module_levels=[(5, 4), (10, 6)],
+        kl_capacity=[0, 3, 2],
+    )
     partitions = model.config.gene_modules
     assert [len(p) for p in partitions] == [150, 150] and [len(set(p)) for p in partitions] == [5, 10]
     model.train(max_steps=5, batch_size=64, progress=False)

@@ -9,14 +9,15 @@ from pathlib import Path
 import anndata as ad
 
 
-
 def run_cli(*args, check=True):
     return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, check=check)
 
 
 def test_simulate_writes_a_labelled_atlas(tmp_path):
     out = tmp_path / "atlas.zarr"
-    result = run_cli("simulate", str(out), "--n-cells", "1500", "--n-genes", "120", "--branching", "2,3", "--n-donors", "3")
+    result = run_cli(
+        "simulate", str(out), "--n-cells", "1500", "--n-genes", "120", "--branching", "2,3", "--n-donors", "3"
+    )
     assert "wrote 1,500 cells x 120 genes" in result.stdout
     adata = ad.read_zarr(out)
     assert adata.shape == (1500, 120)
@@ -71,18 +72,28 @@ def test_demo_runs_end_to_end_and_writes_every_level(tmp_path):
     from pipeline.embed import read_embeddings
 
     embedded = read_embeddings(str(out / "embeddings.zarr"))
-    assert [embedded.obsm[f"X_hvae_level_{level}"].shape for level in range(3)] == [(2000, 32)] * 3  # level 0's width at every level
+    assert [embedded.obsm[f"X_hvae_level_{level}"].shape for level in range(3)] == [
+        (2000, 32)
+    ] * 3  # level 0's width at every level
     summary = json.loads((out / "summary.json").read_text())
     # Active units are each z_l's own (32 / 16 / 8 at most), taken from the model, not the export's columns.
     units = [row["active_units"] for row in summary["rows"][:3]]
     assert all(isinstance(u, int) for u in units) and units[0] <= 8 and units[1] <= 16 and units[2] <= 32, units
     assert [row["representation"] for row in summary["rows"]][:3] == [
-        "HVAE level 2 (top)", "HVAE level 1", "HVAE level 0 (finest)"]
+        "HVAE level 2 (top)",
+        "HVAE level 1",
+        "HVAE level 0 (finest)",
+    ]
     model, parts = load_model(find_checkpoint(out / "runs" / "hvae"))
     assert len(parts["genes"]["feature_ids"]) == model.config.n_genes == 2000
     assert (out / "shards" / "manifest.json").exists()
     report = (out / "report" / "report.md").read_text()
-    assert "## `subtype`" in report and "| flat VAE | 32 |" in report and "## Which level to use" in report and "batch mixing" in report
+    assert (
+        "## `subtype`" in report
+        and "| flat VAE | 32 |" in report
+        and "## Which level to use" in report
+        and "batch mixing" in report
+    )
     assert "batch mixing within `subtype` |" in report
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert all(0 < r["batch_mixing_within"] <= 1 for r in metrics["results"]), metrics["results"]
@@ -92,7 +103,6 @@ def test_demo_runs_end_to_end_and_writes_every_level(tmp_path):
     transfer = summary["query"]
     assert transfer["cells"] >= 200 and all(len(v) == 3 for v in transfer["accuracy"].values())
     assert transfer["accuracy"]["lineage"][2] > 0.6, transfer  # 3 lineages: chance is 1/3
-
 
 
 def test_bad_files_and_paths_get_named_errors_not_tracebacks(tmp_path):
@@ -137,9 +147,12 @@ SMALL = ["--n-cells", "200", "--n-genes", "40", "--branching", "2,2"]
 def test_an_unwritable_output_is_one_named_line_before_any_work(tmp_path):
     atlas = tmp_path / "atlas.h5ad"
     assert cli_here("simulate", atlas, *SMALL).returncode == 0
-    for args in (["simulate", UNWRITABLE / "atlas.h5ad", *SMALL], ["simulate", UNWRITABLE / "soma", "--format", "soma", *SMALL],
-                 ["shard", atlas, "--out", UNWRITABLE / "shards"],
-                 ["embed", "--checkpoint", tmp_path, "--source", atlas, "--out", UNWRITABLE / "e.zarr"]):
+    for args in (
+        ["simulate", UNWRITABLE / "atlas.h5ad", *SMALL],
+        ["simulate", UNWRITABLE / "soma", "--format", "soma", *SMALL],
+        ["shard", atlas, "--out", UNWRITABLE / "shards"],
+        ["embed", "--checkpoint", tmp_path, "--source", atlas, "--out", UNWRITABLE / "e.zarr"],
+    ):
         result = cli_here(*args)
         assert result.returncode == 2 and "cannot write to /sys" in result.stderr, (args, result.stderr)
         assert "synthetic atlas" not in result.stderr + result.stdout  # refused before the cells were generated
@@ -148,11 +161,16 @@ def test_an_unwritable_output_is_one_named_line_before_any_work(tmp_path):
 def test_bad_paths_and_values_in_options_are_one_named_line(tmp_path):
     (tmp_path / "genes").mkdir()
     (tmp_path / "a_file").write_text("mine")
-    for args, said in ((["shard", tmp_path, "--out", tmp_path / "s", "--genes", tmp_path / "genes"], "Is a directory"),
-                       (["train", f"data.path={tmp_path}", f"run.storage_path={tmp_path / 'a_file'}"], "a_file"),
-                       (["train", f"data.path={tmp_path}", "train.max_steps=[1"], "ParserError")):
+    for args, said in (
+        (["shard", tmp_path, "--out", tmp_path / "s", "--genes", tmp_path / "genes"], "Is a directory"),
+        (["train", f"data.path={tmp_path}", f"run.storage_path={tmp_path / 'a_file'}"], "a_file"),
+        (["train", f"data.path={tmp_path}", "train.max_steps=[1"], "ParserError"),
+    ):
         result = cli_here(*args)
-        assert result.returncode == 2 and result.stderr.startswith("error: ") and said in result.stderr, (args, result.stderr)
+        assert result.returncode == 2 and result.stderr.startswith("error: ") and said in result.stderr, (
+            args,
+            result.stderr,
+        )
         assert result.stderr.count("\n") == 1  # one line
     assert (tmp_path / "a_file").read_text() == "mine"
 

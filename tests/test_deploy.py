@@ -60,12 +60,16 @@ def check_invocation(where: str, argv: list[str]) -> None:
         config = argv[argv.index("--config") + 1]
         overrides = [a for a in argv[2:] if "=" in a and not a.startswith("-")]
         assert config.startswith(IMAGE_CONFIGS), f"{where}: config {config} is not one the image ships"
-        load_config(ROOT / "configs" / config[len(IMAGE_CONFIGS):], overrides)
+        load_config(ROOT / "configs" / config[len(IMAGE_CONFIGS) :], overrides)
 
 
 def test_kuberay_manifests_run_commands_and_keys_that_exist():
     found = entrypoints()
-    assert {name for name, _ in found} == {"rayjob-train.yaml", "raycronjob-embed-release.yaml", "cronjob-embed-release.yaml"}
+    assert {name for name, _ in found} == {
+        "rayjob-train.yaml",
+        "raycronjob-embed-release.yaml",
+        "cronjob-embed-release.yaml",
+    }
     for where, argv in found:
         check_invocation(where, argv)
     with pytest.raises(AssertionError, match="No such option: --census "):  # the check itself can fail
@@ -74,8 +78,12 @@ def test_kuberay_manifests_run_commands_and_keys_that_exist():
         check_invocation("bad", ["hvae-pipeline", "train", "--config", IMAGE_CONFIGS + "demo.yaml", "train.max_step=3"])
     dockerfile = (DEPLOY / "docker" / "Dockerfile").read_text()
     assert "COPY configs ./configs" in dockerfile and "WORKDIR /opt/hvae-pipeline" in dockerfile
-    images = {line.split("image:")[1].strip() for m in (DEPLOY / "kuberay").glob("*.yaml")
-              for line in m.read_text().splitlines() if "image:" in line}
+    images = {
+        line.split("image:")[1].strip()
+        for m in (DEPLOY / "kuberay").glob("*.yaml")
+        for line in m.read_text().splitlines()
+        if "image:" in line
+    }
     assert len(images) == 1, f"the manifests name several images: {images}"
 
 
@@ -98,16 +106,34 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("deploy") / "shards"
-    subprocess.run([sys.executable, "-m", "pipeline", "simulate", str(out), "--format", "shards", "--n-cells", "2000",
-                    "--n-genes", "200", "--shard-size", "500"], check=True, capture_output=True, env=ENV)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "simulate",
+            str(out),
+            "--format",
+            "shards",
+            "--n-cells",
+            "2000",
+            "--n-genes",
+            "200",
+            "--shard-size",
+            "500",
+        ],
+        check=True,
+        capture_output=True,
+        env=ENV,
+    )
     return out
 
 
 STUBS = {
     # srun: run the command here, after srun's own options (-w NODE takes a value).
     "srun": '#!/bin/bash\necho "srun $*" >> "$STUB_LOG"\n'
-            'while [ $# -gt 0 ]; do case "$1" in -w|--nodelist) shift 2;; -*) shift;; *) break;; esac; done\n'
-            'exec "$@"\n',
+    'while [ $# -gt 0 ]; do case "$1" in -w|--nodelist) shift 2;; -*) shift;; *) break;; esac; done\n'
+    'exec "$@"\n',
     # scontrol show hostnames LIST: one node per comma-separated name.
     "scontrol": '#!/bin/bash\necho "scontrol $*" >> "$STUB_LOG"\necho "$3" | tr , "\\n"\n',
 }
@@ -122,23 +148,51 @@ def test_slurm_train_script_starts_ray_trains_through_it_and_stops_it(shards, tm
         (stubs / name).write_text(text)
         (stubs / name).chmod(0o755)
     log = tmp_path / "stub.log"
-    env = {**ENV, "PATH": f"{stubs}:{ENV['PATH']}", "STUB_LOG": str(log), "SLURM_JOB_NODELIST": "node001",
-           "SLURM_CPUS_PER_TASK": "2", "SLURM_GPUS_ON_NODE": "0", "SLURM_SUBMIT_DIR": str(ROOT),
-           "RAY_PORT": str(free_port()), "RAY_WAIT_SECONDS": "120"}
+    env = {
+        **ENV,
+        "PATH": f"{stubs}:{ENV['PATH']}",
+        "STUB_LOG": str(log),
+        "SLURM_JOB_NODELIST": "node001",
+        "SLURM_CPUS_PER_TASK": "2",
+        "SLURM_GPUS_ON_NODE": "0",
+        "SLURM_SUBMIT_DIR": str(ROOT),
+        "RAY_PORT": str(free_port()),
+        "RAY_WAIT_SECONDS": "120",
+    }
     env.pop("RAY_ADDRESS", None)
     result = subprocess.run(
-        ["bash", str(DEPLOY / "slurm" / "train.sbatch"), str(ROOT / "configs" / "demo.yaml"), f"data.path={shards}",
-         "data.validation_shards=0", "scaling.num_workers=2", "train.max_steps=20", "train.batch_size=64",
-         "checkpoint.every_steps=10", "train.progress=false", f"run.storage_path={tmp_path / 'runs'}", "run.name=slurm"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        [
+            "bash",
+            str(DEPLOY / "slurm" / "train.sbatch"),
+            str(ROOT / "configs" / "demo.yaml"),
+            f"data.path={shards}",
+            "data.validation_shards=0",
+            "scaling.num_workers=2",
+            "train.max_steps=20",
+            "train.batch_size=64",
+            "checkpoint.every_steps=10",
+            "train.progress=false",
+            f"run.storage_path={tmp_path / 'runs'}",
+            "run.name=slurm",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     calls = log.read_text()
     assert "scontrol show hostnames node001" in calls and "-w node001 ray start --head" in calls
     assert "ray stop --force" in calls
     assert "ray: 1 node(s) up" in result.stdout and "trained to step 20" in result.stdout
     assert (tmp_path / "runs" / "slurm" / "checkpoint_00000020" / "model.pt").exists()
-    status = subprocess.run([str(BIN / "ray"), "status", "--address", f"127.0.0.1:{env['RAY_PORT']}"],
-                            capture_output=True, text=True, env=env)
+    status = subprocess.run(
+        [str(BIN / "ray"), "status", "--address", f"127.0.0.1:{env['RAY_PORT']}"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert status.returncode != 0, "the script left its Ray cluster running"
 
 
@@ -148,19 +202,50 @@ def test_training_entrypoint_through_the_ray_jobs_api(shards, tmp_path):
     """What KubeRay's submitter does: `ray job submit --address http://HEAD:8265 -- ENTRYPOINT`."""
     port, dashboard = free_port(), free_port()
     env = {k: v for k, v in ENV.items() if k != "RAY_ADDRESS"}
-    start = subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
-                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats"],
-                           capture_output=True, text=True, env=env, cwd=tmp_path)
+    start = subprocess.run(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--disable-usage-stats",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert start.returncode == 0, start.stderr[-3000:]
     try:
-        entrypoint = (f"hvae-pipeline train --config {ROOT / 'configs' / 'demo.yaml'} data.path={shards} "
-                      f"data.validation_shards=0 scaling.num_workers=2 train.max_steps=20 train.batch_size=64 "
-                      f"checkpoint.every_steps=10 train.progress=false run.storage_path={tmp_path / 'runs'} run.name=jobs")
+        entrypoint = (
+            f"hvae-pipeline train --config {ROOT / 'configs' / 'demo.yaml'} data.path={shards} "
+            f"data.validation_shards=0 scaling.num_workers=2 train.max_steps=20 train.batch_size=64 "
+            f"checkpoint.every_steps=10 train.progress=false run.storage_path={tmp_path / 'runs'} run.name=jobs"
+        )
         deadline = time.time() + 60
         while True:  # the dashboard's job server comes up a little after `ray start` returns
-            submit = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
-                                     "--submission-id", f"hvae-train-{port}", "--", *shlex.split(entrypoint)],
-                                    capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+            submit = subprocess.run(
+                [
+                    str(BIN / "ray"),
+                    "job",
+                    "submit",
+                    "--address",
+                    f"http://127.0.0.1:{dashboard}",
+                    "--submission-id",
+                    f"hvae-train-{port}",
+                    "--",
+                    *shlex.split(entrypoint),
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=tmp_path,
+                timeout=600,
+            )
             if submit.returncode == 0 or time.time() > deadline or "Connection" not in submit.stderr + submit.stdout:
                 break
             time.sleep(3)

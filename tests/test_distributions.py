@@ -41,7 +41,9 @@ def test_zinb_log_prob_matches_mixture(nb_inputs):
     pi = 1 / (1 + np.exp(-logits))
     nb = scipy.stats.nbinom.pmf(counts, theta, theta / (theta + mean))
     expected = np.log(np.where(counts == 0, pi + (1 - pi) * nb, (1 - pi) * nb))
-    got = zinb_log_prob(*(torch.tensor(a) for a in (counts, mean, np.broadcast_to(theta, counts.shape).copy(), logits))).numpy()
+    got = zinb_log_prob(
+        *(torch.tensor(a) for a in (counts, mean, np.broadcast_to(theta, counts.shape).copy(), logits))
+    ).numpy()
     finite = np.isfinite(expected)  # scipy underflows to log(0) for the 4,000 count
     np.testing.assert_allclose(got[finite], expected[finite], rtol=1e-6, atol=1e-6)
 

@@ -34,16 +34,28 @@ def trained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("embed")
     source = str(shared_file("pbmc3k_raw_seurat_annotations.h5ad"))
-    write_shards(open_source(source), str(root / "shards"), ShardSettings(n_top_genes=1000, shard_size=1000, progress=False))
-    config = load_config(base={"data": {"path": str(root / "shards")}}, overrides=[
-        "train.max_steps=60", "train.batch_size=128", "checkpoint.every_steps=60", "train.progress=false",
-        f"run.storage_path={root / 'runs'}", "run.name=pbmc"])
+    write_shards(
+        open_source(source), str(root / "shards"), ShardSettings(n_top_genes=1000, shard_size=1000, progress=False)
+    )
+    config = load_config(
+        base={"data": {"path": str(root / "shards")}},
+        overrides=[
+            "train.max_steps=60",
+            "train.batch_size=128",
+            "checkpoint.every_steps=60",
+            "train.progress=false",
+            f"run.storage_path={root / 'runs'}",
+            "run.name=pbmc",
+        ],
+    )
     train(config, echo=lambda *_: None)
     return root / "runs" / "pbmc", source, root
 
 
 def embed_quiet(checkpoint, source, out, **settings):
-    return embed(str(checkpoint), {"source": source}, str(out), EmbedSettings(progress=False, **settings), echo=lambda *_: None)
+    return embed(
+        str(checkpoint), {"source": source}, str(out), EmbedSettings(progress=False, **settings), echo=lambda *_: None
+    )
 
 
 @pytest.mark.slow
@@ -62,7 +74,11 @@ def test_embeddings_equal_encode_and_read_everywhere(trained, tmp_path):
     for level, (mean, logvar) in enumerate(zip(means, logvars, strict=True)):
         np.testing.assert_allclose(group[f"level_{level}/mean"][:], mean.numpy(), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(group[f"level_{level}/logvar"][:], logvar.numpy(), rtol=1e-4, atol=1e-5)
-    assert group.attrs["model_id"].startswith("sha256:") and group.attrs["level_dims"] == [32, 32, 32] and group.attrs["latent_dims"] == [32, 16, 8]
+    assert (
+        group.attrs["model_id"].startswith("sha256:")
+        and group.attrs["level_dims"] == [32, 32, 32]
+        and group.attrs["latent_dims"] == [32, 16, 8]
+    )
     assert group.attrs["export"] == "readout"
     embedded = read_embeddings(str(out))
     assert embedded.obsm["X_hvae_level_2"].shape == (2700, 32)
@@ -82,8 +98,20 @@ def test_killed_embedding_resumes_to_the_same_output_and_a_complete_one_is_untou
     run_dir, source, _ = trained
     straight = tmp_path / "straight.zarr"
     embed_quiet(run_dir, source, straight, chunk_rows=500)
-    command = [sys.executable, "-m", "pipeline", "embed", "--checkpoint", str(run_dir), "--source", source,
-               "--out", str(tmp_path / "killed.zarr"), "--chunk-rows", "500"]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "embed",
+        "--checkpoint",
+        str(run_dir),
+        "--source",
+        source,
+        "--out",
+        str(tmp_path / "killed.zarr"),
+        "--chunk-rows",
+        "500",
+    ]
     killed = subprocess.run(command, capture_output=True, text=True, env={**ENV, "HVAE_FAIL_AFTER_CHUNKS": "3"})
     assert killed.returncode == 17
     with pytest.raises(ValueError, match="incomplete"):
@@ -115,8 +143,13 @@ def test_new_release_with_permuted_and_missing_genes(trained, tmp_path):
     release = adata[:1200, rng.permutation(keep)].copy()
     release.write_h5ad(tmp_path / "release.h5ad")
     messages = []
-    embed(str(run_dir), {"source": str(tmp_path / "release.h5ad")}, str(tmp_path / "release.zarr"),
-          EmbedSettings(progress=False), echo=messages.append)
+    embed(
+        str(run_dir),
+        {"source": str(tmp_path / "release.h5ad")},
+        str(tmp_path / "release.zarr"),
+        EmbedSettings(progress=False),
+        echo=messages.append,
+    )
     assert any(f"{len(keep)}/1000 genes found; {1000 - len(keep)} missing zero-filled" in m for m in messages)
     new = read_embeddings(str(tmp_path / "release.zarr"), lazy=False).obsm["X_hvae_level_0"]
     old = read_embeddings(str(original), lazy=False).obsm["X_hvae_level_0"][:1200]
@@ -154,8 +187,9 @@ def test_embed_errors(trained, tmp_path):
     (broken / "model.pt").unlink()
     with pytest.raises(FileNotFoundError, match="neither a checkpoint directory nor a run directory"):
         embed_quiet(broken, source, tmp_path / "x.zarr")
-    foreign = ad.AnnData(X=sp.csr_matrix(np.ones((10, 50), dtype=np.float32)),
-                         var=pd.DataFrame(index=[f"MOUSE{i}" for i in range(50)]))
+    foreign = ad.AnnData(
+        X=sp.csr_matrix(np.ones((10, 50), dtype=np.float32)), var=pd.DataFrame(index=[f"MOUSE{i}" for i in range(50)])
+    )
     foreign.write_h5ad(tmp_path / "mouse.h5ad")
     with pytest.raises(ValueError, match="below the minimum overlap"):
         embed_quiet(run_dir, str(tmp_path / "mouse.h5ad"), tmp_path / "y.zarr")
@@ -168,14 +202,22 @@ def test_ray_actors_write_the_same_embeddings(trained, tmp_path, monkeypatch):
 
     run_dir, source, root = trained
     monkeypatch.chdir(tmp_path)  # relative paths, as users type them (Ray actors run elsewhere)
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
-        embed_quiet(os.path.relpath(run_dir, tmp_path), os.path.relpath(root / "shards", tmp_path), "ray.zarr",
-                    chunk_rows=400, workers=2)
+        embed_quiet(
+            os.path.relpath(run_dir, tmp_path),
+            os.path.relpath(root / "shards", tmp_path),
+            "ray.zarr",
+            chunk_rows=400,
+            workers=2,
+        )
     finally:
         ray.shutdown()
     embed_quiet(run_dir, str(root / "shards"), tmp_path / "local.zarr", chunk_rows=400)
-    a, b = zarr.open_group(str(tmp_path / "ray.zarr"), mode="r"), zarr.open_group(str(tmp_path / "local.zarr"), mode="r")
+    a, b = (
+        zarr.open_group(str(tmp_path / "ray.zarr"), mode="r"),
+        zarr.open_group(str(tmp_path / "local.zarr"), mode="r"),
+    )
     assert a.attrs["complete"] and list(a["obs_id"][:]) == list(b["obs_id"][:])
     for level in range(3):
         np.testing.assert_allclose(a[f"level_{level}/mean"][:], b[f"level_{level}/mean"][:], rtol=1e-5, atol=1e-6)
@@ -188,15 +230,32 @@ def test_evaluate_scores_every_level_against_baselines_on_the_same_cells(trained
     adata = ad.read_h5ad(source)
     adata[::-1].copy().write_h5ad(tmp_path / "reversed.h5ad")  # the same cells in the opposite order
     embed_quiet(run_dir, str(tmp_path / "reversed.h5ad"), tmp_path / "r.zarr")
-    command = [sys.executable, "-m", "pipeline", "evaluate", "--embeddings", str(tmp_path / "e.zarr"),
-               "--labels", "lineage,cell_type_fine", "--map-method", "pca", "--out", str(tmp_path / "report")]
-    result = subprocess.run([*command, "--pca", "--compare", f"reversed={tmp_path / 'r.zarr'}", "--max-cells", "2000"],
-                            capture_output=True, text=True, env=ENV)
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "evaluate",
+        "--embeddings",
+        str(tmp_path / "e.zarr"),
+        "--labels",
+        "lineage,cell_type_fine",
+        "--map-method",
+        "pca",
+        "--out",
+        str(tmp_path / "report"),
+    ]
+    result = subprocess.run(
+        [*command, "--pca", "--compare", f"reversed={tmp_path / 'r.zarr'}", "--max-cells", "2000"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "report" / "metrics.json").read_text())
     levels = ["level 2 (top)", "level 1", "level 0 (finest)"]
     assert [r["representation"] for r in summary["results"]] == [f"HVAE {l}" for l in levels] + [
-        f"reversed {l}" for l in levels] + ["PCA (50 comps)"]
+        f"reversed {l}" for l in levels
+    ] + ["PCA (50 comps)"]
     assert summary["cells_evaluated"] == 2000 and summary["cells_total"] == 2700
     kl = summary["level_kl"]  # each level's KL from the store's checkpoint, and its share
     assert len(kl["nats"]) == 3 and all(v > 0 for v in kl["nats"]) and sum(kl["share"]) == pytest.approx(1.0)
@@ -208,13 +267,18 @@ def test_evaluate_scores_every_level_against_baselines_on_the_same_cells(trained
     for ours, theirs in zip(hvae, reversed_, strict=True):  # matched by obs id, not by row: the same scores
         for label in ("lineage", "cell_type_fine"):
             for metric, value in ours["labels"][label].items():
-                assert theirs["labels"][label][metric] == pytest.approx(value, abs=0.01), (ours["representation"], metric)
+                assert theirs["labels"][label][metric] == pytest.approx(value, abs=0.01), (
+                    ours["representation"],
+                    metric,
+                )
     assert pca["labels"]["lineage"]["knn_accuracy"] > 0.95
     assert max(r["labels"]["lineage"]["knn_accuracy"] for r in hvae) > 0.8
     # A read-out export's columns are not units: its active units are the training log's, not the report's.
     assert all(r["active_units"] is None for r in hvae + reversed_) and pca["active_units"] <= pca["dim"]
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "## `lineage`" in report and "| HVAE level 0 (finest) | 32 |" in report and "| PCA (50 comps) | 50 |" in report
+    assert (
+        "## `lineage`" in report and "| HVAE level 0 (finest) | 32 |" in report and "| PCA (50 comps) | 50 |" in report
+    )
     assert all((tmp_path / "report" / file).stat().st_size > 10_000 for file in summary["maps"].values())
     assert len(summary["maps"]) == 7
     # The report says which level to pass to scanpy for each label column.
@@ -254,10 +318,24 @@ def test_embed_release_records_an_unreachable_census_in_the_index(trained, tmp_p
 def test_embed_release_is_idempotent_resumes_and_keeps_an_index(trained, census_uri, tmp_path):
     run_dir, _, _ = trained
     root = tmp_path / "releases"
-    release = [sys.executable, "-m", "pipeline", "embed-release", "--checkpoint", str(run_dir), "--census-uri", census_uri,
-               "--out-root", str(root), "--chunk-rows", "500"]
+    release = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "embed-release",
+        "--checkpoint",
+        str(run_dir),
+        "--census-uri",
+        census_uri,
+        "--out-root",
+        str(root),
+        "--chunk-rows",
+        "500",
+    ]
     unnamed = subprocess.run(release, capture_output=True, text=True, env=ENV)
-    assert unnamed.returncode == 2 and "records no census_build_date" in unnamed.stderr and "--release" in unnamed.stderr
+    assert (
+        unnamed.returncode == 2 and "records no census_build_date" in unnamed.stderr and "--release" in unnamed.stderr
+    )
     first = subprocess.run([*release, "--release", "2025-01-30"], capture_output=True, text=True, env=ENV)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "embedded: release 2025-01-30 (2,638 cells)" in first.stdout
@@ -272,28 +350,44 @@ def test_embed_release_is_idempotent_resumes_and_keeps_an_index(trained, census_
     again = subprocess.run([*release, "--release", "2025-01-30"], capture_output=True, text=True, env=ENV)
     assert again.returncode == 0 and "already embedded" in again.stdout and chunk.stat().st_mtime_ns == before
     # The same release with another obs filter is not "already embedded": refused, the store untouched.
-    other = subprocess.run([*release, "--release", "2025-01-30", "--obs-filter", "cell_type == 'B'"],
-                           capture_output=True, text=True, env=ENV)
+    other = subprocess.run(
+        [*release, "--release", "2025-01-30", "--obs-filter", "cell_type == 'B'"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
     assert other.returncode == 2 and "with obs filter 'is_primary_data == True'" in other.stderr, other.stderr[-2000:]
     assert "(is_primary_data == True) and (cell_type == 'B')" in other.stderr and chunk.stat().st_mtime_ns == before
     assert json.loads((root / "index.json").read_text())["runs"] == index
 
     # The job killed mid-way (after 2 of 6 chunks) resumes on the next run, to the same output.
-    killed = subprocess.run([*release, "--release", "2025-03-01"], capture_output=True, text=True,
-                            env={**ENV, "HVAE_FAIL_AFTER_CHUNKS": "2"})
+    killed = subprocess.run(
+        [*release, "--release", "2025-03-01"],
+        capture_output=True,
+        text=True,
+        env={**ENV, "HVAE_FAIL_AFTER_CHUNKS": "2"},
+    )
     assert killed.returncode == 17
     index = json.loads((root / "index.json").read_text())["runs"]
     assert [(r["release"], r["status"]) for r in index] == [("2025-01-30", "complete"), ("2025-03-01", "running")]
     resumed = subprocess.run([*release, "--release", "2025-03-01"], capture_output=True, text=True, env=ENV)
-    assert resumed.returncode == 0 and "2 of 6 chunks already written" in resumed.stdout, resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0 and "2 of 6 chunks already written" in resumed.stdout, (
+        resumed.stdout + resumed.stderr
+    )
     partial = root / "2025-03-01" / "embeddings.zarr"
     for level in range(3):
-        np.testing.assert_array_equal(zarr.open_group(str(partial), mode="r")[f"level_{level}/mean"][:],
-                                      zarr.open_group(str(store), mode="r")[f"level_{level}/mean"][:])
+        np.testing.assert_array_equal(
+            zarr.open_group(str(partial), mode="r")[f"level_{level}/mean"][:],
+            zarr.open_group(str(store), mode="r")[f"level_{level}/mean"][:],
+        )
     index = json.loads((root / "index.json").read_text())["runs"]
     assert [(r["release"], r["status"]) for r in index] == [("2025-01-30", "complete"), ("2025-03-01", "complete")]
-    missing = subprocess.run([*release[:-6], "--census-uri", str(tmp_path / "no_census"), "--out-root", str(root),
-                              "--release", "x"], capture_output=True, text=True, env=ENV)
+    missing = subprocess.run(
+        [*release[:-6], "--census-uri", str(tmp_path / "no_census"), "--out-root", str(root), "--release", "x"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
     assert missing.returncode == 2 and "the Census copy" in missing.stderr and "does not exist" in missing.stderr
     bad = subprocess.run([*release, "--release", "../elsewhere"], capture_output=True, text=True, env=ENV)
     assert bad.returncode == 2 and "not a plain directory name" in bad.stderr
@@ -317,14 +411,32 @@ def test_embed_never_deletes_what_it_did_not_write_and_never_mixes_sources(train
     adata = ad.read_h5ad(source)
     adata.obs_names = [f"other_{i}" for i in range(adata.n_obs)]
     adata.write_h5ad(other)
-    with pytest.raises(FileExistsError, match=r"embedded from another source: .*pbmc3k.*2,700 cells.*this source is .*renamed"):
+    with pytest.raises(
+        FileExistsError, match=r"embedded from another source: .*pbmc3k.*2,700 cells.*this source is .*renamed"
+    ):
         embed_quiet(run_dir, str(other), out, chunk_rows=1000)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
     # A killed job rerun with another source does not resume: the partial store is one source's.
     part = tmp_path / "part.zarr"
-    killed = subprocess.run([sys.executable, "-m", "pipeline", "embed", "--checkpoint", str(run_dir), "--source", source,
-                             "--out", str(part), "--chunk-rows", "500"], capture_output=True, text=True,
-                            env={**ENV, "HVAE_FAIL_AFTER_CHUNKS": "2"})
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "embed",
+            "--checkpoint",
+            str(run_dir),
+            "--source",
+            source,
+            "--out",
+            str(part),
+            "--chunk-rows",
+            "500",
+        ],
+        capture_output=True,
+        text=True,
+        env={**ENV, "HVAE_FAIL_AFTER_CHUNKS": "2"},
+    )
     assert killed.returncode == 17, killed.stderr[-2000:]
     with pytest.raises(FileExistsError, match=r"embedded from another source: .*this source is .*renamed"):
         embed_quiet(run_dir, str(other), part, chunk_rows=500)
@@ -351,10 +463,12 @@ def test_embed_never_deletes_what_it_did_not_write_and_never_mixes_sources(train
     duplicated.write_h5ad(tmp_path / "dup.h5ad")
     with pytest.raises(ValueError, match=r"1 obs names occur more than once \(e.g. \['cell_a'\]\)"):
         embed_quiet(run_dir, str(tmp_path / "dup.h5ad"), tmp_path / "dup.zarr")
-    for bad_settings, message in [({"chunk_rows": 0}, "--chunk-rows must be an integer >= 1"),
-                                  ({"workers": -1}, "--workers must be an integer >= 0"),
-                                  ({"batch_size": 0}, "--batch-size must be an integer >= 1"),
-                                  ({"min_gene_overlap": 0.0}, "--min-gene-overlap must be in")]:
+    for bad_settings, message in [
+        ({"chunk_rows": 0}, "--chunk-rows must be an integer >= 1"),
+        ({"workers": -1}, "--workers must be an integer >= 0"),
+        ({"batch_size": 0}, "--batch-size must be an integer >= 1"),
+        ({"min_gene_overlap": 0.0}, "--min-gene-overlap must be in"),
+    ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             EmbedSettings(**bad_settings)
 
@@ -371,16 +485,35 @@ def fresh(tmp_path):
     genes = [f"gene{i}" for i in range(60)]
     for seed in (0, 1):
         torch.manual_seed(seed)
-        config = fit_gene_modules(HVAEConfig(n_genes=len(genes), latent_dims=(8, 4), hidden_dim=32),
-                                  torch.poisson(torch.full((256, len(genes)), 1.5)))
-        save_checkpoint(tmp_path / f"model{seed}", Trainer(HierarchicalVAE(config), TrainConfig()), config, "{}\n",
-                        {"step": 0}, genes, None, [])
+        config = fit_gene_modules(
+            HVAEConfig(n_genes=len(genes), latent_dims=(8, 4), hidden_dim=32),
+            torch.poisson(torch.full((256, len(genes)), 1.5)),
+        )
+        save_checkpoint(
+            tmp_path / f"model{seed}",
+            Trainer(HierarchicalVAE(config), TrainConfig()),
+            config,
+            "{}\n",
+            {"step": 0},
+            genes,
+            None,
+            [],
+        )
     rng = np.random.default_rng(0)
     names = [f"cell{i}" for i in range(300)]
-    obs = pd.DataFrame({"kind": rng.choice(["a", "b", "c"], 300), "serial": np.arange(300), "barcode": names,
-                        "depth": rng.normal(size=300), "tissue": "blood"}, index=names)
-    adata = ad.AnnData(sp.csr_matrix(rng.poisson(1.5, (300, len(genes))).astype(np.float32)), obs=obs,
-                       var=pd.DataFrame(index=genes))
+    obs = pd.DataFrame(
+        {
+            "kind": rng.choice(["a", "b", "c"], 300),
+            "serial": np.arange(300),
+            "barcode": names,
+            "depth": rng.normal(size=300),
+            "tissue": "blood",
+        },
+        index=names,
+    )
+    adata = ad.AnnData(
+        sp.csr_matrix(rng.poisson(1.5, (300, len(genes))).astype(np.float32)), obs=obs, var=pd.DataFrame(index=genes)
+    )
     adata.write_h5ad(tmp_path / "cells.h5ad")
     embed_quiet(tmp_path / "model0", str(tmp_path / "cells.h5ad"), tmp_path / "e.zarr")
     return tmp_path
@@ -388,8 +521,13 @@ def fresh(tmp_path):
 
 def test_an_untrained_checkpoint_is_embedded_with_a_warning(fresh):
     said = []
-    embed(str(fresh / "model1"), {"source": str(fresh / "cells.h5ad")}, str(fresh / "u.zarr"),
-          EmbedSettings(progress=False), echo=said.append)
+    embed(
+        str(fresh / "model1"),
+        {"source": str(fresh / "cells.h5ad")},
+        str(fresh / "u.zarr"),
+        EmbedSettings(progress=False),
+        echo=said.append,
+    )
     assert any("was never trained (step 0)" in line for line in said), said
 
 
@@ -400,11 +538,20 @@ def test_embed_release_over_another_store_says_what_works_not_overwrite(fresh):
     (root / "r1").mkdir(parents=True)
     shutil.copytree(fresh / "e.zarr", root / "r1" / "embeddings.zarr")  # release r1, embedded by model0
     quiet = EmbedSettings(progress=False)
-    for model, settings, said in (("model1", quiet, "another model.*give this model its own --out-root"),
-                                  ("model0", EmbedSettings(chunk_rows=100, progress=False), "rerun with --chunk-rows 16384")):
+    for model, settings, said in (
+        ("model1", quiet, "another model.*give this model its own --out-root"),
+        ("model0", EmbedSettings(chunk_rows=100, progress=False), "rerun with --chunk-rows 16384"),
+    ):
         with pytest.raises(FileExistsError, match=said) as refused:
-            embed_release(str(fresh / model), str(root), census_uri=str(fresh), release="r1", settings=settings,
-                          index=False, echo=lambda *_: None)
+            embed_release(
+                str(fresh / model),
+                str(root),
+                census_uri=str(fresh),
+                release="r1",
+                settings=settings,
+                index=False,
+                echo=lambda *_: None,
+            )
         assert "--overwrite" not in str(refused.value)  # embed-release has no such option
     assert not (root / "index.json").exists()  # refused before the index was touched
 
@@ -413,8 +560,9 @@ def test_embed_release_names_a_census_uri_that_is_not_a_census(fresh):
     from pipeline.embed.release import embed_release
 
     with pytest.raises(ValueError, match="--census-uri .*cells.h5ad is not a Census"):
-        embed_release(str(fresh / "model0"), str(fresh / "releases"), census_uri=str(fresh / "cells.h5ad"),
-                      echo=lambda *_: None)
+        embed_release(
+            str(fresh / "model0"), str(fresh / "releases"), census_uri=str(fresh / "cells.h5ad"), echo=lambda *_: None
+        )
 
 
 def evaluate_quietly(store, **settings):
@@ -431,8 +579,11 @@ def test_evaluate_refuses_an_unwritable_out_before_the_work(fresh):
 
     said = []
     with pytest.raises(ValueError, match="--out /sys/hvae-pipeline-test: cannot write to /sys"):
-        evaluate_embeddings(str(fresh / "e.zarr"), EvaluateSettings(labels=("kind",), out_dir="/sys/hvae-pipeline-test",
-                                                                     maps=False), echo=said.append)
+        evaluate_embeddings(
+            str(fresh / "e.zarr"),
+            EvaluateSettings(labels=("kind",), out_dir="/sys/hvae-pipeline-test", maps=False),
+            echo=said.append,
+        )
     assert said == []  # nothing was scored first
 
 
@@ -443,14 +594,20 @@ def test_evaluate_replaces_an_earlier_report_only_with_overwrite(fresh):
         evaluate_quietly(fresh / "e.zarr", labels=("kind",), out_dir=str(report), k=5)
     assert json.loads((report / "metrics.json").read_text())["k"] == 15  # untouched
     summary, _ = evaluate_quietly(fresh / "e.zarr", labels=("kind",), out_dir=str(report), k=5, overwrite=True)
-    assert json.loads((report / "metrics.json").read_text())["k"] == 5 and summary["report"] == str(report / "report.md")
+    assert json.loads((report / "metrics.json").read_text())["k"] == 5 and summary["report"] == str(
+        report / "report.md"
+    )
     assert sorted(p.name for p in fresh.iterdir() if p.name.startswith("report")) == ["report"]  # no staging left
 
 
 def test_evaluate_refuses_a_label_no_knn_can_score_by_name(fresh):
     """Numbers, ids and a single class would each still name a "best" level."""
-    for label, said in (("serial", "'serial' .* looks continuous"), ("barcode", r"'barcode' .* \(an id, not a label\)"),
-                        ("depth", "'depth' .* looks continuous"), ("tissue", "'tissue' .* has 1 class")):
+    for label, said in (
+        ("serial", "'serial' .* looks continuous"),
+        ("barcode", r"'barcode' .* \(an id, not a label\)"),
+        ("depth", "'depth' .* looks continuous"),
+        ("tissue", "'tissue' .* has 1 class"),
+    ):
         with pytest.raises(ValueError, match=said):
             evaluate_quietly(fresh / "e.zarr", labels=(label,), out_dir=str(fresh / "report"))
 
@@ -462,13 +619,19 @@ def test_shards_written_again_in_place_are_not_taken_for_the_ones_embedded(fresh
     from pipeline.data import ShardSettings, open_source, write_shards
 
     shards, cells = fresh / "shards", fresh / "cells.h5ad"
-    write_shards(open_source(str(cells)), str(shards), ShardSettings(shard_size=100, progress=False), echo=lambda *_: None)
+    write_shards(
+        open_source(str(cells)), str(shards), ShardSettings(shard_size=100, progress=False), echo=lambda *_: None
+    )
     embed_quiet(fresh / "model0", str(shards), fresh / "s.zarr", chunk_rows=100)
     adata = ad.read_h5ad(cells)
     adata.X = sp.csr_matrix(adata.X.toarray()[::-1])
     adata.write_h5ad(cells)
     time.sleep(0.05)  # a later manifest, whatever the clock's resolution
-    write_shards(open_source(str(cells)), str(shards), ShardSettings(shard_size=100, overwrite=True, progress=False),
-                 echo=lambda *_: None)
+    write_shards(
+        open_source(str(cells)),
+        str(shards),
+        ShardSettings(shard_size=100, overwrite=True, progress=False),
+        echo=lambda *_: None,
+    )
     with pytest.raises(FileExistsError, match="embedded from another source.*Pass --overwrite"):
         embed_quiet(fresh / "model0", str(shards), fresh / "s.zarr", chunk_rows=100)

@@ -21,10 +21,20 @@ def small(tmp_path):
     """A fresh 3-level model saved as a checkpoint, and a 300-cell h5ad of its genes."""
     genes = [f"gene{i}" for i in range(60)]
     torch.manual_seed(0)
-    config = fit_gene_modules(HVAEConfig(n_genes=len(genes), latent_dims=(8, 6, 4), hidden_dim=32),
-                              torch.poisson(torch.full((256, len(genes)), 1.5)))
-    save_checkpoint(tmp_path / "checkpoint", Trainer(HierarchicalVAE(config), TrainConfig()), config, "{}\n",
-                    {"step": 0}, genes, None, [])
+    config = fit_gene_modules(
+        HVAEConfig(n_genes=len(genes), latent_dims=(8, 6, 4), hidden_dim=32),
+        torch.poisson(torch.full((256, len(genes)), 1.5)),
+    )
+    save_checkpoint(
+        tmp_path / "checkpoint",
+        Trainer(HierarchicalVAE(config), TrainConfig()),
+        config,
+        "{}\n",
+        {"step": 0},
+        genes,
+        None,
+        [],
+    )
     counts = sp.csr_matrix(np.random.default_rng(0).poisson(1.5, (300, len(genes))).astype(np.float32))
     adata = ad.AnnData(counts, var=pd.DataFrame(index=genes), obs=pd.DataFrame(index=[f"cell{i}" for i in range(300)]))
     adata.write_h5ad(tmp_path / "cells.h5ad")
@@ -43,8 +53,13 @@ def test_embed_computes_variances_only_when_asked(small, monkeypatch):
     said = []
     for logvar in (False, True):
         settings = EmbedSettings(chunk_rows=128, batch_size=64, logvar=logvar, progress=False)
-        embed(str(small / "checkpoint"), {"source": str(small / "cells.h5ad")}, str(small / f"{logvar}.zarr"),
-              settings, echo=said.append)
+        embed(
+            str(small / "checkpoint"),
+            {"source": str(small / "cells.h5ad")},
+            str(small / f"{logvar}.zarr"),
+            settings,
+            echo=said.append,
+        )
         if not logvar:
             assert calls == [], "embed without --logvar ran the variance path"
             assert not any("--logvar" in line for line in said)
@@ -53,7 +68,10 @@ def test_embed_computes_variances_only_when_asked(small, monkeypatch):
     assert any(line.startswith("--logvar: about") and "x the time of the means" in line for line in said)
     means = zarr.open_group(str(small / "False.zarr"), mode="r")
     both = zarr.open_group(str(small / "True.zarr"), mode="r")
-    assert "level_0/logvar" not in means and both["level_2/logvar"].shape == (300, 8)  # level 0's width: the levels above decode gene modules
+    assert "level_0/logvar" not in means and both["level_2/logvar"].shape == (
+        300,
+        8,
+    )  # level 0's width: the levels above decode gene modules
     for level in range(3):  # the means do not depend on whether the variances were asked for
         np.testing.assert_array_equal(means[f"level_{level}/mean"][:], both[f"level_{level}/mean"][:])
     assert np.isfinite(both["level_1/logvar"][:]).all()

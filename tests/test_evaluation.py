@@ -100,7 +100,12 @@ def test_check_five_compares_donor_mixing_within_the_finest_labels():
 
     levels, pca = [rep(0.90, 0.97), rep(0.93, 0.97)], rep(0.5, 0.6)
     fifth = hierarchy_checks(levels, rep(0.95, 0.96), pca, ["coarse", "fine"])[4]
-    assert fifth.number == 5 and fifth.passed and "within fine" in fifth.name and "global: worst level 0 0.900" in fifth.detail
+    assert (
+        fifth.number == 5
+        and fifth.passed
+        and "within fine" in fifth.name
+        and "global: worst level 0 0.900" in fifth.detail
+    )
     assert not hierarchy_checks(levels, rep(0.95, 0.98), pca, ["coarse", "fine"])[4].passed
     no_within = [{k: v for k, v in r.items() if k != "mixing_within"} for r in levels]
     flat = {k: v for k, v in rep(0.95, 0).items() if k != "mixing_within"}
@@ -115,8 +120,12 @@ def test_checks_six_to_nine_fail_when_every_level_is_the_same_representation():
     labels = ["lineage", "cell_type", "subtype"]
 
     def rep(knn, within_type, within_lineage, silhouette, kl):
-        return {"knn": {"lineage": 1.0, "cell_type": knn, "subtype": knn}, "silhouette": silhouette, "kl": kl,
-                "knn_within": {"subtype": within_type, "cell_type": within_lineage}}
+        return {
+            "knn": {"lineage": 1.0, "cell_type": knn, "subtype": knn},
+            "silhouette": silhouette,
+            "kl": kl,
+            "knn_within": {"subtype": within_type, "cell_type": within_lineage},
+        }
 
     pca = rep(0.9, 0.6, 0.8, 0.55, None)
     same = [rep(0.97, 0.95, 0.98, 0.60, kl) for kl in (2.3, 1.2, 18.9)]
@@ -163,7 +172,8 @@ def test_majority_within_is_the_chance_level_check_six_names():
     blind = np.c_[np.where(parents == "a", 0.0, 50.0), np.zeros(1000)] + rng.normal(size=(1000, 2))
     assert abs(knn_within(blind, children, parents) - majority_within(children, parents)) < 0.03
     assert majority_within(np.where(parents == "a", "x", children), parents) == pytest.approx(
-        majority_within(children[500:], parents[500:]))  # the same groups as knn_within
+        majority_within(children[500:], parents[500:])
+    )  # the same groups as knn_within
     level = {"knn": {"p": 1.0, "c": 0.8}, "knn_within": {"c": 0.79}, "silhouette": 0.5, "kl": 3.0}
     chance = {"c": majority_within(children, parents)}
     six = next(c for c in hierarchy_checks([level, level], level, level, ["p", "c"], chance=chance) if c.number == 6)

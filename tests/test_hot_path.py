@@ -24,8 +24,9 @@ def _reads_outside_the_optimizer(events) -> tuple[int, list[str]]:
     steps = [e for e in events if e.name.startswith("Optimizer.step") or e.name == "hvae.fit_gene_modules"]
 
     def in_optimizer(event) -> bool:
-        return any(s.thread == event.thread and s.time_range.start <= event.time_range.start <= s.time_range.end
-                   for s in steps)
+        return any(
+            s.thread == event.thread and s.time_range.start <= event.time_range.start <= s.time_range.end for s in steps
+        )
 
     reads = [e for e in events if e.name == "aten::_local_scalar_dense" and not in_optimizer(e)]
     stacks = sorted({" <- ".join(_parents(e)) for e in reads})
@@ -50,10 +51,20 @@ def shards(tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_training_step_reads_at_most_one_value_back_to_the_host(shards, tmp_path):
-    config = load_config(base={"data": {"path": shards, "batch_key": "donor_id"}}, overrides=[
-        f"train.max_steps={STEPS}", "train.batch_size=64", f"train.log_every={LOG_EVERY}", "train.progress=false",
-        "model.hidden_dim=64", "model.latent_dims=[16,8,4]", f"checkpoint.every_steps={STEPS}",
-        f"run.storage_path={tmp_path}", "run.name=profiled"])
+    config = load_config(
+        base={"data": {"path": shards, "batch_key": "donor_id"}},
+        overrides=[
+            f"train.max_steps={STEPS}",
+            "train.batch_size=64",
+            f"train.log_every={LOG_EVERY}",
+            "train.progress=false",
+            "model.hidden_dim=64",
+            "model.latent_dims=[16,8,4]",
+            f"checkpoint.every_steps={STEPS}",
+            f"run.storage_path={tmp_path}",
+            "run.name=profiled",
+        ],
+    )
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         summary = train(config)
     assert summary["step"] == STEPS

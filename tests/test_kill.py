@@ -62,9 +62,14 @@ def shard_content(path) -> tuple:
     manifest = dict(dataset.manifest)
     for volatile in ("build_seconds", "provenance"):
         manifest.pop(volatile)
-    arrays = [(p, *dataset.shard(k).read(0, int(n))) for k, (p, n) in enumerate(zip(dataset.shard_paths, dataset.shard_sizes))]
-    return json.dumps(manifest, sort_keys=True), [(Path(p).name, *(a.tobytes() for a in rest)) for p, *rest in arrays], \
-        dataset.obs_column("source_row").tolist()
+    arrays = [
+        (p, *dataset.shard(k).read(0, int(n))) for k, (p, n) in enumerate(zip(dataset.shard_paths, dataset.shard_sizes))
+    ]
+    return (
+        json.dumps(manifest, sort_keys=True),
+        [(Path(p).name, *(a.tobytes() for a in rest)) for p, *rest in arrays],
+        dataset.obs_column("source_row").tolist(),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -111,21 +116,39 @@ def test_train_killed_anywhere_resumes_to_the_same_weights(shards, tmp_path):
     from pipeline.train.checkpoint import find_checkpoint, load_model
 
     def args(name):
-        return ["train", f"data.path={shards}", "data.batch_key=donor_id", "train.max_steps=24", "train.batch_size=64",
-                "checkpoint.every_steps=8", "train.progress=false", "train.validate_every=8",
-                f"run.storage_path={tmp_path}", f"run.name={name}"]
+        return [
+            "train",
+            f"data.path={shards}",
+            "data.batch_key=donor_id",
+            "train.max_steps=24",
+            "train.batch_size=64",
+            "checkpoint.every_steps=8",
+            "train.progress=false",
+            "train.validate_every=8",
+            f"run.storage_path={tmp_path}",
+            f"run.name={name}",
+        ]
 
     points = kill_points(args("reference"), tmp_path / "points.log")
-    assert {name for _, name in points} >= {"train.step", "checkpoint.model", "checkpoint.trainer", "checkpoint.copied",
-                                            "checkpoint.renamed", "checkpoint.latest"}
+    assert {name for _, name in points} >= {
+        "train.step",
+        "checkpoint.model",
+        "checkpoint.trainer",
+        "checkpoint.copied",
+        "checkpoint.renamed",
+        "checkpoint.latest",
+    }
     reference = load_model(find_checkpoint(tmp_path / "reference"))[0].state_dict()
     for at in choose(points, seed=3, extra=0):
         rerun = killed_then_rerun(args(f"killed_{at}"), at)
         weights = load_model(find_checkpoint(tmp_path / f"killed_{at}"))[0].state_dict()
         for name, value in reference.items():
             torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6, msg=f"killed at {at}: {name}")
-        steps = [json.loads(line)["step"] for line in (tmp_path / f"killed_{at}" / "metrics.jsonl").read_text().splitlines()
-                 if json.loads(line)["split"] == "train"]
+        steps = [
+            json.loads(line)["step"]
+            for line in (tmp_path / f"killed_{at}" / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["split"] == "train"
+        ]
         assert steps == sorted(set(steps)) and steps[-1] == 24, (at, rerun.stdout[-500:])
     no_staging(tmp_path)
 
@@ -133,8 +156,17 @@ def test_train_killed_anywhere_resumes_to_the_same_weights(shards, tmp_path):
 def test_embed_killed_anywhere_resumes_to_the_same_store(shards, tmp_path):
     import zarr
 
-    ok(cli("train", f"data.path={shards}", "train.max_steps=4", "train.batch_size=64", "train.progress=false",
-           f"run.storage_path={tmp_path}", "run.name=model"))
+    ok(
+        cli(
+            "train",
+            f"data.path={shards}",
+            "train.max_steps=4",
+            "train.batch_size=64",
+            "train.progress=false",
+            f"run.storage_path={tmp_path}",
+            "run.name=model",
+        )
+    )
     args = ["embed", "--checkpoint", tmp_path / "model", "--source", shards, "--chunk-rows", "500", "--workers", "0"]
     points = kill_points([*args, "--out", tmp_path / "reference.zarr"], tmp_path / "points.log")
     assert {name for _, name in points} >= {"embed.levels", "embed.chunk", "embed.complete"}
@@ -145,6 +177,11 @@ def test_embed_killed_anywhere_resumes_to_the_same_store(shards, tmp_path):
         store = zarr.open_group(out, mode="r")
         assert store.attrs["complete"] and list(store["obs_id"][:]) == list(reference["obs_id"][:])
         for level in range(3):
-            np.testing.assert_allclose(store[f"level_{level}/mean"][:], reference[f"level_{level}/mean"][:],
-                                       rtol=1e-5, atol=1e-6, err_msg=f"killed at {at}")
+            np.testing.assert_allclose(
+                store[f"level_{level}/mean"][:],
+                reference[f"level_{level}/mean"][:],
+                rtol=1e-5,
+                atol=1e-6,
+                err_msg=f"killed at {at}",
+            )
     no_staging(tmp_path)

@@ -7,8 +7,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Lower numbers are lower layers; a module may import from its own layer and below.
-LAYERS = {"config": 0, "storage": 0, "faults": 0, "progress": 0, "lease": 0, "data": 1, "train": 2, "embed": 3, "query": 3, "evaluate": 4,
-          "api": 5, "cli": 5, "demo": 5, "__main__": 5, "__init__": 5}
+LAYERS = {
+    "config": 0,
+    "storage": 0,
+    "faults": 0,
+    "progress": 0,
+    "lease": 0,
+    "data": 1,
+    "train": 2,
+    "embed": 3,
+    "query": 3,
+    "evaluate": 4,
+    "api": 5,
+    "cli": 5,
+    "demo": 5,
+    "__main__": 5,
+    "__init__": 5,
+}
 
 
 def _layer(module: str) -> int:
@@ -57,14 +72,31 @@ def test_pipeline_imports_point_only_downward():
 
 
 def test_every_pipeline_module_is_in_a_known_layer():
-    unknown = [module for _, module, _ in _modules("pipeline") if module != "pipeline" and module.split(".")[1] not in LAYERS]
+    unknown = [
+        module for _, module, _ in _modules("pipeline") if module != "pipeline" and module.split(".")[1] not in LAYERS
+    ]
     assert not unknown, f"modules outside the layers {sorted(LAYERS)}: {unknown}"
 
 
 def test_hvae_is_pure_pytorch():
-    forbidden = ("pipeline", "ray", "zarr", "tiledbsoma", "cellxgene_census", "yaml", "argparse", "typer", "anndata", "pydantic")
-    wrong = [f"{module} imports {name}" for path, module, package in _modules("hvae")
-             for name in _imports(path, package) if name.split(".")[0] in forbidden]
+    forbidden = (
+        "pipeline",
+        "ray",
+        "zarr",
+        "tiledbsoma",
+        "cellxgene_census",
+        "yaml",
+        "argparse",
+        "typer",
+        "anndata",
+        "pydantic",
+    )
+    wrong = [
+        f"{module} imports {name}"
+        for path, module, package in _modules("hvae")
+        for name in _imports(path, package)
+        if name.split(".")[0] in forbidden
+    ]
     assert not wrong, wrong
 
 

@@ -100,10 +100,24 @@ def test_two_embed_runs_on_one_store_one_writes_the_other_is_refused(tmp_path):
     model = HVAEModel(adata, latent_dims=(4, 2), hidden_dim=16)
     model.train(max_steps=5, batch_size=64, progress=False)
     model.save(tmp_path / "model")
-    args = [sys.executable, "-m", "pipeline", "embed", "--checkpoint", str(tmp_path / "model"), "--source",
-            str(tmp_path / "cells.h5ad"), "--out", str(tmp_path / "store.zarr"), "--chunk-rows", "200"]
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "embed",
+        "--checkpoint",
+        str(tmp_path / "model"),
+        "--source",
+        str(tmp_path / "cells.h5ad"),
+        "--out",
+        str(tmp_path / "store.zarr"),
+        "--chunk-rows",
+        "200",
+    ]
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    runs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    runs = [
+        subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)
+    ]
     results = [(r.wait(300), *r.communicate()) for r in runs]
     codes = sorted(code for code, _, _ in results)
     assert codes == [0, 2], results
@@ -120,8 +134,10 @@ def test_two_embed_runs_on_one_store_one_writes_the_other_is_refused(tmp_path):
 
 def test_the_lease_of_a_killed_job_on_this_host_is_taken_over_at_once(tmp_path):
     output = str(tmp_path / "shards")
-    code = ("import os, sys; sys.path.insert(0, sys.argv[1]); from pipeline.lease import Lease;"
-            "Lease(sys.argv[2], 'sharding').acquire(); os._exit(17)")
+    code = (
+        "import os, sys; sys.path.insert(0, sys.argv[1]); from pipeline.lease import Lease;"
+        "Lease(sys.argv[2], 'sharding').acquire(); os._exit(17)"
+    )
     from pathlib import Path
 
     killed = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parents[1]), output])
@@ -139,10 +155,39 @@ def test_a_training_run_holds_its_run_directory(tmp_path):
 
     env = {**os.environ, "TQDM_DISABLE": "1"}
     shards, run = tmp_path / "shards", tmp_path / "runs" / "hvae"
-    subprocess.run([sys.executable, "-m", "pipeline", "simulate", str(shards), "--format", "shards", "--n-cells", "600",
-                    "--n-genes", "50", "--shard-size", "300"], check=True, capture_output=True, env=env)
-    args = [sys.executable, "-m", "pipeline", "train", f"data.path={shards}", "train.max_steps=2", "train.batch_size=64",
-            "train.progress=false", f"run.storage_path={tmp_path / 'runs'}", "model.latent_dims=[4,2]", "model.hidden_dim=16"]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "simulate",
+            str(shards),
+            "--format",
+            "shards",
+            "--n-cells",
+            "600",
+            "--n-genes",
+            "50",
+            "--shard-size",
+            "300",
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "train",
+        f"data.path={shards}",
+        "train.max_steps=2",
+        "train.batch_size=64",
+        "train.progress=false",
+        f"run.storage_path={tmp_path / 'runs'}",
+        "model.latent_dims=[4,2]",
+        "model.hidden_dim=16",
+    ]
     holder = as_another_process(Lease(str(run), "training").acquire())
     refused = subprocess.run(args, capture_output=True, text=True, env=env)
     assert refused.returncode != 0 and f"training of {run} is held by" in refused.stderr, refused.stderr[-2000:]
@@ -164,16 +209,20 @@ def test_a_training_run_holds_its_run_directory(tmp_path):
 def test_fifty_concurrent_runs_file_updates_lose_none(tmp_path):
     """Ten processes (and threads within each) record five runs each into one out-root's runs file
     at once: all fifty records are there; the runs file's lease is released."""
-    code = ("import sys, threading; sys.path.insert(0, sys.argv[1]); from pipeline.embed.release import _record\n"
-            "def one(i):\n"
-            "    _record(sys.argv[2], {'release': f'r{sys.argv[3]}-{i}', 'model_id': 'm', 'status': 'complete',"
-            " 'started': '2026-12-07T00:00:00'})\n"
-            "threads = [threading.Thread(target=one, args=(i,)) for i in range(5)]\n"
-            "[t.start() for t in threads]; [t.join() for t in threads]\n")
+    code = (
+        "import sys, threading; sys.path.insert(0, sys.argv[1]); from pipeline.embed.release import _record\n"
+        "def one(i):\n"
+        "    _record(sys.argv[2], {'release': f'r{sys.argv[3]}-{i}', 'model_id': 'm', 'status': 'complete',"
+        " 'started': '2026-12-07T00:00:00'})\n"
+        "threads = [threading.Thread(target=one, args=(i,)) for i in range(5)]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+    )
     root = str(Path(__file__).resolve().parents[1])
     runs = [subprocess.Popen([sys.executable, "-c", code, root, str(tmp_path), str(p)]) for p in range(10)]
     assert [r.wait(300) for r in runs] == [0] * 10
     from pipeline.embed.release import read_index
 
-    assert sorted(r["release"] for r in read_index(str(tmp_path))) == sorted(f"r{p}-{i}" for p in range(10) for i in range(5))
+    assert sorted(r["release"] for r in read_index(str(tmp_path))) == sorted(
+        f"r{p}-{i}" for p in range(10) for i in range(5)
+    )
     assert not [p for p in os.listdir(tmp_path) if ".lease." in p]

@@ -12,8 +12,9 @@ from pipeline.data import ShardedDataset, densify, rank_batch_sizes
 def epoch_ids(dataset, world_size, num_workers, batch_size=128, seed=0, epoch=0, **options):
     per_rank = []
     for rank in range(world_size):
-        loader = dataset.loader(batch_size, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
-                                num_workers=num_workers, **options)
+        loader = dataset.loader(
+            batch_size, rank=rank, world_size=world_size, seed=seed, epoch=epoch, num_workers=num_workers, **options
+        )
         batches = [b["obs_index"].numpy() for b in loader]
         assert len(batches) == len(loader)
         per_rank.append(batches)
@@ -92,7 +93,9 @@ def test_batches_hold_the_shard_counts_and_batch_codes(synthetic_shards):
         dense = densify(counts, "cpu")
         rows = source_rows[batch["obs_index"].numpy()]
         np.testing.assert_array_equal(dense.numpy(), truth[rows].toarray())
-        assert [categories[c] for c in batch["batch_index"].tolist()] == list(np.asarray(donors)[batch["obs_index"].numpy()])
+        assert [categories[c] for c in batch["batch_index"].tolist()] == list(
+            np.asarray(donors)[batch["obs_index"].numpy()]
+        )
         n_checked += len(rows)
     assert n_checked == atlas.spec.n_cells
 
@@ -142,8 +145,12 @@ def test_csr_batch_to_dense_matches_scipy():
     matrix.data = rng.integers(1, 500, matrix.nnz).astype(np.uint16)
     from pipeline.data import CSRBatch
 
-    batch = CSRBatch(torch.from_numpy(matrix.indptr.astype(np.int64)), torch.from_numpy(matrix.indices.astype(np.int16)),
-                     torch.from_numpy(matrix.data), 53)
+    batch = CSRBatch(
+        torch.from_numpy(matrix.indptr.astype(np.int64)),
+        torch.from_numpy(matrix.indices.astype(np.int16)),
+        torch.from_numpy(matrix.data),
+        53,
+    )
     assert batch.shape == (37, 53)
     np.testing.assert_array_equal(batch.to_dense().numpy(), matrix.toarray().astype(np.float32))
     assert batch.to_dense(torch.bfloat16).dtype == torch.bfloat16

@@ -75,8 +75,9 @@ def test_encode_exports_what_each_level_predicts_through_the_read_out(model):
     # Distances are those of the predicted standardised expression: |e(a) - e(b)| = |W (z_a - z_b)|.
     weight = model.readout.head.weight.detach()
     code = torch.cat(latents, dim=-1)
-    torch.testing.assert_close(torch.cdist(means[0], means[0]), torch.cdist(code @ weight.T, code @ weight.T),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        torch.cdist(means[0], means[0]), torch.cdist(code @ weight.T, code @ weight.T), rtol=1e-4, atol=1e-4
+    )
     # Level l reads z_l..z_top alone: the levels below enter at their prior means given them.
     for level in (1, 2):
         changed = [z.clone() for z in latents]
@@ -95,7 +96,9 @@ def test_encode_exports_what_each_level_predicts_through_the_read_out(model):
                 up[above][:, unit] += step
                 down[above][:, unit] -= step
                 basis = readout_basis(model)
-                variance += ((level_export(model, level, up, basis) - level_export(model, level, down, basis)) / (2 * eps)) ** 2
+                variance += (
+                    (level_export(model, level, up, basis) - level_export(model, level, down, basis)) / (2 * eps)
+                ) ** 2
         torch.testing.assert_close(logvars[level], torch.log(variance), rtol=1e-3, atol=1e-3)
     # Encoding is deterministic and independent of the other cells in the batch.
     torch.testing.assert_close(model.encode(x[:4])[0], means[0][:4], rtol=1e-5, atol=1e-5)
@@ -202,8 +205,7 @@ def test_training_thins_what_the_encoder_reads_and_scores_every_molecule():
 
 def test_readout_scores_standardised_log_expression_of_every_molecule():
     torch.manual_seed(0)
-    config = HVAEConfig(n_genes=N_GENES, latent_dims=(8, 4), hidden_dim=32, n_batches=3, molecule_thinning=0.5,
-                        **PLAIN)
+    config = HVAEConfig(n_genes=N_GENES, latent_dims=(8, 4), hidden_dim=32, n_batches=3, molecule_thinning=0.5, **PLAIN)
     model = build(config).train()
     counts, batches = torch.poisson(torch.rand(64, N_GENES) * 30), torch.arange(64) % 3
     seen = []
@@ -230,8 +232,15 @@ def test_readout_scores_standardised_log_expression_of_every_molecule():
     seen.clear()
     evaluated = model(counts, batches)
     mean, var = expression.mean(0), expression.var(0, unbiased=False)
-    torch.testing.assert_close(evaluated.readout, 0.5 * ((model.readout.head(seen[0][0]) - ((expression - mean) / torch.sqrt(
-        var + 1e-5)).clamp(-10, 10)) ** 2).sum(dim=1).mean(), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(
+        evaluated.readout,
+        0.5
+        * ((model.readout.head(seen[0][0]) - ((expression - mean) / torch.sqrt(var + 1e-5)).clamp(-10, 10)) ** 2)
+        .sum(dim=1)
+        .mean(),
+        rtol=1e-4,
+        atol=1e-3,
+    )
     model.train()
     # Zero-initialised, the prediction is the head alone: the loss is half the squared error
     # between the head and the standardised expression, summed over genes.
@@ -286,9 +295,18 @@ def test_checkpoint_rebuilds_the_same_model(model):
 @pytest.mark.parametrize(
     "corrupt, match",
     [
-        (lambda x: x.index_put_((torch.tensor([3]), torch.tensor([7])), torch.tensor(-1.0)), r"counts\[3, 7\] = -1.0 is negative"),
-        (lambda x: x.index_put_((torch.tensor([2]), torch.tensor([1])), torch.tensor(float("nan"))), r"counts\[2, 1\] = nan is NaN"),
-        (lambda x: x.index_put_((torch.tensor([5]), torch.tensor([0])), torch.tensor(0.5)), r"counts\[5, 0\] = 0.5 is not an integer"),
+        (
+            lambda x: x.index_put_((torch.tensor([3]), torch.tensor([7])), torch.tensor(-1.0)),
+            r"counts\[3, 7\] = -1.0 is negative",
+        ),
+        (
+            lambda x: x.index_put_((torch.tensor([2]), torch.tensor([1])), torch.tensor(float("nan"))),
+            r"counts\[2, 1\] = nan is NaN",
+        ),
+        (
+            lambda x: x.index_put_((torch.tensor([5]), torch.tensor([0])), torch.tensor(0.5)),
+            r"counts\[5, 0\] = 0.5 is not an integer",
+        ),
         (lambda x: x[:, :-1], r"39 genes but the model was built for 40"),
         (lambda x: x[0], r"2-D"),
     ],
@@ -395,9 +413,15 @@ def test_every_level_is_one_block_from_the_data():
 
 def test_free_bits_per_dimension_leave_units_below_the_floor_unpenalised():
     torch.manual_seed(0)
-    config = HVAEConfig(n_genes=N_GENES, latent_dims=(8, 4), hidden_dim=16,
-                        free_bits_per_dimension=0.5, coarse_reconstruction_weight=0.0, kl_balance=False,
-                        top_kl_weight=1.0)
+    config = HVAEConfig(
+        n_genes=N_GENES,
+        latent_dims=(8, 4),
+        hidden_dim=16,
+        free_bits_per_dimension=0.5,
+        coarse_reconstruction_weight=0.0,
+        kl_balance=False,
+        top_kl_weight=1.0,
+    )
     model = build(config)
     # (cells, dim) KL per level: two cells whose per-unit means are the values below
     means = [torch.tensor([0.1, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]), torch.tensor([1.0, 0.2, 0.0, 0.0])]
@@ -413,15 +437,22 @@ def test_free_bits_per_dimension_leave_units_below_the_floor_unpenalised():
 
 def test_kl_capacity_holds_a_level_to_its_nats_by_dual_ascent():
     torch.manual_seed(0)
-    config = HVAEConfig(n_genes=N_GENES, latent_dims=(8, 6, 4), hidden_dim=32, kl_capacity=(0, 0, 0.5),
-                        capacity_rate=0.1)
+    config = HVAEConfig(
+        n_genes=N_GENES, latent_dims=(8, 6, 4), hidden_dim=32, kl_capacity=(0, 0, 0.5), capacity_rate=0.1
+    )
     model = build(config)
     x = counts_batch()
     out = model(x)
     assert model.capacity_multipliers.tolist() == [0.0, 0.0, 0.0]
     # Above its ceiling the top's multiplier rises by rate x excess; uncapped levels stay at 0.
-    fake = HVAEOutput(loss=out.loss, reconstruction=out.reconstruction, kl=torch.tensor([5.0, 5.0, 2.5]),
-                      coarse_reconstruction=out.coarse_reconstruction, readout=out.readout, library=out.library)
+    fake = HVAEOutput(
+        loss=out.loss,
+        reconstruction=out.reconstruction,
+        kl=torch.tensor([5.0, 5.0, 2.5]),
+        coarse_reconstruction=out.coarse_reconstruction,
+        readout=out.readout,
+        library=out.library,
+    )
     model.record_statistics(fake)
     torch.testing.assert_close(model.capacity_multipliers, torch.tensor([0.0, 0.0, 0.2]))
     model.record_statistics(fake, weight=torch.tensor(0.0))  # a skipped step changes nothing
@@ -460,7 +491,9 @@ def test_gene_modules_give_the_top_a_coarse_target_and_no_direct_path():
     values[-1] = values[-1] + 5.0  # another top, the levels below the same
     torch.testing.assert_close(model._decode(values, library, None)[0], first)
     out.loss.backward()
-    assert model.module_heads[0].net[0].weight.grad.abs().sum() > 0 and model.top_posterior.out.weight.grad.abs().sum() > 0
+    assert (
+        model.module_heads[0].net[0].weight.grad.abs().sum() > 0 and model.top_posterior.out.weight.grad.abs().sum() > 0
+    )
     model.eval()
     exports = model.encode(counts)
     assert [e.shape[1] for e in exports] == [14, 14, 14] and not torch.allclose(exports[0], exports[2])
@@ -498,7 +531,7 @@ def test_gene_modules_are_built_from_the_data_as_module_levels_ask():
     whole, blocks = GeneCovariance(N_GENES), GeneCovariance(N_GENES)
     whole.update(counts)
     for start in range(0, n_cells, 128):
-        blocks.update(counts[start:start + 128])
+        blocks.update(counts[start : start + 128])
     torch.testing.assert_close(whole.covariance(), blocks.covariance())
 
     for bad, words in (([(1, 3)], "modules >= 2"), ([(4, 0)], "components >= 1"), ([(4, 3)] * 3, "at most 2 pairs")):
@@ -547,13 +580,23 @@ def test_the_documented_plain_loop_runs_and_holds_the_ceilings():
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "model.md").read_text()
-    block = text.split("### The trainer's result in a plain PyTorch loop", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    block = (
+        text.split("### The trainer's result in a plain PyTorch loop", 1)[1]
+        .split("```python\n", 1)[1]
+        .split("```", 1)[0]
+    )
     namespace: dict = {}
     exec(compile(block, "docs/model.md", "exec"), namespace)
     group = torch.arange(300) % 3  # three kinds of cells, each with its own programme of genes
     counts = torch.poisson(torch.where(group[:, None] == torch.arange(N_GENES)[None] // 14, 30.0, 2.0))
-    config = HVAEConfig(n_genes=N_GENES, latent_dims=(8, 6, 4), hidden_dim=32, n_batches=2,
-                        kl_capacity=(0, 0, 0.05), module_levels=[(3, 2)])
+    config = HVAEConfig(
+        n_genes=N_GENES,
+        latent_dims=(8, 6, 4),
+        hidden_dim=32,
+        n_batches=2,
+        kl_capacity=(0, 0, 0.05),
+        module_levels=[(3, 2)],
+    )
     ema = namespace["train_plain"](counts, torch.arange(300) % 2, config, steps=30, batch_size=32)
     assert isinstance(ema, HierarchicalVAE) and not ema.training and len(set(ema.config.gene_modules[0])) == 3
     assert ema.capacity_multipliers[2] > 0  # the top's KL went over its 0.5 nats and the multiplier rose

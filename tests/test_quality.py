@@ -30,10 +30,14 @@ LABELS = ["lineage", "cell_type", "subtype"]
 
 
 def _scores(embedding, obs) -> dict:
-    return {"knn": {label: knn_accuracy(embedding, obs[label].to_numpy()) for label in LABELS},
-            "knn_within": {label: knn_within(embedding, obs[label].to_numpy(), obs[parent].to_numpy())
-                           for parent, label in zip(LABELS, LABELS[1:])},
-            "silhouette": silhouette_label(embedding, obs[LABELS[0]].to_numpy())}
+    return {
+        "knn": {label: knn_accuracy(embedding, obs[label].to_numpy()) for label in LABELS},
+        "knn_within": {
+            label: knn_within(embedding, obs[label].to_numpy(), obs[parent].to_numpy())
+            for parent, label in zip(LABELS, LABELS[1:])
+        },
+        "silhouette": silhouette_label(embedding, obs[LABELS[0]].to_numpy()),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +45,24 @@ def trained():
     spec = SyntheticAtlasSpec(n_cells=10_000, n_genes=1_000, n_donors=8, seed=0)
     adata = SyntheticAtlas(spec).to_anndata()
     donors, names = batch_codes(adata.obs, "donor_id")
-    train = TrainConfig(max_steps=STEPS, batch_size=256, kl_warmup_steps=STEPS // 3, seed=0, log_every=100,
-                        early_stopping_tolerance=0.01)  # as measured before the 3% default; keeps the fixture in time
+    train = TrainConfig(
+        max_steps=STEPS,
+        batch_size=256,
+        kl_warmup_steps=STEPS // 3,
+        seed=0,
+        log_every=100,
+        early_stopping_tolerance=0.01,
+    )  # as measured before the 3% default; keeps the fixture in time
     config = HVAEConfig(n_genes=spec.n_genes, latent_dims=(32, 16, 8), n_batches=len(names))
     hvae = fit_in_memory(adata.X, config, train, donors)
     flat = fit_in_memory(adata.X, config.replace(latent_dims=(config.representation_dims[0],)), train, donors)
     levels = [dict(_scores(m, adata.obs), kl=kl) for m, kl in zip(hvae.level_means, hvae.kl_per_level)]
-    return {"hvae": hvae, "levels": levels,
-            "flat": _scores(flat.level_means[0], adata.obs), "pca": _scores(pca_embedding(adata.X), adata.obs)}
+    return {
+        "hvae": hvae,
+        "levels": levels,
+        "flat": _scores(flat.level_means[0], adata.obs),
+        "pca": _scores(pca_embedding(adata.X), adata.obs),
+    }
 
 
 @pytest.mark.slow

@@ -84,8 +84,21 @@ def test_query_transfers_labels_per_level_and_flags_cells_unlike_the_atlas(atlas
     root, reference, query = atlas
     cli("index", "--embeddings", root / "atlas.zarr")
     out = tmp_path / "q.h5ad"
-    done = cli("query", "--checkpoint", root / "model", "--index", root / "atlas.zarr", "--source", root / "query.h5ad",
-               "--labels", "lineage", "--labels", "subtype", "--out", out)
+    done = cli(
+        "query",
+        "--checkpoint",
+        root / "model",
+        "--index",
+        root / "atlas.zarr",
+        "--source",
+        root / "query.h5ad",
+        "--labels",
+        "lineage",
+        "--labels",
+        "subtype",
+        "--out",
+        out,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"mapped {query.n_obs:,} cells" in done.stdout
     mapped = ad.read_h5ad(out)
@@ -119,15 +132,28 @@ def test_the_notebook_call_matches_the_command_line(atlas, tmp_path):
     model = HVAEModel.load(root / "model")
     cells = query[:200].copy()
     model.map_query(cells, root / "atlas.zarr", labels=["cell_type"], levels=[0, 2])
-    done = cli("query", "--checkpoint", root / "model", "--index", root / "atlas.zarr.index", "--source",
-               root / "query.h5ad", "--labels", "cell_type", "--out", tmp_path / "q.parquet")
+    done = cli(
+        "query",
+        "--checkpoint",
+        root / "model",
+        "--index",
+        root / "atlas.zarr.index",
+        "--source",
+        root / "query.h5ad",
+        "--labels",
+        "cell_type",
+        "--out",
+        tmp_path / "q.parquet",
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     import pandas as pd
 
     table = pd.read_parquet(tmp_path / "q.parquet").iloc[:200]
     for level in (0, 2):
-        assert (cells.obs[f"cell_type_level_{level}"].astype(str).to_numpy()
-                == table[f"cell_type_level_{level}"].astype(str).to_numpy()).mean() > 0.99
+        assert (
+            cells.obs[f"cell_type_level_{level}"].astype(str).to_numpy()
+            == table[f"cell_type_level_{level}"].astype(str).to_numpy()
+        ).mean() > 0.99
     assert "cell_type_level_1" not in cells.obs and "X_hvae_level_1" not in cells.obsm
 
 
@@ -163,8 +189,17 @@ def test_bad_input_is_named_and_changes_nothing(atlas, tmp_path):
     other = HVAEModel(reference, latent_dims=(4, 2), hidden_dim=16)
     other.train(max_steps=5, batch_size=64, progress=False)
     other.save(tmp_path / "other")
-    done = cli("query", "--checkpoint", tmp_path / "other", "--index", root / "atlas.zarr", "--source",
-               root / "query.h5ad", "--out", tmp_path / "a.h5ad")
+    done = cli(
+        "query",
+        "--checkpoint",
+        tmp_path / "other",
+        "--index",
+        root / "atlas.zarr",
+        "--source",
+        root / "query.h5ad",
+        "--out",
+        tmp_path / "a.h5ad",
+    )
     assert done.returncode == 2 and "embedded by model" in done.stderr
     with pytest.raises(IndexMismatch, match="embedded by model"):
         other.map_query(query[:10].copy(), root / "atlas.zarr")
@@ -183,10 +218,21 @@ def test_an_index_of_an_older_store_is_refused_until_rebuilt(atlas, tmp_path):
     assert first.returncode == 0 and cli("index", "--embeddings", store).returncode == 0
     smaller = reference[:1500].copy()
     smaller.write_h5ad(tmp_path / "smaller.h5ad")
-    again = cli("embed", "--checkpoint", root / "model", "--source", tmp_path / "smaller.h5ad", "--out", store, "--overwrite")
+    again = cli(
+        "embed", "--checkpoint", root / "model", "--source", tmp_path / "smaller.h5ad", "--out", store, "--overwrite"
+    )
     assert again.returncode == 0, again.stderr[-2000:]
-    stale = cli("query", "--checkpoint", root / "model", "--index", store, "--source", root / "query.h5ad",
-                "--out", tmp_path / "q.h5ad")
+    stale = cli(
+        "query",
+        "--checkpoint",
+        root / "model",
+        "--index",
+        store,
+        "--source",
+        root / "query.h5ad",
+        "--out",
+        tmp_path / "q.h5ad",
+    )
     assert stale.returncode == 2 and "Rebuild it" in stale.stderr and not (tmp_path / "q.h5ad").exists()
     refused = cli("index", "--embeddings", store)
     assert refused.returncode == 2 and "--overwrite" in refused.stderr
@@ -194,6 +240,15 @@ def test_an_index_of_an_older_store_is_refused_until_rebuilt(atlas, tmp_path):
     assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
     assert json.loads((tmp_path / "atlas.zarr.index" / "index.json").read_text())["store"]["n_obs"] == 1500
     assert not list(tmp_path.glob(".index-partial-*")) and not (tmp_path / "atlas.zarr.index.replaced").exists()
-    done = cli("query", "--checkpoint", root / "model", "--index", store, "--source", root / "query.h5ad",
-               "--out", tmp_path / "q.h5ad")
+    done = cli(
+        "query",
+        "--checkpoint",
+        root / "model",
+        "--index",
+        store,
+        "--source",
+        root / "query.h5ad",
+        "--out",
+        tmp_path / "q.h5ad",
+    )
     assert done.returncode == 0, done.stderr[-2000:]

@@ -26,8 +26,11 @@ def shard_matrix(path):
 
 def test_shard_pbmc3k_preserves_every_count(tmp_path):
     source_path = shared_file("pbmc3k_raw_seurat_annotations.h5ad")
-    manifest = write_shards(open_source(str(source_path)), str(tmp_path / "out"),
-                            ShardSettings(shard_size=1_000, seed=4, block_size=700, progress=False))
+    manifest = write_shards(
+        open_source(str(source_path)),
+        str(tmp_path / "out"),
+        ShardSettings(shard_size=1_000, seed=4, block_size=700, progress=False),
+    )
     source = ad.read_h5ad(source_path)
     x, rows, dataset = shard_matrix(str(tmp_path / "out"))
     assert manifest["n_obs"] == source.n_obs == x.shape[0] and x.shape[1] == source.n_vars
@@ -51,8 +54,10 @@ def test_shard_census_fixture_through_open_soma(census_uri, tmp_path):
         experiment = census["census_data"]["homo_sapiens"]
         obs = experiment.obs.read().concat().to_pandas().set_index("soma_joinid")
         x_table = experiment.ms["RNA"].X["raw"].read().tables().concat()
-        truth = sp.csr_matrix((x_table["soma_data"].to_numpy(), (x_table["soma_dim_0"].to_numpy(), x_table["soma_dim_1"].to_numpy())),
-                              shape=experiment.ms["RNA"].X["raw"].shape)
+        truth = sp.csr_matrix(
+            (x_table["soma_data"].to_numpy(), (x_table["soma_dim_0"].to_numpy(), x_table["soma_dim_1"].to_numpy())),
+            shape=experiment.ms["RNA"].X["raw"].shape,
+        )
     out = tmp_path / "census_shards"
     source = open_source("census", census_uri=census_uri, organism="Homo sapiens")
     manifest = write_shards(source, str(out), ShardSettings(shard_size=1_000, progress=False))
@@ -95,8 +100,11 @@ def test_unreachable_census_is_one_line_with_the_way_out(monkeypatch):
     # A release directory on a closed loopback port: a real connection refused, as offline.
     monkeypatch.setattr(directory, "CELL_CENSUS_RELEASE_DIRECTORY_URL", "http://127.0.0.1:9/release.json")
     monkeypatch.setattr(directory, "CELL_CENSUS_MIRRORS_DIRECTORY_URL", "http://127.0.0.1:9/mirrors.json")
-    with pytest.raises(ValueError, match=r"cannot reach the Census to open release 'stable' .*ConnectionError.*"
-                                         r"use a local or mirrored copy with --census-uri PATH") as error:
+    with pytest.raises(
+        ValueError,
+        match=r"cannot reach the Census to open release 'stable' .*ConnectionError.*"
+        r"use a local or mirrored copy with --census-uri PATH",
+    ) as error:
         open_source("census", census_version="stable")
     assert "\n" not in str(error.value) and len(str(error.value)) < 500
 
@@ -135,16 +143,22 @@ def test_gene_alignment_reorders_and_zero_fills():
 
 def test_streaming_hvg_selection_and_per_batch(tmp_path):
     source_path = shared_file("mouse_pancreas_sub1000_raw.h5ad")
-    manifest = write_shards(open_source(str(source_path)), str(tmp_path / "hvg"),
-                            ShardSettings(n_top_genes=500, block_size=300, progress=False))
+    manifest = write_shards(
+        open_source(str(source_path)),
+        str(tmp_path / "hvg"),
+        ShardSettings(n_top_genes=500, block_size=300, progress=False),
+    )
     from pipeline.data.genes import GeneStatistics
 
     adata = ad.read_h5ad(source_path)
     stats = GeneStatistics(adata.n_vars)
     stats.update(sp.csr_matrix(adata.X))
     assert manifest["feature_ids"] == list(adata.var_names[stats.highly_variable(500)])
-    per_batch = write_shards(open_source(str(source_path)), str(tmp_path / "hvg_batch"),
-                             ShardSettings(n_top_genes=500, hvg_batch_key="cell_type_coarse", progress=False))
+    per_batch = write_shards(
+        open_source(str(source_path)),
+        str(tmp_path / "hvg_batch"),
+        ShardSettings(n_top_genes=500, hvg_batch_key="cell_type_coarse", progress=False),
+    )
     assert per_batch["n_vars"] == 500 and per_batch["feature_ids"] != manifest["feature_ids"]
 
 
@@ -175,7 +189,9 @@ def test_errors_for_filters_layers_and_gene_lists(tmp_path):
     with pytest.raises(ValueError, match="no 'layers/counts'"):
         open_source(path, layer="counts")
     with pytest.raises(ValueError, match="below the minimum overlap"):
-        write_shards(open_source(path), str(tmp_path / "o"), ShardSettings(genes=["G0", "X1", "X2", "X3"], progress=False))
+        write_shards(
+            open_source(path), str(tmp_path / "o"), ShardSettings(genes=["G0", "X1", "X2", "X3"], progress=False)
+        )
     with pytest.raises(FileNotFoundError, match="does not exist"):
         open_source(str(tmp_path / "missing.h5ad"))
 
@@ -189,17 +205,24 @@ def test_a_min_gene_overlap_that_is_not_a_share_is_refused():
 
 def test_normalised_compressed_and_truncated_h5ad_are_named(tmp_path):
     counts = np.random.default_rng(0).poisson(2.0, size=(20, 6)).astype(np.float32)
-    adata = ad.AnnData(sp.csr_matrix(np.log1p(counts)), obs=pd.DataFrame(index=[f"c{i}" for i in range(20)]),
-                       var=pd.DataFrame(index=[f"G{j}" for j in range(6)]))
+    adata = ad.AnnData(
+        sp.csr_matrix(np.log1p(counts)),
+        obs=pd.DataFrame(index=[f"c{i}" for i in range(20)]),
+        var=pd.DataFrame(index=[f"G{j}" for j in range(6)]),
+    )
     adata.layers["counts"] = sp.csr_matrix(counts)
     adata.raw = ad.AnnData(sp.csr_matrix(counts), var=adata.var.copy())
     adata.write_h5ad(tmp_path / "lognorm.h5ad")
-    with pytest.raises(ValueError, match=r"is not an integer.*Integer counts are in 'raw', 'counts' of this source: "
-                                         r"pass --layer raw"):
+    with pytest.raises(
+        ValueError,
+        match=r"is not an integer.*Integer counts are in 'raw', 'counts' of this source: "
+        r"pass --layer raw",
+    ):
         write_shards(open_source(str(tmp_path / "lognorm.h5ad")), str(tmp_path / "o1"), ShardSettings(progress=False))
     assert not (tmp_path / "o1").exists()
-    write_shards(open_source(str(tmp_path / "lognorm.h5ad"), layer="counts"), str(tmp_path / "o2"),
-                 ShardSettings(progress=False))
+    write_shards(
+        open_source(str(tmp_path / "lognorm.h5ad"), layer="counts"), str(tmp_path / "o2"), ShardSettings(progress=False)
+    )
     assert ShardedDataset(str(tmp_path / "o2")).n_obs == 20
     import gzip
 
@@ -231,8 +254,11 @@ def test_damaged_shard_directories_give_clear_errors(synthetic_shards, tmp_path)
     out = tmp_path / "copy"
     shutil.copytree(synthetic_shards[0], out)
     manifest = json.loads((out / "manifest.json").read_text())
-    bad = dict(manifest, shards=[dict(manifest["shards"][0], n_obs=manifest["shards"][0]["n_obs"] + 1), *manifest["shards"][1:]],
-               n_obs=manifest["n_obs"] + 1)
+    bad = dict(
+        manifest,
+        shards=[dict(manifest["shards"][0], n_obs=manifest["shards"][0]["n_obs"] + 1), *manifest["shards"][1:]],
+        n_obs=manifest["n_obs"] + 1,
+    )
     (out / "manifest.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match=r"shard-00000.zarr: X is \d+ x 300 but manifest.json says"):
         ShardedDataset(str(out)).verify()
@@ -278,15 +304,34 @@ def test_shard_cli_with_gene_list(tmp_path):
     genes = ad.read_h5ad(source_path, backed="r").var_names[:300].tolist() + ["ENSG_NOT_A_GENE"]
     (tmp_path / "genes.txt").write_text("# model genes\n" + "\n".join(genes) + "\n")
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "shard", str(source_path), "--out", str(tmp_path / "o"), "--genes",
-         str(tmp_path / "genes.txt"), "--shard-size", "1000", "--obs-columns", "cell_type_fine,donor_id"],
-        capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "shard",
+            str(source_path),
+            "--out",
+            str(tmp_path / "o"),
+            "--genes",
+            str(tmp_path / "genes.txt"),
+            "--shard-size",
+            "1000",
+            "--obs-columns",
+            "cell_type_fine,donor_id",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
     assert result.returncode == 0, result.stderr
     assert "300/301 genes found; 1 missing zero-filled" in result.stdout
     manifest = read_manifest(str(tmp_path / "o"))
     assert manifest["n_vars"] == 301 and set(manifest["obs_columns"]) == {"cell_type_fine", "donor_id", "source_row"}
-    failed = subprocess.run([sys.executable, "-m", "pipeline", "shard", str(source_path), "--out", str(tmp_path / "o")],
-                            capture_output=True, text=True)
+    failed = subprocess.run(
+        [sys.executable, "-m", "pipeline", "shard", str(source_path), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
     assert failed.returncode == 2 and "--overwrite" in failed.stderr
 
 
@@ -307,7 +352,9 @@ def test_counts_beyond_uint16_are_kept_exactly(tmp_path):
     x = np.arange(1, 61, dtype=np.float32).reshape(12, 5)
     x[7, 3] = 1_000_000.0  # a highly expressed gene in one cell
     path = write_h5ad(tmp_path / "big.h5ad", x)
-    manifest = write_shards(open_source(path), str(tmp_path / "out"), ShardSettings(shard_size=5, block_size=4, progress=False))
+    manifest = write_shards(
+        open_source(path), str(tmp_path / "out"), ShardSettings(shard_size=5, block_size=4, progress=False)
+    )
     assert manifest["count_dtype"] == "uint32" and manifest["max_count"] == 1_000_000
     got, rows, _ = shard_matrix(str(tmp_path / "out"))
     np.testing.assert_array_equal(got.toarray(), x[rows])
@@ -317,13 +364,18 @@ def test_counts_beyond_uint16_are_kept_exactly(tmp_path):
 def test_every_compression_reads_back_the_same_batches(tmp_path, compression):
     source_path = str(shared_file("mouse_pancreas_sub1000_raw.h5ad"))
     write_shards(open_source(source_path), str(tmp_path / "lz4"), ShardSettings(shard_size=300, progress=False))
-    write_shards(open_source(source_path), str(tmp_path / compression),
-                 ShardSettings(shard_size=300, progress=False, compression=compression))
+    write_shards(
+        open_source(source_path),
+        str(tmp_path / compression),
+        ShardSettings(shard_size=300, progress=False, compression=compression),
+    )
     reference, other = ShardedDataset(str(tmp_path / "lz4")), ShardedDataset(str(tmp_path / compression))
     assert other.manifest["compression"] == compression
     assert other.shard(0).data._layout is not None, "the fast read path was not taken"
     assert len(other.loader(128, seed=2, block_rows=100)) == 8  # 1,000 cells: not a vacuous comparison
-    for got, want in zip(other.loader(128, seed=2, block_rows=100), reference.loader(128, seed=2, block_rows=100), strict=True):
+    for got, want in zip(
+        other.loader(128, seed=2, block_rows=100), reference.loader(128, seed=2, block_rows=100), strict=True
+    ):
         assert np.array_equal(got["counts"].to_dense().numpy(), want["counts"].to_dense().numpy())
     assert (ad.read_zarr(other.shard_paths[1]).X != ad.read_zarr(reference.shard_paths[1]).X).nnz == 0
 
@@ -366,7 +418,10 @@ def shard_files(path) -> dict:
     for name in sorted(os.listdir(path)):
         if name.startswith("shard-"):
             group = zarr.open_group(os.path.join(path, name), mode="r")
-            out[name] = ([np.asarray(group[f"X/{k}"][:]) for k in ("data", "indices", "indptr")], read_elem(group["obs"]))
+            out[name] = (
+                [np.asarray(group[f"X/{k}"][:]) for k in ("data", "indices", "indptr")],
+                read_elem(group["obs"]),
+            )
     return out
 
 
@@ -390,14 +445,29 @@ def test_shard_on_ray_workers_writes_the_same_shards_and_survives_a_killed_task(
     SIGKILLed mid-way is retried by Ray, nothing duplicated."""
     source = shared_file("pbmc3k_raw_seurat_annotations.h5ad")
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    args = [sys.executable, "-m", "pipeline", "shard", str(source), "--shard-size", "400", "--block-size", "300",
-            "--n-top-genes", "800"]
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "shard",
+        str(source),
+        "--shard-size",
+        "400",
+        "--block-size",
+        "300",
+        "--n-top-genes",
+        "800",
+    ]
     one = subprocess.run([*args, "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
     markers = tmp_path / "markers"
     markers.mkdir()
-    killed = subprocess.run([*args, "--out", str(tmp_path / "two"), "--workers", "2"], capture_output=True, text=True,
-                            env={**env, "HVAE_KILL_SHARD_PART": "1", "HVAE_KILL_MARKERS": str(markers)})
+    killed = subprocess.run(
+        [*args, "--out", str(tmp_path / "two"), "--workers", "2"],
+        capture_output=True,
+        text=True,
+        env={**env, "HVAE_KILL_SHARD_PART": "1", "HVAE_KILL_MARKERS": str(markers)},
+    )
     assert killed.returncode == 0, killed.stderr[-3000:]
     # part 1 (2 blocks of 300 rows) was armed to die at its second spill: it died, Ray retried it
     assert (markers / ".killed_part_1").exists()
@@ -406,10 +476,26 @@ def test_shard_on_ray_workers_writes_the_same_shards_and_survives_a_killed_task(
     assert np.array_equal(np.sort(rows), np.arange(2700)) and x.shape[1] == 800  # every cell exactly once
     assert not (tmp_path / "two" / ".staging").exists()
     # simulate --format shards goes through the same path
-    sim = [sys.executable, "-m", "pipeline", "simulate", "--n-cells", "3000", "--n-genes", "200", "--format", "shards",
-           "--shard-size", "700", "--block-size", "500"]
+    sim = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "simulate",
+        "--n-cells",
+        "3000",
+        "--n-genes",
+        "200",
+        "--format",
+        "shards",
+        "--shard-size",
+        "700",
+        "--block-size",
+        "500",
+    ]
     for name, workers in (("sim0", "0"), ("sim2", "2")):
-        done = subprocess.run([*sim, str(tmp_path / name), "--workers", workers], capture_output=True, text=True, env=env)
+        done = subprocess.run(
+            [*sim, str(tmp_path / name), "--workers", workers], capture_output=True, text=True, env=env
+        )
         assert done.returncode == 0, done.stderr[-2000:]
     assert_same_shards(tmp_path / "sim0", tmp_path / "sim2")
 
@@ -426,8 +512,10 @@ def test_shard_workers_need_a_shared_path_and_a_source_to_reopen(tmp_path):
 
 
 # pandas 3's string dtype (pandas 2: future.infer_string) in every process of the chain.
-PANDAS_3_STRINGS = ("import sys, pandas as pd; pd.set_option('future.infer_string', True); "
-                    "from pipeline.cli import main; sys.argv = ['hvae-pipeline', *sys.argv[1:]]; main()")
+PANDAS_3_STRINGS = (
+    "import sys, pandas as pd; pd.set_option('future.infer_string', True); "
+    "from pipeline.cli import main; sys.argv = ['hvae-pipeline', *sys.argv[1:]]; main()"
+)
 
 
 @pytest.mark.slow
@@ -435,23 +523,38 @@ def test_simulate_shard_train_embed_with_pandas_3_strings(tmp_path):
     """Under pandas 3 text columns are a string dtype anndata 0.12 refuses to write: shard
     (AnnData-Zarr obs and var), simulate and query write them as object strings, which every
     anndata reads (here: read back under the other pandas setting)."""
+
     def run(*args):
-        done = subprocess.run([sys.executable, "-c", PANDAS_3_STRINGS, *args], capture_output=True, text=True,
-                              env={**os.environ, "TQDM_DISABLE": "1"})
+        done = subprocess.run(
+            [sys.executable, "-c", PANDAS_3_STRINGS, *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "TQDM_DISABLE": "1"},
+        )
         assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-3000:]
         return done.stdout
 
     source, shards, runs, out = tmp_path / "atlas.h5ad", tmp_path / "shards", tmp_path / "runs", tmp_path / "e.zarr"
     run("simulate", str(source), "--n-cells", "1200", "--n-genes", "150")
     run("shard", str(source), "--out", str(shards), "--shard-size", "600")
-    run("train", f"data.path={shards}", "train.max_steps=2", "train.batch_size=64", "train.progress=false",
-        f"run.storage_path={runs}", "model.latent_dims=[4,2]", "model.hidden_dim=16")
-    assert "embedded 1,200 cells" in run("embed", "--checkpoint", str(runs / "hvae"), "--source", str(source),
-                                         "--out", str(out))
+    run(
+        "train",
+        f"data.path={shards}",
+        "train.max_steps=2",
+        "train.batch_size=64",
+        "train.progress=false",
+        f"run.storage_path={runs}",
+        "model.latent_dims=[4,2]",
+        "model.hidden_dim=16",
+    )
+    assert "embedded 1,200 cells" in run(
+        "embed", "--checkpoint", str(runs / "hvae"), "--source", str(source), "--out", str(out)
+    )
     shard = ad.read_zarr(ShardedDataset(str(shards)).shard_paths[0])
     assert shard.n_obs == 600 and shard.obs["cell_type"].dtype == "category"
     assert shard.var["feature_name"].dtype == object and shard.obs_names.dtype == object
     original = ad.read_h5ad(source)
     assert set(shard.obs_names) <= set(original.obs_names)
     from pipeline.embed import read_embeddings
+
     assert read_embeddings(str(out), lazy=False).n_obs == 1200

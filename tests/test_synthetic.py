@@ -106,8 +106,11 @@ def test_sparse_nb_draw_has_the_nb_moments(theta):
 
     means = np.array([0.01, 0.3, 2.0, 9.5, 10.5, 40.0, 400.0], np.float32)
     n = 60_000
-    counts = negative_binomial_csr(np.random.default_rng(7), np.tile(means, (n, 1)),
-                                   np.full(len(means), theta, np.float32)).toarray().astype(np.float64)
+    counts = (
+        negative_binomial_csr(np.random.default_rng(7), np.tile(means, (n, 1)), np.full(len(means), theta, np.float32))
+        .toarray()
+        .astype(np.float64)
+    )
     assert counts.min() >= 0 and np.array_equal(counts, np.round(counts))
     variance = means + means.astype(np.float64) ** 2 / theta
     p0 = (1 + means.astype(np.float64) / theta) ** -theta
@@ -128,7 +131,9 @@ def test_counts_match_the_gamma_poisson_generator():
         mean = atlas._chunk_means(chunk, rng)[0].copy()
         new.append(negative_binomial_csr(rng, mean, atlas.theta).toarray())
         reference = np.random.default_rng([1, chunk])
-        old.append(reference.poisson(reference.standard_gamma(np.broadcast_to(atlas.theta, mean.shape)) * mean / atlas.theta))
+        old.append(
+            reference.poisson(reference.standard_gamma(np.broadcast_to(atlas.theta, mean.shape)) * mean / atlas.theta)
+        )
     new, old = np.concatenate(new).astype(np.float64), np.concatenate(old).astype(np.float64)
     assert abs((new == 0).mean() - (old == 0).mean()) < 0.003
     library_new, library_old = new.sum(1), old.sum(1)

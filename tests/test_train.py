@@ -56,8 +56,15 @@ def test_config_errors_name_the_key(tmp_path):
 
 @pytest.mark.slow
 def test_clear_errors_for_gpu_storage_and_genes(small_shards, tmp_path):
-    base = ["train", f"data.path={small_shards}", "train.max_steps=4", "train.batch_size=64", "train.progress=false",
-            f"run.storage_path={tmp_path}", "checkpoint.every_steps=2"]
+    base = [
+        "train",
+        f"data.path={small_shards}",
+        "train.max_steps=4",
+        "train.batch_size=64",
+        "train.progress=false",
+        f"run.storage_path={tmp_path}",
+        "checkpoint.every_steps=2",
+    ]
     if not torch.cuda.is_available():
         result = cli(*base, "scaling.use_gpu=true", check=False)
         assert result.returncode == 2 and "no CUDA device" in result.stderr
@@ -73,11 +80,22 @@ def test_clear_errors_for_gpu_storage_and_genes(small_shards, tmp_path):
 
 @pytest.mark.slow
 def test_local_run_resumed_after_a_kill_matches_the_uninterrupted_run(small_shards, tmp_path):
-    common = ["train", f"data.path={small_shards}", "data.batch_key=donor_id", "train.max_steps=40", "train.batch_size=64",
-              "train.log_every=1", "checkpoint.every_steps=10", "train.progress=false", f"run.storage_path={tmp_path}"]
+    common = [
+        "train",
+        f"data.path={small_shards}",
+        "data.batch_key=donor_id",
+        "train.max_steps=40",
+        "train.batch_size=64",
+        "train.log_every=1",
+        "checkpoint.every_steps=10",
+        "train.progress=false",
+        f"run.storage_path={tmp_path}",
+    ]
     cli(*common, "run.name=straight")
     killed = cli(*common, "run.name=killed", check=False, env={"HVAE_FAIL_AT_STEP": "25"})
-    assert killed.returncode == 17 and read_checkpoint(find_checkpoint(tmp_path / "killed"))["train_state"]["step"] == 20
+    assert (
+        killed.returncode == 17 and read_checkpoint(find_checkpoint(tmp_path / "killed"))["train_state"]["step"] == 20
+    )
     cli(*common, "run.name=killed")  # the same command again: resumes from step 20
     straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "killed")
     assert [m["step"] for m in resumed] == list(range(1, 41)), "a step was lost or counted twice"
@@ -93,8 +111,14 @@ def test_local_run_resumed_after_a_kill_matches_the_uninterrupted_run(small_shar
 
 
 def test_checkpoints_carry_a_format_version_and_model_pt_alone_loads_the_model(small_shards, tmp_path):
-    base = ["train", f"data.path={small_shards}", "train.batch_size=64", "train.progress=false",
-            f"run.storage_path={tmp_path}", "checkpoint.every_steps=2"]
+    base = [
+        "train",
+        f"data.path={small_shards}",
+        "train.batch_size=64",
+        "train.progress=false",
+        f"run.storage_path={tmp_path}",
+        "checkpoint.every_steps=2",
+    ]
     cli(*base, "train.max_steps=2")
     directory = find_checkpoint(tmp_path / "hvae")
     saved = torch.load(directory / "model.pt", weights_only=False)
@@ -115,9 +139,13 @@ def test_checkpoints_carry_a_format_version_and_model_pt_alone_loads_the_model(s
 
     assert len(without_readout(saved["ema"])) < len(saved["ema"])
     for version, added in ((2, {"molecule_thinning": 0.0, "readout_weight": 0.0}), (3, {"readout_weight": 0.0})):
-        old = {**saved, "format_version": version, "model": without_readout(saved["model"]),
-               "ema": without_readout(saved["ema"]),
-               "hvae_config": {k: v for k, v in saved["hvae_config"].items() if k not in added}}
+        old = {
+            **saved,
+            "format_version": version,
+            "model": without_readout(saved["model"]),
+            "ema": without_readout(saved["ema"]),
+            "hvae_config": {k: v for k, v in saved["hvae_config"].items() if k not in added},
+        }
         torch.save(old, alone / "model.pt")
         old_model, _ = load_model(alone)
         assert old_model.config == model.config.replace(**added) and old_model.readout is None
@@ -127,7 +155,9 @@ def test_checkpoints_carry_a_format_version_and_model_pt_alone_loads_the_model(s
     # and continuing the run from it too; nothing is written over it.
     del saved["format_version"]
     torch.save(saved, directory / "model.pt")
-    with pytest.raises(ValueError, match="has checkpoint format 1; this version of hvae-pipeline reads formats 2, 3, 4"):
+    with pytest.raises(
+        ValueError, match="has checkpoint format 1; this version of hvae-pipeline reads formats 2, 3, 4"
+    ):
         load_model(directory)
     refused = cli(*base, "train.max_steps=4", check=False)
     assert refused.returncode != 0 and "checkpoint format 1" in refused.stderr, refused.stderr
@@ -136,9 +166,17 @@ def test_checkpoints_carry_a_format_version_and_model_pt_alone_loads_the_model(s
 
 @pytest.mark.slow
 def test_gene_modules_are_built_once_by_the_driver_and_resumed_from_the_checkpoint(small_shards, tmp_path):
-    base = ["train", f"data.path={small_shards}", "train.batch_size=64", "train.progress=false",
-            f"run.storage_path={tmp_path}", "checkpoint.every_steps=2", "model.module_levels=[[4,3],[8,5]]",
-            "model.latent_dims=[6,4,2]", "model.hidden_dim=16"]
+    base = [
+        "train",
+        f"data.path={small_shards}",
+        "train.batch_size=64",
+        "train.progress=false",
+        f"run.storage_path={tmp_path}",
+        "checkpoint.every_steps=2",
+        "model.module_levels=[[4,3],[8,5]]",
+        "model.latent_dims=[6,4,2]",
+        "model.hidden_dim=16",
+    ]
     first = cli(*base, "train.max_steps=2")
     assert re.search(r"gene modules for the top 2 level\(s\): 4 modules, 8 modules, from 3,000 cells", first.stdout)
     run = tmp_path / "hvae"
@@ -153,8 +191,15 @@ def test_gene_modules_are_built_once_by_the_driver_and_resumed_from_the_checkpoi
 
 @pytest.mark.slow
 def test_a_damaged_checkpoint_is_passed_over_for_the_previous_complete_one(small_shards, tmp_path):
-    base = ["train", f"data.path={small_shards}", "train.batch_size=64", "train.progress=false",
-            f"run.storage_path={tmp_path}", "checkpoint.every_steps=2", "train.early_stopping=false"]
+    base = [
+        "train",
+        f"data.path={small_shards}",
+        "train.batch_size=64",
+        "train.progress=false",
+        f"run.storage_path={tmp_path}",
+        "checkpoint.every_steps=2",
+        "train.early_stopping=false",
+    ]
     cli(*base, "train.max_steps=4")
     newest = find_checkpoint(tmp_path / "hvae")
     assert newest.name == "checkpoint_00000004"
@@ -183,9 +228,11 @@ def test_the_pipeline_model_section_is_hvae_config_and_is_validated_when_loaded(
     assert set(model_defaults) - set(section) == {"n_genes", "n_batches", "validate_inputs"}
     for name, value in section.items():
         assert value == model_defaults[name], name
-    for override, message in [("model.dropout=1.5", "model.dropout: must be in [0, 1) (got 1.5)"),
-                              ("model.hidden_dim=0", "model.hidden_dim: must be a positive integer (got 0)"),
-                              ("model.latent_dims=[16,0]", "model.latent_dims: must be one or more positive integers")]:
+    for override, message in [
+        ("model.dropout=1.5", "model.dropout: must be in [0, 1) (got 1.5)"),
+        ("model.hidden_dim=0", "model.hidden_dim: must be a positive integer (got 0)"),
+        ("model.latent_dims=[16,0]", "model.latent_dims: must be one or more positive integers"),
+    ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_config(base={"data": {"path": "x"}}, overrides=[override])
     result = cli("train", f"data.path={small_shards}", f"run.storage_path={tmp_path}", "model.dropout=1.5", check=False)
@@ -197,7 +244,7 @@ def test_the_pipeline_model_section_is_hvae_config_and_is_validated_when_loaded(
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -210,13 +257,27 @@ def test_ray_two_workers_on_pbmc3k_survive_a_killed_worker(ray_cluster, tmp_path
     from pipeline.train.launch import train
 
     shards = tmp_path / "pbmc3k"
-    write_shards(open_source(str(shared_file("pbmc3k_raw_seurat_annotations.h5ad"))), str(shards),
-                 ShardSettings(shard_size=700, n_top_genes=1000, progress=False))
-    config = load_config(base={"data": {"path": str(shards), "validation_shards": 1}}, overrides=[
-        "scaling.num_workers=2", "run.max_failures=1",
-        "train.max_steps=240", "train.batch_size=128", "train.log_every=10", "train.validate_every=240",
-        "train.kl_warmup_steps=100", "checkpoint.every_steps=60", "train.progress=false",
-        f"run.storage_path={tmp_path / 'runs'}", "run.name=pbmc3k"])
+    write_shards(
+        open_source(str(shared_file("pbmc3k_raw_seurat_annotations.h5ad"))),
+        str(shards),
+        ShardSettings(shard_size=700, n_top_genes=1000, progress=False),
+    )
+    config = load_config(
+        base={"data": {"path": str(shards), "validation_shards": 1}},
+        overrides=[
+            "scaling.num_workers=2",
+            "run.max_failures=1",
+            "train.max_steps=240",
+            "train.batch_size=128",
+            "train.log_every=10",
+            "train.validate_every=240",
+            "train.kl_warmup_steps=100",
+            "checkpoint.every_steps=60",
+            "train.progress=false",
+            f"run.storage_path={tmp_path / 'runs'}",
+            "run.name=pbmc3k",
+        ],
+    )
     monkeypatch.setenv("HVAE_FAIL_AT_STEP", "70:1")  # rank 1 exits once at step 70 (pipeline.faults)
     summary = train(config)
     run_dir = tmp_path / "runs" / "pbmc3k"
@@ -243,9 +304,19 @@ def test_ray_driver_rerun_continues_from_the_checkpoint(ray_cluster, small_shard
     relative = os.path.relpath(small_shards, tmp_path)
 
     def config(max_steps):
-        return load_config(base={"data": {"path": relative}}, overrides=[
-            "scaling.num_workers=2", f"train.max_steps={max_steps}", "train.batch_size=64", "train.log_every=1",
-            "checkpoint.every_steps=10", "train.progress=false", "run.storage_path=.", "run.name=grow"])
+        return load_config(
+            base={"data": {"path": relative}},
+            overrides=[
+                "scaling.num_workers=2",
+                f"train.max_steps={max_steps}",
+                "train.batch_size=64",
+                "train.log_every=1",
+                "checkpoint.every_steps=10",
+                "train.progress=false",
+                "run.storage_path=.",
+                "run.name=grow",
+            ],
+        )
 
     train(config(20))
     first = read_checkpoint(find_checkpoint(tmp_path / "grow"))["train_state"]
@@ -254,7 +325,10 @@ def test_ray_driver_rerun_continues_from_the_checkpoint(ray_cluster, small_shard
     assert steps == list(range(1, 41))
     state = read_checkpoint(find_checkpoint(tmp_path / "grow"))["train_state"]
     assert state["step"] == 40 and first["step"] == 20
-    assert (state["epoch"], state["batches_yielded"]) == (1, 16) and (first["epoch"], first["batches_yielded"]) == (0, 20)
+    assert (state["epoch"], state["batches_yielded"]) == (1, 16) and (first["epoch"], first["batches_yielded"]) == (
+        0,
+        20,
+    )
 
 
 @pytest.mark.slow
@@ -264,12 +338,26 @@ def test_training_stops_early_on_the_held_out_elbo_and_keeps_the_best_weights(tm
     rerun does not train again."""
     shards, tolerance = tmp_path / "tiny", 0.01
     cli("simulate", str(shards), "--format", "shards", "--n-cells", "300", "--n-genes", "200", "--shard-size", "100")
-    common = ["train", f"data.path={shards}", "data.validation_shards=1", "train.max_steps=3000",
-              "train.batch_size=64", "train.validate_every=10", "train.kl_warmup_steps=20",
-              f"train.early_stopping_tolerance={tolerance}", "checkpoint.every_steps=5000", "train.progress=false", "model.hidden_dim=64",
-              f"run.storage_path={tmp_path}", "run.name=early"]
+    common = [
+        "train",
+        f"data.path={shards}",
+        "data.validation_shards=1",
+        "train.max_steps=3000",
+        "train.batch_size=64",
+        "train.validate_every=10",
+        "train.kl_warmup_steps=20",
+        f"train.early_stopping_tolerance={tolerance}",
+        "checkpoint.every_steps=5000",
+        "train.progress=false",
+        "model.hidden_dim=64",
+        f"run.storage_path={tmp_path}",
+        "run.name=early",
+    ]
     first = cli(*common)
-    assert "training on cpu x 1: 200 cells x 200 genes, 0 batches" in first.stdout and "KL warm-up 20 steps" in first.stdout
+    assert (
+        "training on cpu x 1: 200 cells x 200 genes, 0 batches" in first.stdout
+        and "KL warm-up 20 steps" in first.stdout
+    )
     state = read_checkpoint(find_checkpoint(tmp_path / "early"))["train_state"]
     assert state["stopped_early"] and state["finished"] and state["step"] < 3000, state
     validations = metrics(tmp_path / "early", "validation")

@@ -23,7 +23,9 @@ def atlas():
 def make_trainer(n_genes=200, precision="fp32", seed=0, **model):
     torch.manual_seed(seed)
     config = HVAEConfig(n_genes=n_genes, latent_dims=(16, 8, 4), hidden_dim=64, n_batches=4, **model)
-    config = fit_gene_modules(config, torch.poisson(torch.rand(256, n_genes, generator=torch.Generator().manual_seed(9)) * 4))
+    config = fit_gene_modules(
+        config, torch.poisson(torch.rand(256, n_genes, generator=torch.Generator().manual_seed(9)) * 4)
+    )
     return Trainer(HierarchicalVAE(config), TrainConfig(precision=precision, kl_warmup_steps=50))
 
 

@@ -58,8 +58,10 @@ class WorkerWatch:
             self.peaks[pid] = max(self.peaks.get(pid, 0.0), hwm)
 
     def result(self) -> dict:
-        return {"workers_seen": len(self.peaks),
-                "peak_rss_workers_mb": round(max(self.peaks.values()), 1) if self.peaks else 0.0}
+        return {
+            "workers_seen": len(self.peaks),
+            "peak_rss_workers_mb": round(max(self.peaks.values()), 1) if self.peaks else 0.0,
+        }
 
 
 def batch_entropy(codes: np.ndarray) -> float:

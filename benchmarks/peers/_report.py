@@ -47,7 +47,9 @@ def _size_table(entry: dict) -> list[str]:
         if m["error"]:
             lines.append(f"| {tool} | failed: {m['error']} | | | | | | | | |")
             continue
-        rss = _fmt(m["peak_rss_mb"]) + (f" (+ {_fmt(m['children_rss_mb'])} largest worker)" if m["children_rss_mb"] else "")
+        rss = _fmt(m["peak_rss_mb"]) + (
+            f" (+ {_fmt(m['children_rss_mb'])} largest worker)" if m["children_rss_mb"] else ""
+        )
         lines.append(
             f"| {tool} | {_fmt(m['build_s'], ',.1f')} | {_fmt(m['store_mb'])} | {_fmt(m['cells_per_s'])} "
             f"| {_fmt(m['first_batch_s'], '.2f')} | {rss} | {_fmt(m['baseline_mb'])} | {_fmt(m['own_mb'])} "
@@ -71,9 +73,12 @@ def _size_table(entry: dict) -> list[str]:
 def _rss_by_size(report: dict) -> list[str]:
     sizes = [entry["n_cells"] for entry in report["sizes"]]
     tools = list(dict.fromkeys(tool for entry in report["sizes"] for tool in entry["tools"]))
-    lines = ["### Peak RSS (MB) by dataset size (peak - RSS after imports in brackets)", "",
-             "| loader | " + " | ".join(f"{n:,} cells" for n in sizes) + " |",
-             "|---|" + "---:|" * len(sizes)]
+    lines = [
+        "### Peak RSS (MB) by dataset size (peak - RSS after imports in brackets)",
+        "",
+        "| loader | " + " | ".join(f"{n:,} cells" for n in sizes) + " |",
+        "|---|" + "---:|" * len(sizes),
+    ]
     for tool in tools:
         metrics = [_metrics(entry["tools"].get(tool, {})) for entry in report["sizes"]]
         cells = [f"{_fmt(m['peak_rss_mb'])} ({_fmt(m['own_mb'])})" for m in metrics]

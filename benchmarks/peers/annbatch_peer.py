@@ -42,10 +42,20 @@ def build(args: argparse.Namespace) -> None:
     collection = DatasetCollection(args.out)
     dataset_size: int | str = int(args.dataset_size) if args.dataset_size.isdigit() else args.dataset_size
     collection.add_adatas(
-        [args.source], shuffle=True, rng=np.random.default_rng(args.seed), dataset_size=dataset_size,
+        [args.source],
+        shuffle=True,
+        rng=np.random.default_rng(args.seed),
+        dataset_size=dataset_size,
     )
-    emit({"tool": "annbatch", "step": "build", "build_s": round(time.perf_counter() - start, 2),
-          "n_datasets": sum(1 for _ in collection), "dataset_size": args.dataset_size})
+    emit(
+        {
+            "tool": "annbatch",
+            "step": "build",
+            "build_s": round(time.perf_counter() - start, 2),
+            "n_datasets": sum(1 for _ in collection),
+            "dataset_size": args.dataset_size,
+        }
+    )
 
 
 def _load_x_and_donor(group):
@@ -77,8 +87,12 @@ def run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     with ad.settings.override(remove_unused_categories=False):
         loader = Loader(
-            batch_size=args.batch_size, chunk_size=args.chunk_size, preload_nchunks=args.preload_nchunks,
-            shuffle=True, rng=np.random.default_rng(args.seed), preload_to_gpu=False,
+            batch_size=args.batch_size,
+            chunk_size=args.chunk_size,
+            preload_nchunks=args.preload_nchunks,
+            shuffle=True,
+            rng=np.random.default_rng(args.seed),
+            preload_to_gpu=False,
         ).use_collection(DatasetCollection(args.store, mode="r"), load_adata=_load_x_and_donor)
         setup_s = time.perf_counter() - start
         n_obs, n_vars = loader.n_obs, loader.n_var
@@ -91,12 +105,26 @@ def run(args: argparse.Namespace) -> None:
                 yield x.shape[0], x.nnz, _codes(batch["obs"]["donor_id"])
 
         result = measure(make_iter, args.batch_size, args.warmup, args.max_batches)
-    emit({"tool": "annbatch", "step": "run", "n_obs": n_obs, "n_vars": n_vars, "rss_baseline_mb": round(baseline, 1),
-          "setup_s": round(setup_s, 3), "batch_type": "scipy.sparse.csr_matrix",
-          "params": {"batch_size": args.batch_size, "chunk_size": args.chunk_size,
-                     "preload_nchunks": args.preload_nchunks, "shuffle": True, "seed": args.seed,
-                     "codec_pipeline": zarr.config.get("codec_pipeline.path")},
-          **result})
+    emit(
+        {
+            "tool": "annbatch",
+            "step": "run",
+            "n_obs": n_obs,
+            "n_vars": n_vars,
+            "rss_baseline_mb": round(baseline, 1),
+            "setup_s": round(setup_s, 3),
+            "batch_type": "scipy.sparse.csr_matrix",
+            "params": {
+                "batch_size": args.batch_size,
+                "chunk_size": args.chunk_size,
+                "preload_nchunks": args.preload_nchunks,
+                "shuffle": True,
+                "seed": args.seed,
+                "codec_pipeline": zarr.config.get("codec_pipeline.path"),
+            },
+            **result,
+        }
+    )
 
 
 def main() -> None:
@@ -108,6 +136,7 @@ def main() -> None:
     r.add_argument("--chunk-size", type=int, default=512)
     r.add_argument("--preload-nchunks", type=int, default=32)
     run_command(parser, build, run)
+
 
 if __name__ == "__main__":
     main()

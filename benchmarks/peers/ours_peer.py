@@ -39,8 +39,16 @@ def build(args: argparse.Namespace) -> None:
     app(argv, standalone_mode=False)
     build_s = time.perf_counter() - start
     shards = pipeline.data.read_manifest(args.out)["shards"]
-    emit({"tool": "ours", "step": "build", "build_s": round(build_s, 2), "command": "hvae-pipeline " + " ".join(argv),
-          "n_shards": len(shards), "max_shard_cells": max(int(s["n_obs"]) for s in shards)})
+    emit(
+        {
+            "tool": "ours",
+            "step": "build",
+            "build_s": round(build_s, 2),
+            "command": "hvae-pipeline " + " ".join(argv),
+            "n_shards": len(shards),
+            "max_shard_cells": max(int(s["n_obs"]) for s in shards),
+        }
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -65,9 +73,19 @@ def run(args: argparse.Namespace) -> None:
             yield rows, int(counts.indptr[-1]), donor_codes[batch["obs_index"].numpy()]
 
     result = measure(make_iter, args.batch_size, args.warmup, args.max_batches)
-    emit({"tool": "ours", "step": "run", "n_obs": n_obs, "n_vars": n_vars, "rss_baseline_mb": round(baseline, 1),
-          "setup_s": round(setup_s, 3), "batch_type": "pipeline.data CSRBatch (torch tensors)",
-          "params": {"batch_size": args.batch_size, "seed": args.seed, **extra}, **result})
+    emit(
+        {
+            "tool": "ours",
+            "step": "run",
+            "n_obs": n_obs,
+            "n_vars": n_vars,
+            "rss_baseline_mb": round(baseline, 1),
+            "setup_s": round(setup_s, 3),
+            "batch_type": "pipeline.data CSRBatch (torch tensors)",
+            "params": {"batch_size": args.batch_size, "seed": args.seed, **extra},
+            **result,
+        }
+    )
 
 
 def main() -> None:
@@ -78,6 +96,7 @@ def main() -> None:
     r.add_argument("--num-workers", type=int, default=None, help="default: the loader's")
     r.add_argument("--segment-rows", type=int, default=None, help="rows permuted together in the window (1: every row)")
     run_command(parser, build, run)
+
 
 if __name__ == "__main__":
     main()

@@ -41,9 +41,19 @@ def main() -> None:
     seconds = time.perf_counter() - start
     latent = model.get_latent_representation().astype(np.float32)
     np.save(args.out, latent)
-    print(json.dumps({"peer": "scvi-tools", "version": scvi.__version__, "seed": args.seed, "cells": adata.n_obs,
-                      "n_latent": args.n_latent, "epochs": int(model.history["elbo_train"].shape[0]),
-                      "seconds": round(seconds, 1)}))
+    print(
+        json.dumps(
+            {
+                "peer": "scvi-tools",
+                "version": scvi.__version__,
+                "seed": args.seed,
+                "cells": adata.n_obs,
+                "n_latent": args.n_latent,
+                "epochs": int(model.history["elbo_train"].shape[0]),
+                "seconds": round(seconds, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

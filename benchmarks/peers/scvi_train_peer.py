@@ -67,14 +67,33 @@ def main() -> None:
         torch.manual_seed(0)
         model = scvi.model.SCVI(adata)
         clock = Clock(args.warmup)
-        model.train(max_epochs=args.epochs, batch_size=batch_size, train_size=1.0, accelerator=args.accelerator,
-                    early_stopping=False, enable_progress_bar=False, callbacks=[clock])
+        model.train(
+            max_epochs=args.epochs,
+            batch_size=batch_size,
+            train_size=1.0,
+            accelerator=args.accelerator,
+            early_stopping=False,
+            enable_progress_bar=False,
+            callbacks=[clock],
+        )
         if clock.start is None or clock.cells == 0:
-            raise SystemExit(f"batch size {batch_size}: fewer than {args.warmup} batches in {args.epochs} epochs; "
-                             "give more cells or epochs")
-        print(json.dumps({"tool": "scvi-tools", "version": scvi.__version__, "batch_size": batch_size,
-                          "cells_per_s": round(clock.cells / (clock.end - clock.start)), "timed_cells": clock.cells,
-                          "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}), flush=True)
+            raise SystemExit(
+                f"batch size {batch_size}: fewer than {args.warmup} batches in {args.epochs} epochs; "
+                "give more cells or epochs"
+            )
+        print(
+            json.dumps(
+                {
+                    "tool": "scvi-tools",
+                    "version": scvi.__version__,
+                    "batch_size": batch_size,
+                    "cells_per_s": round(clock.cells / (clock.end - clock.start)),
+                    "timed_cells": clock.cells,
+                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -56,8 +56,14 @@ def run(args: argparse.Namespace) -> None:
         if args.shuffle_chunk_size is not None:
             kwargs["shuffle_chunk_size"] = args.shuffle_chunk_size
         ds = ExperimentDataset(
-            query, layer_name=LAYER, obs_column_names=["donor_id"], batch_size=args.batch_size,
-            shuffle=True, seed=args.seed, return_sparse_X=True, **kwargs,
+            query,
+            layer_name=LAYER,
+            obs_column_names=["donor_id"],
+            batch_size=args.batch_size,
+            shuffle=True,
+            seed=args.seed,
+            return_sparse_X=True,
+            **kwargs,
         )
         n_obs, n_vars = query.n_obs, query.n_vars
         setup_s = time.perf_counter() - start
@@ -69,13 +75,27 @@ def run(args: argparse.Namespace) -> None:
                 yield x.shape[0], x.nnz, _codes(obs["donor_id"])
 
         result = measure(make_iter, args.batch_size, args.warmup, args.max_batches)
-    emit({"tool": "tiledbsoma-ml", "step": "run", "n_obs": n_obs, "n_vars": n_vars,
-          "rss_baseline_mb": round(baseline, 1), "setup_s": round(setup_s, 3),
-          "batch_type": "scipy.sparse.csr_matrix",
-          "params": {"batch_size": ds.batch_size, "io_batch_size": ds.io_batch_size,
-                     "shuffle_chunk_size": ds.shuffle_chunk_size, "use_eager_fetch": ds.use_eager_fetch,
-                     "shuffle": True, "seed": args.seed, "return_sparse_X": True},
-          **result})
+    emit(
+        {
+            "tool": "tiledbsoma-ml",
+            "step": "run",
+            "n_obs": n_obs,
+            "n_vars": n_vars,
+            "rss_baseline_mb": round(baseline, 1),
+            "setup_s": round(setup_s, 3),
+            "batch_type": "scipy.sparse.csr_matrix",
+            "params": {
+                "batch_size": ds.batch_size,
+                "io_batch_size": ds.io_batch_size,
+                "shuffle_chunk_size": ds.shuffle_chunk_size,
+                "use_eager_fetch": ds.use_eager_fetch,
+                "shuffle": True,
+                "seed": args.seed,
+                "return_sparse_X": True,
+            },
+            **result,
+        }
+    )
 
 
 def main() -> None:
@@ -83,6 +103,7 @@ def main() -> None:
     r.add_argument("--io-batch-size", type=int, default=None, help="default: the package's (65536)")
     r.add_argument("--shuffle-chunk-size", type=int, default=None, help="default: the package's (64)")
     run_command(parser, build, run)
+
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,22 @@ from .shard_writer import ShardSettings, write_shards
 from .sources import AnnDataSource, SomaSource, Source, open_census, open_source
 
 __all__ = [
-    "AnnDataSource", "CSRBatch", "EpochPlan", "GeneAlignment", "ShardLoader", "ShardSettings", "ShardedDataset",
-    "SomaSource", "Source", "check_counts", "densify", "feature_hash", "open_census", "open_source",
-    "rank_batch_sizes", "read_gene_list", "read_manifest", "write_shards",
+    "AnnDataSource",
+    "CSRBatch",
+    "EpochPlan",
+    "GeneAlignment",
+    "ShardLoader",
+    "ShardSettings",
+    "ShardedDataset",
+    "SomaSource",
+    "Source",
+    "check_counts",
+    "densify",
+    "feature_hash",
+    "open_census",
+    "open_source",
+    "rank_batch_sizes",
+    "read_gene_list",
+    "read_manifest",
+    "write_shards",
 ]

@@ -49,8 +49,10 @@ def gene_ids_of(var: pd.DataFrame, gene_column: str | None = None, where: str = 
 
 def gene_id_note(used: str) -> str:
     """For an error about gene overlap: where the ids came from and where else to look."""
-    return (f"gene ids were read from {used} (looked for {', '.join(GENE_ID_COLUMNS)}, then the index; "
-            "name another column with --gene-column / gene_column=)")
+    return (
+        f"gene ids were read from {used} (looked for {', '.join(GENE_ID_COLUMNS)}, then the index; "
+        "name another column with --gene-column / gene_column=)"
+    )
 
 
 class GeneAlignment:
@@ -60,8 +62,14 @@ class GeneAlignment:
     trained on one gene set fed mostly zeros would embed garbage silently.
     """
 
-    def __init__(self, source_ids: Sequence[str], target_ids: Sequence[str], min_overlap: float = 0.5,
-                 source_name: str = "source", id_note: str | None = None) -> None:
+    def __init__(
+        self,
+        source_ids: Sequence[str],
+        target_ids: Sequence[str],
+        min_overlap: float = 0.5,
+        source_name: str = "source",
+        id_note: str | None = None,
+    ) -> None:
         source_ids = pd.Index(np.asarray(source_ids, dtype=object).astype(str))
         target_ids = pd.Index(np.asarray(target_ids, dtype=object).astype(str))
         for name, ids in ((source_name, source_ids), ("the gene list", target_ids)):
@@ -85,8 +93,10 @@ class GeneAlignment:
             )
 
     def summary(self) -> str:
-        return (f"{self.n_found}/{self.n_target} genes found; {len(self.missing)} missing zero-filled; "
-                f"{self.n_source - int((self.column_map >= 0).sum())} source genes dropped")
+        return (
+            f"{self.n_found}/{self.n_target} genes found; {len(self.missing)} missing zero-filled; "
+            f"{self.n_source - int((self.column_map >= 0).sum())} source genes dropped"
+        )
 
     def apply(self, counts: sp.csr_matrix) -> sp.csr_matrix:
         """(cells, n_source) CSR -> (cells, n_target) CSR with sorted indices."""
@@ -97,8 +107,9 @@ class GeneAlignment:
         rows = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))
         indptr = np.zeros(counts.shape[0] + 1, dtype=np.int64)
         np.cumsum(np.bincount(rows[keep], minlength=counts.shape[0]), out=indptr[1:])
-        aligned = sp.csr_matrix((counts.data[keep], columns[keep].astype(np.int32), indptr),
-                                shape=(counts.shape[0], self.n_target))
+        aligned = sp.csr_matrix(
+            (counts.data[keep], columns[keep].astype(np.int32), indptr), shape=(counts.shape[0], self.n_target)
+        )
         aligned.sort_indices()
         return aligned
 
@@ -121,8 +132,12 @@ def check_counts(counts: sp.csr_matrix, where: str, obs_ids: Sequence[str], feat
         as_int = data.astype(np.uint32)  # one conversion doubles as the check: any bad value changes
         bad = as_int != data
     if bad.any():
-        for mask, what in ((~np.isfinite(data), "is not finite"), (data < 0, "is negative"),
-                           (data != np.floor(data), "is not an integer"), (bad, "does not fit in uint32")):
+        for mask, what in (
+            (~np.isfinite(data), "is not finite"),
+            (data < 0, "is negative"),
+            (data != np.floor(data), "is not an integer"),
+            (bad, "does not fit in uint32"),
+        ):
             if mask.any():
                 _raise_bad(counts, mask, what, where, obs_ids, feature_ids)
     return as_int

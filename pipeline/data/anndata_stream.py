@@ -91,7 +91,9 @@ class AnnDataStreamWriter:
 
     def _check_obs(self, obs: pd.DataFrame) -> None:
         if list(obs.columns) != self._columns:
-            raise ValueError(f"{self.path}: obs columns {list(obs.columns)} differ from the first block's {self._columns}")
+            raise ValueError(
+                f"{self.path}: obs columns {list(obs.columns)} differ from the first block's {self._columns}"
+            )
         for name, categories in self._categories.items():
             if list(obs[name].cat.categories) != categories:
                 raise ValueError(f"{self.path}: obs column {name!r} has other categories than the first block")

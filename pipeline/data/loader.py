@@ -50,8 +50,12 @@ class CSRBatch:
     @classmethod
     def from_scipy(cls, matrix) -> CSRBatch:
         matrix = sp.csr_matrix(matrix)
-        return cls(torch.from_numpy(matrix.indptr.astype(np.int64)), torch.from_numpy(matrix.indices.astype(np.int32)),
-                   torch.from_numpy(matrix.data.astype(np.float32, copy=False)), int(matrix.shape[1]))
+        return cls(
+            torch.from_numpy(matrix.indptr.astype(np.int64)),
+            torch.from_numpy(matrix.indices.astype(np.int32)),
+            torch.from_numpy(matrix.data.astype(np.float32, copy=False)),
+            int(matrix.shape[1]),
+        )
 
     def pin_memory(self) -> CSRBatch:
         return CSRBatch(self.indptr.pin_memory(), self.indices.pin_memory(), self.data.pin_memory(), self.n_vars)
@@ -65,8 +69,9 @@ class CSRBatch:
         n_cells = self.shape[0]
         lengths = self.indptr[1:] - self.indptr[:-1]
         # output_size: the number of entries is known on the host, so the scatter needs no sync.
-        rows = torch.repeat_interleave(torch.arange(n_cells, device=self.indptr.device), lengths,
-                                       output_size=self.data.shape[0])
+        rows = torch.repeat_interleave(
+            torch.arange(n_cells, device=self.indptr.device), lengths, output_size=self.data.shape[0]
+        )
         flat = rows * self.n_vars + self.indices.to(torch.int64)
         dense = torch.zeros(n_cells * self.n_vars, dtype=dtype, device=self.data.device)
         dense[flat] = self.data.to(dtype)
@@ -117,10 +122,13 @@ def check_batch_counts(counts) -> None:
         return
     entry = int(np.flatnonzero(bad)[0])
     row, gene, value = int(np.searchsorted(indptr, entry, side="right") - 1), int(indices[entry]), float(values[entry])
-    kind = ("NaN" if np.isnan(value) else "infinite" if np.isinf(value) else "negative" if value < 0 else "not an integer")
+    kind = (
+        "NaN" if np.isnan(value) else "infinite" if np.isinf(value) else "negative" if value < 0 else "not an integer"
+    )
     raise ValueError(
         f"counts[{row}, {gene}] = {value!r} is {kind}: the model needs raw non-negative integer counts (not "
-        f"normalised or log-transformed values); {int(bad.sum())} bad entries in this batch")
+        f"normalised or log-transformed values); {int(bad.sum())} bad entries in this batch"
+    )
 
 
 class ShardedDataset:
@@ -136,11 +144,15 @@ class ShardedDataset:
             raise ValueError(f"{self.path}/manifest.json lists no shards")
         n_listed = int(sum(int(s["n_obs"]) for s in shards))
         if n_listed != int(self.manifest["n_obs"]):
-            raise ValueError(f"{self.path}/manifest.json: shards hold {n_listed} cells, n_obs says {self.manifest['n_obs']}")
+            raise ValueError(
+                f"{self.path}/manifest.json: shards hold {n_listed} cells, n_obs says {self.manifest['n_obs']}"
+            )
         if subset is not None:
             bad = [k for k in subset if not 0 <= k < len(shards)]
             if bad or not subset:
-                raise ValueError(f"{self.path}: shard subset {list(subset)} is empty or out of range (0..{len(shards) - 1})")
+                raise ValueError(
+                    f"{self.path}: shard subset {list(subset)} is empty or out of range (0..{len(shards) - 1})"
+                )
             shards = [shards[k] for k in subset]
         self.shard_paths = [join(self.path, s["path"]) for s in shards]
         self.shard_sizes = np.array([int(s["n_obs"]) for s in shards], dtype=np.int64)
@@ -154,9 +166,11 @@ class ShardedDataset:
             raise ValueError(f"{self.path}/manifest.json: {len(self.feature_ids)} feature_ids for n_vars {self.n_vars}")
         recorded = self.manifest.get("feature_ids_hash")
         if recorded is not None and feature_hash(self.feature_ids) != recorded:
-            raise ValueError(f"{self.path}/manifest.json: the feature_ids do not match their feature_ids_hash "
-                             f"({feature_hash(self.feature_ids)} != {recorded}): the gene list was edited or damaged "
-                             "after sharding; reshard rather than train or embed genes in the wrong columns")
+            raise ValueError(
+                f"{self.path}/manifest.json: the feature_ids do not match their feature_ids_hash "
+                f"({feature_hash(self.feature_ids)} != {recorded}): the gene list was edited or damaged "
+                "after sharding; reshard rather than train or embed genes in the wrong columns"
+            )
         self._shards: OrderedDict[int, _ShardReader] = OrderedDict()
         if not is_url(self.path):  # on object stores a missing shard is reported when first opened
             for shard_path in self.shard_paths:
@@ -190,8 +204,10 @@ class ShardedDataset:
         self.categories(column)
         missing = self.manifest["obs_columns"][column].get("missing", 0)
         if missing:
-            raise ValueError(f"{self.path}: obs column {column!r} is missing for {missing:,} cells; a batch key must "
-                             "label every cell (fill it, e.g. with 'unknown', and re-shard)")
+            raise ValueError(
+                f"{self.path}: obs column {column!r} is missing for {missing:,} cells; a batch key must "
+                "label every cell (fill it, e.g. with 'unknown', and re-shard)"
+            )
 
     def obs_column(self, column: str) -> np.ndarray:
         """One obs column for every cell, in global (shard) order."""
@@ -204,12 +220,37 @@ class ShardedDataset:
         for k in range(len(self.shard_paths)):
             self.shard(k).verify()
 
-    def loader(self, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0,
-               num_workers: int = 0, prefetch: int = 2, batch_key: str | None = None, block_rows: int = 2048,
-               window_blocks: int = 8, segment_rows: int = 16, pin_memory: bool | None = None) -> ShardLoader:
+    def loader(
+        self,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        epoch: int = 0,
+        num_workers: int = 0,
+        prefetch: int = 2,
+        batch_key: str | None = None,
+        block_rows: int = 2048,
+        window_blocks: int = 8,
+        segment_rows: int = 16,
+        pin_memory: bool | None = None,
+    ) -> ShardLoader:
         """Batches for one rank; see ``ShardLoader``."""
-        return ShardLoader(self, batch_size, rank, world_size, seed, epoch, num_workers, prefetch, batch_key,
-                           block_rows, window_blocks, segment_rows, pin_memory)
+        return ShardLoader(
+            self,
+            batch_size,
+            rank,
+            world_size,
+            seed,
+            epoch,
+            num_workers,
+            prefetch,
+            batch_key,
+            block_rows,
+            window_blocks,
+            segment_rows,
+            pin_memory,
+        )
 
 
 class _ShardReader:
@@ -264,9 +305,14 @@ class _ShardReader:
 class EpochPlan:
     """Blocks, windows and per-window row order of one epoch (identical on every rank)."""
 
-    def __init__(self, shard_sizes: np.ndarray, block_rows: int, window_blocks: int, segment_rows: int, seed: int, epoch: int) -> None:
-        blocks = [(k, start, min(start + block_rows, int(size))) for k, size in enumerate(shard_sizes)
-                  for start in range(0, int(size), block_rows)]
+    def __init__(
+        self, shard_sizes: np.ndarray, block_rows: int, window_blocks: int, segment_rows: int, seed: int, epoch: int
+    ) -> None:
+        blocks = [
+            (k, start, min(start + block_rows, int(size)))
+            for k, size in enumerate(shard_sizes)
+            for start in range(0, int(size), block_rows)
+        ]
         order = np.random.default_rng([seed, epoch, 7]).permutation(len(blocks))
         self.blocks = [blocks[i] for i in order]
         self.windows = [self.blocks[i : i + window_blocks] for i in range(0, len(self.blocks), window_blocks)]
@@ -309,9 +355,22 @@ class ShardLoader:
     plan; iterating a finished loader again without it repeats the same epoch.
     """
 
-    def __init__(self, dataset: ShardedDataset, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
-                 num_workers: int, prefetch: int, batch_key: str | None, block_rows: int, window_blocks: int,
-                 segment_rows: int, pin_memory: bool | None) -> None:
+    def __init__(
+        self,
+        dataset: ShardedDataset,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        epoch: int,
+        num_workers: int,
+        prefetch: int,
+        batch_key: str | None,
+        block_rows: int,
+        window_blocks: int,
+        segment_rows: int,
+        pin_memory: bool | None,
+    ) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
         if min(block_rows, window_blocks, segment_rows) < 1 or num_workers < 0:
@@ -320,7 +379,12 @@ class ShardLoader:
             dataset.check_batch_key(batch_key)  # a clear error now rather than in a worker
         self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
         self.seed, self.epoch, self.num_workers, self.prefetch = seed, epoch, num_workers, max(1, prefetch)
-        self.batch_key, self.block_rows, self.window_blocks, self.segment_rows = batch_key, block_rows, window_blocks, segment_rows
+        self.batch_key, self.block_rows, self.window_blocks, self.segment_rows = (
+            batch_key,
+            block_rows,
+            window_blocks,
+            segment_rows,
+        )
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         offsets, sizes = rank_batch_sizes(dataset.n_obs, batch_size, world_size)
         self._rank_start, self._sizes = int(offsets[rank]), sizes[rank]
@@ -333,13 +397,22 @@ class ShardLoader:
         self.epoch, self._yielded = epoch, 0
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "epoch": self.epoch, "batches_yielded": self._yielded, "rank": self.rank,
-                "world_size": self.world_size, "batch_size": self.batch_size, "num_workers": self.num_workers}
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "batches_yielded": self._yielded,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "batch_size", "world_size", "num_workers"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"cannot resume: loader state has {key}={state[key]}, this loader {getattr(self, key)}")
+                raise ValueError(
+                    f"cannot resume: loader state has {key}={state[key]}, this loader {getattr(self, key)}"
+                )
         self.epoch, self._yielded = state["epoch"], int(state["batches_yielded"])
 
     def worker_batches(self, worker: int, num_workers: int) -> tuple[int, int]:
@@ -356,9 +429,16 @@ class ShardLoader:
             pin = (lambda batch: {k: v.pin_memory() for k, v in batch.items()}) if self.pin_memory else None
             source = run_ahead(_WorkerStream(self, 0, 1, skip), self.prefetch, pin, name="shard-prefetch")
         else:
-            source = iter(torch.utils.data.DataLoader(
-                _WorkerIterable(self, skip), batch_size=None, num_workers=self.num_workers,
-                prefetch_factor=self.prefetch, pin_memory=self.pin_memory, persistent_workers=False))
+            source = iter(
+                torch.utils.data.DataLoader(
+                    _WorkerIterable(self, skip),
+                    batch_size=None,
+                    num_workers=self.num_workers,
+                    prefetch_factor=self.prefetch,
+                    pin_memory=self.pin_memory,
+                    persistent_workers=False,
+                )
+            )
         try:
             for batch in source:
                 self._yielded += 1
@@ -392,13 +472,22 @@ class _WorkerStream:
         # Round-robin interleaving: of the first `skip_total` batches, this many were ours.
         first += len(range(worker, skip_total, n_workers))
         ends = np.concatenate([[0], np.cumsum(loader._sizes)])
-        self.batch_ranges = [(loader._rank_start + int(ends[b]), loader._rank_start + int(ends[b + 1])) for b in range(first, stop)]
+        self.batch_ranges = [
+            (loader._rank_start + int(ends[b]), loader._rank_start + int(ends[b + 1])) for b in range(first, stop)
+        ]
 
     def __iter__(self):
         if not self.batch_ranges:
             return
         loader = self.loader
-        plan = EpochPlan(self.dataset.shard_sizes, loader.block_rows, loader.window_blocks, loader.segment_rows, loader.seed, loader.epoch)
+        plan = EpochPlan(
+            self.dataset.shard_sizes,
+            loader.block_rows,
+            loader.window_blocks,
+            loader.segment_rows,
+            loader.seed,
+            loader.epoch,
+        )
         first = int(np.searchsorted(plan.window_offsets, self.batch_ranges[0][0], side="right") - 1)
         last = int(np.searchsorted(plan.window_offsets, self.batch_ranges[-1][1], side="left") - 1)
         window_ids = iter(range(first, last + 1))
@@ -408,7 +497,11 @@ class _WorkerStream:
             while start < stop:
                 if window is None or start >= window.stream_stop:
                     # The next window's reads are queued before this one is used (read-ahead).
-                    window = upcoming.wait() if upcoming is not None else _Window(self.dataset, plan, next(window_ids), loader.batch_key).wait()
+                    window = (
+                        upcoming.wait()
+                        if upcoming is not None
+                        else _Window(self.dataset, plan, next(window_ids), loader.batch_key).wait()
+                    )
                     following = next(window_ids, None)
                     upcoming = None if following is None else _Window(self.dataset, plan, following, loader.batch_key)
                     if window.stream_stop <= start:
@@ -473,12 +566,17 @@ class _Window:
 
 
 def _combine(pieces: list[dict], n_vars: int) -> dict:
-    one = pieces[0] if len(pieces) == 1 else {
-        key: (None if pieces[0][key] is None else np.concatenate([p[key] for p in pieces])) for key in pieces[0]}
+    one = (
+        pieces[0]
+        if len(pieces) == 1
+        else {key: (None if pieces[0][key] is None else np.concatenate([p[key] for p in pieces])) for key in pieces[0]}
+    )
     indptr = np.zeros(len(one["lengths"]) + 1, dtype=np.int64)
     np.cumsum(one["lengths"], out=indptr[1:])
     batch = {
-        "counts": CSRBatch(torch.from_numpy(indptr), torch.from_numpy(one["indices"]), torch.from_numpy(one["data"]), n_vars),
+        "counts": CSRBatch(
+            torch.from_numpy(indptr), torch.from_numpy(one["indices"]), torch.from_numpy(one["data"]), n_vars
+        ),
         "obs_index": torch.from_numpy(one["obs_index"]),
     }
     if one["codes"] is not None:

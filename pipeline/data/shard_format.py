@@ -86,7 +86,9 @@ def count_checksum(rows: np.ndarray, indptr: np.ndarray, indices: np.ndarray, da
     count x hash(source row, gene) mod 2^64. Equal for the same counts at the same (source row,
     gene); a count moved to another row or gene, lost or repeated changes it. Parts add up (mod 2^64)."""
     lengths = np.diff(np.asarray(indptr, dtype=np.int64))
-    keys = np.repeat(np.asarray(rows, dtype=np.uint64), lengths) * np.uint64(n_vars) + np.asarray(indices, dtype=np.uint64)
+    keys = np.repeat(np.asarray(rows, dtype=np.uint64), lengths) * np.uint64(n_vars) + np.asarray(
+        indices, dtype=np.uint64
+    )
     with np.errstate(over="ignore"):
         weighted = (splitmix64(keys) * np.asarray(data).astype(np.uint64)).sum(dtype=np.uint64)
     return {"sum": float(np.asarray(data).sum(dtype=np.float64)), "weighted": int(weighted)}
@@ -109,7 +111,9 @@ def read_manifest(root: str) -> dict:
         if not fs.exists(manifest_path):
             if not fs.exists(path):
                 raise FileNotFoundError(f"shard directory {root} does not exist")
-            raise FileNotFoundError(f"{root} has no {MANIFEST_NAME}: it is not a shard directory (or sharding did not finish)")
+            raise FileNotFoundError(
+                f"{root} has no {MANIFEST_NAME}: it is not a shard directory (or sharding did not finish)"
+            )
         with fs.open(manifest_path, "r") as handle:
             manifest = json.load(handle)
     except (FileNotFoundError, json.JSONDecodeError):
@@ -117,7 +121,9 @@ def read_manifest(root: str) -> dict:
     except Exception as error:  # noqa: BLE001 - unreachable store, credentials, permissions
         raise StorageError(explain(root, error)) from None
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{root}/{MANIFEST_NAME}: format_version {manifest.get('format_version')!r}, this reader knows {FORMAT_VERSION}")
+        raise ValueError(
+            f"{root}/{MANIFEST_NAME}: format_version {manifest.get('format_version')!r}, this reader knows {FORMAT_VERSION}"
+        )
     return manifest
 
 
@@ -141,8 +147,15 @@ def write_manifest(root: str, manifest: dict) -> None:
 COMPRESSIONS = ("lz4", "zstd", "none")
 
 
-def write_csr_arrays(group, name: str, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple[int, int],
-                     compression: str = "lz4") -> None:
+def write_csr_arrays(
+    group,
+    name: str,
+    data: np.ndarray,
+    indices: np.ndarray,
+    indptr: np.ndarray,
+    shape: tuple[int, int],
+    compression: str = "lz4",
+) -> None:
     """Write a CSR matrix into ``group[name]`` with anndata's encoding and our codecs.
 
     ``lz4`` (Blosc, byte shuffle) decodes at GB/s; ``zstd`` (Blosc) is ~20% smaller and 2-3x slower
@@ -151,16 +164,24 @@ def write_csr_arrays(group, name: str, data: np.ndarray, indices: np.ndarray, in
 
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
-    compressor = {"lz4": BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
-                  "zstd": BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), "none": None}[compression]
+    compressor = {
+        "lz4": BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
+        "zstd": BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),
+        "none": None,
+    }[compression]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
         matrix = group.create_group(name)
         matrix.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": list(shape)})
         for key, values in (("data", data), ("indices", indices), ("indptr", indptr)):
             chunks = (max(1, min(CHUNK_ELEMENTS, len(values))),)
-            array = matrix.create_array(key, shape=values.shape, chunks=chunks, dtype=values.dtype,
-                                        compressors=[compressor] if compressor is not None else None)
+            array = matrix.create_array(
+                key,
+                shape=values.shape,
+                chunks=chunks,
+                dtype=values.dtype,
+                compressors=[compressor] if compressor is not None else None,
+            )
             if len(values):
                 array[:] = values
 
@@ -168,8 +189,10 @@ def write_csr_arrays(group, name: str, data: np.ndarray, indices: np.ndarray, in
 def damaged_chunk(key: str, array: str, lo, hi, error) -> ValueError:
     """The error for a chunk that cannot be read: the chunk file, its array, the entries."""
     where = f" (entries {lo}-{hi})" if lo is not None else ""
-    return ValueError(f"{key}: a chunk of {array}{where} is damaged, truncated or corrupt ({error}); "
-                      "reshard the source (hvae-pipeline shard ... --overwrite)")
+    return ValueError(
+        f"{key}: a chunk of {array}{where} is damaged, truncated or corrupt ({error}); "
+        "reshard the source (hvae-pipeline shard ... --overwrite)"
+    )
 
 
 @dataclass
@@ -201,8 +224,11 @@ class CSRArrayReader:
         codecs = tuple(getattr(meta, "codecs", ()))
         encoding = getattr(meta, "chunk_key_encoding", None)
         plain_keys = getattr(encoding, "name", "") == "default" and getattr(encoding, "separator", "") == "/"
-        little = self.dtype.byteorder in ("=", "<", "|") and (codecs and isinstance(codecs[0], BytesCodec)
-                                                             and str(getattr(codecs[0].endian, "value", codecs[0].endian)) in ("little", "None"))
+        little = self.dtype.byteorder in ("=", "<", "|") and (
+            codecs
+            and isinstance(codecs[0], BytesCodec)
+            and str(getattr(codecs[0].endian, "value", codecs[0].endian)) in ("little", "None")
+        )
         if not plain_keys or not little:
             return None
         if len(codecs) == 2 and isinstance(codecs[1], BloscCodec):
@@ -226,8 +252,10 @@ class CSRArrayReader:
         if self._layout is None:
             return [_pool().submit(self._read_with_zarr, start, stop, out)]
         chunk = self._layout.chunk
-        return [_pool().submit(self._read_chunk, index, start, stop, out)
-                for index in range(start // chunk, (stop - 1) // chunk + 1)]
+        return [
+            _pool().submit(self._read_chunk, index, start, stop, out)
+            for index in range(start // chunk, (stop - 1) // chunk + 1)
+        ]
 
     def _read_with_zarr(self, start: int, stop: int, out: np.ndarray) -> None:
         try:

@@ -44,8 +44,19 @@ from ..progress import Progress
 from .background import run_ahead
 from .frames import portable_frame
 from ..storage import check_writable, is_remote, join, listdir, recover_replace, replace_tree
-from .shard_format import (COMPRESSIONS, FORMAT_VERSION, MANIFEST_NAME, add_checksums, count_checksum, count_dtype,
-                           feature_hash, filesystem, index_dtype, write_csr_arrays, write_manifest)
+from .shard_format import (
+    COMPRESSIONS,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    add_checksums,
+    count_checksum,
+    count_dtype,
+    feature_hash,
+    filesystem,
+    index_dtype,
+    write_csr_arrays,
+    write_manifest,
+)
 from .sources import Source
 
 
@@ -53,16 +64,16 @@ from .sources import Source
 class ShardSettings:
     shard_size: int = 65_536
     seed: int = 0
-    genes: Sequence[str] | None = None          # target gene list (feature_ids), in model order
-    n_top_genes: int | None = None              # or: select this many HVGs in a streaming pass
-    hvg_batch_key: str | None = None            # per-batch HVG selection (scanpy's batch_key rule)
+    genes: Sequence[str] | None = None  # target gene list (feature_ids), in model order
+    n_top_genes: int | None = None  # or: select this many HVGs in a streaming pass
+    hvg_batch_key: str | None = None  # per-batch HVG selection (scanpy's batch_key rule)
     min_gene_overlap: float = 0.5
-    compression: str = "lz4"                    # lz4 | zstd | none (see shard_format.write_csr_arrays)
-    obs_columns: Sequence[str] | None = None    # None: every obs column
-    block_size: int = 8_192                     # source rows per read
-    workers: int = 0                            # 0: this process; N: pass 1 and pass 2 on N Ray tasks at a time
+    compression: str = "lz4"  # lz4 | zstd | none (see shard_format.write_csr_arrays)
+    obs_columns: Sequence[str] | None = None  # None: every obs column
+    block_size: int = 8_192  # source rows per read
+    workers: int = 0  # 0: this process; N: pass 1 and pass 2 on N Ray tasks at a time
     overwrite: bool = False
-    wait: bool = False                          # another writer holds the output's lease: wait (else refused)
+    wait: bool = False  # another writer holds the output's lease: wait (else refused)
     progress: bool = True
     extra_provenance: dict = field(default_factory=dict)
 
@@ -78,8 +89,10 @@ class ShardSettings:
         if self.n_top_genes is not None and self.n_top_genes < 1:
             raise ValueError("n_top_genes must be >= 1")
         if not 0 < self.min_gene_overlap <= 1:
-            raise ValueError(f"--min-gene-overlap must be in (0, 1], got {self.min_gene_overlap!r} (a share of the gene "
-                             "list, e.g. 0.5)")
+            raise ValueError(
+                f"--min-gene-overlap must be in (0, 1], got {self.min_gene_overlap!r} (a share of the gene "
+                "list, e.g. 0.5)"
+            )
 
 
 def write_shards(source: Source, out: str, settings: ShardSettings | None = None, echo=print, reopen=None) -> dict:
@@ -92,10 +105,14 @@ def write_shards(source: Source, out: str, settings: ShardSettings | None = None
     seed alone; each shard's rows are put in destination order)."""
     settings = settings or ShardSettings()
     if settings.workers and reopen is None:
-        raise ValueError("shard --workers needs a source that workers can open (a path, a SOMA Experiment or the Census)")
+        raise ValueError(
+            "shard --workers needs a source that workers can open (a path, a SOMA Experiment or the Census)"
+        )
     if settings.workers and is_remote(out):
-        raise ValueError(f"shard --workers writes its spill files beside the output: give a local or shared path, "
-                         f"not {out} (or --workers 0)")
+        raise ValueError(
+            f"shard --workers writes its spill files beside the output: give a local or shared path, "
+            f"not {out} (or --workers 0)"
+        )
     with Lease(str(out), "sharding", wait=settings.wait, echo=echo):  # one writer per shard directory
         return _write_shards(source, str(out), settings, echo, reopen)
 
@@ -117,8 +134,10 @@ def _write_shards(source: Source, out: str, settings: ShardSettings, echo, reope
     elif fs.exists(out_path):
         foreign = [n for n in listdir(out) if not _ours(n)]
         if foreign:
-            raise FileExistsError(f"{out} exists and is not a shard directory (it holds {foreign[:5]}); choose another "
-                                  "--out (nothing was changed)")
+            raise FileExistsError(
+                f"{out} exists and is not a shard directory (it holds {foreign[:5]}); choose another "
+                "--out (nothing was changed)"
+            )
     if fs.exists(out_path):
         _clear(fs, out_path)  # an unfinished run of ours (no manifest): its files only
     fs.makedirs(out_path, exist_ok=True)
@@ -172,13 +191,32 @@ def _build(source: Source, out: str, settings: ShardSettings, started: float, ec
 
         data_dtype, indices_dtype = count_dtype(max_count), index_dtype(alignment.n_target)
         provenance = {
-            "source": source.provenance(), "shard_seed": settings.seed, "created": datetime.now(timezone.utc).isoformat(),
-            "hvae_pipeline": _package_version(), "genes": ("given list" if settings.genes is not None else
-                                                           f"top {settings.n_top_genes} HVGs" if settings.n_top_genes else "all source genes"),
-            "n_genes_missing_zero_filled": len(alignment.missing), **settings.extra_provenance,
+            "source": source.provenance(),
+            "shard_seed": settings.seed,
+            "created": datetime.now(timezone.utc).isoformat(),
+            "hvae_pipeline": _package_version(),
+            "genes": (
+                "given list"
+                if settings.genes is not None
+                else f"top {settings.n_top_genes} HVGs"
+                if settings.n_top_genes
+                else "all source genes"
+            ),
+            "n_genes_missing_zero_filled": len(alignment.missing),
+            **settings.extra_provenance,
         }
-        assemble = _Assembler(out, directories, alignment.n_target, data_dtype, indices_dtype, layout, var, provenance,
-                              settings.compression, [int(n) for n in shard_sizes])
+        assemble = _Assembler(
+            out,
+            directories,
+            alignment.n_target,
+            data_dtype,
+            indices_dtype,
+            layout,
+            var,
+            provenance,
+            settings.compression,
+            [int(n) for n in shard_sizes],
+        )
         if settings.workers:
             nnz = _ray_pass_two(assemble, n_shards, settings)
         else:
@@ -186,12 +224,20 @@ def _build(source: Source, out: str, settings: ShardSettings, started: float, ec
         shards = [{"path": f"shard-{k:05d}.zarr", "n_obs": int(shard_sizes[k]), "nnz": nnz[k]} for k in range(n_shards)]
 
         manifest = {
-            "format_version": FORMAT_VERSION, "n_obs": int(n_obs), "n_vars": int(alignment.n_target),
-            "feature_ids": alignment.target_ids.tolist(), "feature_ids_hash": feature_hash(alignment.target_ids),
+            "format_version": FORMAT_VERSION,
+            "n_obs": int(n_obs),
+            "n_vars": int(alignment.n_target),
+            "feature_ids": alignment.target_ids.tolist(),
+            "feature_ids_hash": feature_hash(alignment.target_ids),
             "feature_names": var["feature_name"].tolist() if "feature_name" in var.columns else None,
-            "count_dtype": data_dtype.name, "index_dtype": indices_dtype.name, "max_count": max_count,
-            "compression": settings.compression, "count_checksum": checksum,
-            "shards": shards, "obs_columns": layout.meta(), "provenance": provenance,
+            "count_dtype": data_dtype.name,
+            "index_dtype": indices_dtype.name,
+            "max_count": max_count,
+            "compression": settings.compression,
+            "count_checksum": checksum,
+            "shards": shards,
+            "obs_columns": layout.meta(),
+            "provenance": provenance,
             "build_seconds": round(time.perf_counter() - started, 2),
         }
         if settings.workers:
@@ -261,8 +307,12 @@ def _pass_one(source: Source, plan: _Plan, part: int, lo: int, hi: int, update=N
         values = source.check_counts(block, obs.index.to_numpy(dtype=object))
         block = sp.csr_matrix((values, block.indices, block.indptr), shape=block.shape)
         block = plan.alignment.apply(block)
-        checksum = add_checksums(checksum, count_checksum(obs["source_row"].to_numpy(np.int64), block.indptr,
-                                                          block.indices, block.data, plan.alignment.n_target))
+        checksum = add_checksums(
+            checksum,
+            count_checksum(
+                obs["source_row"].to_numpy(np.int64), block.indptr, block.indices, block.data, plan.alignment.n_target
+            ),
+        )
         if block.nnz:
             max_count = max(max_count, float(block.data.max()))
         duplicates.add(obs.index, offset)
@@ -333,13 +383,25 @@ class _Assembler:
     shard_sizes: list[int]
 
     def load(self, k: int):
-        counts, order = _load_spill(self.directories, k, self.shard_sizes[k], self.n_vars, self.data_dtype, self.indices_dtype)
+        counts, order = _load_spill(
+            self.directories, k, self.shard_sizes[k], self.n_vars, self.data_dtype, self.indices_dtype
+        )
         return counts, self.layout.load(self.directories, k, order)
 
     def write(self, k: int, counts, obs) -> int:
         fs, out_path = filesystem(self.out)
-        _write_shard(self.out, out_path, fs, not is_remote(self.out), f"shard-{k:05d}.zarr", counts, obs, self.var,
-                     self.provenance, self.compression)
+        _write_shard(
+            self.out,
+            out_path,
+            fs,
+            not is_remote(self.out),
+            f"shard-{k:05d}.zarr",
+            counts,
+            obs,
+            self.var,
+            self.provenance,
+            self.compression,
+        )
         self.remove_spill(k)  # only once written: a retried task finds its input
         return int(counts.nnz)
 
@@ -375,9 +437,12 @@ def _ray_pass_two(assemble: _Assembler, n_shards: int, settings: ShardSettings) 
     shared = _ray().put(assemble)
     variables = faults.forwarded()
     nnz: list[int] = [0] * n_shards
-    with Progress(sum(assemble.shard_sizes), f"shard pass 2/2 (write, {settings.workers} workers)",
-                  enabled=settings.progress) as bar:
-        for k, result in _ray_map(_assemble_task, {k: (shared, k, variables) for k in range(n_shards)}, settings.workers):
+    with Progress(
+        sum(assemble.shard_sizes), f"shard pass 2/2 (write, {settings.workers} workers)", enabled=settings.progress
+    ) as bar:
+        for k, result in _ray_map(
+            _assemble_task, {k: (shared, k, variables) for k in range(n_shards)}, settings.workers
+        ):
             nnz[k] = result
             faults.point("shard.shard")
             bar.update(assemble.shard_sizes[k])
@@ -434,7 +499,9 @@ def _target_genes(source: Source, settings: ShardSettings, echo, reopen=None) ->
     from .genes import GeneStatistics, highly_variable_by_batch
 
     if settings.n_top_genes > len(source.feature_ids):
-        raise ValueError(f"--n-top-genes {settings.n_top_genes} exceeds the {len(source.feature_ids)} genes of {source.uri}")
+        raise ValueError(
+            f"--n-top-genes {settings.n_top_genes} exceeds the {len(source.feature_ids)} genes of {source.uri}"
+        )
     key = settings.hvg_batch_key
     if key is not None:
         available = _available_columns(source)
@@ -454,9 +521,15 @@ def _target_genes(source: Source, settings: ShardSettings, echo, reopen=None) ->
         else:
             statistics = _gene_statistics(source, key, settings.block_size, 0, source.n_obs, bar.update)
     statistics = dict(sorted(statistics.items()))
-    chosen = statistics["all"].highly_variable(settings.n_top_genes) if key is None else \
-        highly_variable_by_batch(statistics, settings.n_top_genes)
-    echo(f"selected {len(chosen)} highly variable genes" + (f" across {len(statistics)} batches of {key!r}" if key else ""))
+    chosen = (
+        statistics["all"].highly_variable(settings.n_top_genes)
+        if key is None
+        else highly_variable_by_batch(statistics, settings.n_top_genes)
+    )
+    echo(
+        f"selected {len(chosen)} highly variable genes"
+        + (f" across {len(statistics)} batches of {key!r}" if key else "")
+    )
     return source.feature_ids[chosen].tolist()
 
 
@@ -499,8 +572,13 @@ def _shard_groups(destination: np.ndarray, shard_offsets: np.ndarray) -> list[tu
     return [(int(shard), order[bounds[shard] : bounds[shard + 1]]) for shard in np.unique(shard_of)]
 
 
-def _spill(staging: str, block: sp.csr_matrix, destination: np.ndarray, shard_offsets: np.ndarray,
-           groups: list[tuple[int, np.ndarray]]) -> None:
+def _spill(
+    staging: str,
+    block: sp.csr_matrix,
+    destination: np.ndarray,
+    shard_offsets: np.ndarray,
+    groups: list[tuple[int, np.ndarray]],
+) -> None:
     """Append each row to its shard's spill file, one record per (block, shard): header [n, nnz,
     data itemsize, index itemsize] + positions + lengths + data + indices."""
     for shard, rows in groups:
@@ -508,7 +586,9 @@ def _spill(staging: str, block: sp.csr_matrix, destination: np.ndarray, shard_of
         positions = (destination[rows] - shard_offsets[shard]).astype(np.int64)
         # Compact spill records: uint16 counts when the record's largest count fits, int16 gene ids
         # below 32,768 genes; the header says which (spill volume is the external shuffle's cost).
-        data = part.data.astype(np.uint16) if part.nnz == 0 or part.data.max() <= 65_535 else part.data.astype(np.uint32)
+        data = (
+            part.data.astype(np.uint16) if part.nnz == 0 or part.data.max() <= 65_535 else part.data.astype(np.uint32)
+        )
         indices = part.indices.astype(np.int16 if block.shape[1] <= 32_768 else np.int32)
         header = np.array([len(rows), part.nnz, data.itemsize, indices.itemsize], dtype=np.int64)
         with open(os.path.join(staging, f"{shard}.bin"), "ab") as handle:
@@ -532,12 +612,23 @@ class _ShardCounts:
 
 def _read_spills(directories: list[str], name: str) -> np.ndarray:
     """The spill file ``name`` of every part, concatenated in part order (records are self-delimiting)."""
-    raws = [np.fromfile(path, dtype=np.uint8) for path in (os.path.join(d, name) for d in directories) if os.path.exists(path)]
+    raws = [
+        np.fromfile(path, dtype=np.uint8)
+        for path in (os.path.join(d, name) for d in directories)
+        if os.path.exists(path)
+    ]
     return np.concatenate(raws) if raws else np.zeros(0, np.uint8)
 
 
-def _load_spill(directories: list[str], shard: int, n_rows: int, n_vars: int, data_dtype: np.dtype,
-                indices_dtype: np.dtype, rows_per_gather: int = 8_192) -> tuple[_ShardCounts, np.ndarray]:
+def _load_spill(
+    directories: list[str],
+    shard: int,
+    n_rows: int,
+    n_vars: int,
+    data_dtype: np.dtype,
+    indices_dtype: np.dtype,
+    rows_per_gather: int = 8_192,
+) -> tuple[_ShardCounts, np.ndarray]:
     """The shard's rows from its spill files, in destination order, in compact dtypes, and the
     order (arrival index of each destination position) that puts its obs records in place.
 
@@ -551,8 +642,12 @@ def _load_spill(directories: list[str], shard: int, n_rows: int, n_vars: int, da
         cursor += 32
         data_type = np.uint16 if data_size == 2 else np.uint32
         index_type = np.int16 if index_size == 2 else np.int32
-        for target, dtype, count in ((positions, np.int64, n), (lengths, np.int64, n), (datas, data_type, nnz),
-                                     (indices, index_type, nnz)):
+        for target, dtype, count in (
+            (positions, np.int64, n),
+            (lengths, np.int64, n),
+            (datas, data_type, nnz),
+            (indices, index_type, nnz),
+        ):
             target.append(np.frombuffer(raw, dtype, int(count), cursor))
             cursor += int(count) * np.dtype(dtype).itemsize
     position = np.concatenate(positions) if positions else np.zeros(0, np.int64)
@@ -579,8 +674,18 @@ def _load_spill(directories: list[str], shard: int, n_rows: int, n_vars: int, da
     return _ShardCounts(out_data, out_index, indptr, (n_rows, n_vars)), order
 
 
-def _write_shard(out: str, out_path: str, fs, local: bool, name: str, counts: _ShardCounts, obs: pd.DataFrame,
-                 var: pd.DataFrame, provenance: dict, compression: str) -> None:
+def _write_shard(
+    out: str,
+    out_path: str,
+    fs,
+    local: bool,
+    name: str,
+    counts: _ShardCounts,
+    obs: pd.DataFrame,
+    var: pd.DataFrame,
+    provenance: dict,
+    compression: str,
+) -> None:
     import warnings
 
     import zarr
@@ -614,8 +719,8 @@ class _ObsSpill:
 
     def __init__(self, staging: str, columns: list[str]) -> None:
         self.staging, self.columns = staging, columns
-        self.kinds: dict[str, np.dtype | None] = {}      # None: a label column
-        self.seen: dict[str, dict[str, int]] = {}        # label column -> value -> first-seen code
+        self.kinds: dict[str, np.dtype | None] = {}  # None: a label column
+        self.seen: dict[str, dict[str, int]] = {}  # label column -> value -> first-seen code
         self.missing: dict[str, int] = {}
 
     def append(self, obs: pd.DataFrame, groups: list[tuple[int, np.ndarray]]) -> None:
@@ -635,8 +740,11 @@ class _ObsSpill:
         names, lengths = encoded[0]
         for shard, rows in groups:
             name_bytes = b"".join([names[r] for r in rows.tolist()])
-            arrays = [np.array([len(rows), len(name_bytes)], np.int64), lengths[rows].astype(np.int32),
-                      np.frombuffer(name_bytes, np.uint8)] + [array[rows] for array in encoded[1:]]
+            arrays = [
+                np.array([len(rows), len(name_bytes)], np.int64),
+                lengths[rows].astype(np.int32),
+                np.frombuffer(name_bytes, np.uint8),
+            ] + [array[rows] for array in encoded[1:]]
             with open(os.path.join(self.staging, f"{shard}.obs"), "ab") as handle:
                 for array in arrays:
                     handle.write(memoryview(np.ascontiguousarray(array)))
@@ -650,15 +758,19 @@ class _ObsSpill:
         seen = self.seen[column]
         codes, uniques = pd.factorize(values, use_na_sentinel=True)  # missing -> -1
         self.missing[column] += int((codes < 0).sum())
-        mapping = np.fromiter((seen.setdefault(str(v), len(seen)) for v in np.asarray(uniques, dtype=object)), np.int32,
-                              len(uniques))
+        mapping = np.fromiter(
+            (seen.setdefault(str(v), len(seen)) for v in np.asarray(uniques, dtype=object)), np.int32, len(uniques)
+        )
         return np.where(codes >= 0, mapping[np.maximum(codes, 0)] if len(mapping) else -1, -1).astype(np.int32)
 
     def state(self) -> dict:
         """What pass 2 needs of this part: each column's kind, each label column's values in
         first-seen order (the codes spilled) and its missing count."""
-        return {"kinds": {c: (None if k is None else np.dtype(k).str) for c, k in self.kinds.items()},
-                "seen": {c: list(seen) for c, seen in self.seen.items()}, "missing": dict(self.missing)}
+        return {
+            "kinds": {c: (None if k is None else np.dtype(k).str) for c, k in self.kinds.items()},
+            "seen": {c: list(seen) for c, seen in self.seen.items()},
+            "missing": dict(self.missing),
+        }
 
 
 class _ObsLayout:
@@ -671,11 +783,14 @@ class _ObsLayout:
         for column in columns:
             kinds = {state["kinds"][column] for state in states if column in state["kinds"]}
             if None in kinds and len(kinds) > 1:
-                raise ValueError(f"obs column {column!r} holds text in some rows and only numbers in others; make it "
-                                 "one type (or shard with --workers 0)")
+                raise ValueError(
+                    f"obs column {column!r} holds text in some rows and only numbers in others; make it "
+                    "one type (or shard with --workers 0)"
+                )
             self.kinds[column] = None if None in kinds or not kinds else np.result_type(*[np.dtype(k) for k in kinds])
-        self.categories = {c: sorted(set().union(*[s["seen"].get(c, []) for s in states]))
-                           for c in columns if self.kinds[c] is None}
+        self.categories = {
+            c: sorted(set().union(*[s["seen"].get(c, []) for s in states])) for c in columns if self.kinds[c] is None
+        }
         self.missing = {c: sum(s["missing"].get(c, 0) for s in states) for c in self.categories}
         self.part_kinds = [{c: (None if k is None else np.dtype(k)) for c, k in s["kinds"].items()} for s in states]
         self.sorted_code = []
@@ -683,14 +798,20 @@ class _ObsLayout:
             maps = {}
             for column, categories in self.categories.items():
                 seen = state["seen"].get(column, [])
-                maps[column] = pd.Index(categories).get_indexer(seen).astype(np.int64) if seen else np.zeros(0, np.int64)
+                maps[column] = (
+                    pd.Index(categories).get_indexer(seen).astype(np.int64) if seen else np.zeros(0, np.int64)
+                )
             self.sorted_code.append(maps)
 
     def meta(self) -> dict:
         meta = {}
         for column in self.columns:
             if self.kinds[column] is None:
-                meta[column] = {"dtype": "category", "categories": self.categories[column], "missing": self.missing[column]}
+                meta[column] = {
+                    "dtype": "category",
+                    "categories": self.categories[column],
+                    "missing": self.missing[column],
+                }
             else:
                 meta[column] = {"dtype": str(self.kinds[column])}
         return meta
@@ -719,7 +840,9 @@ class _ObsLayout:
                     cursor += n * dtype.itemsize
                     if kind is None:
                         sorted_code = self.sorted_code[part][column]
-                        values = np.where(values >= 0, sorted_code[np.maximum(values, 0)] if len(sorted_code) else -1, -1)
+                        values = np.where(
+                            values >= 0, sorted_code[np.maximum(values, 0)] if len(sorted_code) else -1, -1
+                        )
                     else:
                         values = values.astype(self.kinds[column])
                     columns[column].append(values)
@@ -776,8 +899,10 @@ class _DuplicateIds:
                 row = int(pairs[pairs[:, 0] == value, 1][0])
                 examples.append(str(source.obs_rows(row, row + 1).index[0]))
         if repeated:
-            raise ValueError(f"{source.uri}: {repeated:,} obs names occur more than once (e.g. {examples}); each cell needs "
-                             "a unique id (make them unique first, e.g. anndata's obs_names_make_unique)")
+            raise ValueError(
+                f"{source.uri}: {repeated:,} obs names occur more than once (e.g. {examples}); each cell needs "
+                "a unique id (make them unique first, e.g. anndata's obs_names_make_unique)"
+            )
 
 
 def _package_version() -> str:

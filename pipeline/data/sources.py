@@ -82,8 +82,10 @@ class Source:
             layers = [name for name in self.count_layers() if name != getattr(self, "layer", None)]
             if not layers:
                 raise
-            raise ValueError(f"{error}. Integer counts are in {', '.join(repr(n) for n in layers)} of this source: "
-                             f"pass --layer {layers[0]}") from None
+            raise ValueError(
+                f"{error}. Integer counts are in {', '.join(repr(n) for n in layers)} of this source: "
+                f"pass --layer {layers[0]}"
+            ) from None
 
     def count_layers(self) -> list[str]:
         """Other layers of the source whose first rows hold non-negative integers (for hints)."""
@@ -111,7 +113,9 @@ def _filter_frame(obs: pd.DataFrame, obs_filter: str | None, uri: str) -> np.nda
     try:
         mask = obs.eval(obs_filter)
     except Exception as error:  # pandas raises many kinds; name the expression and columns
-        raise ValueError(f"{uri}: cannot evaluate obs filter {obs_filter!r} ({error}); obs columns: {list(obs.columns)}") from None
+        raise ValueError(
+            f"{uri}: cannot evaluate obs filter {obs_filter!r} ({error}); obs columns: {list(obs.columns)}"
+        ) from None
     return np.flatnonzero(np.asarray(mask, dtype=bool))
 
 
@@ -121,8 +125,9 @@ class AnnDataSource(Source):
     ``layer``: None for ``X``, ``"raw"`` for ``raw/X`` (with ``raw/var``), or a name in ``layers``.
     """
 
-    def __init__(self, uri: str, layer: str | None = None, obs_filter: str | None = None,
-                 gene_column: str | None = None) -> None:
+    def __init__(
+        self, uri: str, layer: str | None = None, obs_filter: str | None = None, gene_column: str | None = None
+    ) -> None:
         from anndata.io import read_elem
 
         from .alignment import gene_ids_of
@@ -144,7 +149,9 @@ class AnnDataSource(Source):
             raise ValueError(f"{self.uri}: {element} is stored as CSC; streaming needs rows, convert it to CSR first")
         var = read_elem(self._root[var_key])
         ids, self.gene_ids_from = gene_ids_of(var, gene_column, where=f"{self.uri} {var_key}")
-        names = next((var[c] for c in ("feature_name", "gene_symbol", "gene_symbols", "gene_name") if c in var.columns), None)
+        names = next(
+            (var[c] for c in ("feature_name", "gene_symbol", "gene_symbols", "gene_name") if c in var.columns), None
+        )
         if names is None and self.gene_ids_from != "var.index":
             names = var.index  # ids from a column: the index usually holds the symbols
         self.var = pd.DataFrame(index=pd.Index(ids, name="feature_id", dtype=object))
@@ -227,14 +234,16 @@ class AnnDataSource(Source):
 
         fs, path = filesystem(self.uri)
         stamp = {}
-        for part in (("",) if fs.isfile(path) else ("X", "obs", "layers", "raw")):
+        for part in ("",) if fs.isfile(path) else ("X", "obs", "layers", "raw"):
             target = f"{path}/{part}" if part else path
             if not fs.exists(target):
                 continue
             files = [target] if fs.isfile(target) else fs.find(target)
             infos = [fs.info(f) for f in files]
-            stamp[part or "file"] = [sum(int(i.get("size") or 0) for i in infos),
-                                     max((_mtime(i) for i in infos), default=0.0)]
+            stamp[part or "file"] = [
+                sum(int(i.get("size") or 0) for i in infos),
+                max((_mtime(i) for i in infos), default=0.0),
+            ]
         return stamp or None
 
     def close(self) -> None:
@@ -257,8 +266,10 @@ def _open_anndata_root(uri: str):
             handle = h5py.File(fs.open(path, "rb"), "r") if is_remote(uri) else h5py.File(path, "r")
         except OSError as error:
             size = fs.size(path)
-            raise ValueError(f"{uri} ({size:,} bytes) cannot be opened as HDF5 ({error}): it is truncated or "
-                             "damaged (an interrupted download or copy?) or not an h5ad file") from None
+            raise ValueError(
+                f"{uri} ({size:,} bytes) cannot be opened as HDF5 ({error}): it is truncated or "
+                "damaged (an interrupted download or copy?) or not an h5ad file"
+            ) from None
         return handle, handle
     import zarr
 
@@ -275,9 +286,18 @@ class SomaSource(Source):
     as the Census opener does. ``obs_filter`` / ``var_filter`` are SOMA value filters.
     """
 
-    def __init__(self, uri: str | None = None, *, experiment=None, measurement: str = "RNA", layer: str | None = None,
-                 obs_filter: str | None = None, var_filter: str | None = None, provenance: dict | None = None,
-                 owner=None) -> None:
+    def __init__(
+        self,
+        uri: str | None = None,
+        *,
+        experiment=None,
+        measurement: str = "RNA",
+        layer: str | None = None,
+        obs_filter: str | None = None,
+        var_filter: str | None = None,
+        provenance: dict | None = None,
+        owner=None,
+    ) -> None:
         import tiledbsoma
 
         self.uri = uri or getattr(experiment, "uri", "soma")
@@ -295,7 +315,9 @@ class SomaSource(Source):
         layers = list(ms.X.keys())
         self.layer = layer or ("raw" if "raw" in layers else (layers[0] if layers else None))
         if self.layer not in layers:
-            raise ValueError(f"{self.uri}: measurement {measurement!r} has no X layer {self.layer!r} (layers: {layers})")
+            raise ValueError(
+                f"{self.uri}: measurement {measurement!r} has no X layer {self.layer!r} (layers: {layers})"
+            )
         self._X = ms.X[self.layer]
         var = _read_soma_frame(ms.var, var_filter, self.uri, "var")
         # feature_id (Census), gene_ids, or var_id (tiledbsoma.io's name for an AnnData var index)
@@ -339,8 +361,15 @@ class SomaSource(Source):
         return block
 
     def provenance(self) -> dict:
-        return {"kind": "tiledbsoma", "uri": self.uri, "measurement": self.measurement, "layer": self.layer,
-                "obs_filter": self.obs_filter, "var_filter": self.var_filter, **self._provenance}
+        return {
+            "kind": "tiledbsoma",
+            "uri": self.uri,
+            "measurement": self.measurement,
+            "layer": self.layer,
+            "obs_filter": self.obs_filter,
+            "var_filter": self.var_filter,
+            **self._provenance,
+        }
 
     def close(self) -> None:
         for handle in (self._experiment, self._owner):
@@ -392,9 +421,11 @@ def public_census(census_version: str, call):
 def census_unreachable(census_version: str, error: BaseException) -> CensusUnreachable:
     """One line for a public Census that cannot be reached: the URL, the reason, the way out."""
     reason = str(error).split("(Caused by")[0].strip().rstrip(":") or type(error).__name__
-    return CensusUnreachable(f"cannot reach the Census to open release {census_version!r} ({CENSUS_DIRECTORY}; "
-                      f"{type(error).__name__}: {reason[:200]}); without network, use a local or mirrored copy "
-                      "with --census-uri PATH")
+    return CensusUnreachable(
+        f"cannot reach the Census to open release {census_version!r} ({CENSUS_DIRECTORY}; "
+        f"{type(error).__name__}: {reason[:200]}); without network, use a local or mirrored copy "
+        "with --census-uri PATH"
+    )
 
 
 def open_census_copy(census_uri: str):
@@ -405,10 +436,15 @@ def open_census_copy(census_uri: str):
     try:
         census = cellxgene_census.open_soma(uri=census_uri)
     except Exception as error:  # tiledbsoma's DoesNotExistError and kin: say what the path is instead
-        what = ("does not exist" if not is_url(census_uri) and not Path(census_uri).exists()
-                else "is not a Census (a TileDB-SOMA collection with census_data and census_info)")
-        raise ValueError(f"--census-uri {census_uri} {what}: give the folder or URL of a Census copy (the one "
-                         f"holding census_data/); {type(error).__name__}: {str(error)[:200]}") from None
+        what = (
+            "does not exist"
+            if not is_url(census_uri) and not Path(census_uri).exists()
+            else "is not a Census (a TileDB-SOMA collection with census_data and census_info)"
+        )
+        raise ValueError(
+            f"--census-uri {census_uri} {what}: give the folder or URL of a Census copy (the one "
+            f"holding census_data/); {type(error).__name__}: {str(error)[:200]}"
+        ) from None
     _check_census(census, census_uri)
     return census
 
@@ -416,13 +452,19 @@ def open_census_copy(census_uri: str):
 def _check_census(census, name: str) -> None:
     if "census_data" not in census:
         census.close()
-        raise ValueError(f"{name} is a SOMA collection but not a Census: it has no census_data "
-                         f"(it holds {list(census.keys())[:5]})")
+        raise ValueError(
+            f"{name} is a SOMA collection but not a Census: it has no census_data (it holds {list(census.keys())[:5]})"
+        )
 
 
-def open_census(census_version: str | None = None, census_uri: str | None = None, organism: str = "homo_sapiens",
-                obs_filter: str | None = DEFAULT_CENSUS_OBS_FILTER, var_filter: str | None = None,
-                layer: str = "raw") -> SomaSource:
+def open_census(
+    census_version: str | None = None,
+    census_uri: str | None = None,
+    organism: str = "homo_sapiens",
+    obs_filter: str | None = DEFAULT_CENSUS_OBS_FILTER,
+    var_filter: str | None = None,
+    layer: str = "raw",
+) -> SomaSource:
     """A Census experiment: the public release ``census_version`` or a local/mirrored ``census_uri``."""
     import cellxgene_census
 
@@ -444,33 +486,64 @@ def open_census(census_version: str | None = None, census_uri: str | None = None
         summary = dict(zip(frame["label"], frame["value"]))
     except Exception:
         pass
-    provenance = {"kind": "census", "census_version": census_version, "census_uri": census_uri, "organism": key,
-                  "census_schema_version": summary.get("census_schema_version"),
-                  "census_build_date": summary.get("census_build_date")}
-    return SomaSource(uri=census_uri or f"census:{census_version}", experiment=data[key], measurement="RNA", layer=layer,
-                      obs_filter=obs_filter, var_filter=var_filter, provenance=provenance, owner=census)
+    provenance = {
+        "kind": "census",
+        "census_version": census_version,
+        "census_uri": census_uri,
+        "organism": key,
+        "census_schema_version": summary.get("census_schema_version"),
+        "census_build_date": summary.get("census_build_date"),
+    }
+    return SomaSource(
+        uri=census_uri or f"census:{census_version}",
+        experiment=data[key],
+        measurement="RNA",
+        layer=layer,
+        obs_filter=obs_filter,
+        var_filter=var_filter,
+        provenance=provenance,
+        owner=census,
+    )
 
 
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
 
 
-def open_source(source: str, *, layer: str | None = None, obs_filter: str | None = None, var_filter: str | None = None,
-                measurement: str = "RNA", census_version: str | None = None, census_uri: str | None = None,
-                organism: str = "homo_sapiens", gene_column: str | None = None, all_cells: bool = False) -> Source:
+def open_source(
+    source: str,
+    *,
+    layer: str | None = None,
+    obs_filter: str | None = None,
+    var_filter: str | None = None,
+    measurement: str = "RNA",
+    census_version: str | None = None,
+    census_uri: str | None = None,
+    organism: str = "homo_sapiens",
+    gene_column: str | None = None,
+    all_cells: bool = False,
+) -> Source:
     """A source from a path/URL (h5ad, AnnData-Zarr, SOMA Experiment) or the word ``census``.
     ``gene_column``: the var column holding gene ids in an AnnData source (default: the first of
     feature_id, gene_ids, gene_id, ensembl_id, else the index). For the Census a filter is AND-ed
     with ``is_primary_data == True`` (each cell once) unless ``all_cells``."""
     if source == "census":
-        return open_census(census_version, census_uri, organism, obs_filter=census_obs_filter(obs_filter, all_cells),
-                           var_filter=var_filter, layer=layer or "raw")
+        return open_census(
+            census_version,
+            census_uri,
+            organism,
+            obs_filter=census_obs_filter(obs_filter, all_cells),
+            var_filter=var_filter,
+            layer=layer or "raw",
+        )
     if census_version or census_uri:
         raise ValueError("--census-version / --census-uri go with the source 'census'")
     text = str(source)
     compressed = next((suffix for suffix in COMPRESSED_SUFFIXES if text.endswith(suffix)), None)
     if compressed:
-        raise ValueError(f"{text} is a compressed file ({compressed}): decompress it first (e.g. gunzip -k {text}); "
-                         "h5ad and Zarr compress their arrays inside and are read as they are")
+        raise ValueError(
+            f"{text} is a compressed file ({compressed}): decompress it first (e.g. gunzip -k {text}); "
+            "h5ad and Zarr compress their arrays inside and are read as they are"
+        )
     if _is_shard_directory(text):
         return ShardSource(text)
     if text.endswith((".h5ad", ".h5")):
@@ -585,8 +658,11 @@ class ShardSource(Source):
         parts = []
         for k, lo, hi in self._spans(start, stop):
             indptr, indices, data = self.dataset.shard(k).read(lo, hi)
-            parts.append(sp.csr_matrix((data.astype(np.float32), indices.astype(np.int32), indptr),
-                                       shape=(hi - lo, self.dataset.n_vars)))
+            parts.append(
+                sp.csr_matrix(
+                    (data.astype(np.float32), indices.astype(np.int32), indptr), shape=(hi - lo, self.dataset.n_vars)
+                )
+            )
         if not parts:
             return sp.csr_matrix((0, self.dataset.n_vars), dtype=np.float32)
         return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
@@ -601,5 +677,9 @@ class ShardSource(Source):
         return {"manifest.json": [int(info.get("size") or 0), _mtime(info)]}
 
     def provenance(self) -> dict:
-        return {"kind": "shards", "uri": self.uri, "feature_ids_hash": self.dataset.manifest.get("feature_ids_hash"),
-                "source": self.dataset.manifest.get("provenance", {}).get("source")}
+        return {
+            "kind": "shards",
+            "uri": self.uri,
+            "feature_ids_hash": self.dataset.manifest.get("feature_ids_hash"),
+            "source": self.dataset.manifest.get("provenance", {}).get("source"),
+        }

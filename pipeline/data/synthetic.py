@@ -126,8 +126,12 @@ class SyntheticAtlas:
                 profiles[leaf] += effects[path[: depth + 1]]
         self.leaf_log_profiles = profiles.astype(np.float32)  # (leaves, genes)
 
-        self.donor_loadings = (rng.normal(0, 1, (spec.n_donor_factors, genes)) / math.sqrt(spec.n_donor_factors)).astype(np.float32)
-        self.cell_loadings = (rng.normal(0, 1, (spec.n_cell_factors, genes)) / math.sqrt(spec.n_cell_factors)).astype(np.float32)
+        self.donor_loadings = (
+            rng.normal(0, 1, (spec.n_donor_factors, genes)) / math.sqrt(spec.n_donor_factors)
+        ).astype(np.float32)
+        self.cell_loadings = (rng.normal(0, 1, (spec.n_cell_factors, genes)) / math.sqrt(spec.n_cell_factors)).astype(
+            np.float32
+        )
         self.theta = np.exp(rng.normal(math.log(spec.mean_theta), 0.5, genes)).astype(np.float32)
         # Global leaf frequencies (some types are rare) that each donor perturbs.
         self.leaf_frequencies = rng.dirichlet(np.full(len(self.leaf_paths), 2.0))
@@ -151,7 +155,9 @@ class SyntheticAtlas:
         """(leaf probabilities, (genes,) log shift, log library shift) of one donor."""
         spec = self.spec
         rng = np.random.default_rng([spec.seed, 1, donor])
-        probabilities = rng.dirichlet(spec.composition_concentration * len(self.leaf_paths) * self.leaf_frequencies + 1e-3)
+        probabilities = rng.dirichlet(
+            spec.composition_concentration * len(self.leaf_paths) * self.leaf_frequencies + 1e-3
+        )
         shift = rng.normal(0, spec.donor_effect_sd, spec.n_donor_factors).astype(np.float32) @ self.donor_loadings
         return probabilities, shift, float(rng.normal(0, spec.donor_library_log_sd))
 
@@ -206,8 +212,9 @@ class SyntheticAtlas:
         mean, leaves, donors = self._chunk_means(chunk, rng, work)
         return negative_binomial_csr(rng, mean, self.theta, work), leaves, donors
 
-    def _chunk_means(self, chunk: int, rng: np.random.Generator, work: "_Workspace | None" = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _chunk_means(
+        self, chunk: int, rng: np.random.Generator, work: "_Workspace | None" = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """NB means (cells, genes) float32, leaf and donor of the chunk's rows; draws from ``rng``.
         The means are written into ``work`` (per-thread buffers reused chunk after chunk)."""
         spec = self.spec
@@ -294,7 +301,11 @@ class SyntheticAtlas:
         )
 
     def provenance(self) -> dict:
-        return {"generator": "pipeline.data.synthetic", "generator_version": GENERATOR_VERSION, "spec": self.spec.to_dict()}
+        return {
+            "generator": "pipeline.data.synthetic",
+            "generator_version": GENERATOR_VERSION,
+            "spec": self.spec.to_dict(),
+        }
 
     def to_anndata(self):
         """The whole atlas in memory (small atlases only)."""
@@ -310,8 +321,9 @@ class SyntheticAtlas:
         return adata
 
 
-def negative_binomial_csr(rng: np.random.Generator, mean: np.ndarray, theta: np.ndarray,
-                          work: "_Workspace | None" = None) -> sp.csr_matrix:
+def negative_binomial_csr(
+    rng: np.random.Generator, mean: np.ndarray, theta: np.ndarray, work: "_Workspace | None" = None
+) -> sp.csr_matrix:
     """NB(mean, theta) counts (E = mean, Var = mean + mean^2 / theta) as CSR float32.
 
     Sparse, by inversion: P(0) = (1 + mean / theta)^-theta in one vectorised pass; a compiled

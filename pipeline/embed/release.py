@@ -36,14 +36,17 @@ def resolve_release(census_version: str | None, census_uri: str | None, release:
     elif census_version:
         import cellxgene_census
 
-        description = public_census(census_version,
-                                    lambda: cellxgene_census.get_census_version_description(census_version))
+        description = public_census(
+            census_version, lambda: cellxgene_census.get_census_version_description(census_version)
+        )
         name = description.get("release_build") or census_version
     else:
         name = _build_date(census_uri)
         if not name:
-            raise ValueError(f"the Census copy at {census_uri} records no census_build_date in census_info/summary; "
-                             "name the release with --release")
+            raise ValueError(
+                f"the Census copy at {census_uri} records no census_build_date in census_info/summary; "
+                "name the release with --release"
+            )
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise ValueError(f"release name {name!r} is not a plain directory name (letters, digits, . _ -)")
     return name
@@ -65,7 +68,9 @@ def read_index(out_root: str) -> list[dict]:
             raise TypeError(f"'runs' is not a list of records with {sorted(RECORD_KEYS)}")
         return runs
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not an embed-release index ({type(error).__name__}: {error}); move it aside") from None
+        raise ValueError(
+            f"{path} is not an embed-release index ({type(error).__name__}: {error}); move it aside"
+        ) from None
 
 
 def _write_index(out_root: str, runs: list[dict]) -> None:
@@ -79,15 +84,29 @@ _index_lock = threading.Lock()  # this process's threads; the lease below serial
 def _record(out_root: str, entry: dict) -> None:
     """``entry`` into the runs file: read, replace and write under the runs file's own lease, so
     that jobs on one out-root at once (other releases, other models) never lose each other's records."""
-    with _index_lock, Lease(storage.join(out_root, INDEX_NAME), "update of the runs file", wait=True, poll=0.1,
-                            echo=lambda line: None):
+    with (
+        _index_lock,
+        Lease(
+            storage.join(out_root, INDEX_NAME), "update of the runs file", wait=True, poll=0.1, echo=lambda line: None
+        ),
+    ):
         _write_index(out_root, _replace(read_index(out_root), entry))
 
 
-def embed_release(checkpoint: str, out_root: str, *, census_version: str | None = None, census_uri: str | None = None,
-                  release: str | None = None, organism: str = "homo_sapiens", obs_filter: str | None = None,
-                  all_cells: bool = False, settings: EmbedSettings | None = None, index: bool = True,
-                  echo=print) -> dict:
+def embed_release(
+    checkpoint: str,
+    out_root: str,
+    *,
+    census_version: str | None = None,
+    census_uri: str | None = None,
+    release: str | None = None,
+    organism: str = "homo_sapiens",
+    obs_filter: str | None = None,
+    all_cells: bool = False,
+    settings: EmbedSettings | None = None,
+    index: bool = True,
+    echo=print,
+) -> dict:
     """Embed one Census release under ``out_root`` (idempotent, resumable) and record it in the
     runs file; with ``index`` (the default) also build the release's nearest-neighbour index beside
     its store (``embeddings.zarr.index``, for ``hvae-pipeline query``)."""
@@ -106,38 +125,96 @@ def embed_release(checkpoint: str, out_root: str, *, census_version: str | None 
         name = resolve_release(census_version, census_uri, release)
     except CensusUnreachable as error:  # the scheduled job's failure is in the index too
         now = datetime.now(timezone.utc).isoformat()
-        _record(out_root, {
-            "release": release or census_version or census_uri, "model_id": identity, "checkpoint": origin,
-            "census_version": census_version, "census_uri": census_uri, "started": now, "finished": now,
-            "status": "failed", "error": f"{error}"[:500]})
+        _record(
+            out_root,
+            {
+                "release": release or census_version or census_uri,
+                "model_id": identity,
+                "checkpoint": origin,
+                "census_version": census_version,
+                "census_uri": census_uri,
+                "started": now,
+                "finished": now,
+                "status": "failed",
+                "error": f"{error}"[:500],
+            },
+        )
         raise
     out = storage.join(out_root, name, "embeddings.zarr")
     with Lease(out, f"embedding of release {name}", wait=settings.wait, echo=echo):  # one job per release
-        return _embed_release(origin, identity, out_root, out, name, census_version, census_uri, organism, obs_filter,
-                              all_cells, settings, index, echo)
+        return _embed_release(
+            origin,
+            identity,
+            out_root,
+            out,
+            name,
+            census_version,
+            census_uri,
+            organism,
+            obs_filter,
+            all_cells,
+            settings,
+            index,
+            echo,
+        )
 
 
-def _embed_release(origin, identity, out_root, out, name, census_version, census_uri, organism, obs_filter, all_cells,
-                   settings, index, echo) -> dict:
+def _embed_release(
+    origin,
+    identity,
+    out_root,
+    out,
+    name,
+    census_version,
+    census_uri,
+    organism,
+    obs_filter,
+    all_cells,
+    settings,
+    index,
+    echo,
+) -> dict:
     _refuse_another_store(out, identity, settings, name)
     runs = read_index(out_root)
     effective = census_obs_filter(obs_filter, all_cells)
     for entry in runs:
-        if entry["release"] == name and entry["model_id"] == identity and entry["status"] == "complete" and _complete(out):
+        if (
+            entry["release"] == name
+            and entry["model_id"] == identity
+            and entry["status"] == "complete"
+            and _complete(out)
+        ):
             if entry.get("obs_filter", effective) != effective:
-                raise FileExistsError(f"release {name} was embedded by model {identity} with obs filter "
-                                      f"{entry.get('obs_filter')!r}, this run asks for {effective!r}: use another --out-root "
-                                      "(or --release name) for another selection of cells")
+                raise FileExistsError(
+                    f"release {name} was embedded by model {identity} with obs filter "
+                    f"{entry.get('obs_filter')!r}, this run asks for {effective!r}: use another --out-root "
+                    "(or --release name) for another selection of cells"
+                )
             echo(f"release {name} is already embedded by model {identity} at {out}; nothing to do")
             if index and not storage.exists(storage.join(default_index_path(out), "index.json")):
                 entry = {**entry, "index": _index(out, echo)}
                 _record(out_root, entry)
             return {**entry, "action": "skipped"}
-    source_args = {"source": "census", "census_version": census_version, "census_uri": census_uri,
-                   "organism": organism, "obs_filter": obs_filter, "all_cells": all_cells}
-    entry = {"release": name, "model_id": identity, "checkpoint": origin, "out": out,
-             "census_version": census_version, "census_uri": census_uri, "organism": organism,
-             "obs_filter": effective, "started": datetime.now(timezone.utc).isoformat(), "status": "running"}
+    source_args = {
+        "source": "census",
+        "census_version": census_version,
+        "census_uri": census_uri,
+        "organism": organism,
+        "obs_filter": obs_filter,
+        "all_cells": all_cells,
+    }
+    entry = {
+        "release": name,
+        "model_id": identity,
+        "checkpoint": origin,
+        "out": out,
+        "census_version": census_version,
+        "census_uri": census_uri,
+        "organism": organism,
+        "obs_filter": effective,
+        "started": datetime.now(timezone.utc).isoformat(),
+        "status": "running",
+    }
     _record(out_root, entry)
     echo(f"embedding release {name} with model {identity} -> {out}")
     started = time.perf_counter()
@@ -146,12 +223,26 @@ def _embed_release(origin, identity, out_root, out, name, census_version, census
         if index:
             entry["index"] = _index(out, echo)
     except BaseException as error:
-        _record(out_root, {
-            **entry, "status": "failed", "error": f"{type(error).__name__}: {error}"[:500],
-            "finished": datetime.now(timezone.utc).isoformat(), "seconds": round(time.perf_counter() - started, 1)})
+        _record(
+            out_root,
+            {
+                **entry,
+                "status": "failed",
+                "error": f"{type(error).__name__}: {error}"[:500],
+                "finished": datetime.now(timezone.utc).isoformat(),
+                "seconds": round(time.perf_counter() - started, 1),
+            },
+        )
         raise
-    entry.update({"status": "complete", "n_cells": result["cells"], "finished": datetime.now(timezone.utc).isoformat(),
-                  "seconds": round(time.perf_counter() - started, 1), "cells_per_s": result.get("cells_per_s")})
+    entry.update(
+        {
+            "status": "complete",
+            "n_cells": result["cells"],
+            "finished": datetime.now(timezone.utc).isoformat(),
+            "seconds": round(time.perf_counter() - started, 1),
+            "cells_per_s": result.get("cells_per_s"),
+        }
+    )
     _record(out_root, entry)
     return {**entry, "action": "embedded"}
 
@@ -187,13 +278,17 @@ def _refuse_another_store(out: str, identity: str, settings: EmbedSettings, name
         way = "give this model its own --out-root"
     elif attrs.get("chunk_rows") != settings.chunk_rows or logvar != settings.logvar:
         stored = f"--chunk-rows {attrs.get('chunk_rows')}{' --logvar' if logvar else ''}"
-        what = (f"embeddings written with {stored} (this run: --chunk-rows {settings.chunk_rows}"
-                f"{' --logvar' if settings.logvar else ''})")
+        what = (
+            f"embeddings written with {stored} (this run: --chunk-rows {settings.chunk_rows}"
+            f"{' --logvar' if settings.logvar else ''})"
+        )
         way = f"rerun with {stored}"
     else:
         return
-    raise FileExistsError(f"release {name} at {out} holds {what}; embed-release never replaces a release's store: {way}, "
-                          f"or delete {out} yourself to embed the release again")
+    raise FileExistsError(
+        f"release {name} at {out} holds {what}; embed-release never replaces a release's store: {way}, "
+        f"or delete {out} yourself to embed the release again"
+    )
 
 
 def _complete(out: str) -> bool:

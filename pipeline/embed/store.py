@@ -35,7 +35,9 @@ def read_embeddings(path: str, as_: str = "anndata", lazy: bool = True):
 
         obsm = {(f"X_hvae_level_{l}" if k == "mean" else f"X_hvae_level_{l}_logvar"): a for (l, k), a in arrays.items()}
         adata = ad.AnnData(obs=pd.DataFrame(index=pd.Index(obs_ids, name="obs_id")), obsm=obsm)
-        adata.uns["hvae_embeddings"] = {k: (v if isinstance(v, (str, int, float, bool)) else str(v)) for k, v in attrs.items()}
+        adata.uns["hvae_embeddings"] = {
+            k: (v if isinstance(v, (str, int, float, bool)) else str(v)) for k, v in attrs.items()
+        }
         return adata
     raise ValueError(f"as_ must be 'anndata' or 'xarray', got {as_!r}")
 
@@ -53,15 +55,23 @@ class EmbeddingsView:
         self.group = zarr.open_group(path, mode="r")
         attrs = dict(self.group.attrs)
         if not attrs.get("complete"):
-            raise ValueError(f"{path} is incomplete (embedding was interrupted); rerun `hvae-pipeline embed` to finish it")
-        self.uns = {"hvae_embeddings": {k: (v if isinstance(v, (str, int, float, bool)) else str(v)) for k, v in attrs.items()}}
+            raise ValueError(
+                f"{path} is incomplete (embedding was interrupted); rerun `hvae-pipeline embed` to finish it"
+            )
+        self.uns = {
+            "hvae_embeddings": {k: (v if isinstance(v, (str, int, float, bool)) else str(v)) for k, v in attrs.items()}
+        }
         self.n_obs = int(self.group["obs_id"].shape[0])
-        self.obsm = {f"X_hvae_level_{level}": da.from_zarr(self.group[f"level_{level}/mean"])
-                     for level in range(len(attrs["level_dims"]))}
+        self.obsm = {
+            f"X_hvae_level_{level}": da.from_zarr(self.group[f"level_{level}/mean"])
+            for level in range(len(attrs["level_dims"]))
+        }
 
     def obs_ids_at(self, rows: np.ndarray) -> np.ndarray:
         """The obs ids at ``rows`` (sorted row numbers), as Python strings."""
-        return np.asarray(self.group["obs_id"].get_orthogonal_selection(np.asarray(rows, dtype=np.int64))).astype(object)
+        return np.asarray(self.group["obs_id"].get_orthogonal_selection(np.asarray(rows, dtype=np.int64))).astype(
+            object
+        )
 
     def positions_of(self, ids) -> np.ndarray:
         """Row of each id in this store (-1 where absent), reading the ids a block at a time."""

@@ -63,7 +63,7 @@ class EmbedSettings:
     min_gene_overlap: float = 0.5
     progress: bool = True
     device: str | None = None
-    wait: bool = False              # another writer holds the output's lease: wait for it (else refused)
+    wait: bool = False  # another writer holds the output's lease: wait for it (else refused)
 
     def __post_init__(self) -> None:
         for name, low in (("batch_size", 1), ("chunk_rows", 1), ("workers", 0)):
@@ -71,8 +71,10 @@ class EmbedSettings:
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
         if not 0 < self.min_gene_overlap <= 1:
-            raise ValueError(f"--min-gene-overlap must be in (0, 1], got {self.min_gene_overlap!r}: a model fed no "
-                             "gene it knows gives every cell the same embedding")
+            raise ValueError(
+                f"--min-gene-overlap must be in (0, 1], got {self.min_gene_overlap!r}: a model fed no "
+                "gene it knows gives every cell the same embedding"
+            )
 
 
 def source_identity(source, block_rows: int = 1_000_000) -> dict:
@@ -92,11 +94,18 @@ def source_identity(source, block_rows: int = 1_000_000) -> dict:
     del hashes
     if len(repeated):
         examples = _names_with_hashes(source, repeated[:3], block_rows)
-        raise ValueError(f"{source.uri}: {len(repeated):,} obs names occur more than once (e.g. {examples}); "
-                         "each cell needs a unique id to be embedded and read back (make them unique first)")
-    identity = {"uri": source.uri, "layer": provenance.get("layer"), "obs_filter": provenance.get("obs_filter"),
-                "var_filter": provenance.get("var_filter"), "n_obs": int(source.n_obs),
-                "obs_ids_hash": f"sha256:{digest.hexdigest()[:16]}"}
+        raise ValueError(
+            f"{source.uri}: {len(repeated):,} obs names occur more than once (e.g. {examples}); "
+            "each cell needs a unique id to be embedded and read back (make them unique first)"
+        )
+    identity = {
+        "uri": source.uri,
+        "layer": provenance.get("layer"),
+        "obs_filter": provenance.get("obs_filter"),
+        "var_filter": provenance.get("var_filter"),
+        "n_obs": int(source.n_obs),
+        "obs_ids_hash": f"sha256:{digest.hexdigest()[:16]}",
+    }
     stamp = source.content_stamp()
     if stamp is not None:  # a file rewritten in place, same ids, other values: not the same source
         identity["content"] = stamp
@@ -179,19 +188,30 @@ def _embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings
     # open for the whole run: the local path reads from it
     source_args, source = _open_as_recorded(source_args, parts.get("setup"), echo)
     try:
-        alignment = GeneAlignment(source.feature_ids, genes, settings.min_gene_overlap, source_name=source.uri,
-                                  id_note=_id_note(source))
+        alignment = GeneAlignment(
+            source.feature_ids, genes, settings.min_gene_overlap, source_name=source.uri, id_note=_id_note(source)
+        )
         echo(f"genes: {alignment.summary()}")
         if source_args.get("source") == "census":
             echo(f"Census cells: obs filter {source.obs_filter!r} ({source.n_obs:,} cells)")
         identity_of_source = source_identity(source)  # also refuses repeated obs names
         n_obs, provenance, identity = source.n_obs, source.provenance(), model_id(directory)
         dims = list(model.config.representation_dims)
-        attrs = {"format_version": FORMAT_VERSION, "model_id": identity, "checkpoint": origin,
-                 "feature_ids_hash": parts["genes"]["feature_ids_hash"], "level_dims": dims,
-                 "latent_dims": list(model.config.latent_dims), "export": model.export_kind, "source": provenance,
-                 "source_identity": identity_of_source, "source_args": json.dumps(source_args),
-                 "chunk_rows": settings.chunk_rows, "ema": settings.ema, "n_genes_missing_zero_filled": len(alignment.missing)}
+        attrs = {
+            "format_version": FORMAT_VERSION,
+            "model_id": identity,
+            "checkpoint": origin,
+            "feature_ids_hash": parts["genes"]["feature_ids_hash"],
+            "level_dims": dims,
+            "latent_dims": list(model.config.latent_dims),
+            "export": model.export_kind,
+            "source": provenance,
+            "source_identity": identity_of_source,
+            "source_args": json.dumps(source_args),
+            "chunk_rows": settings.chunk_rows,
+            "ema": settings.ema,
+            "n_genes_missing_zero_filled": len(alignment.missing),
+        }
         recover_replace(out)  # an --overwrite swap cut short by a kill
         final, out = out, _working_path(out, settings)
         group, existing = _open_output(out, attrs, n_obs, dims, settings, final)
@@ -206,8 +226,10 @@ def _embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings
         if existing == "partial":
             echo(f"resuming {out}: {n_chunks - len(todo)} of {n_chunks} chunks already written")
         if settings.logvar and todo:
-            echo(f"--logvar: about {logvar_cost(model, settings.batch_size, settings.device):.0f}x the time of the means "
-                 "(measured on one batch here)")
+            echo(
+                f"--logvar: about {logvar_cost(model, settings.batch_size, settings.device):.0f}x the time of the means "
+                "(measured on one batch here)"
+            )
         bar = _bar(n_obs, n_obs - sum(_chunk_size(c, n_obs, settings.chunk_rows) for c in todo), settings.progress)
         if settings.workers == 0:
             worker = _ChunkEmbedder(model, source, alignment, out, settings)  # the model and source already open
@@ -228,8 +250,14 @@ def _embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings
             replace_tree(out, final)  # the old store is replaced only now, by a complete new one
         seconds = time.perf_counter() - started
         rows = sum(_chunk_size(c, n_obs, settings.chunk_rows) for c in todo)
-        return {"out": final, "cells": n_obs, "written_chunks": len(todo), "complete": True, "seconds": round(seconds, 2),
-                "cells_per_s": round(rows / max(seconds, 1e-9))}
+        return {
+            "out": final,
+            "cells": n_obs,
+            "written_chunks": len(todo),
+            "complete": True,
+            "seconds": round(seconds, 2),
+            "cells_per_s": round(rows / max(seconds, 1e-9)),
+        }
     finally:
         source.close()
 
@@ -247,9 +275,11 @@ def _open_as_recorded(source_args: dict, setup: dict | None, echo):
     if not recorded or not isinstance(source, AnnDataSource):
         return source_args, source
     source.close()
-    echo("reading the source as the model's cells were read: "
-         + ", ".join(f"{key.replace('_', ' ')} {value!r}" for key, value in recorded.items())
-         + " (recorded with the model; --layer / --gene-column override)")
+    echo(
+        "reading the source as the model's cells were read: "
+        + ", ".join(f"{key.replace('_', ' ')} {value!r}" for key, value in recorded.items())
+        + " (recorded with the model; --layer / --gene-column override)"
+    )
     source_args = {**source_args, **recorded}
     return source_args, open_source(**source_args)
 
@@ -296,42 +326,71 @@ def _open_output(out: str, attrs: dict, n_obs: int, dims: list[int], settings: E
         group = zarr.open_group(out, mode="r+")
         old = dict(group.attrs)
         if not _is_our_store(old):
-            raise FileExistsError(f"{out} is a Zarr group but not an embeddings store written by hvae-pipeline; "
-                                  "choose another --out (nothing was changed)")
+            raise FileExistsError(
+                f"{out} is a Zarr group but not an embeddings store written by hvae-pipeline; "
+                "choose another --out (nothing was changed)"
+            )
         scratch = out != final  # our own --overwrite sibling: replaced freely
         same_source = _same_source(old.get("source_identity"), attrs["source_identity"])
         old_export = old.get("export", "code")  # stores written before the attribute hold the code
-        same = (old.get("model_id") == attrs["model_id"] and old.get("chunk_rows") == attrs["chunk_rows"]
-                and old.get("ema") == attrs["ema"] and old_export == attrs["export"]
-                and int(group["obs_id"].shape[0]) == n_obs
-                and ("level_0/logvar" in group) == settings.logvar and same_source)
+        same = (
+            old.get("model_id") == attrs["model_id"]
+            and old.get("chunk_rows") == attrs["chunk_rows"]
+            and old.get("ema") == attrs["ema"]
+            and old_export == attrs["export"]
+            and int(group["obs_id"].shape[0]) == n_obs
+            and ("level_0/logvar" in group) == settings.logvar
+            and same_source
+        )
         if same:
             return group, "complete" if old.get("complete") else "partial"
         if not scratch:
             if old.get("model_id") != attrs["model_id"]:
-                raise FileExistsError(f"{out} holds embeddings of another model ({old.get('model_id')}, not "
-                                      f"{attrs['model_id']}); pass --overwrite to replace them")
+                raise FileExistsError(
+                    f"{out} holds embeddings of another model ({old.get('model_id')}, not "
+                    f"{attrs['model_id']}); pass --overwrite to replace them"
+                )
             if not same_source:
                 raise FileExistsError(
                     f"{out} was embedded from another source: {_describe(old.get('source_identity'))}; this source is "
-                    f"{_describe(attrs['source_identity'])}. Pass --overwrite to replace it, or choose another --out")
+                    f"{_describe(attrs['source_identity'])}. Pass --overwrite to replace it, or choose another --out"
+                )
             if old_export != attrs["export"]:
-                raise FileExistsError(f"{out} holds another kind of level export ({old_export}, not "
-                                      f"{attrs['export']}: written by an earlier hvae-pipeline); pass --overwrite to "
-                                      "replace it")
-            raise FileExistsError(f"{out} was written with other settings (chunk rows, EMA or logvar); "
-                                  "pass --overwrite to replace it")
+                raise FileExistsError(
+                    f"{out} holds another kind of level export ({old_export}, not "
+                    f"{attrs['export']}: written by an earlier hvae-pipeline); pass --overwrite to "
+                    "replace it"
+                )
+            raise FileExistsError(
+                f"{out} was written with other settings (chunk rows, EMA or logvar); pass --overwrite to replace it"
+            )
     elif [n for n in listdir(out) if n != ".hvae-write-test"]:
-        raise FileExistsError(f"{out} exists and is not an embeddings store (it holds {listdir(out)[:5]}); "
-                              "choose another --out (nothing was changed)")
+        raise FileExistsError(
+            f"{out} exists and is not an embeddings store (it holds {listdir(out)[:5]}); "
+            "choose another --out (nothing was changed)"
+        )
     group = zarr.open_group(out, mode="w", zarr_format=3)
     rows = settings.chunk_rows
     group.create_array("obs_id", shape=(n_obs,), chunks=(rows,), dtype=str, dimension_names=["cell"])
     for level, dim in enumerate(dims):
         names = ["cell", f"latent_{level}"]
-        group.create_array(f"level_{level}/mean", shape=(n_obs, dim), chunks=(rows, dim), dtype="float32", dimension_names=names, compressors=None)
+        group.create_array(
+            f"level_{level}/mean",
+            shape=(n_obs, dim),
+            chunks=(rows, dim),
+            dtype="float32",
+            dimension_names=names,
+            compressors=None,
+        )
         if settings.logvar:
-            group.create_array(f"level_{level}/logvar", shape=(n_obs, dim), chunks=(rows, dim), dtype="float32", dimension_names=names, compressors=None)
+            group.create_array(
+                f"level_{level}/logvar",
+                shape=(n_obs, dim),
+                chunks=(rows, dim),
+                dtype="float32",
+                dimension_names=names,
+                compressors=None,
+            )
     n_chunks = -(-n_obs // rows)
     group.create_array("progress/done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0)
     group.attrs.update({**attrs, "created": datetime.now(timezone.utc).isoformat(), "complete": False})
@@ -344,7 +403,9 @@ def _describe(identity: dict | None) -> str:
     filters = ", ".join(f"{k} {identity[k]!r}" for k in ("layer", "obs_filter", "var_filter") if identity.get(k))
     if identity.get("content"):
         latest = max(mtime for _, mtime in identity["content"].values())
-        filters += (", " if filters else "") + f"files written {datetime.fromtimestamp(latest, timezone.utc):%Y-%m-%d %H:%M:%S} UTC"
+        filters += (
+            ", " if filters else ""
+        ) + f"files written {datetime.fromtimestamp(latest, timezone.utc):%Y-%m-%d %H:%M:%S} UTC"
     return f"{identity['uri']} ({identity['n_obs']:,} cells, obs ids {identity['obs_ids_hash']}{', ' + filters if filters else ''})"
 
 
@@ -388,7 +449,9 @@ class _ChunkEmbedder:
                 parts[kind].append(levels)
         for kind, batches in parts.items():
             for level in range(len(batches[0])):
-                self.group[f"level_{level}/{kind}"][lo:hi] = torch.cat([b[level] for b in batches]).float().cpu().numpy()
+                self.group[f"level_{level}/{kind}"][lo:hi] = (
+                    torch.cat([b[level] for b in batches]).float().cpu().numpy()
+                )
         faults.point("embed.levels")
         self.group["obs_id"][lo:hi] = np.asarray(obs_ids, dtype=object).astype(str)
         self.group["progress/done"][chunk] = 1  # only after every row of the chunk is written
@@ -430,7 +493,9 @@ def logvar_cost(model, batch_size: int, device: str | None = None, repeats: int 
 class _RemoteEmbedder(_ChunkEmbedder):
     """A Ray actor: loads its own model copy and opens its own source."""
 
-    def __init__(self, checkpoint_dir: str, source_args: dict, out: str, genes: list[str], settings: EmbedSettings) -> None:
+    def __init__(
+        self, checkpoint_dir: str, source_args: dict, out: str, genes: list[str], settings: EmbedSettings
+    ) -> None:
         _, _, model, _ = _load(checkpoint_dir, settings.ema)
         source = open_source(**source_args)
         alignment = GeneAlignment(source.feature_ids, genes, settings.min_gene_overlap, source_name=source.uri)

@@ -39,8 +39,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Margins of checks 6-8: a synthetic atlas's grains are cleanly separable, real labels less so.
-MARGINS = {"synthetic": {"let_go": 0.25, "level1_below_0": 0.10, "level1_above_top": 0.05, "silhouette": 0.10},
-           "real": {"let_go": 0.05, "level1_below_0": None, "level1_above_top": 0.0, "silhouette": 0.05}}
+MARGINS = {
+    "synthetic": {"let_go": 0.25, "level1_below_0": 0.10, "level1_above_top": 0.05, "silhouette": 0.10},
+    "real": {"let_go": 0.05, "level1_below_0": None, "level1_above_top": 0.0, "silhouette": 0.05},
+}
 MIN_KL_SHARE = 0.10
 
 
@@ -55,8 +57,15 @@ class Check:
         return f"{'PASS' if self.passed else 'FAIL'}  {self.number}. {self.name}: {self.detail}"
 
 
-def hierarchy_checks(levels: list[dict], flat: dict, pca: dict, labels: list[str], slack: float = 0.0,
-                     kind: str = "synthetic", chance: dict | None = None) -> list[Check]:
+def hierarchy_checks(
+    levels: list[dict],
+    flat: dict,
+    pca: dict,
+    labels: list[str],
+    slack: float = 0.0,
+    kind: str = "synthetic",
+    chance: dict | None = None,
+) -> list[Check]:
     """The checks. ``levels`` (level 0 first), ``flat`` and ``pca`` are dicts with ``knn``
     ({label: accuracy}), ``silhouette`` (on the coarsest labels) and optionally ``mixing``,
     ``knn_within`` ({label: accuracy within its parent, the previous label}) and, for the levels,
@@ -72,15 +81,30 @@ def hierarchy_checks(levels: list[dict], flat: dict, pca: dict, labels: list[str
     others = {f"level {l}": knn[l][fine] for l in range(1, len(levels))} | {"flat": flat["knn"][fine]}
     best_other = max(others, key=others.get)
     ok = knn[0][fine] >= others[best_other] - 0.005 - slack and knn[0][fine] >= pca["knn"][fine] - 0.02 - slack
-    checks.append(Check(1, f"level 0 is the best on {fine}", ok,
-                        f"level 0 {knn[0][fine]:.3f}; best other {best_other} {others[best_other]:.3f} (-0.005); "
-                        f"PCA {pca['knn'][fine]:.3f} (-0.02)"))
+    checks.append(
+        Check(
+            1,
+            f"level 0 is the best on {fine}",
+            ok,
+            f"level 0 {knn[0][fine]:.3f}; best other {best_other} {others[best_other]:.3f} (-0.005); "
+            f"PCA {pca['knn'][fine]:.3f} (-0.02)",
+        )
+    )
 
     worst = min(range(len(levels)), key=lambda l: knn[l][coarse])
-    ok = knn[top][coarse] >= pca["knn"][coarse] - 0.01 - slack and knn[worst][coarse] >= 0.98 * pca["knn"][coarse] - slack
-    checks.append(Check(2, f"the top holds {coarse}, no level mixes it", ok,
-                        f"top {knn[top][coarse]:.3f}, worst level {worst} {knn[worst][coarse]:.3f}; "
-                        f"PCA {pca['knn'][coarse]:.3f} (top -0.01, every level x0.98)"))
+    ok = (
+        knn[top][coarse] >= pca["knn"][coarse] - 0.01 - slack
+        and knn[worst][coarse] >= 0.98 * pca["knn"][coarse] - slack
+    )
+    checks.append(
+        Check(
+            2,
+            f"the top holds {coarse}, no level mixes it",
+            ok,
+            f"top {knn[top][coarse]:.3f}, worst level {worst} {knn[worst][coarse]:.3f}; "
+            f"PCA {pca['knn'][coarse]:.3f} (top -0.01, every level x0.98)",
+        )
+    )
 
     order = " >= ".join(f"{knn[l][fine]:.3f}" for l in range(len(levels)))
     ok = all(knn[l][fine] >= knn[l + 1][fine] - 0.01 - slack for l in range(top))
@@ -88,8 +112,14 @@ def hierarchy_checks(levels: list[dict], flat: dict, pca: dict, labels: list[str
 
     worst = min(range(len(levels)), key=lambda l: levels[l]["silhouette"])
     ok = levels[worst]["silhouette"] >= pca["silhouette"] - slack
-    checks.append(Check(4, f"every level separates {coarse} as PCA does", ok,
-                        f"silhouette: worst level {worst} {levels[worst]['silhouette']:.3f}, PCA {pca['silhouette']:.3f}"))
+    checks.append(
+        Check(
+            4,
+            f"every level separates {coarse} as PCA does",
+            ok,
+            f"silhouette: worst level {worst} {levels[worst]['silhouette']:.3f}, PCA {pca['silhouette']:.3f}",
+        )
+    )
 
     key = "mixing_within" if flat.get("mixing_within") is not None else "mixing"
     if flat.get(key) is not None and all(level.get(key) is not None for level in levels):
@@ -109,8 +139,10 @@ def hierarchy_checks(levels: list[dict], flat: dict, pca: dict, labels: list[str
     if len(labels) >= 2 and all(fine in w for w in within):
         parent = labels[-2]
         ok = within[top][fine] <= within[0][fine] - margins["let_go"] + slack
-        detail = (f"{fine} within {parent}: top {within[top][fine]:.3f}, level 0 {within[0][fine]:.3f} "
-                  f"(-{margins['let_go']:.2f})")
+        detail = (
+            f"{fine} within {parent}: top {within[top][fine]:.3f}, level 0 {within[0][fine]:.3f} "
+            f"(-{margins['let_go']:.2f})"
+        )
         if chance and fine in chance:
             detail += f"; chance (the majority {fine} of each {parent}) {chance[fine]:.3f}"
             if within[0][fine] <= chance[fine] + 0.02:
@@ -121,29 +153,48 @@ def hierarchy_checks(levels: list[dict], flat: dict, pca: dict, labels: list[str
         middle = labels[1]
         holds = max(within[1][fine] - within[top][fine], within[1][middle] - within[top][middle])
         ok = holds >= margins["level1_above_top"] - slack if margins["level1_above_top"] else holds > -slack
-        detail = (f"level 1 over the top: {fine} within {labels[-2]} {within[1][fine] - within[top][fine]:+.3f}, "
-                  f"{middle} within {coarse} {within[1][middle] - within[top][middle]:+.3f} "
-                  f"(one >= {margins['level1_above_top']:+.2f})")
+        detail = (
+            f"level 1 over the top: {fine} within {labels[-2]} {within[1][fine] - within[top][fine]:+.3f}, "
+            f"{middle} within {coarse} {within[1][middle] - within[top][middle]:+.3f} "
+            f"(one >= {margins['level1_above_top']:+.2f})"
+        )
         if margins["level1_below_0"] is not None:
             lets_go = within[1][fine] <= within[0][fine] - margins["level1_below_0"] + slack
             ok = ok and lets_go
-            detail += (f"; level 1 {within[1][fine]:.3f} vs level 0 {within[0][fine]:.3f} on {fine} within "
-                       f"{labels[-2]} (-{margins['level1_below_0']:.2f})")
+            detail += (
+                f"; level 1 {within[1][fine]:.3f} vs level 0 {within[0][fine]:.3f} on {fine} within "
+                f"{labels[-2]} (-{margins['level1_below_0']:.2f})"
+            )
         checks.append(Check(7, "three grains, not two", ok, detail))
 
-    ok = (levels[top]["silhouette"] >= levels[0]["silhouette"] + margins["silhouette"] - slack
-          and levels[top]["silhouette"] >= pca["silhouette"] - slack)
-    checks.append(Check(8, f"the top holds {coarse} more tightly", ok,
-                        f"silhouette top {levels[top]['silhouette']:.3f}, level 0 {levels[0]['silhouette']:.3f} "
-                        f"(+{margins['silhouette']:.2f}), PCA {pca['silhouette']:.3f}"))
+    ok = (
+        levels[top]["silhouette"] >= levels[0]["silhouette"] + margins["silhouette"] - slack
+        and levels[top]["silhouette"] >= pca["silhouette"] - slack
+    )
+    checks.append(
+        Check(
+            8,
+            f"the top holds {coarse} more tightly",
+            ok,
+            f"silhouette top {levels[top]['silhouette']:.3f}, level 0 {levels[0]['silhouette']:.3f} "
+            f"(+{margins['silhouette']:.2f}), PCA {pca['silhouette']:.3f}",
+        )
+    )
 
     if all(level.get("kl") is not None for level in levels):
         total = sum(level["kl"] for level in levels)
         shares = [level["kl"] / total if total > 0 else 0.0 for level in levels]
         ok = all(share >= MIN_KL_SHARE - slack for share in shares[:top])
-        checks.append(Check(9, "information is spread", ok,
-                            "KL share level 0 -> top: " + " / ".join(f"{s:.0%}" for s in shares)
-                            + f" of {total:.1f} nats (each below the top >= {MIN_KL_SHARE:.0%})"))
+        checks.append(
+            Check(
+                9,
+                "information is spread",
+                ok,
+                "KL share level 0 -> top: "
+                + " / ".join(f"{s:.0%}" for s in shares)
+                + f" of {total:.1f} nats (each below the top >= {MIN_KL_SHARE:.0%})",
+            )
+        )
     return checks
 
 

@@ -44,8 +44,9 @@ def knn_accuracy(embedding: np.ndarray, labels, k: int = 15, n_folds: int = 5, s
     return float(np.mean(scores))
 
 
-def knn_within(embedding: np.ndarray, labels, parents, k: int = 15, n_folds: int = 5, seed: int = 0,
-               min_cells: int = 10) -> float:
+def knn_within(
+    embedding: np.ndarray, labels, parents, k: int = 15, n_folds: int = 5, seed: int = 0, min_cells: int = 10
+) -> float:
     """kNN accuracy of ``labels`` *within* each parent label: a classifier fitted inside each parent
     group (:func:`knn_accuracy` on its cells alone), averaged weighted by cells.
 
@@ -93,7 +94,9 @@ def _within_groups(labels, parents, min_cells: int) -> tuple[np.ndarray, list]:
 
 def _has_label(labels) -> np.ndarray:
     """True where a cell has a label (not None / NaN)."""
-    return np.array([not (label is None or (isinstance(label, float) and np.isnan(label))) for label in labels], dtype=bool)
+    return np.array(
+        [not (label is None or (isinstance(label, float) and np.isnan(label))) for label in labels], dtype=bool
+    )
 
 
 def _labelled(embedding: np.ndarray, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +112,10 @@ def cluster_agreement(embedding: np.ndarray, labels, seed: int = 0) -> dict[str,
     embedding, labels = _labelled(embedding, labels)
     n_clusters = len(np.unique(labels))
     clusters = KMeans(n_clusters=n_clusters, n_init=3, random_state=seed).fit_predict(embedding)
-    return {"nmi": float(normalized_mutual_info_score(labels, clusters)), "ari": float(adjusted_rand_score(labels, clusters))}
+    return {
+        "nmi": float(normalized_mutual_info_score(labels, clusters)),
+        "ari": float(adjusted_rand_score(labels, clusters)),
+    }
 
 
 def silhouette_label(embedding: np.ndarray, labels, max_cells: int = 10_000, seed: int = 0) -> float:
@@ -121,8 +127,9 @@ def silhouette_label(embedding: np.ndarray, labels, max_cells: int = 10_000, see
     return float((silhouette_score(embedding, labels, sample_size=sample, random_state=seed) + 1) / 2)
 
 
-def batch_mixing(embedding: np.ndarray, batches, k: int = 50, max_cells: int = 10_000, seed: int = 0,
-                 within=None) -> float:
+def batch_mixing(
+    embedding: np.ndarray, batches, k: int = 50, max_cells: int = 10_000, seed: int = 0, within=None
+) -> float:
     """How well batches mix among each cell's k nearest neighbours: the mean entropy of the
     neighbours' batch frequencies over the entropy of the global batch frequencies (1 = as mixed
     as the data allow, 0 = every neighbourhood from one batch). Haghverdi et al. 2018; scVI.
@@ -141,7 +148,11 @@ def batch_mixing(embedding: np.ndarray, batches, k: int = 50, max_cells: int = 1
     if len(labels) != np.shape(embedding)[0] or len(batches) != len(labels):
         raise ValueError(f"embedding has {np.shape(embedding)[0]} rows, batches {len(batches)}, within {len(labels)}")
     keep = _has_label(labels)
-    embedding, batches, labels = np.asarray(embedding)[keep], np.asarray(batches, dtype=object)[keep], labels[keep].astype(str)
+    embedding, batches, labels = (
+        np.asarray(embedding)[keep],
+        np.asarray(batches, dtype=object)[keep],
+        labels[keep].astype(str),
+    )
     total, weight = 0.0, 0
     for label in np.unique(labels):
         rows = np.flatnonzero(labels == label)
@@ -165,15 +176,18 @@ def _batch_mixing(embedding: np.ndarray, batches, k: int, max_cells: int, seed: 
         return float("nan")
     k = min(k, len(batches) - 1)
     queries = np.random.default_rng(seed).choice(len(batches), size=min(max_cells, len(batches)), replace=False)
-    neighbours = NearestNeighbors(n_neighbors=k + 1).fit(embedding).kneighbors(embedding[queries], return_distance=False)[:, 1:]
+    neighbours = (
+        NearestNeighbors(n_neighbors=k + 1).fit(embedding).kneighbors(embedding[queries], return_distance=False)[:, 1:]
+    )
     counts = np.stack([np.bincount(row, minlength=len(codes)) for row in batches[neighbours]]) / k
     with np.errstate(divide="ignore", invalid="ignore"):
         entropy = -np.where(counts > 0, counts * np.log(counts), 0.0).sum(axis=1)
     return float(entropy.mean() / global_entropy)
 
 
-def scib_scores(embedding: np.ndarray, labels, batches=None, n_neighbors: int = 90, seed: int = 0,
-                graphs: dict | None = None) -> dict[str, float]:
+def scib_scores(
+    embedding: np.ndarray, labels, batches=None, n_neighbors: int = 90, seed: int = 0, graphs: dict | None = None
+) -> dict[str, float]:
     """The scib-metrics suite on one representation (the ``eval`` extra): Leiden NMI/ARI, cLISI,
     graph connectivity, isolated labels and, with batches, iLISI, kBET and batch silhouette.
     Cells without a label are left out, as in the other metrics. ``graphs``, a dict kept per
@@ -184,25 +198,36 @@ def scib_scores(embedding: np.ndarray, labels, batches=None, n_neighbors: int = 
     except ImportError:
         raise ImportError("--scib needs scib-metrics: pip install 'hvae-pipeline[eval]'") from None
     keep = _has_label(labels)
-    embedding, labels = np.asarray(embedding, dtype=np.float32)[keep], np.asarray(labels, dtype=object)[keep].astype(str)
+    embedding, labels = (
+        np.asarray(embedding, dtype=np.float32)[keep],
+        np.asarray(labels, dtype=object)[keep].astype(str),
+    )
     graphs = {} if graphs is None else graphs
     key = keep.tobytes()
     if key not in graphs:
         graphs[key] = pynndescent(embedding, n_neighbors=min(n_neighbors, len(labels) - 1), random_state=seed)
     neighbours = graphs[key]
     leiden = scib_metrics.nmi_ari_cluster_labels_leiden(neighbours, labels, seed=seed)
-    scores = {"leiden_nmi": float(leiden["nmi"]), "leiden_ari": float(leiden["ari"]),
-              "clisi": float(scib_metrics.clisi_knn(neighbours, labels)),
-              "graph_connectivity": float(scib_metrics.graph_connectivity(neighbours, labels))}
+    scores = {
+        "leiden_nmi": float(leiden["nmi"]),
+        "leiden_ari": float(leiden["ari"]),
+        "clisi": float(scib_metrics.clisi_knn(neighbours, labels)),
+        "graph_connectivity": float(scib_metrics.graph_connectivity(neighbours, labels)),
+    }
     if batches is not None and len(np.unique(np.asarray(batches)[keep].astype(str))) > 1:
         batches = np.asarray(batches)[keep].astype(str)
         # Batch silhouette is defined within labels seen in two batches or more.
         shared = pd.crosstab(labels, batches).gt(0).sum(axis=1).gt(1).any()
-        scores.update({"ilisi": float(scib_metrics.ilisi_knn(neighbours, batches)),
-                       "kbet": float(scib_metrics.kbet_per_label(neighbours, batches, labels)),
-                       "silhouette_batch": float(scib_metrics.silhouette_batch(embedding, labels, batches))
-                       if shared else float("nan"),
-                       "isolated_labels": float(scib_metrics.isolated_labels(embedding, labels, batches))})
+        scores.update(
+            {
+                "ilisi": float(scib_metrics.ilisi_knn(neighbours, batches)),
+                "kbet": float(scib_metrics.kbet_per_label(neighbours, batches, labels)),
+                "silhouette_batch": float(scib_metrics.silhouette_batch(embedding, labels, batches))
+                if shared
+                else float("nan"),
+                "isolated_labels": float(scib_metrics.isolated_labels(embedding, labels, batches)),
+            }
+        )
     return scores
 
 
@@ -223,10 +248,17 @@ def evaluate_levels(level_means: list[np.ndarray], obs, label_columns: list[str]
     if missing:
         raise KeyError(f"label column(s) {missing} not in obs (columns: {list(obs.columns)})")
     return [
-        {column: knn_accuracy(means, obs[column].to_numpy(), k=k) for column in label_columns}
-        for means in level_means
+        {column: knn_accuracy(means, obs[column].to_numpy(), k=k) for column in label_columns} for means in level_means
     ]
 
 
-__all__ = ["batch_mixing", "cluster_agreement", "evaluate_levels", "knn_accuracy", "log_normalize", "pca_embedding",
-           "scib_scores", "silhouette_label"]
+__all__ = [
+    "batch_mixing",
+    "cluster_agreement",
+    "evaluate_levels",
+    "knn_accuracy",
+    "log_normalize",
+    "pca_embedding",
+    "scib_scores",
+    "silhouette_label",
+]

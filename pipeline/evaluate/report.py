@@ -26,32 +26,48 @@ from hvae import active_units
 
 from ..embed.store import EmbeddingsView
 from ..storage import StorageError, check_writable, recover_replace, remove_tree, replace_tree
-from .metrics import (batch_mixing, cluster_agreement, knn_accuracy, knn_within, pca_embedding, scib_scores,
-                      silhouette_label)
+from .metrics import (
+    batch_mixing,
+    cluster_agreement,
+    knn_accuracy,
+    knn_within,
+    pca_embedding,
+    scib_scores,
+    silhouette_label,
+)
 
 MAP_METHODS = ("auto", "umap", "pca")
-METRIC_NAMES = {"nmi": "NMI (k-means)", "ari": "ARI (k-means)", "silhouette": "silhouette (ASW)",
-                "leiden_nmi": "NMI (Leiden)", "leiden_ari": "ARI (Leiden)", "clisi": "cLISI", "graph_connectivity":
-                "graph connectivity", "ilisi": "iLISI", "kbet": "kBET", "silhouette_batch": "batch ASW",
-                "isolated_labels": "isolated labels"}
+METRIC_NAMES = {
+    "nmi": "NMI (k-means)",
+    "ari": "ARI (k-means)",
+    "silhouette": "silhouette (ASW)",
+    "leiden_nmi": "NMI (Leiden)",
+    "leiden_ari": "ARI (Leiden)",
+    "clisi": "cLISI",
+    "graph_connectivity": "graph connectivity",
+    "ilisi": "iLISI",
+    "kbet": "kBET",
+    "silhouette_batch": "batch ASW",
+    "isolated_labels": "isolated labels",
+}
 
 
 @dataclass(frozen=True)
 class EvaluateSettings:
     labels: tuple[str, ...]
     batch_key: str | None = None
-    out_dir: str | None = None            # default: <embeddings without .zarr>_report next to the store
-    source: dict | None = None            # open_source arguments; default: the ones the embeddings record
+    out_dir: str | None = None  # default: <embeddings without .zarr>_report next to the store
+    source: dict | None = None  # open_source arguments; default: the ones the embeddings record
     compare: dict = field(default_factory=dict)  # name -> another embeddings store (e.g. a flat model's)
-    pca: bool = False                     # add the PCA baseline (reads the subsample's counts)
+    pca: bool = False  # add the PCA baseline (reads the subsample's counts)
     max_cells: int = 50_000
     k: int = 15
     seed: int = 0
     maps: bool = True
-    map_method: str = "auto"              # umap when umap-learn is installed, else pca
+    map_method: str = "auto"  # umap when umap-learn is installed, else pca
     map_cells: int = 10_000
-    scib: bool = False                    # add the scib-metrics suite (the `eval` extra)
-    overwrite: bool = False               # replace an earlier report in out_dir (once the new one is complete)
+    scib: bool = False  # add the scib-metrics suite (the `eval` extra)
+    overwrite: bool = False  # replace an earlier report in out_dir (once the new one is complete)
 
     def __post_init__(self) -> None:
         for name in ("max_cells", "k", "map_cells"):
@@ -81,12 +97,16 @@ def evaluate_embeddings(path: str, settings: EvaluateSettings, echo=print) -> di
     with open_source(**source_args) as source:
         obs, position = _obs_at(source, obs_ids)
         if (position < 0).any():
-            raise KeyError(f"{int((position < 0).sum())} cells of {path} are not in the source {source.uri} "
-                           f"(e.g. {list(obs_ids[position < 0][:3])}); pass the source they were embedded from")
+            raise KeyError(
+                f"{int((position < 0).sum())} cells of {path} are not in the source {source.uri} "
+                f"(e.g. {list(obs_ids[position < 0][:3])}); pass the source they were embedded from"
+            )
         columns = list(settings.labels) + ([settings.batch_key] if settings.batch_key else [])
         if settings.batch_key and settings.batch_key in settings.labels:
-            raise ValueError(f"{settings.batch_key!r} is both a label column and the batch key: a label is what a "
-                             "representation should keep, a batch what it should mix away; pass it as one of them")
+            raise ValueError(
+                f"{settings.batch_key!r} is both a label column and the batch key: a label is what a "
+                "representation should keep, a batch what it should mix away; pass it as one of them"
+            )
         missing = [c for c in columns if c not in obs.columns]
         if missing:
             raise KeyError(f"column(s) {missing} not in the obs of {source.uri} (columns: {list(obs.columns)})")
@@ -96,58 +116,95 @@ def evaluate_embeddings(path: str, settings: EvaluateSettings, echo=print) -> di
         level_kl = _level_kl(attrs, source, position, counts, echo)
 
     representations = _representations(store, rows, settings, counts)
-    echo(f"evaluating {len(representations)} representations on {len(rows):,} of {n_total:,} cells "
-         f"(labels {', '.join(settings.labels)}{'; batch ' + settings.batch_key if settings.batch_key else ''})")
+    echo(
+        f"evaluating {len(representations)} representations on {len(rows):,} of {n_total:,} cells "
+        f"(labels {', '.join(settings.labels)}{'; batch ' + settings.batch_key if settings.batch_key else ''})"
+    )
     labelled = {label: int(obs[label].notna().sum()) for label in settings.labels}
     for label, count in labelled.items():
         if count < len(obs):
             echo(f"  {label}: {count:,} of {len(obs):,} cells labelled; the unlabelled ones are left out of its scores")
     results = []
     for name, values, level, own in representations:
-        result = {"representation": name, "level": level, "dim": int(values.shape[1]),
-                  "active_units": None if own is None else active_units([torch.from_numpy(values[:, :own])])[0],
-                  "labels": {}}
+        result = {
+            "representation": name,
+            "level": level,
+            "dim": int(values.shape[1]),
+            "active_units": None if own is None else active_units([torch.from_numpy(values[:, :own])])[0],
+            "labels": {},
+        }
         graphs: dict = {}  # the scib neighbour graph, computed once per representation and set of labelled cells
         for index, label in enumerate(settings.labels):
             truth = obs[label].to_numpy()
-            result["labels"][label] = {"knn_accuracy": knn_accuracy(values, truth, k=settings.k, seed=settings.seed),
-                                       **cluster_agreement(values, truth, seed=settings.seed),
-                                       "silhouette": silhouette_label(values, truth, seed=settings.seed)}
+            result["labels"][label] = {
+                "knn_accuracy": knn_accuracy(values, truth, k=settings.k, seed=settings.seed),
+                **cluster_agreement(values, truth, seed=settings.seed),
+                "silhouette": silhouette_label(values, truth, seed=settings.seed),
+            }
             if index:  # labels run coarsest -> finest: what this one adds inside the label before it
                 parent = obs[settings.labels[index - 1]].to_numpy()
-                result["labels"][label]["knn_within_parent"] = knn_within(values, truth, parent, k=settings.k,
-                                                                          seed=settings.seed)
+                result["labels"][label]["knn_within_parent"] = knn_within(
+                    values, truth, parent, k=settings.k, seed=settings.seed
+                )
             if settings.scib:
-                result["labels"][label].update(scib_scores(
-                    values, truth, obs[settings.batch_key].to_numpy() if settings.batch_key else None, seed=settings.seed,
-                    graphs=graphs))
+                result["labels"][label].update(
+                    scib_scores(
+                        values,
+                        truth,
+                        obs[settings.batch_key].to_numpy() if settings.batch_key else None,
+                        seed=settings.seed,
+                        graphs=graphs,
+                    )
+                )
         if settings.batch_key:
             batches = obs[settings.batch_key].to_numpy()
             result["batch_mixing"] = batch_mixing(values, batches, seed=settings.seed)
             if settings.labels:  # inside the last (finest) label column: the batch signal beyond composition
-                result["batch_mixing_within"] = batch_mixing(values, batches, seed=settings.seed,
-                                                             within=obs[settings.labels[-1]].to_numpy())
+                result["batch_mixing_within"] = batch_mixing(
+                    values, batches, seed=settings.seed, within=obs[settings.labels[-1]].to_numpy()
+                )
         results.append(result)
         echo(f"  {name}: " + ", ".join(f"kNN {l} {result['labels'][l]['knn_accuracy']:.3f}" for l in settings.labels))
 
     if level_kl is not None:
-        echo("KL per level (nats per cell, level 0 first): " + " / ".join(f"{v:.2f}" for v in level_kl["nats"])
-             + "; shares " + " / ".join(f"{v:.0%}" for v in level_kl["share"]))
+        echo(
+            "KL per level (nats per cell, level 0 first): "
+            + " / ".join(f"{v:.2f}" for v in level_kl["nats"])
+            + "; shares "
+            + " / ".join(f"{v:.0%}" for v in level_kl["share"])
+        )
     guidance = level_guidance(results, _n_levels(store), settings.labels)
     echo("which level to use:")
     for line in guidance:
         echo("  " + line)
     out_dir.mkdir(parents=True, exist_ok=True)
     maps = _draw_maps(representations, obs, settings, out_dir) if settings.maps else {}
-    summary = {"embeddings": str(path), "model_id": attrs.get("model_id"), "checkpoint": attrs.get("checkpoint"),
-               "source": source_args, "cells_evaluated": int(len(rows)), "cells_total": int(n_total),
-               "labels": list(settings.labels), "labelled_cells": labelled, "batch_key": settings.batch_key, "k": settings.k, "seed": settings.seed,
-               "compare": dict(settings.compare), "scib": settings.scib, "results": results, "guidance": guidance, "maps": maps,
-               "level_kl": level_kl,
-               "machine": platform.platform(), "created": datetime.now(timezone.utc).isoformat(),
-               "seconds": round(time.perf_counter() - started, 1)}
-    for name, text in (("metrics.json", json.dumps(summary, indent=2, default=_json_default)),
-                       ("report.md", format_report(summary))):
+    summary = {
+        "embeddings": str(path),
+        "model_id": attrs.get("model_id"),
+        "checkpoint": attrs.get("checkpoint"),
+        "source": source_args,
+        "cells_evaluated": int(len(rows)),
+        "cells_total": int(n_total),
+        "labels": list(settings.labels),
+        "labelled_cells": labelled,
+        "batch_key": settings.batch_key,
+        "k": settings.k,
+        "seed": settings.seed,
+        "compare": dict(settings.compare),
+        "scib": settings.scib,
+        "results": results,
+        "guidance": guidance,
+        "maps": maps,
+        "level_kl": level_kl,
+        "machine": platform.platform(),
+        "created": datetime.now(timezone.utc).isoformat(),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    for name, text in (
+        ("metrics.json", json.dumps(summary, indent=2, default=_json_default)),
+        ("report.md", format_report(summary)),
+    ):
         staged = out_dir / f".{name}.partial"
         staged.write_text(text)
         os.replace(staged, out_dir / name)  # a report replaced whole, never half-written
@@ -170,11 +227,15 @@ def _report_dir(out_dir: Path, overwrite: bool) -> Path:
         raise FileExistsError(f"--out {out_dir} is a file, not a folder; choose another --out (nothing was changed)")
     present = {p.name for p in out_dir.iterdir() if not p.name.startswith(".")} if out_dir.is_dir() else set()
     if present and not (present <= REPORT_FILES and "embeddings" in _json_or_empty(out_dir / "metrics.json")):
-        raise FileExistsError(f"--out {out_dir} holds files that are not an evaluate report ({sorted(present)[:5]}); "
-                              "choose an empty or new folder (nothing was changed)")
+        raise FileExistsError(
+            f"--out {out_dir} holds files that are not an evaluate report ({sorted(present)[:5]}); "
+            "choose an empty or new folder (nothing was changed)"
+        )
     if present and not overwrite:
-        raise FileExistsError(f"--out {out_dir} holds an evaluate report already; pass --overwrite to replace it (once "
-                              "the new one is complete), or choose another --out (nothing was changed)")
+        raise FileExistsError(
+            f"--out {out_dir} holds an evaluate report already; pass --overwrite to replace it (once "
+            "the new one is complete), or choose another --out (nothing was changed)"
+        )
     probe = out_dir if out_dir.is_dir() else next(p for p in out_dir.parents if p.exists())
     try:
         check_writable(str(probe))
@@ -195,8 +256,15 @@ def _json_or_empty(path: Path) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _level_kl(attrs: dict, source, position: np.ndarray, counts: sp.csr_matrix | None, echo,
-              n_cells: int = 4096, block: int = 16_384) -> dict | None:
+def _level_kl(
+    attrs: dict,
+    source,
+    position: np.ndarray,
+    counts: sp.csr_matrix | None,
+    echo,
+    n_cells: int = 4096,
+    block: int = 16_384,
+) -> dict | None:
     """Each level's KL (nats per cell) and its share of the total, from the store's checkpoint on up
     to ``n_cells`` of the evaluated cells; None (said) where the checkpoint cannot be read. The
     KL does not read batches (the encoder reads none), so no batch labels are needed.
@@ -214,7 +282,9 @@ def _level_kl(attrs: dict, source, position: np.ndarray, counts: sp.csr_matrix |
             raise FileNotFoundError(attrs.get("checkpoint"))
         model, parts = load_model(found[0])
     except Exception as error:  # noqa: BLE001 - the KL is a diagnostic: the scores stand without it
-        echo(f"  (KL per level left out: the checkpoint {attrs.get('checkpoint')!r} cannot be read: {type(error).__name__})")
+        echo(
+            f"  (KL per level left out: the checkpoint {attrs.get('checkpoint')!r} cannot be read: {type(error).__name__})"
+        )
         return None
     if counts is not None:
         counts = counts[:n_cells]
@@ -239,18 +309,26 @@ def _check_labels(obs: pd.DataFrame, settings: EvaluateSettings, uri: str) -> No
         column = obs[label].dropna()
         classes = column.nunique()
         if classes < 2:
-            raise ValueError(f"label column {label!r} of {uri} has {classes} class(es) among the evaluated cells: there is "
-                             "nothing to tell apart; pass a column with at least two labels")
+            raise ValueError(
+                f"label column {label!r} of {uri} has {classes} class(es) among the evaluated cells: there is "
+                "nothing to tell apart; pass a column with at least two labels"
+            )
         numeric = pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
         if numeric and classes > max(50, len(column) // 10):
-            raise ValueError(f"label column {label!r} of {uri} looks continuous ({classes:,} distinct values over "
-                             f"{len(column):,} cells): kNN accuracy scores categories; bin it or pass a categorical column")
+            raise ValueError(
+                f"label column {label!r} of {uri} looks continuous ({classes:,} distinct values over "
+                f"{len(column):,} cells): kNN accuracy scores categories; bin it or pass a categorical column"
+            )
         if classes > len(column) // 2:
-            raise ValueError(f"label column {label!r} of {uri} has {classes:,} distinct values over {len(column):,} cells: "
-                             "most cells are alone in their label (an id, not a label); pass a column of cell types")
+            raise ValueError(
+                f"label column {label!r} of {uri} has {classes:,} distinct values over {len(column):,} cells: "
+                "most cells are alone in their label (an id, not a label); pass a column of cell types"
+            )
         if settings.k >= int(0.8 * len(column)):
-            raise ValueError(f"--k {settings.k} is not below the {int(0.8 * len(column)):,} labelled cells a 5-fold kNN "
-                             f"trains on for {label!r}: every representation would score the majority vote; lower --k")
+            raise ValueError(
+                f"--k {settings.k} is not below the {int(0.8 * len(column)):,} labelled cells a 5-fold kNN "
+                f"trains on for {label!r}: every representation would score the majority vote; lower --k"
+            )
 
 
 def _recorded_source(attrs: dict, path: str) -> dict:
@@ -270,6 +348,7 @@ def _representations(store, rows: np.ndarray, settings: EvaluateSettings, counts
     A level of a store with the code export holds the code from that level up, its own units the
     first ``own``; one of the read-out export (``HierarchicalVAE.encode``) holds no units (``own``
     None: active units are in the training log)."""
+
     def levels(adata, rows: np.ndarray, prefix: str) -> list:
         means = _level_means(adata, rows)
         top = len(means) - 1
@@ -277,8 +356,10 @@ def _representations(store, rows: np.ndarray, settings: EvaluateSettings, counts
         own = _own_widths(adata, [m.shape[1] for m in means])
         if top == 0 and prefix.strip():  # a one-level baseline is named by its name alone
             return [(prefix.strip(), means[0], 0, own[0])]
-        return [(f"{prefix}level {level}{tags.get(level, '')}", means[level], level, own[level])
-                for level in reversed(range(len(means)))]
+        return [
+            (f"{prefix}level {level}{tags.get(level, '')}", means[level], level, own[level])
+            for level in reversed(range(len(means)))
+        ]
 
     representations = levels(store, rows, "HVAE " if settings.compare or settings.pca else "")
     for name, other_path in settings.compare.items():
@@ -392,8 +473,10 @@ def _draw_maps(representations: list, obs: pd.DataFrame, settings: EvaluateSetti
             axis.set_title(column, fontsize=10)
             axis.set_xticks([]), axis.set_yticks([])
             if len(categories.categories) <= 20:
-                handles = [plt.Line2D([], [], marker="o", ls="", color=palette(i % palette.N), markersize=4, label=str(c))
-                           for i, c in enumerate(categories.categories)]
+                handles = [
+                    plt.Line2D([], [], marker="o", ls="", color=palette(i % palette.N), markersize=4, label=str(c))
+                    for i, c in enumerate(categories.categories)
+                ]
                 axis.legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
         figure.suptitle(f"{name} ({method.upper()}, {len(cells):,} cells)", fontsize=11)
         figure.tight_layout()
@@ -434,8 +517,10 @@ def level_guidance(results: list[dict], n_levels: int, labels) -> list[str]:
         # results start with the top: the coarsest (most compact) level within 0.005 of the best
         own = next(r for r in results[:n_levels] if r["labels"][label]["knn_accuracy"] >= best - 0.005)
         score = own["labels"][label]["knn_accuracy"]
-        line = (f"{label}: level {own['level']} (kNN {score:.3f}): "
-                f"sc.pp.neighbors(adata, use_rep=\"X_hvae_level_{own['level']}\")")
+        line = (
+            f"{label}: level {own['level']} (kNN {score:.3f}): "
+            f'sc.pp.neighbors(adata, use_rep="X_hvae_level_{own["level"]}")'
+        )
         better = [r for r in results[n_levels:] if r["labels"][label]["knn_accuracy"] > score + 0.005]
         if better:
             top = max(better, key=lambda r: r["labels"][label]["knn_accuracy"])
@@ -447,27 +532,49 @@ def level_guidance(results: list[dict], n_levels: int, labels) -> list[str]:
 def format_report(summary: dict) -> str:
     """The Markdown report: provenance, one table per label column, batch mixing, the maps."""
     results, labels = summary["results"], summary["labels"]
-    lines = [f"# Evaluation of `{summary['embeddings']}`", "",
-             f"- model `{summary['model_id']}` ({summary['checkpoint']})",
-             f"- labels from `{summary['source'].get('source')}`; {summary['cells_evaluated']:,} of "
-             f"{summary['cells_total']:,} cells (seed {summary['seed']}), kNN k={summary['k']} (5-fold held-out accuracy)",
-             f"- {summary['created']} on {summary['machine']}"]
+    lines = [
+        f"# Evaluation of `{summary['embeddings']}`",
+        "",
+        f"- model `{summary['model_id']}` ({summary['checkpoint']})",
+        f"- labels from `{summary['source'].get('source')}`; {summary['cells_evaluated']:,} of "
+        f"{summary['cells_total']:,} cells (seed {summary['seed']}), kNN k={summary['k']} (5-fold held-out accuracy)",
+        f"- {summary['created']} on {summary['machine']}",
+    ]
     if summary.get("level_kl"):
         kl = summary["level_kl"]
-        lines.append(f"- KL per level (nats per cell on {kl['cells']:,} cells, level 0 first): "
-                     + " / ".join(f"{v:.2f}" for v in kl["nats"]) + " (shares "
-                     + " / ".join(f"{v:.0%}" for v in kl["share"]) + ")")
+        lines.append(
+            f"- KL per level (nats per cell on {kl['cells']:,} cells, level 0 first): "
+            + " / ".join(f"{v:.2f}" for v in kl["nats"])
+            + " (shares "
+            + " / ".join(f"{v:.0%}" for v in kl["share"])
+            + ")"
+        )
     lines.append("")
     if summary.get("guidance"):
-        lines += ["## Which level to use", "", "The level with the best kNN accuracy for each label column, and the key "
-                  "`read_embeddings` gives it in `adata.obsm`:", ""] + [f"- {line}" for line in summary["guidance"]] + [""]
+        lines += (
+            [
+                "## Which level to use",
+                "",
+                "The level with the best kNN accuracy for each label column, and the key "
+                "`read_embeddings` gives it in `adata.obsm`:",
+                "",
+            ]
+            + [f"- {line}" for line in summary["guidance"]]
+            + [""]
+        )
     for label in labels:
         metrics = [m for m in results[0]["labels"][label] if m != "knn_accuracy"]
         header = ["representation", "dim", "kNN accuracy"] + [METRIC_NAMES.get(m, m) for m in metrics]
         count = summary.get("labelled_cells", {}).get(label, summary["cells_evaluated"])
-        lines += [f"## `{label}`", "", f"{count:,} of {summary['cells_evaluated']:,} cells labelled"
-                  + ("; the others are left out of these scores." if count < summary["cells_evaluated"] else "."), "",
-                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += [
+            f"## `{label}`",
+            "",
+            f"{count:,} of {summary['cells_evaluated']:,} cells labelled"
+            + ("; the others are left out of these scores." if count < summary["cells_evaluated"] else "."),
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
         best = {m: max(r["labels"][label][m] for r in results) for m in ["knn_accuracy"] + metrics}
         for r in results:
             scores = r["labels"][label]
@@ -476,20 +583,33 @@ def format_report(summary: dict) -> str:
         lines.append("")
     within = bool(summary["batch_key"]) and all("batch_mixing_within" in r for r in results)
     finest = summary["labels"][-1] if within else None
-    lines += ["## Levels and batches", "", "| representation | dim | active units |"
-              + (" batch mixing |" if summary["batch_key"] else "") + (f" batch mixing within `{finest}` |" if within else ""),
-              "|---|---|---|" + ("---|" if summary["batch_key"] else "") + ("---|" if within else "")]
+    lines += [
+        "## Levels and batches",
+        "",
+        "| representation | dim | active units |"
+        + (" batch mixing |" if summary["batch_key"] else "")
+        + (f" batch mixing within `{finest}` |" if within else ""),
+        "|---|---|---|" + ("---|" if summary["batch_key"] else "") + ("---|" if within else ""),
+    ]
     for r in results:
-        lines.append(f"| {r['representation']} | {r['dim']} | {'-' if r['active_units'] is None else r['active_units']} |"
-                     + (f" {_cell(r['batch_mixing'])} |" if summary["batch_key"] else "")
-                     + (f" {_cell(r['batch_mixing_within'])} |" if within else ""))
+        lines.append(
+            f"| {r['representation']} | {r['dim']} | {'-' if r['active_units'] is None else r['active_units']} |"
+            + (f" {_cell(r['batch_mixing'])} |" if summary["batch_key"] else "")
+            + (f" {_cell(r['batch_mixing_within'])} |" if within else "")
+        )
     if summary["batch_key"]:
-        lines += ["", f"Batch mixing: entropy of `{summary['batch_key']}` among 50 nearest neighbours over its global "
-                      "entropy (1 = fully mixed)."
-                  + (f" Within `{finest}`: the same among the cells of each `{finest}` label, over that label's own "
-                     f"`{summary['batch_key']}` entropy, averaged by label size; batches that differ in composition "
-                     "lower the global score of a representation that resolves the labels well, not this one."
-                     if within else "")]
+        lines += [
+            "",
+            f"Batch mixing: entropy of `{summary['batch_key']}` among 50 nearest neighbours over its global "
+            "entropy (1 = fully mixed)."
+            + (
+                f" Within `{finest}`: the same among the cells of each `{finest}` label, over that label's own "
+                f"`{summary['batch_key']}` entropy, averaged by label size; batches that differ in composition "
+                "lower the global score of a representation that resolves the labels well, not this one."
+                if within
+                else ""
+            ),
+        ]
     if summary["maps"]:
         lines += ["", "## Maps", ""] + [f"![{name}]({file})" for name, file in summary["maps"].items()]
     return "\n".join(lines) + "\n"

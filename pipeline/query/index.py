@@ -45,12 +45,12 @@ class IndexMismatch(ValueError):
 
 @dataclass(frozen=True)
 class IndexSettings:
-    shard_cells: int = 2_000_000      # cells per index shard: what building holds in memory per level
-    block_rows: int = 131_072         # rows read from the store at a time
-    target_recall: float = 0.97       # recall@10 that each level's nprobe must reach on the sample
-    sample_cells: int = 2_000         # atlas cells whose exact neighbours choose nprobe and the distances
-    k: int = 15                       # neighbours behind the recorded distances (the query's default k)
-    threads: int | None = None        # faiss threads (default: faiss's own choice)
+    shard_cells: int = 2_000_000  # cells per index shard: what building holds in memory per level
+    block_rows: int = 131_072  # rows read from the store at a time
+    target_recall: float = 0.97  # recall@10 that each level's nprobe must reach on the sample
+    sample_cells: int = 2_000  # atlas cells whose exact neighbours choose nprobe and the distances
+    k: int = 15  # neighbours behind the recorded distances (the query's default k)
+    threads: int | None = None  # faiss threads (default: faiss's own choice)
     overwrite: bool = False
     seed: int = 0
 
@@ -73,15 +73,23 @@ def store_identity(store: str, block_rows: int = 1_000_000) -> dict:
     group = zarr.open_group(store, mode="r")
     attrs = dict(group.attrs)
     if not attrs.get("complete"):
-        raise ValueError(f"{store} is not a complete embeddings store (written by `hvae-pipeline embed`, finished); "
-                         "finish the embedding first")
+        raise ValueError(
+            f"{store} is not a complete embeddings store (written by `hvae-pipeline embed`, finished); "
+            "finish the embedding first"
+        )
     ids = group["obs_id"]
     digest = hashlib.sha256()
     for lo in range(0, ids.shape[0], block_rows):
         digest.update("\0".join(read_ids(ids, lo, lo + block_rows)).encode() + b"\0")
-    return {"store": _absolute(store), "model_id": attrs.get("model_id"), "export": attrs.get("export", "code"),
-            "n_obs": int(ids.shape[0]), "completed": attrs.get("completed"), "level_dims": list(attrs["level_dims"]),
-            "obs_ids_sha256": digest.hexdigest()[:24]}
+    return {
+        "store": _absolute(store),
+        "model_id": attrs.get("model_id"),
+        "export": attrs.get("export", "code"),
+        "n_obs": int(ids.shape[0]),
+        "completed": attrs.get("completed"),
+        "level_dims": list(attrs["level_dims"]),
+        "obs_ids_sha256": digest.hexdigest()[:24],
+    }
 
 
 def read_ids(array, start: int, stop: int) -> list[str]:
@@ -97,8 +105,10 @@ def read_manifest(index: str) -> dict:
     """The manifest of a complete index (named errors for a path that is none)."""
     path = storage.join(index, MANIFEST)
     if not storage.exists(path):
-        raise FileNotFoundError(f"{index} is not an index built by `hvae-pipeline index` (no {MANIFEST}; an "
-                                "interrupted build leaves none: build it again)")
+        raise FileNotFoundError(
+            f"{index} is not an index built by `hvae-pipeline index` (no {MANIFEST}; an "
+            "interrupted build leaves none: build it again)"
+        )
     try:
         manifest = json.loads(storage.read_text(path))
     except json.JSONDecodeError as error:
@@ -113,12 +123,19 @@ def check_index(manifest: dict, store: str | None = None) -> dict:
     store = store or manifest["store"]["store"]
     now = store_identity(store)
     built = manifest["store"]
-    for key, what in (("model_id", "model"), ("export", "export kind"), ("n_obs", "number of cells"),
-                      ("completed", "completion time"), ("obs_ids_sha256", "obs ids")):
+    for key, what in (
+        ("model_id", "model"),
+        ("export", "export kind"),
+        ("n_obs", "number of cells"),
+        ("completed", "completion time"),
+        ("obs_ids_sha256", "obs ids"),
+    ):
         if now.get(key) != built.get(key):
-            raise IndexMismatch(f"the index was built from another store or an earlier version of {store}: its "
-                                f"{what} was {built.get(key)!r}, the store's is now {now.get(key)!r}. Rebuild it "
-                                f"(`hvae-pipeline index --embeddings {store} --overwrite`)")
+            raise IndexMismatch(
+                f"the index was built from another store or an earlier version of {store}: its "
+                f"{what} was {built.get(key)!r}, the store's is now {now.get(key)!r}. Rebuild it "
+                f"(`hvae-pipeline index --embeddings {store} --overwrite`)"
+            )
     return now
 
 
@@ -139,15 +156,19 @@ def _build_index(store: str, out: str, settings: IndexSettings, echo) -> dict:
     wanted = {k: v for k, v in asdict(settings).items() if k not in ("overwrite", "threads")}
     if storage.exists(out) and storage.listdir(out):
         if not storage.exists(storage.join(out, MANIFEST)):
-            raise FileExistsError(f"{out} exists and is not an index built by hvae-pipeline (no {MANIFEST}); choose "
-                                  "another --out (nothing was changed)")
+            raise FileExistsError(
+                f"{out} exists and is not an index built by hvae-pipeline (no {MANIFEST}); choose "
+                "another --out (nothing was changed)"
+            )
         old = read_manifest(out)
         if old["store"] == identity and old.get("settings") == wanted:
             echo(f"{out} is already the index of this store; nothing to do")
             return old
         if not settings.overwrite:
-            raise FileExistsError(f"{out} holds an index of another store or with other settings (built "
-                                  f"{old.get('built')} from {old['store'].get('store')}); pass --overwrite to replace it")
+            raise FileExistsError(
+                f"{out} holds an index of another store or with other settings (built "
+                f"{old.get('built')} from {old['store'].get('store')}); pass --overwrite to replace it"
+            )
     if settings.threads:
         faiss.omp_set_num_threads(settings.threads)
     group = zarr.open_group(store, mode="r")
@@ -162,10 +183,18 @@ def _build_index(store: str, out: str, settings: IndexSettings, echo) -> dict:
         for level, dim in enumerate(identity["level_dims"]):
             levels.append(_build_level(group[f"level_{level}/mean"], level, dim, sample, local, settings, rng, echo))
         seconds = time.perf_counter() - started
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "store": identity, "settings": wanted,
-                    "library": f"faiss-cpu {faiss.__version__}", "kind": "IVF-Flat, L2",
-                    "built": datetime.now(timezone.utc).isoformat(), "seconds": round(seconds, 1),
-                    "cells_per_s": round(n_obs * len(levels) / max(seconds, 1e-9)), "levels": levels}
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "store": identity,
+            "settings": wanted,
+            "library": f"faiss-cpu {faiss.__version__}",
+            "kind": "IVF-Flat, L2",
+            "built": datetime.now(timezone.utc).isoformat(),
+            "seconds": round(seconds, 1),
+            "cells_per_s": round(n_obs * len(levels) / max(seconds, 1e-9)),
+            "levels": levels,
+        }
         (local / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _publish(local, out)
     finally:
@@ -191,7 +220,9 @@ def _publish(local: Path, out: str) -> None:
     storage.replace_tree(local, out)  # built beside it: a rename; the old index goes only now
 
 
-def _build_level(array, level: int, dim: int, sample: np.ndarray, local: Path, settings: IndexSettings, rng, echo) -> dict:
+def _build_level(
+    array, level: int, dim: int, sample: np.ndarray, local: Path, settings: IndexSettings, rng, echo
+) -> dict:
     import faiss
 
     n_obs = array.shape[0]
@@ -231,11 +262,21 @@ def _build_level(array, level: int, dim: int, sample: np.ndarray, local: Path, s
     mean_distance = neighbours[:, : settings.k].mean(axis=1)
     quantiles = {str(q): float(np.quantile(mean_distance, q)) for q in (0.5, 0.9, 0.95, 0.99, 0.999)}
     seconds = time.perf_counter() - started
-    echo(f"level {level}: {n_obs:,} cells x {dim} in {len(shards)} shard(s), {nlist} lists, nprobe {nprobe} "
-         f"(recall@10 {recall:.3f} on {len(sample):,} atlas cells), {n_obs / max(seconds, 1e-9):,.0f} cells/s")
-    return {"level": level, "dim": dim, "nlist": nlist, "nprobe": nprobe, "recall_at_10": round(recall, 4),
-            "recall_by_nprobe": table, "shards": shards, "mean_knn_distance_quantiles": quantiles,
-            "seconds": round(seconds, 1)}
+    echo(
+        f"level {level}: {n_obs:,} cells x {dim} in {len(shards)} shard(s), {nlist} lists, nprobe {nprobe} "
+        f"(recall@10 {recall:.3f} on {len(sample):,} atlas cells), {n_obs / max(seconds, 1e-9):,.0f} cells/s"
+    )
+    return {
+        "level": level,
+        "dim": dim,
+        "nlist": nlist,
+        "nprobe": nprobe,
+        "recall_at_10": round(recall, 4),
+        "recall_by_nprobe": table,
+        "shards": shards,
+        "mean_knn_distance_quantiles": quantiles,
+        "seconds": round(seconds, 1),
+    }
 
 
 def _training_rows(array, n: int, rng) -> np.ndarray:
@@ -333,5 +374,13 @@ class AtlasIndex:
         return np.sqrt(np.maximum(d, 0)), i
 
 
-__all__ = ["AtlasIndex", "IndexMismatch", "IndexSettings", "build_index", "check_index", "default_index_path",
-           "read_manifest", "store_identity"]
+__all__ = [
+    "AtlasIndex",
+    "IndexMismatch",
+    "IndexSettings",
+    "build_index",
+    "check_index",
+    "default_index_path",
+    "read_manifest",
+    "store_identity",
+]

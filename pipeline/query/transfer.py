@@ -35,8 +35,10 @@ def resolve_index(path: str) -> str:
         beside = default_index_path(path)
         if storage.exists(storage.join(beside, MANIFEST)):
             return beside
-        raise FileNotFoundError(f"{path} is an embeddings store with no index beside it ({beside}); build one with "
-                                f"`hvae-pipeline index --embeddings {path}`")
+        raise FileNotFoundError(
+            f"{path} is an embeddings store with no index beside it ({beside}); build one with "
+            f"`hvae-pipeline index --embeddings {path}`"
+        )
     raise FileNotFoundError(f"{path} is neither an index built by `hvae-pipeline index` nor an embeddings store")
 
 
@@ -55,8 +57,10 @@ def check_embedded_by(atlas: AtlasIndex, identity: str, what: str) -> None:
     """Refuse a model (``what``, of id ``identity``) other than the one that embedded the atlas."""
     embedded_by = atlas.manifest["store"]["model_id"]
     if identity != embedded_by:
-        raise IndexMismatch(f"the atlas {atlas.store} was embedded by model {embedded_by}; {what} is model {identity}: "
-                            "map a query with the atlas's own model")
+        raise IndexMismatch(
+            f"the atlas {atlas.store} was embedded by model {embedded_by}; {what} is model {identity}: "
+            "map a query with the atlas's own model"
+        )
 
 
 class AtlasLabels:
@@ -64,8 +68,9 @@ class AtlasLabels:
     records (checking that its cells are the store's, in order), or from a table (``atlas_obs``:
     Parquet, CSV or TSV with an ``obs_id`` column or the ids as its first column)."""
 
-    def __init__(self, index: AtlasIndex, columns: list[str], atlas_obs: str | None = None,
-                 block_rows: int = 262_144) -> None:
+    def __init__(
+        self, index: AtlasIndex, columns: list[str], atlas_obs: str | None = None, block_rows: int = 262_144
+    ) -> None:
         import zarr
 
         if not columns:
@@ -125,18 +130,24 @@ class AtlasLabels:
 
         with open_source(**source_args) as source:
             if source.n_obs != n_obs:
-                raise IndexMismatch(f"the atlas source {source_args['source']} now has {source.n_obs:,} cells, the store "
-                                    f"{store} {n_obs:,}: give the labels with --atlas-obs TABLE")
+                raise IndexMismatch(
+                    f"the atlas source {source_args['source']} now has {source.n_obs:,} cells, the store "
+                    f"{store} {n_obs:,}: give the labels with --atlas-obs TABLE"
+                )
             for lo in range(0, n_obs, block_rows):
                 obs = source.obs_rows(lo, min(n_obs, lo + block_rows))
                 block = np.asarray(read_ids(ids, lo, lo + block_rows), dtype=object)
                 if not np.array_equal(obs.index.astype(str).to_numpy(dtype=object), block):
-                    raise IndexMismatch(f"the atlas source {source_args['source']} no longer holds the store's cells in "
-                                        f"order (rows {lo}..{lo + len(block)}); give the labels with --atlas-obs TABLE")
+                    raise IndexMismatch(
+                        f"the atlas source {source_args['source']} no longer holds the store's cells in "
+                        f"order (rows {lo}..{lo + len(block)}); give the labels with --atlas-obs TABLE"
+                    )
                 missing = [c for c in self.columns if c not in obs.columns]
                 if missing:
-                    raise KeyError(f"the atlas source {source_args['source']} has no obs column {missing[0]!r} "
-                                   f"(columns: {list(obs.columns)[:20]})")
+                    raise KeyError(
+                        f"the atlas source {source_args['source']} has no obs column {missing[0]!r} "
+                        f"(columns: {list(obs.columns)[:20]})"
+                    )
                 for column in self.columns:
                     self._set(column, slice(lo, lo + len(block)), obs[column].to_numpy(dtype=object))
 
@@ -179,12 +190,15 @@ def map_levels(index: AtlasIndex, levels: dict[int, np.ndarray], labels: AtlasLa
         obsm[f"X_hvae_level_{level}"] = np.asarray(vectors, np.float32)
         obsm[f"hvae_neighbors_level_{level}"] = rows
         obsm[f"hvae_distances_level_{level}"] = distances.astype(np.float32)
-        for column in (labels.columns if labels else []):
+        for column in labels.columns if labels else []:
             codes = np.where(rows >= 0, labels.codes[column][np.maximum(rows, 0)], -1)
             categories = labels.categories.get(column, [])
             winner, share = vote(codes, len(categories))
-            obs[f"{column}_level_{level}"] = pd.Categorical.from_codes(winner, categories=categories) if categories \
+            obs[f"{column}_level_{level}"] = (
+                pd.Categorical.from_codes(winner, categories=categories)
+                if categories
                 else pd.Categorical([None] * len(winner))
+            )
             obs[f"{column}_level_{level}_confidence"] = share
     return {"obs": obs, "obsm": obsm}
 
@@ -197,9 +211,21 @@ def attach(adata, mapped: dict, provenance: dict) -> None:
     adata.uns["hvae_query"] = provenance
 
 
-def query(checkpoint: str, index: str, source_args: dict, labels: list[str], out: str, *, k: int = 15,
-          atlas_obs: str | None = None, levels: list[int] | None = None, batch_size: int = 4096,
-          min_gene_overlap: float = 0.5, overwrite: bool = False, echo=print) -> dict:
+def query(
+    checkpoint: str,
+    index: str,
+    source_args: dict,
+    labels: list[str],
+    out: str,
+    *,
+    k: int = 15,
+    atlas_obs: str | None = None,
+    levels: list[int] | None = None,
+    batch_size: int = 4096,
+    min_gene_overlap: float = 0.5,
+    overwrite: bool = False,
+    echo=print,
+) -> dict:
     """Embed the query ``open_source(**source_args)`` with the atlas's model, map it to the atlas at
     every level and write ``out`` (.h5ad: the query's AnnData with the results; .parquet: a table
     of the obs columns). Nothing is written until every check has passed."""
@@ -210,7 +236,9 @@ def query(checkpoint: str, index: str, source_args: dict, labels: list[str], out
     if not (out.endswith(".h5ad") or out.endswith(".parquet")):
         raise ValueError(f"--out {out}: write a .h5ad (the query AnnData with the results) or a .parquet table")
     if Path(out).exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it (it is replaced only once the new one is written)")
+        raise FileExistsError(
+            f"{out} exists; pass --overwrite to replace it (it is replaced only once the new one is written)"
+        )
     storage.check_writable(str(Path(out).resolve().parent))  # an unwritable --out is refused before any work
     atlas, index_path, wanted = open_atlas(index, levels)
     check_k(atlas, k)
@@ -221,8 +249,13 @@ def query(checkpoint: str, index: str, source_args: dict, labels: list[str], out
     atlas_labels = AtlasLabels(atlas, labels, atlas_obs) if labels else None
     source_args, source = _open_as_recorded(source_args, parts.get("setup"), echo)
     try:
-        alignment = GeneAlignment(source.feature_ids, parts["genes"]["feature_ids"], min_gene_overlap,
-                                  source_name=source.uri, id_note=_id_note(source))
+        alignment = GeneAlignment(
+            source.feature_ids,
+            parts["genes"]["feature_ids"],
+            min_gene_overlap,
+            source_name=source.uri,
+            id_note=_id_note(source),
+        )
         echo(f"genes: {alignment.summary()}")
         if source.n_obs == 0:
             raise ValueError(f"the query {source.uri} holds no cells")
@@ -232,12 +265,23 @@ def query(checkpoint: str, index: str, source_args: dict, labels: list[str], out
         source.close()
     encoded = encode_in_batches(model, counts, batch_size=batch_size)
     mapped = map_levels(atlas, {level: encoded[level] for level in wanted}, atlas_labels, k)
-    provenance = {"index": _absolute(index_path), "store": atlas.store, "model_id": identity, "checkpoint": origin, "k": k,
-                  "nprobe": [atlas.level(level)["nprobe"] for level in wanted], "labels": list(labels),
-                  "query": source.uri}
+    provenance = {
+        "index": _absolute(index_path),
+        "store": atlas.store,
+        "model_id": identity,
+        "checkpoint": origin,
+        "k": k,
+        "nprobe": [atlas.level(level)["nprobe"] for level in wanted],
+        "labels": list(labels),
+        "query": source.uri,
+    }
     _write(out, source_args, obs, mapped, provenance)
-    summary = {"out": out, "cells": len(obs), "levels": wanted,
-               "unlike": {level: int(np.sum(mapped["obs"][f"unlike_level_{level}"])) for level in wanted}}
+    summary = {
+        "out": out,
+        "cells": len(obs),
+        "levels": wanted,
+        "unlike": {level: int(np.sum(mapped["obs"][f"unlike_level_{level}"])) for level in wanted},
+    }
     return summary
 
 

@@ -10,6 +10,16 @@ from .in_memory import FitResult, batch_codes, diagnostic_kl, fit_in_memory, wit
 from .launch import train
 from .step import Trainer, encode_in_batches, in_memory_batches
 
-__all__ = ["FitResult", "Trainer", "batch_codes", "diagnostic_kl", "encode_in_batches",
-           "find_checkpoint", "fit_in_memory", "in_memory_batches", "load_model", "train",
-           "with_gene_modules"]
+__all__ = [
+    "FitResult",
+    "Trainer",
+    "batch_codes",
+    "diagnostic_kl",
+    "encode_in_batches",
+    "find_checkpoint",
+    "fit_in_memory",
+    "in_memory_batches",
+    "load_model",
+    "train",
+    "with_gene_modules",
+]

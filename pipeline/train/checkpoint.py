@@ -45,10 +45,19 @@ EARLIER_FORMAT_CONFIG = {2: {"molecule_thinning": 0.0, "readout_weight": 0.0}, 3
 READABLE_FORMATS = (*sorted(EARLIER_FORMAT_CONFIG), CHECKPOINT_FORMAT)
 
 
-def save_checkpoint(directory: str | Path, trainer, hvae_config: HVAEConfig, config_yaml: str | None, train_state: dict | None,
-                    feature_ids: list[str], batch_key: str | None, batch_categories: list[str],
-                    feature_names: list[str] | None = None, extra_trainer_state: dict | None = None,
-                    setup: dict | None = None) -> Path:
+def save_checkpoint(
+    directory: str | Path,
+    trainer,
+    hvae_config: HVAEConfig,
+    config_yaml: str | None,
+    train_state: dict | None,
+    feature_ids: list[str],
+    batch_key: str | None,
+    batch_categories: list[str],
+    feature_names: list[str] | None = None,
+    extra_trainer_state: dict | None = None,
+    setup: dict | None = None,
+) -> Path:
     """Write a checkpoint. ``trainer`` is a ``Trainer`` (everything, resumable) or a bare model
     (``model.pt`` alone: weights as both the model and its EMA, for inference). ``setup``: how the
     cells were read (the notebook API's AnnData setup: layer, gene id column, gene selection),
@@ -64,16 +73,28 @@ def save_checkpoint(directory: str | Path, trainer, hvae_config: HVAEConfig, con
         state = {"model": weights, "ema": {f"module.{k}": v for k, v in weights.items()}}
     else:
         state = trainer.state_dict()
-    torch.save({"format_version": CHECKPOINT_FORMAT, "hvae_config": hvae_config.to_dict(), "model": state["model"],
-                "ema": state["ema"], "genes": genes, "batches": batches, "setup": setup}, directory / "model.pt")
+    torch.save(
+        {
+            "format_version": CHECKPOINT_FORMAT,
+            "hvae_config": hvae_config.to_dict(),
+            "model": state["model"],
+            "ema": state["ema"],
+            "genes": genes,
+            "batches": batches,
+            "setup": setup,
+        },
+        directory / "model.pt",
+    )
     faults.point("checkpoint.model")
     (directory / "genes.json").write_text(json.dumps(genes))
     (directory / "batches.json").write_text(json.dumps(batches))
     if setup is not None:
         (directory / "setup.json").write_text(json.dumps(setup, indent=1))
     if "optimizer" in state:
-        torch.save({**{k: state[k] for k in ("optimizer", "scaler", "step", "skipped_steps")}, **(extra_trainer_state or {})},
-                   directory / "trainer.pt")
+        torch.save(
+            {**{k: state[k] for k in ("optimizer", "scaler", "step", "skipped_steps")}, **(extra_trainer_state or {})},
+            directory / "trainer.pt",
+        )
         faults.point("checkpoint.trainer")
     if config_yaml is not None:
         (directory / "config.yaml").write_text(config_yaml)
@@ -98,14 +119,23 @@ def read_model_file(directory: str | Path) -> dict:
         raise ValueError(f"{path} is corrupt or truncated ({type(error).__name__}: {error})") from None
     version = saved.get("format_version", 1) if isinstance(saved, dict) else None
     if version not in READABLE_FORMATS:
-        raise CheckpointFormatError(f"{path} has checkpoint format {version}; this version of hvae-pipeline reads formats "
-                         f"{', '.join(map(str, READABLE_FORMATS))} (its model differs): train a new model, or embed with the "
-                         "release that wrote it")
+        raise CheckpointFormatError(
+            f"{path} has checkpoint format {version}; this version of hvae-pipeline reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))} (its model differs): train a new model, or embed with the "
+            "release that wrote it"
+        )
     # A config saved before module_levels or kl_capacity existed built no modules and held no
     # ceilings (their defaults now depend on the depth).
     values = {"module_levels": [], "kl_capacity": [], **EARLIER_FORMAT_CONFIG.get(version, {}), **saved["hvae_config"]}
-    return {"hvae_config": HVAEConfig.from_dict(values), "model": saved["model"], "ema": saved["ema"],
-            "genes": saved["genes"], "batches": saved["batches"], "setup": saved.get("setup"), "path": str(directory)}
+    return {
+        "hvae_config": HVAEConfig.from_dict(values),
+        "model": saved["model"],
+        "ema": saved["ema"],
+        "genes": saved["genes"],
+        "batches": saved["batches"],
+        "setup": saved.get("setup"),
+        "path": str(directory),
+    }
 
 
 def read_checkpoint(directory: str | Path) -> dict:
@@ -119,7 +149,9 @@ def read_checkpoint(directory: str | Path) -> dict:
     try:
         parts["trainer"] = torch.load(directory / "trainer.pt", map_location="cpu", weights_only=False)
     except Exception as error:
-        raise ValueError(f"{directory / 'trainer.pt'} is corrupt or truncated ({type(error).__name__}: {error})") from None
+        raise ValueError(
+            f"{directory / 'trainer.pt'} is corrupt or truncated ({type(error).__name__}: {error})"
+        ) from None
     parts["train_state"] = read_train_state(directory)
     return parts
 
@@ -187,7 +219,9 @@ def find_checkpoint(path: str | Path) -> Path | str | None:
     found = None
     if "model.pt" in names:
         found = path
-    elif LATEST in names and _complete(target := storage.join(path, storage.read_text(storage.join(path, LATEST)).strip())):
+    elif LATEST in names and _complete(
+        target := storage.join(path, storage.read_text(storage.join(path, LATEST)).strip())
+    ):
         found = target
     elif candidates := [n for n in names if n.startswith("checkpoint_") and _complete(storage.join(path, n))]:
         found = storage.join(path, candidates[-1])
@@ -205,8 +239,14 @@ def resumable_checkpoint(run_dir: str | Path, echo=print) -> Path | str | None:
     newest = find_checkpoint(run_dir)
     if newest is None:
         return None
-    names = sorted((n for n in storage.listdir(run_dir) if n.startswith("checkpoint_")
-                    and _complete(storage.join(str(run_dir), n))), reverse=True)
+    names = sorted(
+        (
+            n
+            for n in storage.listdir(run_dir)
+            if n.startswith("checkpoint_") and _complete(storage.join(str(run_dir), n))
+        ),
+        reverse=True,
+    )
     candidates = [newest] + [storage.join(str(run_dir), n) for n in names if n != storage.basename(str(newest))]
     damaged = []
     for candidate in candidates:
@@ -216,12 +256,16 @@ def resumable_checkpoint(run_dir: str | Path, echo=print) -> Path | str | None:
             raise
         except (ValueError, FileNotFoundError, OSError) as error:
             damaged.append(f"{storage.basename(str(candidate))}: {error}")
-            echo(f"warning: {storage.basename(str(candidate))} cannot be read back ({error}); "
-                 "falling back to the previous complete checkpoint")
+            echo(
+                f"warning: {storage.basename(str(candidate))} cannot be read back ({error}); "
+                "falling back to the previous complete checkpoint"
+            )
             continue
         return candidate if storage.is_url(str(candidate)) else Path(candidate)
-    raise ValueError(f"every checkpoint of {run_dir} is damaged ({'; '.join(damaged)[:600]}); move the run directory "
-                     "away or set another run.name to start again")
+    raise ValueError(
+        f"every checkpoint of {run_dir} is damaged ({'; '.join(damaged)[:600]}); move the run directory "
+        "away or set another run.name to start again"
+    )
 
 
 def fetch_checkpoint(path: str | Path) -> tuple[Path, str] | None:

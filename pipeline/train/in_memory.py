@@ -27,11 +27,11 @@ class FitResult:
     trainer: Trainer
     seconds: float
     history: list[dict]
-    level_means: list[np.ndarray]   # what each level exports (HierarchicalVAE.encode), level 0 first
+    level_means: list[np.ndarray]  # what each level exports (HierarchicalVAE.encode), level 0 first
     kl_per_level: list[float]
-    active_units: list[int]         # of each z_l's own units
-    steps: int = 0                  # steps taken (fewer than max_steps when training stopped early)
-    best_step: int | None = None    # stopped early: the step whose EMA weights the model holds
+    active_units: list[int]  # of each z_l's own units
+    steps: int = 0  # steps taken (fewer than max_steps when training stopped early)
+    best_step: int | None = None  # stopped early: the step whose EMA weights the model holds
 
     @property
     def model(self) -> HierarchicalVAE:
@@ -98,8 +98,12 @@ def fit_in_memory(
     start = time.perf_counter()
     history = trainer.fit(
         in_memory_batches(counts[fitted], train.batch_size, None if index is None else index[fitted], seed=seed),
-        max_steps=train.max_steps, log_every=train.log_every, progress=progress, validate=validate,
-        validate_every=train.validate_every, tolerance=train.early_stopping_tolerance,
+        max_steps=train.max_steps,
+        log_every=train.log_every,
+        progress=progress,
+        validate=validate,
+        validate_every=train.validate_every,
+        tolerance=train.early_stopping_tolerance,
     )
     seconds = time.perf_counter() - start
     level_means = encode_in_batches(trainer.ema_model, counts, device=device)

@@ -33,8 +33,16 @@ from hvae.modules import SAMPLE_CELLS
 
 from .. import faults, storage
 from ..lease import Lease, check_generation
-from .checkpoint import (check_genes, fetch_checkpoint, find_checkpoint, prune_checkpoints, read_model_file, read_train_state,
-                         resumable_checkpoint, write_latest)
+from .checkpoint import (
+    check_genes,
+    fetch_checkpoint,
+    find_checkpoint,
+    prune_checkpoints,
+    read_model_file,
+    read_train_state,
+    resumable_checkpoint,
+    write_latest,
+)
 from ..config import PipelineConfig
 from .loop import STAGING_PREFIX, split_datasets, train_worker
 
@@ -42,7 +50,9 @@ from .loop import STAGING_PREFIX, split_datasets, train_worker
 def train(config: PipelineConfig, echo=print) -> dict:
     """Train as configured; returns the summary (also written to ``summary.json``)."""
     if not storage.is_url(config.data.path):  # Ray workers do not run in this directory: absolute paths
-        config = config.model_copy(update={"data": config.data.model_copy(update={"path": str(Path(config.data.path).resolve())})})
+        config = config.model_copy(
+            update={"data": config.data.model_copy(update={"path": str(Path(config.data.path).resolve())})}
+        )
     run_dir = config.run_dir if storage.is_url(config.run_dir) else str(Path(config.run_dir).resolve())
     _check_storage(run_dir)
     _check_gpu(config)
@@ -57,8 +67,11 @@ def _train(config: PipelineConfig, run_dir: str, lease: Lease, echo) -> dict:
     if previous is not None:
         state = read_train_state(previous)  # the driver needs the step, not the weights
         if state.get("finished") and (state["step"] >= config.train.max_steps or state.get("stopped_early")):
-            how = (f"stopped early at step {state['step']}, keeping step {state.get('best_step')}'s weights"
-                   if state.get("stopped_early") else f"finished at step {state['step']}")
+            how = (
+                f"stopped early at step {state['step']}, keeping step {state.get('best_step')}'s weights"
+                if state.get("stopped_early")
+                else f"finished at step {state['step']}"
+            )
             echo(f"run {run_dir} already {how} ({storage.basename(previous)}); nothing to train")
             return json.loads(storage.read_text(summary_file)) if storage.exists(summary_file) else state
         echo(f"resuming run {run_dir} from {storage.basename(previous)} (step {state['step']})")
@@ -70,8 +83,13 @@ def _train(config: PipelineConfig, run_dir: str, lease: Lease, echo) -> dict:
     else:
         result = _train_ray(config, run_dir, previous, lease)
     latest = find_checkpoint(run_dir)
-    summary = {**result, "run_dir": run_dir, "checkpoint": str(latest) if latest else None,
-               "wall_seconds": round(time.time() - started, 2), "num_workers": config.scaling.num_workers}
+    summary = {
+        **result,
+        "run_dir": run_dir,
+        "checkpoint": str(latest) if latest else None,
+        "wall_seconds": round(time.time() - started, 2),
+        "num_workers": config.scaling.num_workers,
+    }
     storage.write_text(summary_file, json.dumps(summary, indent=1))
     return summary
 
@@ -104,8 +122,10 @@ def _with_gene_modules(config: PipelineConfig, previous, echo) -> PipelineConfig
                 break
         partitions = fit_gene_modules(hvae_config, sp.vstack(blocks, format="csr")).gene_modules
         sizes = ", ".join(f"{len(set(p))} modules" for p in partitions)
-        echo(f"gene modules for the top {len(partitions)} level(s): {sizes}, from {cells:,} cells "
-             f"({time.time() - started:.1f} s)")
+        echo(
+            f"gene modules for the top {len(partitions)} level(s): {sizes}, from {cells:,} cells "
+            f"({time.time() - started:.1f} s)"
+        )
     return config.model_copy(update={"model": model.model_copy(update={"gene_modules": partitions})})
 
 
@@ -114,8 +134,10 @@ def _clear_staging(run_dir: str) -> None:
     if storage.is_url(run_dir) or not Path(run_dir).exists():
         return
     for entry in Path(run_dir).iterdir():
-        if entry.is_dir() and (entry.name.startswith(STAGING_PREFIX)
-                               or (entry.name.startswith(".checkpoint_") and entry.name.endswith(".partial"))):
+        if entry.is_dir() and (
+            entry.name.startswith(STAGING_PREFIX)
+            or (entry.name.startswith(".checkpoint_") and entry.name.endswith(".partial"))
+        ):
             shutil.rmtree(entry)
 
 
@@ -192,8 +214,9 @@ def _train_local(config: PipelineConfig, run_dir: str, previous, lease: Lease) -
 
     restore = str(fetch_checkpoint(previous)[0]) if previous is not None else None
     try:
-        return train_worker(config, 0, 1, device, restore, save, mirror.metrics_path,
-                            staging=None if mirror.remote else run_dir)
+        return train_worker(
+            config, 0, 1, device, restore, save, mirror.metrics_path, staging=None if mirror.remote else run_dir
+        )
     finally:
         mirror.close()
 
@@ -208,17 +231,29 @@ def _train_ray(config: PipelineConfig, run_dir: str, previous, lease: Lease) -> 
     if config.scaling.use_gpu:
         gpus = ray.cluster_resources().get("GPU", 0)
         if gpus < config.scaling.num_workers:
-            raise ValueError(f"scaling.use_gpu is true with {config.scaling.num_workers} workers but the Ray cluster has {gpus:g} GPUs")
+            raise ValueError(
+                f"scaling.use_gpu is true with {config.scaling.num_workers} workers but the Ray cluster has {gpus:g} GPUs"
+            )
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "run_dir": run_dir, "faults": faults.forwarded(),
-                           "previous": None if previous is None else str(previous),
-                           "lease": [lease.output, lease.generation]},
-        scaling_config=ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu,
-                                     resources_per_worker=config.scaling.resources_per_worker),
-        run_config=RunConfig(name=config.run.name, storage_path=run_dir.rstrip("/").rsplit("/", 1)[0],
-                             failure_config=FailureConfig(max_failures=config.run.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep)),
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "run_dir": run_dir,
+            "faults": faults.forwarded(),
+            "previous": None if previous is None else str(previous),
+            "lease": [lease.output, lease.generation],
+        },
+        scaling_config=ScalingConfig(
+            num_workers=config.scaling.num_workers,
+            use_gpu=config.scaling.use_gpu,
+            resources_per_worker=config.scaling.resources_per_worker,
+        ),
+        run_config=RunConfig(
+            name=config.run.name,
+            storage_path=run_dir.rstrip("/").rsplit("/", 1)[0],
+            failure_config=FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
+        ),
     )
     result = trainer.fit()
     metrics = dict(result.metrics or {})
@@ -246,8 +281,9 @@ def _ray_worker(loop_config: dict) -> None:
         if rank == 0 and loop_config.get("lease", [None, None])[1] is not None:  # the driver's lease still ours?
             check_generation(*loop_config["lease"])
         name = f"checkpoint_{int(metrics['step']):08d}"
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory) if directory else None,
-                         checkpoint_dir_name=name)
+        ray.train.report(
+            metrics, checkpoint=Checkpoint.from_directory(directory) if directory else None, checkpoint_dir_name=name
+        )
         if rank == 0:  # report returns once the checkpoint is persisted
             write_latest(run_dir, name)
             mirror.sync()

@@ -40,17 +40,28 @@ def split_datasets(config: PipelineConfig) -> tuple[ShardedDataset, ShardedDatas
     if n_val == 0:
         return full, None
     if n_val >= n_shards:
-        raise ValueError(f"data.validation_shards={n_val} leaves no training shards ({config.data.path} has {n_shards})")
-    return (ShardedDataset(config.data.path, subset=list(range(n_shards - n_val))),
-            ShardedDataset(config.data.path, subset=list(range(n_shards - n_val, n_shards))))
+        raise ValueError(
+            f"data.validation_shards={n_val} leaves no training shards ({config.data.path} has {n_shards})"
+        )
+    return (
+        ShardedDataset(config.data.path, subset=list(range(n_shards - n_val))),
+        ShardedDataset(config.data.path, subset=list(range(n_shards - n_val, n_shards))),
+    )
 
 
 STAGING_PREFIX = ".hvae-ckpt-"  # a checkpoint being written (a killed run leaves it; the next run clears it)
 
 
-def train_worker(config: PipelineConfig, rank: int, world_size: int, device: torch.device | str,
-                 restore: str | None, save_hook: CheckpointHook, metrics_path: str | None = None,
-                 staging: str | None = None) -> dict:
+def train_worker(
+    config: PipelineConfig,
+    rank: int,
+    world_size: int,
+    device: torch.device | str,
+    restore: str | None,
+    save_hook: CheckpointHook,
+    metrics_path: str | None = None,
+    staging: str | None = None,
+) -> dict:
     """Train until ``train.max_steps``; returns a summary. ``save_hook(dir_or_None, metrics)`` is
     called on every rank at every checkpoint (rank 0 passes the directory it wrote, a temporary
     directory under ``staging``, default the system's temporary directory)."""
@@ -61,12 +72,24 @@ def train_worker(config: PipelineConfig, rank: int, world_size: int, device: tor
     hvae_config = config.model.hvae_config(train.n_vars, len(categories))
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
     trainer = Trainer(HierarchicalVAE(hvae_config), config.train, device=device)
-    loader = train.loader(config.train.batch_size, rank=rank, world_size=world_size, seed=config.train.seed,
-                          num_workers=config.data.loader_workers, prefetch=config.data.prefetch, batch_key=key,
-                          block_rows=config.data.block_rows, window_blocks=config.data.window_blocks,
-                          segment_rows=config.data.segment_rows)
+    loader = train.loader(
+        config.train.batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=config.train.seed,
+        num_workers=config.data.loader_workers,
+        prefetch=config.data.prefetch,
+        batch_key=key,
+        block_rows=config.data.block_rows,
+        window_blocks=config.data.window_blocks,
+        segment_rows=config.data.segment_rows,
+    )
     epoch = 0
-    stopper = EarlyStopping(config.train.early_stopping_tolerance) if validation is not None and config.train.early_stopping else None
+    stopper = (
+        EarlyStopping(config.train.early_stopping_tolerance)
+        if validation is not None and config.train.early_stopping
+        else None
+    )
     if restore is not None:
         epoch = _restore(trainer, loader, restore, train, categories, world_size, stopper)
         _reseed(config.train.seed, trainer.step_count, rank)
@@ -110,17 +133,40 @@ def train_worker(config: PipelineConfig, rank: int, world_size: int, device: tor
                     bar.set_postfix_str(f"{rate:,.0f} cells/s  -ELBO {metrics['negative_elbo']:.1f}  KL {kl}")
                 elif rank == 0 and config.train.progress:
                     remaining = (max_steps - step) * cells / max(rate * step, 1e-9) if step else 0.0
-                    print(f"step {step:,}/{max_steps:,}  {rate:,.0f} cells/s  ETA {remaining / 60:.1f} min  "
-                          f"-ELBO {metrics['negative_elbo']:.1f}  KL {kl}", flush=True)
+                    print(
+                        f"step {step:,}/{max_steps:,}  {rate:,.0f} cells/s  ETA {remaining / 60:.1f} min  "
+                        f"-ELBO {metrics['negative_elbo']:.1f}  KL {kl}",
+                        flush=True,
+                    )
             if checkpointing:
                 position = loader.state_dict()
-                state = {"step": step, "epoch": position["epoch"], "batches_yielded": position["batches_yielded"],
-                         "world_size": world_size, "batch_size": config.train.batch_size, "seed": config.train.seed,
-                         "max_steps": max_steps, "finished": step >= max_steps or stopped, "stopped_early": stopped}
+                state = {
+                    "step": step,
+                    "epoch": position["epoch"],
+                    "batches_yielded": position["batches_yielded"],
+                    "world_size": world_size,
+                    "batch_size": config.train.batch_size,
+                    "seed": config.train.seed,
+                    "max_steps": max_steps,
+                    "finished": step >= max_steps or stopped,
+                    "stopped_early": stopped,
+                }
                 if stopper is not None:
                     state["best_step"] = stopper.best_step
-                _checkpoint(trainer, hvae_config, config, state, train.feature_ids, key, categories, rank, save_hook,
-                            {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, stopper, staging)
+                _checkpoint(
+                    trainer,
+                    hvae_config,
+                    config,
+                    state,
+                    train.feature_ids,
+                    key,
+                    categories,
+                    rank,
+                    save_hook,
+                    {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                    stopper,
+                    staging,
+                )
                 _reseed(config.train.seed, step, rank)
             if step >= max_steps or stopped:
                 break
@@ -134,8 +180,13 @@ def train_worker(config: PipelineConfig, rank: int, world_size: int, device: tor
         units = [last_validation[f"active_units_level_{l}"] for l in range(n_levels)] if last_validation else None
         for line in end_of_run_warnings(trainer.step_count, config.train.warmup_steps, kl, units):
             print(f"warning: {line}", flush=True)
-    summary = {"step": trainer.step_count, "skipped_steps": trainer.skipped_steps, "finished": True,
-               "seconds": time.perf_counter() - started, "cells_per_s": cells / max(time.perf_counter() - started, 1e-9)}
+    summary = {
+        "step": trainer.step_count,
+        "skipped_steps": trainer.skipped_steps,
+        "finished": True,
+        "seconds": time.perf_counter() - started,
+        "cells_per_s": cells / max(time.perf_counter() - started, 1e-9),
+    }
     if stopper is not None:
         summary.update({"stopped_early": stopped, "best_step": stopper.best_step})
     return summary
@@ -156,13 +207,22 @@ def _reseed(seed: int, step: int, rank: int) -> None:
     torch.manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
 
 
-def _restore(trainer: Trainer, loader, restore: str, train: ShardedDataset, categories: list[str], world_size: int,
-             stopper: EarlyStopping | None) -> int:
+def _restore(
+    trainer: Trainer,
+    loader,
+    restore: str,
+    train: ShardedDataset,
+    categories: list[str],
+    world_size: int,
+    stopper: EarlyStopping | None,
+) -> int:
     parts = read_checkpoint(restore)
     check_genes(parts, train.feature_ids, train.path)
     if parts["batches"]["categories"] != list(categories):
-        raise ValueError(f"checkpoint {restore} has batch categories {parts['batches']['categories'][:5]}... "
-                         f"but {train.path} has {list(categories)[:5]}...: the batch embedding rows would not match")
+        raise ValueError(
+            f"checkpoint {restore} has batch categories {parts['batches']['categories'][:5]}... "
+            f"but {train.path} has {list(categories)[:5]}...: the batch embedding rows would not match"
+        )
     check_model_config(parts, trainer.model.config)
     trainer.load_state_dict({"model": parts["model"], "ema": parts["ema"], **parts["trainer"]})
     if stopper is not None and parts["trainer"].get("early_stopping"):
@@ -177,14 +237,35 @@ def _restore(trainer: Trainer, loader, restore: str, train: ShardedDataset, cate
     return epoch
 
 
-def _checkpoint(trainer, hvae_config, config, state, feature_ids, key, categories, rank, save_hook, metrics,
-                stopper: EarlyStopping | None, staging: str | None) -> None:
+def _checkpoint(
+    trainer,
+    hvae_config,
+    config,
+    state,
+    feature_ids,
+    key,
+    categories,
+    rank,
+    save_hook,
+    metrics,
+    stopper: EarlyStopping | None,
+    staging: str | None,
+) -> None:
     if rank != 0:
         save_hook(None, metrics)
         return
     with tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=staging) as tmp:
-        save_checkpoint(tmp, trainer, hvae_config, config.to_yaml(), state, feature_ids, key, categories,
-                        extra_trainer_state={"early_stopping": stopper.state_dict()} if stopper is not None else None)
+        save_checkpoint(
+            tmp,
+            trainer,
+            hvae_config,
+            config.to_yaml(),
+            state,
+            feature_ids,
+            key,
+            categories,
+            extra_trainer_state={"early_stopping": stopper.state_dict()} if stopper is not None else None,
+        )
         save_hook(tmp, metrics)
 
 
@@ -193,8 +274,13 @@ def validate(model: HierarchicalVAE, dataset: ShardedDataset, config: PipelineCo
     """Per-level KL, active units and reconstruction on up to ``train.validation_cells`` held-out cells."""
     model.eval()
     means, kl, reconstruction, n = [], None, 0.0, 0
-    for batch in dataset.loader(min(1024, config.train.validation_cells), seed=0, batch_key=config.data.batch_key,
-                                segment_rows=config.data.segment_rows, prefetch=1):
+    for batch in dataset.loader(
+        min(1024, config.train.validation_cells),
+        seed=0,
+        batch_key=config.data.batch_key,
+        segment_rows=config.data.segment_rows,
+        prefetch=1,
+    ):
         counts = densify(batch["counts"], device)
         index = batch.get("batch_index")
         index = index.to(device) if index is not None else None
@@ -210,9 +296,13 @@ def validate(model: HierarchicalVAE, dataset: ShardedDataset, config: PipelineCo
             break
     per_level = [torch.cat([m[level] for m in means]) for level in range(len(means[0]))]
     units = active_units(per_level)
-    return {"negative_elbo": (reconstruction + float(kl.sum())) / n, "reconstruction": reconstruction / n, "cells": n,
-            **{f"kl_level_{l}": float(v) / n for l, v in enumerate(kl)},
-            **{f"active_units_level_{l}": int(u) for l, u in enumerate(units)}}
+    return {
+        "negative_elbo": (reconstruction + float(kl.sum())) / n,
+        "reconstruction": reconstruction / n,
+        "cells": n,
+        **{f"kl_level_{l}": float(v) / n for l, v in enumerate(kl)},
+        **{f"active_units_level_{l}": int(u) for l, u in enumerate(units)},
+    }
 
 
 class _MetricsLog:
@@ -228,13 +318,18 @@ class _MetricsLog:
         try:
             from tensorboardX import SummaryWriter
 
-            self.tensorboard = SummaryWriter(str(Path(path).parent / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+            self.tensorboard = SummaryWriter(
+                str(Path(path).parent / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
+            )
         except ImportError:  # optional: JSONL always works
             pass
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         if os.path.exists(path):
-            kept = [line for line in Path(path).read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [
+                line
+                for line in Path(path).read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
             tmp = path + ".tmp"
             Path(tmp).write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, path)
@@ -248,7 +343,11 @@ class _MetricsLog:
         if self.tensorboard is not None:
             split = record.get("split", "train")
             for key, value in clean.items():
-                if key not in ("step", "split", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if (
+                    key not in ("step", "split", "epoch")
+                    and isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                ):
                     self.tensorboard.add_scalar(f"{split}/{key}", value, record["step"])
             self.tensorboard.flush()
 
@@ -267,18 +366,22 @@ def _startup_line(config: PipelineConfig, trainer: Trainer, train: ShardedDatase
     cells_per_step = config.train.batch_size * world_size
     parameters = sum(p.numel() for p in trainer.model.parameters())
     epochs = config.train.max_steps * cells_per_step / max(train.n_obs, 1)
-    return (f"training on {device} x {world_size}: {train.n_obs:,} cells x {train.n_vars:,} genes, "
-            f"{trainer.model.config.n_batches} batches; {parameters:,} parameters, levels {trainer.model.config.latent_dims}; "
-            f"{config.train.max_steps:,} steps of {cells_per_step:,} cells ({epochs:.1f} epochs), KL warm-up "
-            f"{config.train.warmup_steps:,} steps, {config.train.precision}")
+    return (
+        f"training on {device} x {world_size}: {train.n_obs:,} cells x {train.n_vars:,} genes, "
+        f"{trainer.model.config.n_batches} batches; {parameters:,} parameters, levels {trainer.model.config.latent_dims}; "
+        f"{config.train.max_steps:,} steps of {cells_per_step:,} cells ({epochs:.1f} epochs), KL warm-up "
+        f"{config.train.warmup_steps:,} steps, {config.train.precision}"
+    )
 
 
 def end_of_run_warnings(step: int, warmup_steps: int, kl: list[float] | None, units: list[int] | None) -> list[str]:
     """What a user should know when a run ends: an unfinished warm-up, a level holding almost nothing."""
     warnings = []
     if step < warmup_steps:
-        warnings.append(f"training ended at step {step:,}, before the KL warm-up finished ({warmup_steps:,} steps): the "
-                        "model was trained with a down-weighted KL; train longer or set train.kl_warmup_steps")
+        warnings.append(
+            f"training ended at step {step:,}, before the KL warm-up finished ({warmup_steps:,} steps): the "
+            "model was trained with a down-weighted KL; train longer or set train.kl_warmup_steps"
+        )
     for level, value in enumerate(kl or []):
         if value < 0.5:
             warnings.append(f"level {level} holds {value:.2f} nats per cell (< 0.5): it carries almost nothing")

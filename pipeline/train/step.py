@@ -56,8 +56,12 @@ def format_kl(metrics: dict) -> str:
     """Each level's KL in nats and its share, level 0 first: ``2.3/1.2/18.9 nats (10%/5%/84%)``."""
     shares = kl_shares(metrics)
     levels = range(len(shares))
-    return ("/".join(f"{metrics[f'kl_level_{l}']:.1f}" for l in levels) + " nats ("
-            + "/".join(f"{shares[f'kl_share_level_{l}']:.0%}" for l in levels) + ")")
+    return (
+        "/".join(f"{metrics[f'kl_level_{l}']:.1f}" for l in levels)
+        + " nats ("
+        + "/".join(f"{shares[f'kl_share_level_{l}']:.0%}" for l in levels)
+        + ")"
+    )
 
 
 class Trainer:
@@ -84,8 +88,12 @@ class Trainer:
             self.forward_module = torch.compile(self.forward_module)
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.fused = fused_adamw_supported(self.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.learning_rate,
-                                           weight_decay=settings.weight_decay, fused=self.fused or None)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=settings.learning_rate,
+            weight_decay=settings.weight_decay,
+            fused=self.fused or None,
+        )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.precision == "fp16")
         self.step_count = 0
         n_values = len(METRICS) + model.config.n_levels
@@ -111,8 +119,9 @@ class Trainer:
         n_levels = model.config.n_levels
         coarse_level = 1 + self.step_count % (n_levels - 1) if n_levels > 1 else None
         with autocast_context(settings.precision, self.device):
-            out = self.forward_module(counts, batch_index, kl_weight=kl_weight, check_values=False,
-                                      coarse_level=coarse_level)
+            out = self.forward_module(
+                counts, batch_index, kl_weight=kl_weight, check_values=False, coarse_level=coarse_level
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -126,9 +135,17 @@ class Trainer:
         keep = finite.bool()
         model.record_statistics(out, weight=finite)
         self._update_ema(finite)
-        values = torch.stack([out.loss.detach(), out.negative_elbo.detach(), out.reconstruction.detach().mean(),
-                              out.coarse_reconstruction.detach(), out.readout.detach(), grad_norm.detach(),
-                              *out.kl.detach()]).float()
+        values = torch.stack(
+            [
+                out.loss.detach(),
+                out.negative_elbo.detach(),
+                out.reconstruction.detach().mean(),
+                out.coarse_reconstruction.detach(),
+                out.readout.detach(),
+                grad_norm.detach(),
+                *out.kl.detach(),
+            ]
+        ).float()
         self._sums += torch.where(keep, values, torch.zeros_like(values))
         self._applied += finite
         self._skipped += 1 - finite
@@ -161,13 +178,19 @@ class Trainer:
 
     def read_metrics(self) -> dict[str, float]:
         """Means over the steps applied since the last read (one host read), then reset."""
-        values = torch.cat([self._sums / self._applied.clamp(min=1), torch.stack([self._applied, self._skipped])]).tolist()
+        values = torch.cat(
+            [self._sums / self._applied.clamp(min=1), torch.stack([self._applied, self._skipped])]
+        ).tolist()
         self._sums.zero_()
         self._applied.zero_()
         n = len(METRICS)
-        metrics = {"step": self.step_count, **dict(zip(METRICS, values[:n], strict=True)), "kl_weight": self.last_kl_weight,
-                   **{f"kl_level_{level}": v for level, v in enumerate(values[n:-2])},
-                   "applied_steps": int(values[-2])}
+        metrics = {
+            "step": self.step_count,
+            **dict(zip(METRICS, values[:n], strict=True)),
+            "kl_weight": self.last_kl_weight,
+            **{f"kl_level_{level}": v for level, v in enumerate(values[n:-2])},
+            "applied_steps": int(values[-2]),
+        }
         metrics.update(kl_shares(metrics))
         self._skipped_before += int(values[-1])
         self._skipped.zero_()
@@ -179,8 +202,16 @@ class Trainer:
         """Steps skipped for a non-finite value so far (a host read)."""
         return self._skipped_before + int(self._skipped.item())
 
-    def fit(self, batches: Iterable[dict], max_steps: int, log_every: int = 0, progress: bool = False,
-            validate=None, validate_every: int = 0, tolerance: float | None = None) -> list[dict]:
+    def fit(
+        self,
+        batches: Iterable[dict],
+        max_steps: int,
+        log_every: int = 0,
+        progress: bool = False,
+        validate=None,
+        validate_every: int = 0,
+        tolerance: float | None = None,
+    ) -> list[dict]:
         """Run until ``max_steps`` steps; returns the metrics of every ``log_every``-th step
         (means since the previous one). ``progress`` shows a bar with cells/s and ETA, and the
         loss and KL per level on logging steps.
@@ -192,7 +223,9 @@ class Trainer:
         from ..progress import Progress
 
         history = []
-        self.early_stopping = stopper = EarlyStopping(tolerance) if validate is not None and tolerance is not None else None
+        self.early_stopping = stopper = (
+            EarlyStopping(tolerance) if validate is not None and tolerance is not None else None
+        )
         with Progress(max_steps, "training", unit="step", enabled=progress, initial=self.step_count) as bar:
             for batch in batches:
                 if self.step_count >= max_steps:
@@ -204,8 +237,10 @@ class Trainer:
                     metrics = self.read_metrics()
                     history.append(metrics)
                     if progress:
-                        bar.postfix(f"{bar.rate * batch['counts'].shape[0]:,.0f} cells/s  "
-                                    f"-ELBO {metrics['negative_elbo']:.1f}  KL {format_kl(metrics)}")
+                        bar.postfix(
+                            f"{bar.rate * batch['counts'].shape[0]:,.0f} cells/s  "
+                            f"-ELBO {metrics['negative_elbo']:.1f}  KL {format_kl(metrics)}"
+                        )
                 if stopper is not None and validate_every and (step % validate_every == 0 or step == max_steps):
                     value = validate(self.ema_model)
                     if history and history[-1]["step"] == step:
@@ -228,7 +263,9 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        self.ema_model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")})
+        self.ema_model.load_state_dict(
+            {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+        )
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step_count = int(state["step"])
@@ -275,8 +312,9 @@ class EarlyStopping:
 
 
 @torch.no_grad()
-def heldout_negative_elbo(model: HierarchicalVAE, counts, batch_index=None, batch_size: int = 1024,
-                          device: torch.device | str = "cpu") -> float:
+def heldout_negative_elbo(
+    model: HierarchicalVAE, counts, batch_index=None, batch_size: int = 1024, device: torch.device | str = "cpu"
+) -> float:
     """Mean -ELBO per cell of held-out ``counts`` (CSR) in eval mode, with a fixed noise seed so
     that successive validations compare the weights, not the sampling noise."""
     model.eval()
@@ -307,8 +345,10 @@ def _check_batch_index(batch_index, n_batches: int) -> None:
     bad = (values < 0) | (values >= n_batches)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"batch_index[{row}] = {int(values[row])} is out of range: the model has "
-                         f"n_batches={n_batches} (valid 0..{n_batches - 1})")
+        raise ValueError(
+            f"batch_index[{row}] = {int(values[row])} is out of range: the model has "
+            f"n_batches={n_batches} (valid 0..{n_batches - 1})"
+        )
 
 
 def in_memory_batches(
