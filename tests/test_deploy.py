@@ -226,7 +226,7 @@ def test_training_entrypoint_through_the_ray_jobs_api(shards, tmp_path):
             f"data.validation_shards=0 scaling.num_workers=2 train.max_steps=20 train.batch_size=64 "
             f"checkpoint.every_steps=10 train.progress=false run.storage_path={tmp_path / 'runs'} run.name=jobs"
         )
-        deadline = time.time() + 60
+        deadline = time.time() + 120
         while True:  # the dashboard's job server comes up a little after `ray start` returns
             submit = subprocess.run(
                 [
@@ -246,7 +246,15 @@ def test_training_entrypoint_through_the_ray_jobs_api(shards, tmp_path):
                 cwd=tmp_path,
                 timeout=600,
             )
-            if submit.returncode == 0 or time.time() > deadline or "Connection" not in submit.stderr + submit.stdout:
+            output = submit.stderr + submit.stdout
+            if (
+                submit.returncode == 0
+                or time.time() > deadline
+                or not any(
+                    busy in output
+                    for busy in ("Connection", "No available agent")  # the job agent starts after the head
+                )
+            ):
                 break
             time.sleep(3)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
