@@ -18,7 +18,7 @@ def pytest_collection_modifyitems(config, items):
     # Meant under `-n 2 --dist loadgroup`: a module's tests on one worker (its fixtures built once) and
     # every test that starts a local Ray cluster on one worker, in turn. pytest-xdist 3.8 under pytest
     # 9.2 does not honour these marks (a module's tests land on both workers), so today the tests are
-    # spread one by one; `--dist loadfile` keeps a file's tests together and is the next step.
+    # spread one by one. The suite runs `--dist loadfile`, which keeps a file's tests on one worker.
     for item in items:
         item.add_marker(
             pytest.mark.xdist_group("ray" if item.get_closest_marker("ray") else item.nodeid.split("::")[0])
