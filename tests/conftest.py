@@ -15,14 +15,6 @@ def pytest_collection_modifyitems(config, items):
     items.sort(
         key=lambda item: item.nodeid.split("::")[0].rsplit("/", 1)[-1] not in FIRST
     )  # stable: the rest keep their order
-    # Meant under `-n 2 --dist loadgroup`: a module's tests on one worker (its fixtures built once) and
-    # every test that starts a local Ray cluster on one worker, in turn. pytest-xdist 3.8 under pytest
-    # 9.2 does not honour these marks (a module's tests land on both workers), so today the tests are
-    # spread one by one. The suite runs `--dist loadfile`, which keeps a file's tests on one worker.
-    for item in items:
-        item.add_marker(
-            pytest.mark.xdist_group("ray" if item.get_closest_marker("ray") else item.nodeid.split("::")[0])
-        )
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (none here)")
