@@ -28,6 +28,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -160,6 +161,8 @@ def _build(source: Source, out: str, settings: ShardSettings, started: float, ec
     fs, out_path = filesystem(out)
     local = not is_remote(out)
     n_obs = source.n_obs
+    if reopen is not None:
+        reopen = _WorkerSource(reopen, uuid.uuid4().hex)  # each worker opens the source once per run
     columns = _obs_columns(source, settings.obs_columns)
     target = _target_genes(source, settings, echo, reopen)
     alignment = GeneAlignment(source.feature_ids, target, settings.min_gene_overlap, source_name=source.uri)
@@ -326,11 +329,34 @@ def _pass_one(source: Source, plan: _Plan, part: int, lo: int, hi: int, update=N
     return {"checksum": checksum, "max_count": max_count, "obs": obs_spill.state(), "cells": hi - lo}
 
 
-def _pass_one_task(reopen, plan: _Plan, part: int, lo: int, hi: int, fault_variables: dict) -> dict:
+class _WorkerSource:
+    """The source as a Ray worker process holds it for one run: opened by the first task of the
+    run that the process executes and kept for the next ones (opening an h5ad reads its whole obs,
+    seconds at millions of cells: once per task, it was paid 4 times a worker, pass 1 and the HVG
+    pass alike). A new run (another ``run``) closes the previous run's source first, so a file
+    rewritten between runs is read afresh."""
+
+    _held: dict = {}  # per process: {"run": ..., "source": ...}
+
+    def __init__(self, reopen, run: str) -> None:
+        self.reopen, self.run = reopen, run
+
+    def get(self) -> Source:
+        held = _WorkerSource._held
+        if held.get("run") != self.run:
+            previous = held.pop("source", None)
+            held.clear()
+            if previous is not None:
+                previous.close()
+            held["source"] = self.reopen()
+            held["run"] = self.run
+        return held["source"]
+
+
+def _pass_one_task(reopen: _WorkerSource, plan: _Plan, part: int, lo: int, hi: int, fault_variables: dict) -> dict:
     faults.install(fault_variables)
     faults.maybe_kill_shard_part(plan.staging, part)
-    with reopen() as source:
-        return _pass_one(source, plan, part, lo, hi)
+    return _pass_one(reopen.get(), plan, part, lo, hi)
 
 
 def _ray_pass_one(reopen, plan: _Plan, settings: ShardSettings, n_obs: int) -> list[dict]:
@@ -550,9 +576,8 @@ def _gene_statistics(source: Source, key: str | None, block_size: int, lo: int, 
     return statistics
 
 
-def _gene_statistics_task(reopen, key: str | None, block_size: int, lo: int, hi: int) -> dict:
-    with reopen() as source:
-        return _gene_statistics(source, key, block_size, lo, hi)
+def _gene_statistics_task(reopen: _WorkerSource, key: str | None, block_size: int, lo: int, hi: int) -> dict:
+    return _gene_statistics(reopen.get(), key, block_size, lo, hi)
 
 
 def _target_var(source: Source, alignment: GeneAlignment) -> pd.DataFrame:
