@@ -162,9 +162,10 @@ def main() -> None:
             print(f"\n2 workers / 1 worker: {ratio:.2f}x (goal >= {GOAL}x): {'PASS' if ratio >= GOAL else 'FAIL'}")
             # A worker reads ahead on a thread of its own: one worker already keeps more than one
             # core busy, and on a machine of C cores N workers can gain at most C / (its cores busy).
-            ceiling = (os.cpu_count() or 1) / (by[1]["cpu_s"] / by[1]["seconds"])
+            busy = by[1]["cpu_s"] / by[1]["seconds"]
+            ceiling = (os.cpu_count() or 1) / busy
             print(
-                f"one worker keeps {by[1]['cpu_s'] / by[1]['seconds']:.2f} cores busy: on {os.cpu_count()} cores "
+                f"one worker keeps {busy:.2f} cores busy: on {os.cpu_count()} cores "
                 f"more workers can gain at most {ceiling:.2f}x; CPU seconds 2 workers / 1 worker "
                 f"{by[2]['cpu_s'] / by[1]['cpu_s']:.2f} (1.00: the work divides with no overhead)"
             )

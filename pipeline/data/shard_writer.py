@@ -336,21 +336,19 @@ class _WorkerSource:
     pass alike). A new run (another ``run``) closes the previous run's source first, so a file
     rewritten between runs is read afresh."""
 
-    _held: dict = {}  # per process: {"run": ..., "source": ...}
+    _held: tuple[str, Source] | None = None  # per process: (run, its source)
 
     def __init__(self, reopen, run: str) -> None:
         self.reopen, self.run = reopen, run
 
     def get(self) -> Source:
         held = _WorkerSource._held
-        if held.get("run") != self.run:
-            previous = held.pop("source", None)
-            held.clear()
-            if previous is not None:
-                previous.close()
-            held["source"] = self.reopen()
-            held["run"] = self.run
-        return held["source"]
+        if held is None or held[0] != self.run:
+            _WorkerSource._held = None
+            if held is not None:
+                held[1].close()
+            _WorkerSource._held = held = (self.run, self.reopen())
+        return held[1]
 
 
 def _pass_one_task(reopen: _WorkerSource, plan: _Plan, part: int, lo: int, hi: int, fault_variables: dict) -> dict:
