@@ -81,7 +81,7 @@ def _train(config: PipelineConfig, run_dir: str, lease: Lease, echo) -> dict:
     if config.scaling.num_workers == 0:
         result = _train_local(config, run_dir, previous, lease)
     else:
-        result = _train_ray(config, run_dir, previous, lease)
+        result = _train_ray(config, run_dir, previous, lease, echo)
     latest = find_checkpoint(run_dir)
     summary = {
         **result,
@@ -221,8 +221,9 @@ def _train_local(config: PipelineConfig, run_dir: str, previous, lease: Lease) -
         mirror.close()
 
 
-def _train_ray(config: PipelineConfig, run_dir: str, previous, lease: Lease) -> dict:
+def _train_ray(config: PipelineConfig, run_dir: str, previous, lease: Lease, echo=print) -> dict:
     import ray
+    from ray.exceptions import ActorDiedError
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -234,28 +235,38 @@ def _train_ray(config: PipelineConfig, run_dir: str, previous, lease: Lease) -> 
             raise ValueError(
                 f"scaling.use_gpu is true with {config.scaling.num_workers} workers but the Ray cluster has {gpus:g} GPUs"
             )
-    trainer = TorchTrainer(
-        _ray_worker,
-        train_loop_config={
-            "config": config.model_dump(mode="json"),
-            "run_dir": run_dir,
-            "faults": faults.forwarded(),
-            "previous": None if previous is None else str(previous),
-            "lease": [lease.output, lease.generation],
-        },
-        scaling_config=ScalingConfig(
-            num_workers=config.scaling.num_workers,
-            use_gpu=config.scaling.use_gpu,
-            resources_per_worker=config.scaling.resources_per_worker,
-        ),
-        run_config=RunConfig(
-            name=config.run.name,
-            storage_path=run_dir.rstrip("/").rsplit("/", 1)[0],
-            failure_config=FailureConfig(max_failures=config.run.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
-        ),
-    )
-    result = trainer.fit()
+
+    def trainer() -> TorchTrainer:
+        return TorchTrainer(
+            _ray_worker,
+            train_loop_config={
+                "config": config.model_dump(mode="json"),
+                "run_dir": run_dir,
+                "faults": faults.forwarded(),
+                "previous": None if previous is None else str(previous),
+                "lease": [lease.output, lease.generation],
+            },
+            scaling_config=ScalingConfig(
+                num_workers=config.scaling.num_workers,
+                use_gpu=config.scaling.use_gpu,
+                resources_per_worker=config.scaling.resources_per_worker,
+            ),
+            run_config=RunConfig(
+                name=config.run.name,
+                storage_path=run_dir.rstrip("/").rsplit("/", 1)[0],
+                failure_config=FailureConfig(max_failures=config.run.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
+            ),
+        )
+
+    try:
+        result = trainer().fit()
+    except ActorDiedError as error:
+        # Ray cancelled Train's controller before it ran (a loaded machine): nothing was trained, start once more
+        if "never ran" not in str(error):
+            raise
+        echo(f"Ray Train's controller was cancelled before it started ({error.actor_id}); starting it once more")
+        result = trainer().fit()
     metrics = dict(result.metrics or {})
     return {"step": int(metrics.get("step", 0)), "finished": True, "final_metrics": metrics}
 
