@@ -167,6 +167,7 @@ def chain(n_cells: int, args, root: Path) -> dict:
         print(f"    {result}", flush=True)
 
     common = ["--n-genes", args.n_genes, "--n-donors", args.n_donors, "--seed", args.seed]
+    shard_workers = ["--workers", args.shard_workers] if args.shard_workers else []
     stage(
         "simulate -> shards",
         [
@@ -180,6 +181,7 @@ def chain(n_cells: int, args, root: Path) -> dict:
             "shards",
             "--shard-size",
             args.shard_size,
+            *shard_workers,
         ],
         n_cells,
         shards,
@@ -194,7 +196,10 @@ def chain(n_cells: int, args, root: Path) -> dict:
         )
         stage(
             "h5ad -> shard",
-            [*cli, "shard", root / "atlas.h5ad", "--out", root / "h5ad_shards", "--shard-size", args.shard_size],
+            [
+                *(*cli, "shard", root / "atlas.h5ad", "--out", root / "h5ad_shards"),
+                *("--shard-size", args.shard_size, *shard_workers),
+            ],
             h5ad_cells,
             root / "h5ad_shards",
         )
@@ -302,6 +307,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="training steps (fixed, whatever the cells)")
     parser.add_argument("--batch-size", type=int, default=512, help="global batch size")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train CPU workers (0: one process)")
+    parser.add_argument(
+        "--shard-workers",
+        type=int,
+        default=0,
+        help="Ray tasks of `simulate --format shards` and `shard` (0: one process)",
+    )
     parser.add_argument("--eval-cells", type=int, default=50_000)
     parser.add_argument("--out", default="outputs/atlas_scale", help="working directory (needs ~0.6 GB per 1M cells)")
     parser.add_argument("--json", default=None, help="also write the results here")

@@ -188,36 +188,42 @@ def rescore_model(path: str) -> dict:
     return scored(saved["run"], encode_in_batches(model, adata.X), adata, labels, batch_key)
 
 
-def run_scvi(task: dict) -> dict:
-    """scvi-tools SCVI with its defaults on the same cells and genes (a pool job): the peer row,
-    trained by ``peers/scvi_embed_peer.py`` in the Python of ``--scvi-python``."""
+def scvi_peer(python: str, adata, batch_key: str | None, seed: int = 0, query=None):
+    """(its JSON line, the latent of ``adata``, the latent of ``query`` or None): scvi-tools SCVI
+    with its defaults trained on ``adata`` by ``peers/scvi_embed_peer.py`` in the Python ``python``
+    (one with scvi-tools installed), ``query`` mapped into it (``--query``)."""
     import subprocess
     import tempfile
 
-    adata, labels, batch_key = load(task["dataset"])
+    def written(cells, path: Path) -> str:
+        cells = cells.copy()
+        cells.obs = cells.obs[[batch_key] if batch_key else []].copy()
+        cells.write_h5ad(path)
+        return str(path)
+
     with tempfile.TemporaryDirectory() as tmp:
-        h5ad, out = Path(tmp) / "cells.h5ad", Path(tmp) / "latent.npy"
-        keep = [batch_key] if batch_key else []
-        ad_copy = adata.copy()
-        ad_copy.obs = ad_copy.obs[keep].copy()
-        ad_copy.write_h5ad(h5ad)
-        command = [
-            task["python"],
-            str(ROOT / "benchmarks" / "peers" / "scvi_embed_peer.py"),
-            "--h5ad",
-            str(h5ad),
-            "--out",
-            str(out),
-            "--seed",
-            str(task["seed"]),
-        ] + (["--batch-key", batch_key] if batch_key else [])
+        tmp = Path(tmp)
+        command = [python, str(ROOT / "benchmarks" / "peers" / "scvi_embed_peer.py"), "--seed", str(seed)]
+        command += ["--h5ad", written(adata, tmp / "cells.h5ad"), "--out", str(tmp / "cells.npy")]
+        if query is not None:
+            command += ["--query", written(query, tmp / "query.h5ad"), "--query-out", str(tmp / "query.npy")]
+        command += ["--batch-key", batch_key] if batch_key else []
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(
-                f"scvi-tools peer failed on {task['dataset']} seed {task['seed']}:\n{done.stderr[-2000:]}"
-            )
-        info = json.loads(done.stdout.strip().splitlines()[-1])
-        latent = np.load(out)
+            raise RuntimeError(f"scvi-tools peer failed (seed {seed}):\n{done.stderr[-2000:]}")
+        latent = np.load(tmp / "cells.npy")
+        query_latent = np.load(tmp / "query.npy") if query is not None else None
+    return json.loads(done.stdout.strip().splitlines()[-1]), latent, query_latent
+
+
+def run_scvi(task: dict) -> dict:
+    """scvi-tools SCVI with its defaults on the same cells and genes (a pool job): the peer row,
+    trained in the Python of ``--scvi-python``."""
+    adata, labels, batch_key = load(task["dataset"])
+    try:
+        info, latent, _ = scvi_peer(task["python"], adata, batch_key, task["seed"])
+    except RuntimeError as error:
+        raise RuntimeError(f"{task['dataset']}: {error}") from None
     run = {
         "dataset": task["dataset"],
         "kind": "scvi",

@@ -30,13 +30,19 @@ def main() -> None:
     import hierarchy_quality as hq
     from hvae import HVAEConfig
     from pipeline.config import TrainConfig
-    from pipeline.train import batch_codes, fit_in_memory
+    from pipeline.train import batch_codes, fit_in_memory, with_gene_modules
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", choices=sorted(hq.SYNTHETIC) + ["pancreas", "pbmc3k"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--set", action="append", default=[], help="HVAEConfig key=value (JSON values)")
+    parser.add_argument(
+        "--module-seed",
+        type=int,
+        default=None,
+        help="build the gene modules with this k-means / projection seed (default: the pipeline's, 0)",
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -45,6 +51,8 @@ def main() -> None:
     overrides = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
     batch_index, batch_names = batch_codes(adata.obs, batch_key)
     config = HVAEConfig(n_genes=adata.n_vars, n_batches=len(batch_names), **overrides)
+    if args.module_seed is not None:  # the pipeline's cell sample, another seed for the partition
+        config = with_gene_modules(config, adata.X, seed=args.module_seed)
     result = fit_in_memory(
         adata.X,
         config,
@@ -56,6 +64,7 @@ def main() -> None:
         "seed": args.seed,
         "steps": args.steps,
         "model": overrides,
+        "module_seed": args.module_seed,
         "kl": [round(v, 3) for v in result.kl_per_level],
         "steps_taken": result.steps,
         "seconds": round(time.perf_counter() - started, 1),

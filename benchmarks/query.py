@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/query.py                          # all three parts (1M cells)
     .venv/bin/python benchmarks/query.py --parts scale --scale-cells 10000000
-    .venv/bin/python benchmarks/query.py --parts transfer novel --steps 3000
+    .venv/bin/python benchmarks/query.py --parts transfer novel
+    .venv/bin/python benchmarks/query.py --parts transfer --scvi-python scvi-venv/bin/python
 
 Parts:
 - ``scale``: a synthetic atlas of N cells simulated to shards, embedded with a model trained on
@@ -13,7 +14,9 @@ Parts:
   the peer measured in the same run.
 - ``transfer``: train on reference cells, embed them, build the index, map held-out cells
   (``HVAEModel.map_query``) and score each level's transferred labels (accuracy, macro F1) next
-  to the same 15-neighbour vote on PCA-50 of the reference (log-normalised, scaled genes).
+  to the same 15-neighbour vote on PCA-50 of the reference (log-normalised, scaled genes) and,
+  with ``--scvi-python``, on scvi-tools' SCVI latent (the scVI + kNN recipe of the Census
+  tutorials; the query mapped by scArches surgery where it brings new batches).
   synthetic: 2 of 8 donors held out; pbmc3k and pancreas (one batch each): 30% of cells held
   out at random.
 - ``novel``: the synthetic atlas with one subtype and one cell type (of another lineage) left out
@@ -202,10 +205,11 @@ def split(name: str):
     return adata[~held].copy(), adata[held].copy(), labels, batch_key
 
 
-def vote_pca(reference, query, labels: list[str], k: int = 15) -> dict:
+def vote(ref: np.ndarray, qry: np.ndarray, reference, labels: list[str], k: int = 15) -> dict:
+    """Each label of ``reference.obs`` transferred to the query by a ``k``-neighbour majority vote
+    in an embedding (``ref`` and ``qry``, rows of the reference's and the query's cells)."""
     from sklearn.neighbors import NearestNeighbors
 
-    ref, qry = pca_of(reference, query)
     _, neighbours = NearestNeighbors(n_neighbors=k).fit(ref).kneighbors(qry)
     out = {}
     for label in labels:
@@ -214,8 +218,10 @@ def vote_pca(reference, query, labels: list[str], k: int = 15) -> dict:
     return out
 
 
-def part_transfer(datasets: list[str], steps: int, work: Path) -> list[dict]:
+def part_transfer(datasets: list[str], steps: int, work: Path, scvi_python: str | None = None) -> list[dict]:
     from sklearn.metrics import accuracy_score, f1_score
+
+    import hierarchy_quality as hq
 
     rows = []
     for name in datasets:
@@ -229,7 +235,11 @@ def part_transfer(datasets: list[str], steps: int, work: Path) -> list[dict]:
         build_index(store, echo=quiet)
         mapped = query.copy()
         model.map_query(mapped, store, labels=labels)
-        pca = vote_pca(reference, query, labels)
+        peers = {"pca": vote(*pca_of(reference, query), reference, labels)}
+        if scvi_python:
+            info, ref_latent, query_latent = hq.scvi_peer(scvi_python, reference, batch_key, query=query)
+            print("scvi-tools:", json.dumps(info), flush=True)
+            peers["scvi"] = vote(ref_latent, query_latent, reference, labels)
         for label in labels:
             truth = query.obs[label].astype(str).to_numpy()
             row = {"dataset": name, "label": label, "cells": query.n_obs}
@@ -239,10 +249,11 @@ def part_transfer(datasets: list[str], steps: int, work: Path) -> list[dict]:
                     round(accuracy_score(truth, predicted), 3),
                     round(f1_score(truth, predicted, average="macro"), 3),
                 )
-            row["pca"] = (
-                round(accuracy_score(truth, pca[label]), 3),
-                round(f1_score(truth, pca[label], average="macro"), 3),
-            )
+            for peer, predicted in peers.items():
+                row[peer] = (
+                    round(accuracy_score(truth, predicted[label]), 3),
+                    round(f1_score(truth, predicted[label], average="macro"), 3),
+                )
             rows.append(row)
             print(json.dumps(row), flush=True)
         print(f"{name}: {time.perf_counter() - t:.0f} s", flush=True)
@@ -286,13 +297,10 @@ def part_novel(steps: int, work: Path) -> dict:
             )
             for level in range(model.config.n_levels)
         }
-        entry.update(
-            {
-                f"flagged_level_{level}": round(float(mapped.obs[f"unlike_level_{level}"].to_numpy()[novel].mean()), 3)
-                for level in range(model.config.n_levels)
-            }
-        )
-        entry["flagged_known_level_0"] = round(float(mapped.obs["unlike_level_0"].to_numpy()[known].mean()), 3)
+        for level in range(model.config.n_levels):  # the share flagged: of the unseen cells, and of known ones
+            flagged = mapped.obs[f"unlike_level_{level}"].to_numpy()
+            entry[f"flagged_level_{level}"] = round(float(flagged[novel].mean()), 3)
+            entry[f"flagged_known_level_{level}"] = round(float(flagged[known].mean()), 3)
         entry["pca"] = round(roc_auc_score(novel[keep], pca_score[keep]), 3)
         out[group] = entry
         print(group, json.dumps(entry), flush=True)
@@ -300,6 +308,8 @@ def part_novel(steps: int, work: Path) -> dict:
 
 
 def main() -> None:
+    from pipeline.config import TrainConfig
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--parts", nargs="+", default=["scale", "transfer", "novel"], choices=["scale", "transfer", "novel"]
@@ -307,9 +317,19 @@ def main() -> None:
     parser.add_argument("--scale-cells", type=int, default=1_000_000)
     parser.add_argument("--n-genes", type=int, default=2_000)
     parser.add_argument("--datasets", nargs="+", default=["synthetic", "pbmc3k", "pancreas"])
-    parser.add_argument("--steps", type=int, default=3_000, help="training steps of the transfer and novel models")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=TrainConfig.model_fields["max_steps"].default,
+        help="training steps of the transfer and novel models (default: the model's own, train.max_steps)",
+    )
     parser.add_argument("--json", help="write every figure here")
     parser.add_argument("--work", help="working directory (default: a temporary one, removed at the end)")
+    parser.add_argument(
+        "--scvi-python",
+        help="a Python with scvi-tools installed: adds the scVI + kNN peer to the transfer table (SCVI with "
+        "its defaults on the reference, the query mapped by scArches surgery where it has new batches)",
+    )
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="hvae-query-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -334,25 +354,32 @@ def main() -> None:
                     f"{row['mib_per_million_cells']} |"
                 )
         if "transfer" in args.parts:
-            rows = part_transfer(args.datasets, args.steps, work)
+            rows = part_transfer(args.datasets, args.steps, work, args.scvi_python)
             result["transfer"] = rows
+            peers = ["pca"] + (["scvi"] if args.scvi_python else [])
             print("\n## Label transfer to held-out cells: accuracy / macro F1 (15-neighbour vote)")
-            print("| dataset | label | level 0 | level 1 | top | PCA-50 |")
-            print("|---|---|---|---|---|---|")
+            print("| dataset | label | level 0 | level 1 | top | PCA-50 |" + (" scVI |" if args.scvi_python else ""))
+            print("|---|---|---|---|---|---|" + ("---|" if args.scvi_python else ""))
             for row in rows:
                 levels = [row[k] for k in sorted(k for k in row if k.startswith("level_"))]
-                cells = " | ".join(f"{a:.3f} / {f:.3f}" for a, f in levels + [row["pca"]])
+                cells = " | ".join(f"{a:.3f} / {f:.3f}" for a, f in levels + [row[peer] for peer in peers])
                 print(f"| {row['dataset']} | {row['label']} | {cells} |")
         if "novel" in args.parts:
             novel = part_novel(args.steps, work)
             result["novel"] = novel
             print("\n## Cells unlike the atlas: AUROC of unlike_level_<l>_score, left-out labels against known ones")
-            print("| left out | level 0 | level 1 | top | PCA-50 kNN distance | flagged at level 0 (known cells) |")
+            print(
+                "| left out | level 0 | level 1 | top | PCA-50 kNN distance "
+                "| flagged, level 0 / 1 / top (known cells) |"
+            )
             print("|---|---|---|---|---|---|")
             for group, entry in novel.items():
+                flagged = " / ".join(
+                    f"{entry[f'flagged_level_{level}']} ({entry[f'flagged_known_level_{level}']})" for level in range(3)
+                )
                 print(
                     f"| {group} | {entry['level_0']} | {entry['level_1']} | {entry['level_2']} | {entry['pca']} | "
-                    f"{entry['flagged_level_0']} ({entry['flagged_known_level_0']}) |"
+                    f"{flagged} |"
                 )
         print(
             f"\npeak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB; "

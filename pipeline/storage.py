@@ -7,9 +7,12 @@ never from files in the repository.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
+import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 from . import faults
@@ -76,6 +79,8 @@ def makedirs(path) -> None:
 def listdir(path) -> list[str]:
     """Names (not paths) of the entries of a directory; empty when it does not exist."""
     fs, inner = filesystem(path)
+    if is_remote(path):
+        fs.invalidate_cache(inner)  # another process or client (zarr's own) may have written since
     if not fs.exists(inner):
         return []
     return sorted(basename(entry) for entry in fs.ls(inner, detail=False))
@@ -115,10 +120,12 @@ def download(url: str, local: Path) -> Path:
     return local
 
 
-def replace_tree(new, final) -> None:
+def replace_tree(new, final, legacy=None) -> None:
     """Replace the directory ``final`` by the complete directory ``new`` (an ``--overwrite`` that
     built its output beside the old one). Local: renames (the old one moved aside first, deleted
-    last). Object storage has no rename: the old objects are deleted, then the new ones copied."""
+    last). Object storage has no rename: ``new`` is a version of ``final`` (:func:`staging_path`),
+    published by :func:`publish`, so readers see the old output until one small write shows them
+    the new one (``legacy``: as there)."""
     if not is_remote(final):
         aside = _aside(final)
         if aside.exists():
@@ -130,12 +137,73 @@ def replace_tree(new, final) -> None:
         faults.point("replace.swapped")
         shutil.rmtree(aside, ignore_errors=True)
         return
-    fs, final_path = filesystem(final)
-    _, new_path = filesystem(new)
-    if fs.exists(final_path):
-        fs.rm(final_path, recursive=True)
-    fs.copy(new_path, final_path, recursive=True)
-    fs.rm(new_path, recursive=True)
+    if not str(new).startswith(join(final, VERSIONS) + "/"):
+        raise ValueError(f"{new} is not a version of {final}: build it at storage.staging_path({final!r})")
+    publish(new, final, legacy)
+
+
+# Object storage has no atomic rename of a directory: an output there is written as a version
+# (<output>/_versions/<name>/) and published by one small write of <output>/_published.json
+# naming it (the Delta / Iceberg pattern); readers open resolve(<output>).
+POINTER = "_published.json"
+VERSIONS = "_versions"
+
+
+def published_version(path) -> str | None:
+    """The version name the publication record of ``path`` names; None for an output that has no
+    record (a local one, or one written before outputs were versioned)."""
+    if not is_remote(path):
+        return None
+    pointer = join(path, POINTER)
+    try:
+        text = read_text(pointer)
+    except FileNotFoundError:
+        return None
+    except Exception as error:  # noqa: BLE001 - unreachable store, credentials, permissions
+        raise StorageError(explain(pointer, error)) from None
+    try:
+        return str(json.loads(text)["version"])
+    except (ValueError, KeyError, TypeError):
+        raise StorageError(f"{pointer} is not a publication record (no version in it)") from None
+
+
+def resolve(path) -> str:
+    """Where the published output at ``path`` lies: on object storage, the version its
+    publication record names (``<path>/_versions/<name>``); otherwise ``path`` itself. Readers
+    (``read_embeddings``, the shard loader, ``evaluate``, ``query``) open this path; a tool of
+    your own (xarray, dask, zarr) opens ``resolve(url)`` too."""
+    version = published_version(path)
+    return str(path) if version is None else join(path, VERSIONS, version)
+
+
+def staging_path(final) -> str:
+    """Where a writer builds the next version of the object-storage output ``final``: the
+    unpublished version a killed run left (the writer's lease makes it this run's to resume or
+    clear), or a fresh one named by the time and a random suffix."""
+    published = published_version(final)
+    left = [name for name in listdir(join(final, VERSIONS)) if name != published]
+    name = max(left) if left else f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    return join(final, VERSIONS, name)
+
+
+def publish(version, final, legacy=None) -> None:
+    """Make the complete ``version`` (a path under ``final``'s versions) the output readers see,
+    in one step: a single PUT of the publication record. Only then are older versions removed:
+    all but the one just replaced, which stays until the next publication so that a reader who
+    opened it (a notebook's lazy arrays, a training job) can finish. Where ``legacy(name)`` says an
+    entry at the top of ``final`` is one this tool wrote before outputs were versioned, that entry
+    is removed too."""
+    name, replaced = basename(version), published_version(final)
+    record = {"version": name, "published": datetime.now(timezone.utc).isoformat(), "replaced": replaced}
+    write_text(join(final, POINTER), json.dumps(record))
+    faults.point("publish.pointer")
+    for old in listdir(join(final, VERSIONS)):
+        if old not in (name, replaced):
+            remove_tree(join(final, VERSIONS, old))
+    if legacy is not None:
+        for entry in listdir(final):
+            if entry not in (POINTER, VERSIONS) and legacy(entry):
+                remove_tree(join(final, entry))
 
 
 def _aside(final) -> Path:
@@ -192,10 +260,13 @@ def explain(url, error: BaseException) -> str:
     return f"{url}: {text}"
 
 
+PROBE = ".hvae-write-test"  # check_writable's probe files start so
+
+
 def check_writable(path) -> None:
     """Create ``path`` and write, read and delete a probe file in it; raise ``StorageError`` with
     the reason in words if that fails, before any work is done."""
-    probe = join(path, ".hvae-write-test")
+    probe = join(path, f"{PROBE}-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # jobs at once: one probe each
     try:
         if not is_remote(path):
             makedirs(path)  # object stores have no directories (and s3fs would create a missing bucket)
@@ -240,9 +311,13 @@ __all__ = [
     "join",
     "listdir",
     "makedirs",
+    "publish",
+    "published_version",
     "read_text",
     "remove_tree",
     "replace_tree",
+    "resolve",
+    "staging_path",
     "upload",
     "write_text",
 ]

@@ -129,6 +129,33 @@ def test_hierarchy_quality_prints_levels_baselines_and_the_checks(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_a_short_month_of_releases_loses_nothing(tmp_path, where):
+    """benchmarks/release_month.py with 3 releases into moto S3, then a local folder: one job
+    SIGKILLed and retried, two jobs started together on one release (one embeds, the other is
+    refused naming the holder); every release complete once, its index built, the runs file
+    whole, nothing left."""
+    shared_file("census_shaped_pbmc3k_soma.tar.gz")
+    out = tmp_path / "month.json"
+    root = [] if where == "s3" else ["--out-root", str(tmp_path / "releases")]
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "release_month.py"),
+            *("--releases", "3", "--kills", "1", "--overlaps", "1", "--seed", "1", "--json", str(out), *root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["refused_as_held"] == 1 and figures["killed_at_point"] + figures["killed_on_timer"] == 1, figures
+    assert figures["records_in_index"] == 3 and figures["releases_lost_or_wrong"] == 0, figures
+    assert "verdict: PASS" in result.stdout
+
+
+@pytest.mark.slow
 def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     """The prepared GPU check (benchmarks/gpu_check.py) as a smoke test: every path, one table."""
     out = tmp_path / "gpu_check.json"

@@ -442,6 +442,28 @@ def test_embed_never_deletes_what_it_did_not_write_and_never_mixes_sources(train
         embed_quiet(run_dir, str(other), part, chunk_rows=500)
     assert embed_quiet(run_dir, source, part, chunk_rows=500)["written_chunks"] == 4  # its own source resumes
 
+    # The source's counts changed in place with its size and times kept (a file restored or copied
+    # with `cp -p`): the resume reads the finished chunks again and refuses, writing nothing.
+    import h5py
+
+    kept = tmp_path / "kept.h5ad"
+    ad.read_h5ad(source).write_h5ad(kept)  # uncompressed: a value changed in place keeps the file's size
+    part = tmp_path / "part_kept.zarr"
+    command = [sys.executable, "-m", "pipeline", "embed", "--checkpoint", str(run_dir), "--source", str(kept)]
+    command += ["--out", str(part), "--chunk-rows", "500"]
+    killed = subprocess.run(command, capture_output=True, text=True, env={**ENV, "HVAE_FAIL_AFTER_CHUNKS": "2"})
+    assert killed.returncode == 17, killed.stderr[-2000:]
+    times = os.stat(kept)
+    with h5py.File(kept, "r+") as handle:
+        data = handle["X/data"]
+        data[:20] = data[:20][::-1] + 1  # cell 0's counts (chunk 0), same dtype and length
+    os.utime(kept, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert os.stat(kept).st_size == times.st_size
+    written = {p: p.stat().st_mtime_ns for p in part.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"kept.h5ad changed since .*part_kept.zarr was partly embedded: rows 0-499"):
+        embed_quiet(run_dir, str(kept), part, chunk_rows=500)
+    assert {p: p.stat().st_mtime_ns for p in part.rglob("*") if p.is_file()} == written
+
     # --overwrite with a source that fails leaves the complete store as it was.
     bad = tmp_path / "bad.h5ad"
     broken = adata.copy()

@@ -356,12 +356,13 @@ def test_hvae_imports_no_pipeline_dependencies():
 
 
 def test_the_defaults_give_the_coarse_levels_gene_modules_and_ceilings_by_depth():
-    """Left to the depth: the top 24 modules on 10 components, twice both below it, none at level 0;
-    ceilings of 2 nats at the top, one more per level down; a flat model has neither, and a copy of
-    another depth follows it. A default model is built from the data, trains and exports."""
+    """Left to the depth: the top 24 modules on 10 components, twice both below it, none at level 0
+    (a 2-level top, the one coarse level: 12 on 5); ceilings of 2 nats at the top, one more per
+    level down; a flat model has neither, and a copy of another depth follows it. A default model
+    is built from the data, trains and exports."""
     three, two = HVAEConfig(n_genes=N_GENES), HVAEConfig(n_genes=N_GENES, latent_dims=(8, 4))
     assert three.module_levels == ((24, 10), (48, 20)) and three.kl_capacity == (0, 3, 2)
-    assert two.module_levels == ((24, 10),) and two.kl_capacity == (0, 2)
+    assert two.module_levels == ((12, 5),) and two.kl_capacity == (0, 2)
     flat = three.replace(latent_dims=(56,))
     assert flat.module_levels == () and flat.kl_capacity == () and flat.kl_weights_per_level() == (1.0,)
     assert three.coarse_reconstruction_weight == 0

@@ -29,7 +29,7 @@ import scipy.sparse as sp
 import torch
 
 from .background import run_ahead
-from ..storage import is_url, join
+from ..storage import is_url, join, resolve
 from .shard_format import CSRArrayReader, feature_hash, read_manifest
 
 
@@ -137,7 +137,7 @@ class ShardedDataset:
     def __init__(self, path: str, subset: list[int] | None = None) -> None:
         """``subset``: shard numbers to use (e.g. held-out validation shards); default all.
         ``obs_index`` values then count rows within the subset, in subset order."""
-        self.path = str(path)
+        self.path = resolve(str(path))  # on object storage, the version published there
         self.manifest = read_manifest(self.path)
         shards = self.manifest["shards"]
         if not shards:

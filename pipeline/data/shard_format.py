@@ -33,7 +33,14 @@ from typing import Any
 import numpy as np
 
 from .. import faults
-from ..storage import StorageError, explain, filesystem, is_remote, join  # the data layer opens every URL through these
+from ..storage import (
+    StorageError,
+    explain,
+    filesystem,
+    is_remote,
+    join,
+    resolve,
+)  # the data layer opens every URL through these
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -105,7 +112,8 @@ def feature_hash(feature_ids) -> str:
 
 
 def read_manifest(root: str) -> dict:
-    fs, path = filesystem(root)
+    """The manifest of the shard set at ``root`` (on object storage, the version published there)."""
+    fs, path = filesystem(resolve(root))
     manifest_path = join(path, MANIFEST_NAME)
     try:
         if not fs.exists(manifest_path):

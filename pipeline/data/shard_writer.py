@@ -44,7 +44,22 @@ from ..lease import Lease
 from ..progress import Progress
 from .background import run_ahead
 from .frames import portable_frame
-from ..storage import check_writable, is_remote, join, listdir, recover_replace, replace_tree
+from ..storage import (
+    POINTER,
+    PROBE,
+    VERSIONS,
+    check_writable,
+    exists,
+    is_remote,
+    join,
+    listdir,
+    publish,
+    recover_replace,
+    remove_tree,
+    replace_tree,
+    resolve,
+    staging_path,
+)
 from .shard_format import (
     COMPRESSIONS,
     FORMAT_VERSION,
@@ -121,6 +136,8 @@ def write_shards(source: Source, out: str, settings: ShardSettings | None = None
 def _write_shards(source: Source, out: str, settings: ShardSettings, echo, reopen) -> dict:
     started = time.perf_counter()
     out = str(out)
+    if is_remote(out):
+        return _write_version(source, out, settings, started, echo, reopen)
     recover_replace(out)
     existed = _existed_before_check(out)
     fs, out_path = filesystem(out)
@@ -153,6 +170,30 @@ def _write_shards(source: Source, out: str, settings: ShardSettings, echo, reope
         raise
     if out != final:
         replace_tree(out, final)
+    return manifest
+
+
+def _write_version(source: Source, final: str, settings: ShardSettings, started: float, echo, reopen) -> dict:
+    """On object storage: build the set as a new version of ``final`` and publish it when complete
+    (``storage.publish``): readers see the old set, or none, until then; a killed run's unpublished
+    version is cleared by the rerun."""
+    check_writable(final)
+    if exists(join(resolve(final), MANIFEST_NAME)) and not settings.overwrite:
+        raise FileExistsError(f"{final} already holds shards (manifest.json); pass --overwrite to replace them")
+    foreign = [n for n in listdir(final) if not _ours(n) and n not in (POINTER, VERSIONS)]
+    if foreign:
+        raise FileExistsError(
+            f"{final} exists and is not a shard directory (it holds {foreign[:5]}); choose another "
+            "--out (nothing was changed)"
+        )
+    out = staging_path(final)
+    remove_tree(out)  # an unpublished version a killed run left: ours, rebuilt from the start
+    try:
+        manifest = _build(source, out, settings, started, echo, reopen)
+    except BaseException:
+        remove_tree(out)  # bad input found on the way (or an interrupt): nothing of ours left behind
+        raise
+    publish(out, final, legacy=_ours)
     return manifest
 
 
@@ -491,7 +532,7 @@ def _existed_before_check(out: str) -> bool:
 
 def _ours(name: str) -> bool:
     """A file or directory ``shard`` writes in its output directory."""
-    return name.startswith("shard-") or name in (".staging", MANIFEST_NAME, MANIFEST_NAME + ".tmp", ".hvae-write-test")
+    return name.startswith(("shard-", PROBE)) or name in (".staging", MANIFEST_NAME, MANIFEST_NAME + ".tmp")
 
 
 def _clear(fs, path: str) -> None:

@@ -554,9 +554,10 @@ def open_source(
 
 
 def _is_shard_directory(uri: str) -> bool:
+    from ..storage import resolve
     from .shard_format import MANIFEST_NAME, filesystem
 
-    fs, path = filesystem(uri)
+    fs, path = filesystem(resolve(uri))  # on object storage, the version published there
     return fs.exists(f"{path}/{MANIFEST_NAME}")
 
 
@@ -672,7 +673,7 @@ class ShardSource(Source):
         (``shard --overwrite``)."""
         from .shard_format import filesystem
 
-        fs, path = filesystem(self.uri)
+        fs, path = filesystem(self.dataset.path)  # the published version on object storage
         info = fs.info(f"{path.rstrip('/')}/manifest.json")
         return {"manifest.json": [int(info.get("size") or 0), _mtime(info)]}
 

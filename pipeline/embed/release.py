@@ -21,6 +21,7 @@ from ..train.checkpoint import fetch_checkpoint
 from ..data.sources import CensusUnreachable, census_obs_filter, open_census_copy, public_census
 from ..query.index import default_index_path
 from ..lease import Lease
+from .store import open_store
 from .write import EmbedSettings, embed, model_id
 
 INDEX_NAME = "index.json"
@@ -191,7 +192,7 @@ def _embed_release(
                     "(or --release name) for another selection of cells"
                 )
             echo(f"release {name} is already embedded by model {identity} at {out}; nothing to do")
-            if index and not storage.exists(storage.join(default_index_path(out), "index.json")):
+            if index and not storage.exists(storage.join(storage.resolve(default_index_path(out)), "index.json")):
                 entry = {**entry, "index": _index(out, echo)}
                 _record(out_root, entry)
             return {**entry, "action": "skipped"}
@@ -264,10 +265,8 @@ def _replace(runs: list[dict], entry: dict) -> list[dict]:
 def _refuse_another_store(out: str, identity: str, settings: EmbedSettings, name: str) -> None:
     """embed-release never replaces a release's store (it has no --overwrite): one of another model
     or written with other settings is refused before the index is touched, saying what works."""
-    import zarr
-
     try:
-        group = zarr.open_group(out, mode="r")
+        group = open_store(out)
     except (FileNotFoundError, KeyError, ValueError):
         return
     attrs, logvar = dict(group.attrs), "level_0/logvar" in group
@@ -292,10 +291,8 @@ def _refuse_another_store(out: str, identity: str, settings: EmbedSettings, name
 
 
 def _complete(out: str) -> bool:
-    import zarr
-
     try:
-        return bool(zarr.open_group(out, mode="r").attrs.get("complete"))
+        return bool(open_store(out).attrs.get("complete"))
     except (FileNotFoundError, KeyError, ValueError):
         return False
 

@@ -6,14 +6,23 @@ import numpy as np
 import pandas as pd
 
 
+def open_store(path: str):
+    """The Zarr group of the embeddings store at ``path``, read-only (on object storage, the
+    version published there: ``storage.resolve``)."""
+    import zarr
+
+    from ..storage import resolve
+
+    return zarr.open_group(resolve(path), mode="r")
+
+
 def read_embeddings(path: str, as_: str = "anndata", lazy: bool = True):
     """The embeddings at ``path`` as an AnnData (obsm ``X_hvae_level_<l>``) or an xarray Dataset
     (``level_<l>_mean`` over dims ``cell`` x ``latent_<l>``, coordinate ``obs_id``); dask-backed
     (lazy) by default. Refuses an incomplete output."""
     import dask.array as da
-    import zarr
 
-    group = zarr.open_group(path, mode="r")
+    group = open_store(path)
     attrs = dict(group.attrs)
     if not attrs.get("complete"):
         raise ValueError(f"{path} is incomplete (embedding was interrupted); rerun `hvae-pipeline embed` to finish it")
@@ -49,10 +58,9 @@ class EmbeddingsView:
 
     def __init__(self, path: str, block_rows: int = 1_000_000) -> None:
         import dask.array as da
-        import zarr
 
         self.path, self.block_rows = path, block_rows
-        self.group = zarr.open_group(path, mode="r")
+        self.group = open_store(path)
         attrs = dict(self.group.attrs)
         if not attrs.get("complete"):
             raise ValueError(
@@ -97,4 +105,4 @@ def attach_embeddings(adata, path: str) -> None:
         adata.obsm[key] = np.asarray(values)[position]
 
 
-__all__ = ["attach_embeddings", "read_embeddings"]
+__all__ = ["attach_embeddings", "open_store", "read_embeddings"]

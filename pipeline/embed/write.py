@@ -13,6 +13,8 @@ Output (DESIGN.md "Storage contracts"), a Zarr v3 group readable with zarr, xarr
     level_<l>/logvar  (cells, D_l)    with --logvar, laid out alike (the posterior's variance carried
                                       through the export to first order)
     progress/done     (chunks,)       1 once a chunk of rows is written (one Zarr chunk each)
+    progress/content  (chunks,)       uint64 hash of the counts each chunk read (a resume reads the
+                                      first and last finished chunks again and compares)
     attrs             format_version, model_id (hash of the checkpoint's model.pt), checkpoint,
                       feature_ids_hash, level_dims (D_l), latent_dims (d_l), export ("readout" or
                       "code", as above), source, chunk_rows, ema, created, complete
@@ -213,17 +215,19 @@ def _embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings
             "n_genes_missing_zero_filled": len(alignment.missing),
         }
         recover_replace(out)  # an --overwrite swap cut short by a kill
-        final, out = out, _working_path(out, settings)
-        group, existing = _open_output(out, attrs, n_obs, dims, settings, final)
+        final = out
+        out, scratch = _working_path(final, settings)
+        group, existing = _open_output(out, attrs, n_obs, dims, settings, scratch)
         if existing == "complete":
-            if out != final:  # an --overwrite whose new store was finished before a swap was cut short
-                replace_tree(out, final)
+            if scratch:  # a new store finished before its swap or publication was cut short
+                replace_tree(out, final, legacy=_store_entry)
             echo(f"{final} is already complete for model {identity} and this source; nothing to do")
             return {"out": final, "cells": n_obs, "written_chunks": 0, "complete": True}
         n_chunks = -(-n_obs // settings.chunk_rows)
         done = np.asarray(group["progress/done"][:])
         todo = [c for c in range(n_chunks) if not done[c]]
         if existing == "partial":
+            _check_unchanged(group, source, alignment, settings, done, final)
             echo(f"resuming {out}: {n_chunks - len(todo)} of {n_chunks} chunks already written")
         if settings.logvar and todo:
             echo(
@@ -246,8 +250,8 @@ def _embed(checkpoint: str, source_args: dict, out: str, settings: EmbedSettings
             raise RuntimeError(f"{out}: {int((done == 0).sum())} chunks were not written")
         faults.point("embed.complete")
         group.attrs.update({"complete": True, "completed": datetime.now(timezone.utc).isoformat()})
-        if out != final:
-            replace_tree(out, final)  # the old store is replaced only now, by a complete new one
+        if scratch:  # the old store is replaced only now, by a complete new one
+            replace_tree(out, final, legacy=_store_entry)
         seconds = time.perf_counter() - started
         rows = sum(_chunk_size(c, n_obs, settings.chunk_rows) for c in todo)
         return {
@@ -299,26 +303,48 @@ def _chunk_size(chunk: int, n_obs: int, chunk_rows: int) -> int:
     return min(n_obs, (chunk + 1) * chunk_rows) - chunk * chunk_rows
 
 
-def _working_path(out: str, settings: EmbedSettings) -> str:
-    """Where this run writes: ``out`` itself, or with --overwrite over an existing store, a
-    sibling that replaces it once complete (a failure leaves the old store as it was)."""
-    from ..storage import exists, join
+def _working_path(final: str, settings: EmbedSettings) -> tuple[str, bool]:
+    """(where this run writes, whether that is scratch of its own that replaces ``final`` once
+    complete). Local: ``final`` itself, or with --overwrite over an existing store a sibling (a
+    failure leaves the old store as it was). Object storage: the published store when there is
+    one and no --overwrite (complete, or refused), else a new version published when complete
+    (readers never see a store being written)."""
+    from ..storage import exists, is_remote, join, listdir, resolve, staging_path
 
-    if settings.overwrite and exists(join(out, "zarr.json")):
-        return out.rstrip("/") + ".overwrite-partial"
-    return out
+    published = resolve(final)
+    found = exists(join(published, "zarr.json"))
+    if not is_remote(final):
+        if settings.overwrite and found:
+            return final.rstrip("/") + ".overwrite-partial", True
+        return final, False
+    if found and not settings.overwrite:
+        return published, False
+    foreign = [n for n in listdir(final) if not _store_entry(n)]
+    if foreign:
+        raise FileExistsError(
+            f"{final} exists and is not an embeddings store (it holds {foreign[:5]}); "
+            "choose another --out (nothing was changed)"
+        )
+    return staging_path(final), True
+
+
+def _store_entry(name: str) -> bool:
+    """An entry this tool writes at the top of an embeddings store (versioned or not)."""
+    from ..storage import POINTER, PROBE, VERSIONS
+
+    return name in ("zarr.json", "obs_id", "progress", POINTER, VERSIONS) or name.startswith(("level_", PROBE))
 
 
 def _is_our_store(attrs: dict) -> bool:
     return "model_id" in attrs and "format_version" in attrs and "level_dims" in attrs
 
 
-def _open_output(out: str, attrs: dict, n_obs: int, dims: list[int], settings: EmbedSettings, final: str):
+def _open_output(out: str, attrs: dict, n_obs: int, dims: list[int], settings: EmbedSettings, scratch: bool):
     """(group, state): state is 'new', 'partial' or 'complete'. Never deletes what it did not
     write: a path that exists and is not an embeddings store is refused."""
     import zarr
 
-    from ..storage import check_writable, filesystem, listdir
+    from ..storage import PROBE, check_writable, filesystem, listdir
 
     check_writable(out)  # an unreachable store, missing credentials or permissions fail here, in words
     fs, path = filesystem(out)
@@ -330,7 +356,6 @@ def _open_output(out: str, attrs: dict, n_obs: int, dims: list[int], settings: E
                 f"{out} is a Zarr group but not an embeddings store written by hvae-pipeline; "
                 "choose another --out (nothing was changed)"
             )
-        scratch = out != final  # our own --overwrite sibling: replaced freely
         same_source = _same_source(old.get("source_identity"), attrs["source_identity"])
         old_export = old.get("export", "code")  # stores written before the attribute hold the code
         same = (
@@ -364,7 +389,7 @@ def _open_output(out: str, attrs: dict, n_obs: int, dims: list[int], settings: E
             raise FileExistsError(
                 f"{out} was written with other settings (chunk rows, EMA or logvar); pass --overwrite to replace it"
             )
-    elif [n for n in listdir(out) if n != ".hvae-write-test"]:
+    elif [n for n in listdir(out) if not n.startswith(PROBE)]:
         raise FileExistsError(
             f"{out} exists and is not an embeddings store (it holds {listdir(out)[:5]}); "
             "choose another --out (nothing was changed)"
@@ -393,6 +418,7 @@ def _open_output(out: str, attrs: dict, n_obs: int, dims: list[int], settings: E
             )
     n_chunks = -(-n_obs // rows)
     group.create_array("progress/done", shape=(n_chunks,), chunks=(1,), dtype="uint8", fill_value=0)
+    group.create_array("progress/content", shape=(n_chunks,), chunks=(1,), dtype="uint64", fill_value=0)
     group.attrs.update({**attrs, "created": datetime.now(timezone.utc).isoformat(), "complete": False})
     return group, "new"
 
@@ -423,12 +449,7 @@ class _ChunkEmbedder:
     def read(self, chunk: int) -> tuple[sp.csr_matrix, np.ndarray]:
         """The chunk's counts, checked and aligned to the model's genes, and its obs ids (the local
         path runs this a chunk ahead, in a thread, while the previous chunk is encoded)."""
-        rows, n_obs = self.settings.chunk_rows, self.source.n_obs
-        lo, hi = chunk * rows, min(n_obs, (chunk + 1) * rows)
-        counts = self.source.rows(lo, hi)
-        obs_ids = self.source.obs_names(lo, hi)
-        self.source.check_counts(counts, obs_ids)
-        return self.alignment.apply(counts), obs_ids
+        return _read_chunk(self.source, self.alignment, self.settings.chunk_rows, chunk)
 
     def run(self, chunk: int) -> int:
         return self.write(chunk, *self.read(chunk))
@@ -454,9 +475,47 @@ class _ChunkEmbedder:
                 )
         faults.point("embed.levels")
         self.group["obs_id"][lo:hi] = np.asarray(obs_ids, dtype=object).astype(str)
+        if "progress/content" in self.group:  # stores written before it have none
+            self.group["progress/content"][chunk] = _content_hash(counts)
         self.group["progress/done"][chunk] = 1  # only after every row of the chunk is written
         faults.point("embed.chunk")
         return hi - lo
+
+
+def _read_chunk(source, alignment: GeneAlignment, chunk_rows: int, chunk: int) -> tuple[sp.csr_matrix, np.ndarray]:
+    lo, hi = chunk * chunk_rows, min(source.n_obs, (chunk + 1) * chunk_rows)
+    counts = source.rows(lo, hi)
+    obs_ids = source.obs_names(lo, hi)
+    source.check_counts(counts, obs_ids)
+    return alignment.apply(counts), obs_ids
+
+
+def _content_hash(counts: sp.csr_matrix) -> int:
+    """A 64-bit hash of a chunk's counts as the model read them (never 0: 0 means not recorded)."""
+    counts = counts.tocsr()
+    digest = hashlib.blake2b(digest_size=8)
+    for array in (counts.indptr, counts.indices, counts.data):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return int.from_bytes(digest.digest(), "little") or 1
+
+
+def _check_unchanged(group, source, alignment: GeneAlignment, settings: EmbedSettings, done, final: str) -> None:
+    """Before a resume: the first and last finished chunks read again must hash as they did when
+    they were embedded, or the source changed under the same ids, size and modification time
+    (a file restored or copied with its times kept): refused, nothing written."""
+    if "progress/content" not in group:
+        return
+    recorded = np.asarray(group["progress/content"][:])
+    finished = [int(c) for c in np.flatnonzero(done) if recorded[c]]
+    for chunk in sorted({finished[0], finished[-1]}) if finished else []:
+        if _content_hash(_read_chunk(source, alignment, settings.chunk_rows, chunk)[0]) != int(recorded[chunk]):
+            lo = chunk * settings.chunk_rows
+            last = lo + _chunk_size(chunk, source.n_obs, settings.chunk_rows) - 1
+            raise ValueError(
+                f"{source.uri} changed since {final} was partly embedded: rows {lo:,}-{last:,} (chunk {chunk}) "
+                "read other counts than when they were embedded (the ids, file size and modification time are "
+                "the same). Pass --overwrite to embed it again from the start, or restore the source"
+            )
 
 
 def _encode(model, dense: torch.Tensor, logvar: bool) -> tuple:

@@ -68,9 +68,9 @@ def default_index_path(store: str) -> str:
 
 def store_identity(store: str, block_rows: int = 1_000_000) -> dict:
     """What names a store's content: model, export kind, cells, completion time, obs-id checksum."""
-    import zarr
+    from ..embed.store import open_store
 
-    group = zarr.open_group(store, mode="r")
+    group = open_store(store)
     attrs = dict(group.attrs)
     if not attrs.get("complete"):
         raise ValueError(
@@ -102,8 +102,9 @@ def _absolute(path: str) -> str:
 
 
 def read_manifest(index: str) -> dict:
-    """The manifest of a complete index (named errors for a path that is none)."""
-    path = storage.join(index, MANIFEST)
+    """The manifest of a complete index (named errors for a path that is none); on object
+    storage, of the version published there."""
+    path = storage.join(storage.resolve(index), MANIFEST)
     if not storage.exists(path):
         raise FileNotFoundError(
             f"{index} is not an index built by `hvae-pipeline index` (no {MANIFEST}; an "
@@ -149,13 +150,14 @@ def build_index(store: str, out: str | None = None, settings: IndexSettings | No
 
 def _build_index(store: str, out: str, settings: IndexSettings, echo) -> dict:
     import faiss
-    import zarr
+    from ..embed.store import open_store
 
     started = time.perf_counter()
     identity = store_identity(store)
     wanted = {k: v for k, v in asdict(settings).items() if k not in ("overwrite", "threads")}
-    if storage.exists(out) and storage.listdir(out):
-        if not storage.exists(storage.join(out, MANIFEST)):
+    current = storage.resolve(out)  # on object storage, the version published there
+    if [n for n in storage.listdir(current) if n not in (storage.POINTER, storage.VERSIONS)]:
+        if not storage.exists(storage.join(current, MANIFEST)):
             raise FileExistsError(
                 f"{out} exists and is not an index built by hvae-pipeline (no {MANIFEST}); choose "
                 "another --out (nothing was changed)"
@@ -171,7 +173,7 @@ def _build_index(store: str, out: str, settings: IndexSettings, echo) -> dict:
             )
     if settings.threads:
         faiss.omp_set_num_threads(settings.threads)
-    group = zarr.open_group(store, mode="r")
+    group = open_store(store)
     n_obs = identity["n_obs"]
     if n_obs < 2:
         raise ValueError(f"{store} holds {n_obs} cell(s): an index needs at least 2")
@@ -209,12 +211,14 @@ def _parent(out: str) -> str:
 
 
 def _publish(local: Path, out: str) -> None:
-    """The finished index in place of whatever index was at ``out`` (the manifest last, so that a
-    copy cut short is no index)."""
+    """The finished index in place of whatever index was at ``out``: locally a rename; on object
+    storage uploaded as a new version (the manifest last) and published in one write, so readers
+    see the old index or the new one, never a copy cut short."""
     if storage.is_remote(out):
-        if storage.exists(out):
-            storage.remove_tree(out)
-        storage.upload(local, out, last=MANIFEST)
+        version = storage.staging_path(out)
+        storage.remove_tree(version)  # an unpublished upload a killed run left
+        storage.upload(local, version, last=MANIFEST)
+        storage.publish(version, out, legacy=lambda name: name == MANIFEST or name.startswith("level_"))
         return
     storage.recover_replace(out)
     storage.replace_tree(local, out)  # built beside it: a rename; the old index goes only now
@@ -347,7 +351,7 @@ class AtlasIndex:
     def __init__(self, index: str, check: bool = True) -> None:
         self.path = index
         self.manifest = read_manifest(index)
-        self.local = storage.cached_copy(index) if storage.is_remote(index) else Path(index)
+        self.local = storage.cached_copy(storage.resolve(index)) if storage.is_remote(index) else Path(index)
         self.store = self.manifest["store"]["store"]
         if check:
             check_index(self.manifest)

@@ -29,11 +29,12 @@ from .index import MANIFEST, AtlasIndex, IndexMismatch, default_index_path, read
 
 def resolve_index(path: str) -> str:
     """The index named by ``path``: an index directory, or an embeddings store with one beside it."""
-    if storage.exists(storage.join(path, MANIFEST)):
+    published = storage.resolve(path)  # on object storage, the version published there
+    if storage.exists(storage.join(published, MANIFEST)):
         return path
-    if storage.exists(storage.join(path, "zarr.json")):
+    if storage.exists(storage.join(published, "zarr.json")):
         beside = default_index_path(path)
-        if storage.exists(storage.join(beside, MANIFEST)):
+        if storage.exists(storage.join(storage.resolve(beside), MANIFEST)):
             return beside
         raise FileNotFoundError(
             f"{path} is an embeddings store with no index beside it ({beside}); build one with "
@@ -71,13 +72,13 @@ class AtlasLabels:
     def __init__(
         self, index: AtlasIndex, columns: list[str], atlas_obs: str | None = None, block_rows: int = 262_144
     ) -> None:
-        import zarr
+        from ..embed.store import open_store
 
         if not columns:
             raise ValueError("name at least one atlas label column to transfer (--labels)")
         self.columns = list(dict.fromkeys(columns))
         store = index.store
-        group = zarr.open_group(store, mode="r")
+        group = open_store(store)
         ids = group["obs_id"]
         n_obs = int(ids.shape[0])
         self.codes = {c: np.full(n_obs, -1, np.int32) for c in self.columns}
@@ -286,9 +287,9 @@ def query(
 
 
 def _store_attrs(store: str) -> dict:
-    import zarr
+    from ..embed.store import open_store
 
-    return dict(zarr.open_group(store, mode="r").attrs)
+    return dict(open_store(store).attrs)
 
 
 def _absolute(path: str) -> str:

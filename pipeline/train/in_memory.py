@@ -49,14 +49,15 @@ def batch_codes(obs, batch_key: str | None) -> tuple[np.ndarray | None, list[str
     return column.cat.codes.to_numpy().astype(np.int64), [str(c) for c in column.cat.categories]
 
 
-def with_gene_modules(config: HVAEConfig, counts) -> HVAEConfig:
+def with_gene_modules(config: HVAEConfig, counts, seed: int = 0) -> HVAEConfig:
     """``config`` with the gene modules its ``module_levels`` ask for, built from up to 20,000 of
-    the cells of ``counts`` (a fixed sample: the partition belongs to the data, not to a seed)."""
+    the cells of ``counts`` (a fixed sample: the partition belongs to the data, not to the training
+    seed; ``seed`` is the partition's own, for screens of its sensitivity)."""
     if not config.module_levels or config.gene_modules:
         return config
     n_cells = counts.shape[0]
     rows = np.sort(np.random.default_rng(0).permutation(n_cells)[:SAMPLE_CELLS])
-    return fit_gene_modules(config, sp.csr_matrix(counts[rows], dtype=np.float32))
+    return fit_gene_modules(config, sp.csr_matrix(counts[rows], dtype=np.float32), seed=seed)
 
 
 def fit_in_memory(
