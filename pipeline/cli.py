@@ -185,8 +185,11 @@ def _swap_in(staged: Path, final: Path) -> None:
 
 @app.command()
 def shard(
-    source: str = typer.Argument(
-        ..., help="h5ad, AnnData-Zarr or TileDB-SOMA Experiment path/URL, or the word 'census'."
+    sources: list[str] = typer.Argument(
+        ...,
+        help="h5ad, AnnData-Zarr or TileDB-SOMA Experiment path/URL, or the word 'census'; several "
+        "are sharded as one atlas (obs column source_file names each cell's).",
+        metavar="SOURCE...",
     ),
     out: str = typer.Option(
         ..., "--out", help="Output directory (local path or fsspec URL such as s3://bucket/shards)."
@@ -238,11 +241,19 @@ def shard(
         help="0: this process; N: read and write on N Ray tasks at a time (RAY_ADDRESS or a "
         "local cluster; --out on a local or shared filesystem). The shards are the same.",
     ),
+    staging: str | None = typer.Option(
+        None,
+        help="Where the spill files go (a filesystem every worker sees; needed with --workers and --out "
+        "on object storage). Default: beside a local --out.",
+    ),
+    prefix_ids: bool = typer.Option(
+        False, "--prefix-ids", help="Several sources: name each cell <source_file>:<id> (ids that repeat across files)."
+    ),
 ) -> None:
     """Write globally pre-shuffled AnnData-Zarr shards plus manifest.json, out of core."""
     from functools import partial
 
-    from .data import ShardSettings, open_source, read_gene_list, write_shards
+    from .data import ShardSettings, open_sources, read_gene_list, write_shards
 
     with _named_errors():
         settings = ShardSettings(
@@ -257,6 +268,7 @@ def shard(
             overwrite=overwrite,
             compression=compression,
             workers=workers,
+            staging=staging,
         )
         source_args = dict(
             layer=layer,
@@ -269,12 +281,17 @@ def shard(
             gene_column=gene_column,
             all_cells=all_cells,
         )
-        if source != "census" and "://" not in source:
-            source = str(Path(source).resolve())  # Ray tasks do not run in this directory
-        with open_source(source, **source_args) as opened:
-            _echo_census_filter(source, opened)
+        # Ray tasks do not run in this directory
+        sources = [s if s == "census" or "://" in s else str(Path(s).resolve()) for s in sources]
+        if len(sources) > 1:  # one atlas: genes aligned across the sources (sources.ConcatSource)
+            source_args.update(genes=settings.genes, min_overlap=min_gene_overlap, prefix_ids=prefix_ids)
+        elif prefix_ids:
+            raise ValueError("--prefix-ids goes with several sources")
+        with open_sources(sources, **source_args) as opened:
+            for source, member in zip(sources, getattr(opened, "members", [opened])):
+                _echo_census_filter(source, member)
             manifest = write_shards(
-                opened, out, settings, echo=typer.echo, reopen=partial(open_source, source, **source_args)
+                opened, out, settings, echo=typer.echo, reopen=partial(open_sources, sources, **source_args)
             )
     typer.echo(
         f"wrote {manifest['n_obs']:,} cells x {manifest['n_vars']:,} genes in {len(manifest['shards'])} shards "

@@ -36,6 +36,8 @@ def entrypoints() -> list[tuple[str, list[str]]]:
                 found.append((manifest.name, shlex.split(spec["entrypoint"])))
             elif document["kind"] == "RayCronJob":
                 found.append((manifest.name, shlex.split(spec["jobTemplate"]["entrypoint"])))
+            elif document["kind"] == "PersistentVolumeClaim":
+                continue  # the shard job's spill volume: no command
             elif document["kind"] == "CronJob":
                 container = spec["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
                 found.append((manifest.name, ["hvae-pipeline", *container["args"]]))
@@ -67,6 +69,7 @@ def test_kuberay_manifests_run_commands_and_keys_that_exist():
     found = entrypoints()
     assert {name for name, _ in found} == {
         "rayjob-train.yaml",
+        "rayjob-shard.yaml",
         "raycronjob-embed-release.yaml",
         "cronjob-embed-release.yaml",
     }

@@ -335,6 +335,61 @@ def test_shard_cli_with_gene_list(tmp_path):
     assert failed.returncode == 2 and "--overwrite" in failed.stderr
 
 
+def two_sources(tmp_path):
+    """An h5ad and an AnnData-Zarr with the same barcodes, genes in other orders and other obs
+    columns (as two 10x runs read by two people): their counts, and each one's genes."""
+    rng = np.random.default_rng(3)
+    genes_a, genes_b = [f"G{j}" for j in range(40)], [f"G{j}" for j in range(39, 5, -1)] + ["X1"]
+    x_a, x_b = rng.poisson(1.5, (70, 40)).astype(np.float32), rng.poisson(1.5, (50, 35)).astype(np.float32)
+    barcodes = [f"AAAC{i}-1" for i in range(70)]
+    obs_a = pd.DataFrame({"donor": pd.Categorical(rng.choice(["d0", "d1"], 70)), "n_umi": np.arange(70)}, barcodes)
+    obs_b = pd.DataFrame({"cell_type": ["T"] * 50}, index=barcodes[:50])
+    ad.AnnData(X=sp.csr_matrix(x_a), obs=obs_a, var=pd.DataFrame(index=genes_a)).write_h5ad(tmp_path / "run1.h5ad")
+    ad.AnnData(X=sp.csr_matrix(x_b), obs=obs_b, var=pd.DataFrame(index=genes_b)).write_zarr(tmp_path / "run2.zarr")
+    return [str(tmp_path / "run1.h5ad"), str(tmp_path / "run2.zarr")], {"run1": (x_a, genes_a), "run2": (x_b, genes_b)}
+
+
+def test_several_sources_shard_as_one_atlas(tmp_path):
+    """`shard a.h5ad b.zarr`: one shard set of every cell of both, on the genes both measure (none
+    zero-filled), obs columns united, source_file naming each cell's file; ids that repeat across
+    the files are refused before anything is written, and --prefix-ids makes them unique."""
+    from pipeline.data import open_sources
+
+    paths, truth = two_sources(tmp_path)
+    settings = ShardSettings(shard_size=40, block_size=32, progress=False)
+    with pytest.raises(ValueError, match="50 obs names occur more than once.*pass --prefix-ids"):
+        write_shards(open_sources(paths), str(tmp_path / "refused"), settings)
+    assert not (tmp_path / "refused" / "manifest.json").exists()
+    write_shards(open_sources(paths, prefix_ids=True), str(tmp_path / "one"), settings)
+    x, rows, dataset = shard_matrix(str(tmp_path / "one"))
+    manifest = read_manifest(str(tmp_path / "one"))
+    genes = manifest["feature_ids"]
+    assert genes == [f"G{j}" for j in range(6, 40)]  # measured by both, in the first file's order
+    obs = pd.concat([ad.read_zarr(p).obs for p in dataset.shard_paths])
+    assert sorted(obs.index) == sorted([f"run1:AAAC{i}-1" for i in range(70)] + [f"run2:AAAC{i}-1" for i in range(50)])
+    for i, (name, row) in enumerate(zip(obs.index, rows)):  # every count where it was, cell by cell
+        counts, source_genes = truth[name.split(":")[0]]
+        np.testing.assert_array_equal(x[i].toarray()[0], counts[row, [source_genes.index(g) for g in genes]])
+    assert obs["source_file"].value_counts().to_dict() == {"run1": 70, "run2": 50}
+    assert obs.loc[obs.source_file == "run2", "donor"].isna().all() and obs["n_umi"].dtype == np.float64
+    assert (obs.loc[obs.source_file == "run2", "cell_type"] == "T").all()
+    recorded = manifest["provenance"]["source"]
+    assert recorded["kind"] == "concat" and [s["uri"] for s in recorded["sources"]] == paths
+    assert [s["n_obs"] for s in recorded["sources"]] == [70, 50]
+    # a gene list: each file aligned to it as embed aligns a source, what one lacks zero-filled
+    write_shards(open_sources(paths, prefix_ids=True, genes=["G1", "X1", "G30"]), str(tmp_path / "listed"), settings)
+    x, _, dataset = shard_matrix(str(tmp_path / "listed"))
+    source_file = dataset.obs_column("source_file")
+    assert x[:, 1][source_file == "run1"].sum() == 0 and x[:, 0][source_file == "run2"].sum() == 0
+    run2_g30 = truth["run2"][1].index("G30")
+    assert x[:, 2].sum() == truth["run1"][0][:, 30].sum() + truth["run2"][0][:, run2_g30].sum()
+    # files that share too few genes, and --prefix-ids with one file, are named
+    with pytest.raises(ValueError, match=r"run1.h5ad: only 34 of its 40 genes.*below the minimum overlap 90%"):
+        open_sources(paths, min_overlap=0.9)
+    with pytest.raises(ValueError, match="--prefix-ids goes with several sources"):
+        open_sources(paths[:1], prefix_ids=True)
+
+
 def test_fsspec_url_output_and_input(tmp_path):
     """Shards written to and read from an fsspec URL (memory://, as for s3://) hold the same counts."""
     source_path = str(shared_file("mouse_pancreas_sub1000_raw.h5ad"))
@@ -498,12 +553,35 @@ def test_shard_on_ray_workers_writes_the_same_shards_and_survives_a_killed_task(
         )
         assert done.returncode == 0, done.stderr[-2000:]
     assert_same_shards(tmp_path / "sim0", tmp_path / "sim2")
+    # several files as one atlas: the workers' partitions cross from one file to the next
+    paths, _ = two_sources(tmp_path)
+    cat = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "shard",
+        *paths,
+        "--prefix-ids",
+        "--shard-size",
+        "40",
+        "--block-size",
+        "16",
+    ]
+    for name, workers in (("cat0", "0"), ("cat2", "2")):
+        done = subprocess.run(
+            [*cat, "--out", str(tmp_path / name), "--workers", workers], capture_output=True, text=True, env=env
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "gene alignment of run2: 34/34 genes found" in done.stdout
+    assert_same_shards(tmp_path / "cat0", tmp_path / "cat2")
 
 
 def test_shard_workers_need_a_shared_path_and_a_source_to_reopen(tmp_path):
     source = open_source(str(shared_file("pancreas_sub1000_raw.h5ad".replace("pancreas", "mouse_pancreas"))))
-    with pytest.raises(ValueError, match="local or shared path"):
+    with pytest.raises(ValueError, match="give --staging DIR on a filesystem every worker sees"):
         write_shards(source, "s3://bucket/shards", ShardSettings(workers=2), reopen=lambda: source)
+    with pytest.raises(ValueError, match="--staging s3://bucket/spill must be a local or shared filesystem path"):
+        write_shards(source, "s3://b/s", ShardSettings(workers=2, staging="s3://bucket/spill"), reopen=lambda: source)
     with pytest.raises(ValueError, match="workers can open"):
         write_shards(source, str(tmp_path / "out"), ShardSettings(workers=2))
     assert not (tmp_path / "out").exists()

@@ -10,11 +10,12 @@ from .alignment import GeneAlignment, check_counts, read_gene_list
 from .loader import CSRBatch, EpochPlan, ShardedDataset, ShardLoader, densify, rank_batch_sizes
 from .shard_format import feature_hash, read_manifest
 from .shard_writer import ShardSettings, write_shards
-from .sources import AnnDataSource, SomaSource, Source, open_census, open_source
+from .sources import AnnDataSource, ConcatSource, SomaSource, Source, open_census, open_source, open_sources
 
 __all__ = [
     "AnnDataSource",
     "CSRBatch",
+    "ConcatSource",
     "EpochPlan",
     "GeneAlignment",
     "ShardLoader",
@@ -27,6 +28,7 @@ __all__ = [
     "feature_hash",
     "open_census",
     "open_source",
+    "open_sources",
     "rank_batch_sizes",
     "read_gene_list",
     "read_manifest",

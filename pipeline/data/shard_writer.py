@@ -23,6 +23,7 @@ the next run clears and redoes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -51,6 +52,7 @@ from ..storage import (
     check_writable,
     exists,
     is_remote,
+    is_url,
     join,
     listdir,
     publish,
@@ -88,6 +90,7 @@ class ShardSettings:
     obs_columns: Sequence[str] | None = None  # None: every obs column
     block_size: int = 8_192  # source rows per read
     workers: int = 0  # 0: this process; N: pass 1 and pass 2 on N Ray tasks at a time
+    staging: str | None = None  # where the spill goes (default: beside a local output, else a temp dir)
     overwrite: bool = False
     wait: bool = False  # another writer holds the output's lease: wait (else refused)
     progress: bool = True
@@ -124,11 +127,14 @@ def write_shards(source: Source, out: str, settings: ShardSettings | None = None
         raise ValueError(
             "shard --workers needs a source that workers can open (a path, a SOMA Experiment or the Census)"
         )
-    if settings.workers and is_remote(out):
+    if settings.workers and is_remote(out) and settings.staging is None:
         raise ValueError(
-            f"shard --workers writes its spill files beside the output: give a local or shared path, "
-            f"not {out} (or --workers 0)"
+            f"shard --workers spills to files every worker appends to, which {out} cannot hold: give "
+            "--staging DIR on a filesystem every worker sees (the shards still go to --out), a local or "
+            "shared --out, or --workers 0"
         )
+    if settings.staging is not None and is_url(settings.staging):
+        raise ValueError(f"--staging {settings.staging} must be a local or shared filesystem path, not a URL")
     with Lease(str(out), "sharding", wait=settings.wait, echo=echo):  # one writer per shard directory
         return _write_shards(source, str(out), settings, echo, reopen)
 
@@ -209,13 +215,22 @@ def _build(source: Source, out: str, settings: ShardSettings, started: float, ec
     alignment = GeneAlignment(source.feature_ids, target, settings.min_gene_overlap, source_name=source.uri)
     if not alignment.identity:
         echo(f"gene alignment: {alignment.summary()}")
+    for label, member in zip(getattr(source, "labels", []), getattr(source, "alignments", [])):
+        echo(f"gene alignment of {label}: {member.summary()}")  # several sources as one atlas
     var = _target_var(source, alignment)
 
     # Destination of every cell: shards of near-equal size, rows in random order (4 bytes a cell).
     n_shards = max(1, -(-n_obs // settings.shard_size))
     shard_sizes = np.diff(np.linspace(0, n_obs, n_shards + 1).round().astype(np.int64))
     shard_offsets = np.concatenate([[0], np.cumsum(shard_sizes)])
-    staging = os.path.join(out_path, ".staging") if local else tempfile.mkdtemp(prefix="hvae-shard-")
+    if settings.staging is not None:  # named by the output: a killed run's spill is cleared by the rerun
+        name = hashlib.sha1(str(out).encode()).hexdigest()[:16]
+        staging = os.path.join(os.path.abspath(settings.staging), f"hvae-shard-{name}")
+        shutil.rmtree(staging, ignore_errors=True)
+    elif local:
+        staging = os.path.join(out_path, ".staging")
+    else:
+        staging = tempfile.mkdtemp(prefix="hvae-shard-")
     os.makedirs(staging, exist_ok=True)
     plan = _Plan(n_obs, settings.seed, shard_offsets, columns, alignment, settings.block_size, staging)
     try:
@@ -244,6 +259,8 @@ def _build(source: Source, out: str, settings: ShardSettings, started: float, ec
                 if settings.genes is not None
                 else f"top {settings.n_top_genes} HVGs"
                 if settings.n_top_genes
+                else "the genes every source measures"
+                if hasattr(source, "alignments")
                 else "all source genes"
             ),
             "n_genes_missing_zero_filled": len(alignment.missing),
@@ -963,9 +980,12 @@ class _DuplicateIds:
                 row = int(pairs[pairs[:, 0] == value, 1][0])
                 examples.append(str(source.obs_rows(row, row + 1).index[0]))
         if repeated:
+            hint = getattr(source, "duplicate_hint", None)
             raise ValueError(
                 f"{source.uri}: {repeated:,} obs names occur more than once (e.g. {examples}); each cell needs "
-                "a unique id (make them unique first, e.g. anndata's obs_names_make_unique)"
+                "a unique id ("
+                + (hint() if hint else "make them unique first, e.g. anndata's obs_names_make_unique")
+                + ")"
             )
 
 

@@ -506,6 +506,193 @@ def open_census(
     )
 
 
+class ConcatSource(Source):
+    """Several sources read as one atlas, one after another (``shard a.h5ad b.h5ad ...``).
+
+    Genes: with ``genes`` (a target list) each source is aligned to it as ``embed`` aligns a
+    source to a model (reordered, extra genes dropped, missing ones zero-filled, each source
+    refused below ``min_overlap`` of the list); without, the genes every source measures, in the
+    first source's order (no source gets zeros for a gene it never measured), each source refused
+    when fewer than ``min_overlap`` of its own genes are in every source. obs: the union of the
+    columns (a column a source lacks is missing there; numbers stay numbers), with ``source_file``
+    naming each cell's source and ``source_row`` its row there; ``prefix_ids`` makes ids unique
+    across sources as ``<source_file>:<id>``."""
+
+    COLUMN = "source_file"
+
+    def __init__(self, sources: list[Source], genes=None, min_overlap: float = 0.5, prefix_ids: bool = False) -> None:
+        from .alignment import GeneAlignment
+
+        if len(sources) < 2:
+            raise ValueError("ConcatSource needs at least two sources")
+        self.members, self.prefix_ids = list(sources), prefix_ids
+        self.labels = _source_labels([member.uri for member in self.members])
+        self.uri = " + ".join(member.uri for member in self.members)
+        if genes is not None:
+            target = pd.Index(np.asarray(genes, dtype=object).astype(str))
+        else:
+            target = pd.Index(self.members[0].feature_ids.astype(str))
+            for member in self.members[1:]:
+                target = target[target.isin(member.feature_ids.astype(str))]
+            for member in self.members:
+                share = len(target) / max(1, len(member.feature_ids))
+                if share < min_overlap:
+                    raise ValueError(
+                        f"{member.uri}: only {len(target)} of its {len(member.feature_ids)} genes ({share:.1%}) are "
+                        f"measured by every source, below the minimum overlap {min_overlap:.0%}; are the gene ids of "
+                        "one kind (Ensembl ids, symbols) and of one organism? (or give --genes: each source is then "
+                        "aligned to that list, missing genes zero-filled)"
+                    )
+        self.alignments = [
+            GeneAlignment(member.feature_ids, target, min_overlap, source_name=member.uri) for member in self.members
+        ]
+        self.var = pd.DataFrame(index=pd.Index(target, name="feature_id", dtype=object))
+        for member in self.members:
+            if "feature_name" in member.var.columns:
+                self.var["feature_name"] = member.var["feature_name"].reindex(target).to_numpy()
+                break
+        self.offsets = np.concatenate([[0], np.cumsum([member.n_obs for member in self.members])]).astype(np.int64)
+        self._columns = self._unified_columns()
+
+    def _unified_columns(self) -> dict[str, object]:
+        """Each obs column's dtype over the sources: numbers where every source that has the column
+        holds numbers (float where one lacks it, to hold the missing rows); text otherwise."""
+        frames = [member.obs_rows(0, min(1, member.n_obs)) for member in self.members]
+        for member, frame in zip(self.members, frames):
+            if self.COLUMN in frame.columns:
+                raise ValueError(
+                    f"{member.uri}: obs already has a column {self.COLUMN!r}, which shard adds to name each "
+                    "cell's source when several are given; rename it first"
+                )
+        columns: dict[str, object] = {}
+        for name in dict.fromkeys(c for frame in frames for c in frame.columns):
+            kinds = [frame[name].dtype for frame in frames if name in frame.columns]
+            numeric = all(isinstance(k, np.dtype) and k.kind in "biuf" for k in kinds)
+            if not numeric:
+                columns[name] = object
+            elif len(kinds) < len(frames):
+                columns[name] = np.float64
+            else:
+                columns[name] = np.result_type(*kinds)
+        columns["source_row"] = np.int64
+        return columns
+
+    @property
+    def n_obs(self) -> int:
+        return int(self.offsets[-1])
+
+    def _spans(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+        """(source m, first row, end row) within each source that rows ``[start, stop)`` cross."""
+        for m, member in enumerate(self.members):
+            lo, hi = max(start, int(self.offsets[m])), min(stop, int(self.offsets[m + 1]))
+            if lo < hi:
+                yield m, lo - int(self.offsets[m]), hi - int(self.offsets[m])
+
+    def _obs(self, m: int, lo: int, hi: int) -> pd.DataFrame:
+        obs = self.members[m].obs_rows(lo, hi)
+        frame = pd.DataFrame(index=obs.index.astype(str))
+        for name, dtype in self._columns.items():
+            if name in obs.columns:
+                values = obs[name].to_numpy()
+                frame[name] = values.astype(object) if dtype is object else values.astype(dtype)
+            else:
+                frame[name] = np.full(len(obs), None if dtype is object else np.nan, dtype=dtype)
+        frame[self.COLUMN] = np.full(len(obs), self.labels[m], dtype=object)
+        if self.prefix_ids:
+            frame.index = (self.labels[m] + ":" + frame.index).astype(object)
+        return frame
+
+    def read_obs(self) -> pd.DataFrame:
+        return self.obs_rows(0, self.n_obs)
+
+    def obs_rows(self, start: int, stop: int) -> pd.DataFrame:
+        parts = [self._obs(m, lo, hi) for m, lo, hi in self._spans(start, stop)]
+        if not parts:
+            return self._obs(0, 0, 0)
+        return pd.concat(parts) if len(parts) > 1 else parts[0]
+
+    def _aligned(self, m: int, block: sp.csr_matrix, lo: int) -> sp.csr_matrix:
+        """A block of source m checked there (an error names that file, cell and gene), then aligned."""
+        member = self.members[m]
+        values = member.check_counts(block, member.obs_names(lo, lo + block.shape[0]))
+        return self.alignments[m].apply(sp.csr_matrix((values, block.indices, block.indptr), shape=block.shape))
+
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+        parts = [self._aligned(m, self.members[m].rows(lo, hi), lo) for m, lo, hi in self._spans(start, stop)]
+        if not parts:
+            return sp.csr_matrix((0, len(self.var)), dtype=np.uint32)
+        return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+
+    def iter_blocks(self, block_size: int = 16_384) -> Iterator[tuple[int, sp.csr_matrix]]:
+        for m, member in enumerate(self.members):  # each source by its own (often faster) iteration
+            for offset, block in member.iter_blocks(block_size):
+                yield int(self.offsets[m]) + offset, self._aligned(m, block, offset)
+
+    def content_stamp(self) -> dict | None:
+        stamps = {label: member.content_stamp() for label, member in zip(self.labels, self.members)}
+        return stamps if any(stamps.values()) else None
+
+    def provenance(self) -> dict:
+        return {
+            "kind": "concat",
+            "prefix_ids": self.prefix_ids,
+            "sources": [
+                {
+                    **member.provenance(),
+                    "label": label,
+                    "n_obs": member.n_obs,
+                    "n_genes": len(member.feature_ids),
+                    "genes_missing_zero_filled": len(alignment.missing),
+                }
+                for label, member, alignment in zip(self.labels, self.members, self.alignments)
+            ],
+        }
+
+    def duplicate_hint(self) -> str:
+        return "ids repeat across the sources: pass --prefix-ids to name each cell <source_file>:<id>"
+
+    def close(self) -> None:
+        for member in self.members:
+            member.close()
+
+
+def _source_labels(uris: list[str]) -> list[str]:
+    """Each source's name in the ``source_file`` column: its file name without the suffix, made
+    unique by the folder above where two share a name."""
+
+    def name(uri: str, depth: int) -> str:
+        parts = [p for p in str(uri).rstrip("/").replace("\\", "/").split("/") if p]
+        stem = parts[-1] if parts else str(uri)
+        for suffix in (".h5ad", ".h5", ".zarr"):
+            stem = stem.removesuffix(suffix)
+        return "/".join([*parts[-1 - depth : -1], stem]) if depth else stem
+
+    for depth in range(4):
+        labels = [name(uri, depth) for uri in uris]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{label}#{i}" for i, label in enumerate(labels)]
+
+
+def open_sources(
+    sources: list[str], *, genes=None, min_overlap: float = 0.5, prefix_ids: bool = False, **source_args
+) -> Source:
+    """One source (``open_source``), or several read as one atlas (``ConcatSource``)."""
+    if len(sources) == 1:
+        if prefix_ids:
+            raise ValueError("--prefix-ids goes with several sources")
+        return open_source(sources[0], **source_args)
+    opened: list[Source] = []
+    try:
+        for source in sources:
+            opened.append(open_source(source, **source_args))
+        return ConcatSource(opened, genes=genes, min_overlap=min_overlap, prefix_ids=prefix_ids)
+    except BaseException:
+        for source in opened:
+            source.close()
+        raise
+
+
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
 
 
