@@ -4,8 +4,10 @@ Census-shaped fixture; gene alignment; HVGs; clear errors that leave nothing hal
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import anndata as ad
 import numpy as np
@@ -497,7 +499,8 @@ def assert_same_shards(a, b) -> None:
 def test_shard_on_ray_workers_writes_the_same_shards_and_survives_a_killed_task(tmp_path):
     """`shard --workers 2` (a local Ray cluster): one shard set, identical to the one-process
     run for the same seed (the highly variable genes summed on the workers too); a pass-1 task
-    SIGKILLed mid-way is retried by Ray, nothing duplicated."""
+    SIGKILLed mid-way is retried by Ray, nothing duplicated; the whole job killed is rerun to the
+    same set; the generator and several files as one atlas go through the same path."""
     source = shared_file("pbmc3k_raw_seurat_annotations.h5ad")
     env = {**os.environ, "TQDM_DISABLE": "1"}
     args = [
@@ -530,6 +533,27 @@ def test_shard_on_ray_workers_writes_the_same_shards_and_survives_a_killed_task(
     x, rows, _ = shard_matrix(str(tmp_path / "two"))
     assert np.array_equal(np.sort(rows), np.arange(2700)) and x.shape[1] == 800  # every cell exactly once
     assert not (tmp_path / "two" / ".staging").exists()
+    # The whole job SIGKILLed in pass 1 (driver, Ray and its workers: a cancelled Slurm job, an
+    # evicted pod): no shard set meanwhile; the rerun clears what was spilled and ends the same.
+    out = tmp_path / "three"
+    job = subprocess.Popen(
+        [*args, "--out", str(out), "--workers", "2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the job and the Ray it started, as a scheduler kills them
+    )
+    deadline = time.monotonic() + 120
+    while not list((out / ".staging").glob("part-*/*.obs")) and time.monotonic() < deadline:
+        assert job.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert not (out / "manifest.json").exists() and list((out / ".staging").glob("part-*"))
+    rerun = subprocess.run([*args, "--out", str(out), "--workers", "2"], capture_output=True, text=True, env=env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_same_shards(tmp_path / "one", out)
+    assert not (out / ".staging").exists()
     # simulate --format shards goes through the same path
     sim = [
         sys.executable,
