@@ -98,7 +98,14 @@ def load(name: str):
 
 def score(embedding: np.ndarray, obs, labels: list[str], batch_key: str | None, rows: np.ndarray) -> dict:
     """kNN per label, NMI/ARI on the finest, silhouette on the coarsest, batch mixing: on ``rows``."""
-    from pipeline.evaluate import batch_mixing, cluster_agreement, knn_accuracy, knn_within, silhouette_label
+    from pipeline.evaluate import (
+        batch_mixing,
+        cluster_agreement,
+        knn_accuracy,
+        knn_across,
+        knn_within,
+        silhouette_label,
+    )
 
     embedding, obs = embedding[rows], obs.iloc[rows]
     result = {
@@ -114,6 +121,11 @@ def score(embedding: np.ndarray, obs, labels: list[str], batch_key: str | None, 
         batches = obs[batch_key].to_numpy()
         result["mixing"] = batch_mixing(embedding, batches)
         result["mixing_within"] = batch_mixing(embedding, batches, within=obs[labels[-1]].to_numpy())
+        # the finest label with neighbours from other donors only (no reading it off the donor)
+        fine = obs[labels[-1]].to_numpy()
+        result["knn_across"] = {labels[-1]: knn_across(embedding, fine, batches)}
+        if len(labels) >= 2:
+            result["knn_within_across"] = {labels[-1]: knn_across(embedding, fine, batches, obs[labels[-2]].to_numpy())}
     return result
 
 

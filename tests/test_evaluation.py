@@ -178,3 +178,22 @@ def test_majority_within_is_the_chance_level_check_six_names():
     chance = {"c": majority_within(children, parents)}
     six = next(c for c in hierarchy_checks([level, level], level, level, ["p", "c"], chance=chance) if c.number == 6)
     assert not six.passed and "no better than chance, so no top can pass" in six.detail
+
+
+def test_knn_across_donors_takes_away_what_a_map_reads_off_the_donor():
+    """Donors of skewed composition (each mostly one subtype): a map that holds the donor and
+    nothing of the subtypes reads them well by kNN within the donor's neighbours, and no better than
+    a coin across donors; a map that holds the subtypes reads them across donors too."""
+    from pipeline.evaluate import knn_accuracy, knn_across
+
+    rng = np.random.default_rng(0)
+    donors = np.repeat(np.arange(8), 100)
+    subtypes = np.where(rng.random(800) < 0.85, donors % 2, 1 - donors % 2).astype(str)  # donor-skewed
+    donor_map = np.c_[donors * 10.0, np.zeros(800)] + rng.normal(size=(800, 2))
+    subtype_map = np.c_[np.zeros(800), (subtypes == "1") * 10.0] + rng.normal(size=(800, 2))
+    assert knn_accuracy(donor_map, subtypes) > 0.8  # the donor's commonest subtype
+    assert knn_across(donor_map, subtypes, donors) < 0.6  # other donors' cells tell no better than a coin
+    assert knn_across(subtype_map, subtypes, donors) > 0.95
+    parents = np.repeat(["p", "q"], 400)
+    assert knn_across(subtype_map, subtypes, donors, parents) > 0.95
+    assert np.isnan(knn_across(subtype_map, subtypes, np.zeros(800)))  # one donor: nothing across

@@ -66,6 +66,46 @@ def knn_within(
     return total / weight if weight else float("nan")
 
 
+def knn_across(embedding: np.ndarray, labels, batches, parents=None, k: int = 15, n_folds: int = 5) -> float:
+    """kNN accuracy of ``labels`` with every cell's neighbours drawn from *other* batches (donors):
+    the batches split into ``n_folds`` groups, a classifier fitted on the cells of the others.
+
+    Where batches differ in composition (donors do), a representation that keeps the donor reads
+    a fine label partly off it (its neighbours share the donor, and the donor's commonest label);
+    across batches that shortcut is gone, and what is left is the biology the representation
+    shares between donors, as label transfer to a new donor reads it. With ``parents``, within
+    each parent label as :func:`knn_within` (groups of one child label or under 10 cells left out).
+    NaN with fewer than two batches."""
+    batches = np.asarray(batches, dtype=object)
+    if not (np.shape(embedding)[0] == len(labels) == len(batches)):
+        raise ValueError(f"embedding has {np.shape(embedding)[0]} rows, labels {len(labels)}, batches {len(batches)}")
+    embedding = np.asarray(embedding, dtype=np.float32)
+    if parents is None:
+        keep = _has_label(np.asarray(labels, dtype=object))
+        groups = [(np.flatnonzero(keep), np.asarray(labels, dtype=object)[keep].astype(str))]
+    else:
+        keep, groups = _within_groups(labels, parents, 10)
+        positions = np.flatnonzero(keep)
+        groups = [(positions[rows], names) for rows, names in groups]
+    total, weight = 0.0, 0
+    for rows, names in groups:
+        group_batches = batches[rows].astype(str)
+        unique = np.unique(group_batches)
+        if len(unique) < 2:
+            continue
+        folds = np.random.default_rng(0).permutation(len(unique)) % min(n_folds, len(unique))
+        fold_of = dict(zip(unique, folds))
+        fold = np.array([fold_of[b] for b in group_batches])
+        correct = 0
+        for f in np.unique(fold):
+            train, test = fold != f, fold == f
+            classifier = KNeighborsClassifier(n_neighbors=min(k, int(train.sum())))
+            classifier.fit(embedding[rows[train]], names[train])
+            correct += int((classifier.predict(embedding[rows[test]]) == names[test]).sum())
+        total, weight = total + correct, weight + len(rows)
+    return total / weight if weight else float("nan")
+
+
 def majority_within(labels, parents, min_cells: int = 10) -> float:
     """The accuracy of naming, in each parent group, its most common child label (weighted by cells,
     over the groups :func:`knn_within` scores): the chance level of ``knn_within``. A representation
