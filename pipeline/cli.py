@@ -189,7 +189,7 @@ def shard(
         ...,
         help="h5ad, AnnData-Zarr or TileDB-SOMA Experiment path/URL, or the word 'census'; several "
         "are sharded as one atlas (obs column source_file names each cell's).",
-        metavar="SOURCE...",
+        metavar="SOURCE",
     ),
     out: str = typer.Option(
         ..., "--out", help="Output directory (local path or fsspec URL such as s3://bucket/shards)."
