@@ -270,7 +270,7 @@ def median_of(runs: list[dict], level: int) -> dict:
     first = runs[0]["levels"][level]
     out = {
         key: {label: statistics.median(r["levels"][level][key][label] for r in runs) for label in first[key]}
-        for key in ("knn", "knn_within")
+        for key in ("knn", "knn_within", "knn_across", "knn_within_across")
         if key in first
     }
     if "kl" in runs[0]:
@@ -298,6 +298,9 @@ def table(
         + [f"NMI / ARI {labels[-1]}", f"silhouette {labels[0]}"]
         + ([f"donor mixing (within {labels[-1]})"] if mixing else [])
     )
+    across = all("knn_across" in scores for scores in (*levels, flat_median, pca_scores))
+    if across:  # neighbours from other donors only: nothing read off the donor
+        header.append(f"kNN {labels[-1]} across donors (within {labels[-2]})")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def row(name, dim, kl, units, scores):
@@ -305,6 +308,12 @@ def table(
         cells += [f"{scores['knn_within'][label]:.3f}" if "knn_within" in scores else "-" for _, label in pairs]
         cells += [f"{scores['nmi']:.3f} / {scores['ari']:.3f}", f"{scores['silhouette']:.3f}"]
         cells += [f"{scores['mixing']:.3f} ({scores['mixing_within']:.3f})"] if mixing else []
+        if across:
+            fine = labels[-1]
+            known = "knn_across" in scores  # a peer scored before the column was: "-"
+            cells.append(
+                f"{scores['knn_across'][fine]:.3f} ({scores['knn_within_across'][fine]:.3f})" if known else "-"
+            )
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
 
     for level in reversed(range(n_levels)):
@@ -330,6 +339,7 @@ def table(
                 + [f"{chance[label]:.3f}" for _, label in pairs]
                 + ["-", "-"]
                 + (["-"] if mixing else [])
+                + (["-"] if across else [])
             )
             + " |"
         )
