@@ -77,6 +77,11 @@ class HVAEConfig:
     # The KL weight (price of a nat) of each level, level 0 first; empty: 1 at every level but the
     # top, ``top_kl_weight`` there.
     kl_weights: tuple[float, ...] = ()
+    # Levels below the top whose conditional prior p(z_l | levels above) keeps unit variance (its
+    # mean still set by the levels above): a nat there costs what it costs in a flat model, not
+    # more where the learned prior is narrow. A screen, off by default (benchmarks/RESULTS.md,
+    # "A unit-variance prior at level 0").
+    unit_prior_levels: tuple[int, ...] = ()
     capacity_rate: float = 0.01
     # Resolution in gene space: gene partitions into modules, one per level from the top down
     # (the top's first, then level L-2's, ...; each the module number of every gene). A level
@@ -157,6 +162,10 @@ class HVAEConfig:
                 f"must be empty or {len(self.latent_dims)} numbers >= 0 (nats per cell, level 0 "
                 "first; 0: no ceiling on that level)",
             )
+        object.__setattr__(self, "unit_prior_levels", tuple(self.unit_prior_levels))
+        if not all(_is_int(level) and 0 <= level < len(self.latent_dims) - 1 for level in self.unit_prior_levels):
+            below = f"0 to {len(self.latent_dims) - 2}" if len(self.latent_dims) > 1 else "a flat model has none"
+            fail("unit_prior_levels", f"must be levels below the top ({below})")
         if isinstance(self.kl_weights, (int, float)) and not isinstance(self.kl_weights, bool):
             fail("kl_weights", "must be a sequence, one weight per level (level 0 first)")
         object.__setattr__(self, "kl_weights", tuple(self.kl_weights))

@@ -375,6 +375,8 @@ class HierarchicalVAE(nn.Module):
         for level in reversed(range(start)):
             s = self.top_down[level](h)
             mean, logvar = self.prior_heads[level](s)
+            if level in self.config.unit_prior_levels:
+                logvar = torch.zeros_like(logvar)
             if given is not None and given[level] is not None:
                 z = given[level]
             else:

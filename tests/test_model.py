@@ -163,6 +163,8 @@ def test_zinb_and_gene_batch_dispersion_run():
         ({"readout_weight": -0.1}, "readout_weight"),
         ({"dropout": 1.5}, "dropout"),
         ({"hidden_dim": 2.5}, "hidden_dim"),
+        ({"unit_prior_levels": (2,)}, "unit_prior_levels"),
+        ({"latent_dims": (8,), "unit_prior_levels": (0,)}, "unit_prior_levels"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(values, match):
@@ -602,3 +604,18 @@ def test_the_documented_plain_loop_runs_and_holds_the_ceilings():
     assert isinstance(ema, HierarchicalVAE) and not ema.training and len(set(ema.config.gene_modules[0])) == 3
     assert ema.capacity_multipliers[2] > 0  # the top's KL went over its 0.5 nats and the multiplier rose
     assert [e.shape for e in ema.encode(counts[:5])] == [(5, 14)] * 3
+
+
+def test_a_unit_prior_level_keeps_the_conditional_mean_and_unit_variance():
+    """``unit_prior_levels=(0,)``: level 0's prior is N(mean from the levels above, I); level 1's
+    stays learned; the model trains through it."""
+    torch.manual_seed(0)
+    config = HVAEConfig(n_genes=N_GENES, latent_dims=(8, 6, 4), hidden_dim=32, unit_prior_levels=(0,), **PLAIN)
+    model = build(config)
+    top = torch.randn(5, 4)
+    walk = model.walk(top)
+    assert torch.equal(walk.logvars[0], torch.zeros(5, 8)) and not torch.equal(walk.logvars[1], torch.zeros(5, 6))
+    assert walk.values[0].std(dim=0).gt(0).any()  # the mean still moves with the levels above
+    out = model(counts_batch(), kl_weight=1.0)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(p.grad is not None for p in model.prior_heads[0].parameters())
