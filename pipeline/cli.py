@@ -239,7 +239,7 @@ def shard(
     workers: int = typer.Option(
         0,
         help="0: this process; N: read and write on N Ray tasks at a time (RAY_ADDRESS or a "
-        "local cluster; --out on a local or shared filesystem). The shards are the same.",
+        "local cluster; --out on a shared filesystem, or --staging). The shards are the same.",
     ),
     staging: str | None = typer.Option(
         None,
@@ -283,10 +283,8 @@ def shard(
         )
         # Ray tasks do not run in this directory
         sources = [s if s == "census" or "://" in s else str(Path(s).resolve()) for s in sources]
-        if len(sources) > 1:  # one atlas: genes aligned across the sources (sources.ConcatSource)
-            source_args.update(genes=settings.genes, min_overlap=min_gene_overlap, prefix_ids=prefix_ids)
-        elif prefix_ids:
-            raise ValueError("--prefix-ids goes with several sources")
+        # several sources are one atlas, their genes aligned (sources.ConcatSource)
+        source_args.update(genes=settings.genes, min_overlap=min_gene_overlap, prefix_ids=prefix_ids)
         with open_sources(sources, **source_args) as opened:
             for source, member in zip(sources, getattr(opened, "members", [opened])):
                 _echo_census_filter(source, member)

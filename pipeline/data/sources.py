@@ -677,7 +677,8 @@ def _source_labels(uris: list[str]) -> list[str]:
 def open_sources(
     sources: list[str], *, genes=None, min_overlap: float = 0.5, prefix_ids: bool = False, **source_args
 ) -> Source:
-    """One source (``open_source``), or several read as one atlas (``ConcatSource``)."""
+    """One source (``open_source``; ``genes`` and ``min_overlap`` are then the shard writer's to
+    apply), or several read as one atlas (``ConcatSource``)."""
     if len(sources) == 1:
         if prefix_ids:
             raise ValueError("--prefix-ids goes with several sources")
