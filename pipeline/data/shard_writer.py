@@ -75,7 +75,7 @@ from .shard_format import (
     write_csr_arrays,
     write_manifest,
 )
-from .sources import Source
+from .sources import ConcatSource, Source
 
 
 @dataclass
@@ -215,8 +215,9 @@ def _build(source: Source, out: str, settings: ShardSettings, started: float, ec
     alignment = GeneAlignment(source.feature_ids, target, settings.min_gene_overlap, source_name=source.uri)
     if not alignment.identity:
         echo(f"gene alignment: {alignment.summary()}")
-    for label, member in zip(getattr(source, "labels", []), getattr(source, "alignments", [])):
-        echo(f"gene alignment of {label}: {member.summary()}")  # several sources as one atlas
+    if isinstance(source, ConcatSource):  # several sources as one atlas: each one's alignment
+        for label, member in zip(source.labels, source.alignments):
+            echo(f"gene alignment of {label}: {member.summary()}")
     var = _target_var(source, alignment)
 
     # Destination of every cell: shards of near-equal size, rows in random order (4 bytes a cell).
@@ -260,7 +261,7 @@ def _build(source: Source, out: str, settings: ShardSettings, started: float, ec
                 else f"top {settings.n_top_genes} HVGs"
                 if settings.n_top_genes
                 else "the genes every source measures"
-                if hasattr(source, "alignments")
+                if isinstance(source, ConcatSource)
                 else "all source genes"
             ),
             "n_genes_missing_zero_filled": len(alignment.missing),
